@@ -1,0 +1,44 @@
+# The two commands of the README: `make demo` and `make test`. Everything else is a step of those.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+EXTRAS ?= agent,openvino,tensorrt,control-plane,postgres,dev
+STAMP  := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
+PYTEST_ARGS ?=
+
+.PHONY: test demo lint typecheck pytest services install soak bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
+	touch $@
+
+install: $(STAMP)
+
+services:
+	@deploy/dev/services.sh
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check agent control_plane
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP) services
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+soak: $(STAMP) services
+	EDGEFLEET_SOAK=1 $(BIN)/pytest -m slow $(PYTEST_ARGS)
+
+demo: $(STAMP) services
+	$(BIN)/python -m agent.demo
+
+bench: $(STAMP)
+	@for f in bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -1,0 +1,139 @@
+"""The one small interface every inference runtime implements.
+
+``Backend.load(artifact, options)`` -> ``Session``; ``Session.run(feeds)`` -> outputs;
+``Session.close()``. A backend that cannot run here raises ``BackendUnavailableError`` from
+``probe()`` or ``load()`` with the reason; the registry (``agent.backends``) skips it and tries the
+next. Backends check feeds against the session's specs so a bad frame fails with ``InputError``
+naming the tensor, never with a runtime's stack trace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+from agent.contracts.manifest import ArtifactFormat, Precision
+from agent.contracts.tensors import TensorSpec, check_feed
+from agent.errors import InputError
+
+__all__ = [
+    "Artifact",
+    "Backend",
+    "LoadOptions",
+    "Probe",
+    "Session",
+    "cache_key",
+    "file_digest",
+    "validate_feeds",
+]
+
+Feeds = Mapping[str, np.ndarray[Any, Any]]
+Outputs = dict[str, np.ndarray[Any, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Artifact:
+    """A model file a runtime can load, with what the caller knows about it."""
+
+    path: Path
+    format: ArtifactFormat = "onnx"
+    precision: Precision = "fp32"
+    name: str = "model"
+    digest: str | None = None  # sha256 of the file; computed lazily when a cache key needs it
+
+    def sha256(self) -> str:
+        return self.digest or file_digest(self.path)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadOptions:
+    """How to load: thread caps, caches, runtime hints. Keyword-only by convention."""
+
+    intra_op_threads: int | None = None  # None: the runtime's default (all cores)
+    cache_dir: Path | None = None  # engine/timing/model caches live under it
+    openvino_hint: Literal["LATENCY", "THROUGHPUT"] = "LATENCY"
+    openvino_device: str = "AUTO"
+    ort_provider_options: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    ort_disable_providers: tuple[str, ...] = ()
+    compute_capability: str | None = None  # part of the engine cache key on NVIDIA
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """Whether a runtime is usable here, its version, and its devices/providers."""
+
+    name: str
+    usable: bool
+    version: str | None = None
+    reason: str | None = None
+    devices: tuple[str, ...] = ()
+
+
+@runtime_checkable
+class Session(Protocol):
+    """A loaded model, ready to run. Thread-safe for concurrent ``run`` calls."""
+
+    backend: str
+    device: str  # the provider or device actually running it, e.g. "CPUExecutionProvider"
+    precision: Precision
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def run(self, feeds: Feeds) -> Outputs: ...
+
+    def close(self) -> None: ...
+
+
+class Backend(Protocol):
+    """A runtime; implementations live in ``agent.backends.<name>``."""
+
+    name: ClassVar[str]
+    formats: ClassVar[tuple[ArtifactFormat, ...]]
+
+    def probe(self) -> Probe: ...
+
+    def load(self, artifact: Artifact, options: LoadOptions) -> Session: ...
+
+
+def file_digest(path: Path, *, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_key(
+    *,
+    digest: str,
+    runtime_versions: Mapping[str, str],
+    precision: str,
+    compute_capability: str | None,
+) -> str:
+    """Engine/timing cache directory name: any change of model, runtime, GPU or precision
+    gives a new key, so an upgraded JetPack or TensorRT never loads a stale engine."""
+    parts = [digest, precision, f"sm{compute_capability or 'none'}"]
+    parts += [f"{k}-{v}" for k, v in sorted(runtime_versions.items())]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+def validate_feeds(model: str, specs: tuple[TensorSpec, ...], feeds: Feeds) -> None:
+    """Raise ``InputError`` if ``feeds`` misses, adds or mis-shapes a tensor."""
+    names = {s.name for s in specs}
+    unknown = set(feeds) - names
+    if unknown:
+        raise InputError(f"{model}: unknown input(s) {sorted(unknown)}; expected {sorted(names)}")
+    for spec in specs:
+        if spec.name not in feeds:
+            raise InputError(f"{model}: missing input {spec.name!r}")
+        arr = feeds[spec.name]
+        if not isinstance(arr, np.ndarray):
+            raise InputError(f"{model}: input {spec.name!r} is not an array")
+        problem = check_feed(spec, arr)
+        if problem:
+            raise InputError(f"{model}: {problem}")

@@ -1,0 +1,185 @@
+"""The agent's configuration: one pydantic-settings object, read from a TOML file and
+``EDGE_AGENT__SECTION__FIELD`` environment variables (the environment wins).
+
+It owns the schema and its defaults; each subsystem reads its own section. Sizes and times carry
+their unit in the field name.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from agent.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (JetPack 6)
+    import tomli as tomllib
+
+__all__ = [
+    "AgentSettings",
+    "ApiConfig",
+    "BackendConfig",
+    "ControlPlaneConfig",
+    "LoopConfig",
+    "ModelConfig",
+    "MqttConfig",
+    "SwapConfig",
+    "load_settings",
+]
+
+BackendName = Literal["onnxruntime", "openvino", "tensorrt"]
+DEFAULT_STATE_DIR = Path(os.environ.get("STATE_DIRECTORY", "/var/lib/edge-agent"))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackendConfig(_Section):
+    """Which runtimes to try and how; an empty ``order`` means every installed one."""
+
+    order: tuple[BackendName, ...] = ("tensorrt", "onnxruntime", "openvino")
+    pin_backend: BackendName | None = None
+    pin_precision: Literal["fp32", "fp16", "int8"] | None = None
+    intra_op_threads: int | None = Field(default=None, ge=1)
+    openvino_hint: Literal["LATENCY", "THROUGHPUT"] = "LATENCY"
+    openvino_device: str = "AUTO"
+    # ONNX Runtime provider options by provider name, e.g. {"CUDAExecutionProvider": {...}}.
+    ort_provider_options: dict[str, dict[str, str]] = Field(default_factory=dict)
+    ort_disable_providers: tuple[str, ...] = ()
+    choice_budget_s: float = Field(default=20.0, gt=0)
+    choice_tolerance: float = Field(default=0.10, ge=0)  # fastest within 10% wins ties by accuracy
+
+
+class LoopConfig(_Section):
+    """The local inference loop."""
+
+    source: Literal["synthetic", "images", "video", "camera", "callback"] = "synthetic"
+    source_path: Path | None = None
+    camera_index: int = 0
+    rate_hz: float = Field(default=30.0, gt=0)
+    drop_policy: Literal["skip", "catch_up"] = "skip"
+    window_s: float = Field(default=10.0, gt=0)
+    sink_path: Path | None = None
+
+
+class ModelConfig(_Section):
+    """A model served from a file or from the store by name."""
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}$")
+    path: Path | None = None
+
+
+class SwapConfig(_Section):
+    """Hot swap and probation."""
+
+    policy: Literal["auto", "availability", "resources"] = "auto"
+    keep_versions: int = Field(default=3, ge=1)
+    probation_s: float = Field(default=60.0, ge=0)
+    max_error_rate: float = Field(default=0.01, ge=0, le=1)
+    max_p99_ratio: float = Field(default=1.5, ge=1)
+    boot_attempts: int = Field(default=3, ge=1)
+    warmup_runs: int = Field(default=5, ge=0)
+    loader_threads: int = Field(default=1, ge=1)
+
+
+class ControlPlaneConfig(_Section):
+    """Where the agent enrolls and asks for its desired state."""
+
+    url: str | None = None
+    bootstrap_token: str | None = None
+    poll_interval_s: float = Field(default=30.0, gt=0)
+    poll_jitter: float = Field(default=0.2, ge=0, le=1)
+    bandwidth_limit_bps: int | None = Field(default=None, gt=0)
+    tuf_root_path: Path | None = None
+
+
+class MqttConfig(_Section):
+    """Telemetry broker; ``host=None`` disables MQTT."""
+
+    host: str | None = None
+    port: int = 1883
+    topic_prefix: str = "edgefleet/v1"
+    telemetry_interval_s: float = Field(default=10.0, gt=0)
+    spool_max_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    username: str | None = None
+    password: str | None = None
+
+
+class ApiConfig(_Section):
+    """The local Open Inference Protocol server."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int | None = 8001
+    unix_socket: Path | None = None
+    token: str | None = None
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+
+
+class AgentSettings(BaseSettings):
+    """The whole agent configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EDGE_AGENT__", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    device_id: str = Field(default_factory=lambda: os.uname().nodename)
+    state_dir: Path = DEFAULT_STATE_DIR
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool | None = None
+    models: tuple[ModelConfig, ...] = ()
+    backends: BackendConfig = BackendConfig()
+    loop: LoopConfig = LoopConfig()
+    swap: SwapConfig = SwapConfig()
+    control_plane: ControlPlaneConfig = ControlPlaneConfig()
+    mqtt: MqttConfig = MqttConfig()
+    api: ApiConfig = ApiConfig()
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id_safe(cls, value: str) -> str:
+        if not value or any(c in value for c in "/#+ \0") or len(value) > 128:
+            raise ValueError("device_id must be 1-128 chars without '/', '#', '+', spaces")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment variables override the TOML file, which arrives as init kwargs.
+        return (env_settings, init_settings)
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> AgentSettings:
+    """Read the TOML file (if any), apply env vars and ``overrides``; raise ``ConfigError``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    data.update(overrides)
+    try:
+        return AgentSettings(**data)
+    except ValidationError as exc:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid configuration{where}: {exc}") from exc

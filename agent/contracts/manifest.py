@@ -1,0 +1,205 @@
+"""The bundle manifest: what one model version is and which variants of it exist.
+
+A bundle is a directory holding ``manifest.json`` and the files its variants list. The control
+plane writes it; the agent's store installs it and the swap validates a variant against the
+golden cases. This module decides nothing and touches no disk beyond ``load``/``dump`` helpers.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from agent.contracts.tensors import TensorSpec
+
+__all__ = [
+    "MANIFEST_FILE",
+    "SCHEMA_VERSION",
+    "AccuracyReport",
+    "BundleManifest",
+    "FileEntry",
+    "GoldenCase",
+    "Precision",
+    "Preprocessing",
+    "Provenance",
+    "Runtime",
+    "TargetConstraints",
+    "Tolerance",
+    "Variant",
+    "semver_key",
+]
+
+SCHEMA_VERSION: Literal[1] = 1
+MANIFEST_FILE = "manifest.json"
+
+Runtime = Literal["onnxruntime", "openvino", "tensorrt"]
+ArtifactFormat = Literal["onnx", "openvino-ir", "tensorrt-plan"]
+Precision = Literal["fp32", "fp16", "int8"]
+Accelerator = Literal["cpu", "nvidia-gpu", "intel-gpu", "npu"]
+
+NAME_RE = r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}$"
+_SEMVER = re.compile(
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+)
+_REL_PATH = re.compile(r"^(?!/)(?!.*(?:^|/)\.\.(?:/|$))[a-zA-Z0-9._/-]{1,200}$")
+
+
+def semver_key(version: str) -> tuple[int, int, int, int, tuple[tuple[int, int | str], ...]]:
+    """Sort key for semantic versions (a release sorts after its pre-releases)."""
+    m = _SEMVER.match(version)
+    if not m:
+        raise ValueError(f"not a semantic version: {version!r}")
+    pre = m.group(4)
+    pre_key: tuple[tuple[int, int | str], ...] = ()
+    if pre:
+        pre_key = tuple((0, int(p)) if p.isdigit() else (1, p) for p in pre.split("."))
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3)), 0 if pre else 1, pre_key)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FileEntry(_Frozen):
+    """One file of a variant, relative to the bundle directory."""
+
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+    @field_validator("path")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        if not _REL_PATH.match(value):
+            raise ValueError(f"unsafe or invalid file path in bundle: {value!r}")
+        return value
+
+
+class TargetConstraints(_Frozen):
+    """Where a variant can run; empty fields mean no constraint."""
+
+    arch: tuple[str, ...] = ()  # "x86_64", "aarch64"
+    accelerator: Accelerator = "cpu"
+    cpu_flags: tuple[str, ...] = ()  # all required, e.g. ("avx512_vnni",)
+    compute_capability: str | None = None  # TensorRT plans are bound to one, e.g. "8.7"
+    runtime_min: str | None = None
+    runtime_max: str | None = None  # exclusive
+
+
+class Tolerance(_Frozen):
+    """How far a variant's outputs may stray from the FP32 reference on the golden cases."""
+
+    max_rel_l2: float = Field(default=1e-3, gt=0)  # ||out - ref|| / ||ref|| per output
+    max_abs: float | None = None
+
+
+class GoldenCase(_Frozen):
+    """An ``.npz`` file in the bundle: arrays ``in:<input>`` and FP32 reference ``out:<output>``."""
+
+    file: FileEntry
+
+
+class AccuracyReport(_Frozen):
+    """A quantized variant measured against FP32 on the validation set."""
+
+    metric: Literal["top1", "agreement", "rel_l2"]
+    reference: float
+    value: float
+    delta: float
+    samples: int = Field(ge=0)
+    budget: float
+    accepted: bool
+    reason: str | None = None
+
+
+class Preprocessing(_Frozen):
+    """How the inference loop turns a frame (HxWxC uint8, RGB) into the model's first input."""
+
+    resize: tuple[int, int] | None = None  # (height, width)
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    grayscale: bool = False
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+
+
+class Provenance(_Frozen):
+    source_sha256: str | None = None
+    tools: dict[str, str] = Field(default_factory=dict)
+    built_at: datetime | None = None
+
+
+class Variant(_Frozen):
+    """One artifact of a model version, built for a runtime, precision and target."""
+
+    id: str = Field(pattern=NAME_RE)
+    runtime: Runtime
+    format: ArtifactFormat
+    precision: Precision
+    entrypoint: str  # the path (in ``files``) the runtime loads
+    files: tuple[FileEntry, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    target: TargetConstraints = TargetConstraints()
+    tolerance: Tolerance = Tolerance()
+    accuracy: AccuracyReport | None = None
+    status: Literal["accepted", "rejected"] = "accepted"
+
+    @model_validator(mode="after")
+    def _entrypoint_listed(self) -> Variant:
+        if self.entrypoint not in {f.path for f in self.files}:
+            raise ValueError(f"variant {self.id}: entrypoint {self.entrypoint!r} not in files")
+        return self
+
+    def file(self, path: str) -> FileEntry:
+        for entry in self.files:
+            if entry.path == path:
+                return entry
+        raise KeyError(path)
+
+
+class BundleManifest(_Frozen):
+    """A model version: its variants, golden cases, preprocessing and provenance."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str = Field(pattern=NAME_RE)
+    version: str
+    variants: tuple[Variant, ...] = Field(min_length=1)
+    golden: tuple[GoldenCase, ...] = ()
+    preprocessing: Preprocessing | None = None
+    provenance: Provenance = Provenance()
+
+    @field_validator("version")
+    @classmethod
+    def _semver(cls, value: str) -> str:
+        if not _SEMVER.match(value):
+            raise ValueError(f"not a semantic version: {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_variants(self) -> BundleManifest:
+        ids = [v.id for v in self.variants]
+        if len(ids) != len(set(ids)):
+            raise ValueError("variant ids must be unique")
+        return self
+
+    def variant(self, variant_id: str) -> Variant:
+        for v in self.variants:
+            if v.id == variant_id:
+                return v
+        raise KeyError(variant_id)
+
+    def all_files(self) -> tuple[FileEntry, ...]:
+        """Every file the bundle holds, each path once (variants may share files)."""
+        seen: dict[str, FileEntry] = {}
+        for v in self.variants:
+            for f in v.files:
+                seen.setdefault(f.path, f)
+        for g in self.golden:
+            seen.setdefault(g.file.path, g.file)
+        return tuple(seen.values())

@@ -1,0 +1,109 @@
+"""Every error the agent raises on purpose, rooted at ``AgentError``.
+
+    AgentError
+    +-- ConfigError              bad or missing configuration
+    +-- ModelError               a model or bundle that cannot be used (carries ``model``)
+    |   +-- ModelLoadError       missing/corrupt file, unsupported opset, runtime refused it
+    |   +-- BundleError          manifest does not parse, file missing, digest mismatch
+    |   +-- ValidationError      golden outputs outside tolerance
+    +-- InferenceError           a run failed
+    |   +-- InputError           wrong tensor name, shape or dtype
+    +-- BackendError             a runtime problem
+    |   +-- BackendUnavailableError   runtime not installed or not usable here (carries ``reason``)
+    +-- StoreError               the on-disk model store (install, activate, disk full)
+    +-- UpdateError              the update client (download, verification, control plane)
+    |   +-- DownloadError
+    |   +-- VerificationError
+    +-- TelemetryError           MQTT and the spool
+
+Third-party errors are translated where they enter agent code (``raise X(...) from exc``).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgentError",
+    "BackendError",
+    "BackendUnavailableError",
+    "BundleError",
+    "ConfigError",
+    "DownloadError",
+    "InferenceError",
+    "InputError",
+    "ModelError",
+    "ModelLoadError",
+    "StoreError",
+    "TelemetryError",
+    "UpdateError",
+    "ValidationError",
+    "VerificationError",
+]
+
+
+class AgentError(Exception):
+    """Root of the agent's errors; the CLI prints ``Name: message`` and exits non-zero."""
+
+
+class ConfigError(AgentError):
+    """Configuration is missing, unreadable or invalid."""
+
+
+class ModelError(AgentError):
+    """A model or bundle cannot be used."""
+
+    def __init__(self, message: str, *, model: str | None = None) -> None:
+        self.model = model
+        super().__init__(f"{model}: {message}" if model else message)
+
+
+class ModelLoadError(ModelError):
+    """A model file is missing, corrupt, uses an unsupported opset, or a runtime refused it."""
+
+
+class BundleError(ModelError):
+    """A bundle's manifest does not parse, a file is missing, or a digest does not match."""
+
+
+class ValidationError(ModelError):
+    """A model's outputs on its golden inputs are outside tolerance."""
+
+
+class InferenceError(AgentError):
+    """An inference call failed."""
+
+
+class InputError(InferenceError):
+    """A feed has a wrong tensor name, shape or dtype."""
+
+
+class BackendError(AgentError):
+    """A runtime failed in a way that is not the model's fault."""
+
+
+class BackendUnavailableError(BackendError):
+    """A runtime is not installed or cannot be used on this device."""
+
+    def __init__(self, backend: str, reason: str) -> None:
+        self.backend = backend
+        self.reason = reason
+        super().__init__(f"{backend} unavailable: {reason}")
+
+
+class StoreError(AgentError):
+    """The on-disk model store refused or failed an operation."""
+
+
+class UpdateError(AgentError):
+    """The update client failed."""
+
+
+class DownloadError(UpdateError):
+    """An artifact download failed."""
+
+
+class VerificationError(UpdateError):
+    """Downloaded metadata or an artifact failed verification."""
+
+
+class TelemetryError(AgentError):
+    """MQTT publishing or the on-disk spool failed."""

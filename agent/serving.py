@@ -1,0 +1,47 @@
+"""What the local inference API and the inference loop need from the served models.
+
+The model slots (``agent.slots``) implement ``ModelRepository``; the Open Inference Protocol
+server (``agent.api``) and the loop only use this protocol, so either side can be tested alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from agent.contracts.tensors import TensorSpec
+
+__all__ = ["ModelRepository", "ServedModel"]
+
+
+class ServedModel(Protocol):
+    """One loaded version of a model."""
+
+    name: str
+    version: str
+    backend: str  # e.g. "onnxruntime"
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int  # 0: no batch dimension
+
+    @property
+    def ready(self) -> bool: ...
+
+    def infer(self, feeds: Mapping[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
+        """Run once; raises ``InputError`` for bad feeds, ``InferenceError`` for failures.
+        A request accepted here completes on this version even if a swap happens meanwhile."""
+        ...
+
+
+class ModelRepository(Protocol):
+    def names(self) -> Sequence[str]: ...
+
+    def versions(self, name: str) -> Sequence[str]:
+        """Loaded versions of ``name``; ``ModelError`` if unknown."""
+        ...
+
+    def get(self, name: str, version: str | None = None) -> ServedModel:
+        """The active version (``version=None``) or a specific loaded one; ``ModelError``."""
+        ...

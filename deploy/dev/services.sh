@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Starts the local Mosquitto and PostgreSQL that the test suite talks to, if they are not running.
+# Idempotent; prints what it did. Used by `make test` and `make demo`.
+set -u
+port_open() { python3 - "$1" <<'PY'
+import socket, sys
+try:
+    socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=1).close()
+except OSError:
+    sys.exit(1)
+PY
+}
+wait_port() { for _ in $(seq 1 30); do port_open "$1" && return 0; sleep 0.5; done; return 1; }
+
+if port_open 1883; then
+  echo "mosquitto: running on 127.0.0.1:1883"
+elif command -v mosquitto >/dev/null 2>&1; then
+  conf=/etc/mosquitto/mosquitto.conf
+  if [ -f "$conf" ]; then mosquitto -d -c "$conf"; else mosquitto -d -p 1883; fi
+  wait_port 1883 && echo "mosquitto: started" || echo "mosquitto: failed to start" >&2
+else
+  echo "mosquitto: not installed (apt-get install mosquitto); broker tests will fail" >&2
+fi
+
+if port_open 5432; then
+  echo "postgresql: running on 127.0.0.1:5432"
+elif command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
+  for v in $(ls /etc/postgresql); do pg_ctlcluster --skip-systemctl-redirect "$v" main start || true; done
+  wait_port 5432 && echo "postgresql: started" || echo "postgresql: failed to start" >&2
+else
+  echo "postgresql: not installed (apt-get install postgresql); postgres tests will fail" >&2
+fi
+exit 0
