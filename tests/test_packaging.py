@@ -1,0 +1,136 @@
+"""Packaging checks that run without Docker or a robot: the systemd unit, the Dockerfiles and the
+images' dependency sets resolved for their real targets (linux/aarch64 on each Python)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = ROOT / "deploy" / "systemd" / "edge-agent.service"
+BIN = Path(sys.executable).parent
+
+
+def _unit_for_this_machine(tmp_path: Path) -> Path:
+    # verify checks that ExecStart exists: point it at this checkout's entry point.
+    text = UNIT.read_text().replace("/opt/edge-agent/bin/edge-agent", str(BIN / "edge-agent"))
+    out = tmp_path / "edge-agent.service"
+    out.write_text(text)
+    return out
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_unit_verifies(tmp_path: Path) -> None:
+    unit = _unit_for_this_machine(tmp_path)
+    res = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "edge-agent.service" not in res.stderr, res.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_unit_security_exposure_is_low(tmp_path: Path) -> None:
+    unit = _unit_for_this_machine(tmp_path)
+    res = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", str(unit)], capture_output=True, text=True
+    )
+    line = next(ln for ln in res.stdout.splitlines() if "Overall exposure level" in ln)
+    score = float(line.split(":")[1].split()[0])
+    assert score <= 2.0, line
+
+
+def test_unit_keeps_required_directives() -> None:
+    text = UNIT.read_text()
+    for directive in (
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "StateDirectory=",
+        "DynamicUser=yes",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "DevicePolicy=closed",
+        "RestartPreventExitStatus=78",
+    ):
+        assert directive in text, directive
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.rpi", "Dockerfile.jetson"])
+def test_dockerfiles_lint_clean(dockerfile: str) -> None:
+    hadolint = BIN / "hadolint"
+    if not hadolint.exists():
+        pytest.fail("hadolint is missing from the dev extra")
+    res = subprocess.run(
+        [str(hadolint), "--no-color", "--failure-threshold", "info", str(ROOT / dockerfile)],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _index_reachable() -> bool:
+    try:
+        socket.create_connection(("pypi.org", 443), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
+AARCH64 = [
+    "--platform",
+    "manylinux_2_35_aarch64",
+    "--platform",
+    "manylinux_2_34_aarch64",
+    "--platform",
+    "manylinux_2_31_aarch64",
+    "--platform",
+    "manylinux_2_28_aarch64",
+    "--platform",
+    "manylinux_2_27_aarch64",
+    "--platform",
+    "manylinux_2_17_aarch64",
+    "--platform",
+    "manylinux2014_aarch64",
+]
+
+
+@pytest.mark.network
+@pytest.mark.parametrize(
+    ("python", "extras", "constraints"),
+    [
+        ("3.10", "agent,openvino,tensorrt", "jetson-py310-aarch64.txt"),  # Jetson, JetPack 6
+        ("3.11", "agent,openvino", "rpi-py311-aarch64.txt"),  # Raspberry Pi OS 12
+        ("3.13", "agent,openvino", None),  # Raspberry Pi OS 13
+    ],
+)
+def test_image_install_step_resolves_for_aarch64(
+    tmp_path: Path, python: str, extras: str, constraints: str | None
+) -> None:
+    """The images' pip step, for the image's platform and Python, with its constraints file."""
+    if not _index_reachable():
+        pytest.skip("the package index is unreachable from this machine")
+    cmd = [
+        str(BIN / "pip"),
+        "install",
+        "-q",
+        "--dry-run",
+        "--ignore-installed",
+        "--only-binary=:all:",
+        *AARCH64,
+        "--python-version",
+        python,
+        "--implementation",
+        "cp",
+        "--target",
+        str(tmp_path / "t"),
+        f"{ROOT}[{extras}]",
+    ]
+    if constraints:
+        cmd += ["-c", str(ROOT / "deploy" / "constraints" / constraints)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
