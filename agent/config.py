@@ -26,6 +26,7 @@ __all__ = [
     "AgentSettings",
     "ApiConfig",
     "BackendConfig",
+    "BatchingConfig",
     "ControlPlaneConfig",
     "LoopConfig",
     "ModelConfig",
@@ -116,6 +117,16 @@ class MqttConfig(_Section):
     password: str | None = None
 
 
+class BatchingConfig(_Section):
+    """Dynamic batching of one model's API requests; applies only to models with a batch
+    dimension (``max_batch_size > 0``). ``max_queue_delay_us=0``: run what is queued at once."""
+
+    enabled: bool = True
+    max_batch_size: int = Field(default=0, ge=0)  # 0: the model's own max_batch_size
+    max_queue_delay_us: int = Field(default=0, ge=0)
+    preferred_batch_sizes: tuple[int, ...] = ()
+
+
 class ApiConfig(_Section):
     """The local Open Inference Protocol server."""
 
@@ -126,6 +137,9 @@ class ApiConfig(_Section):
     unix_socket: Path | None = None
     token: str | None = None
     max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    infer_threads: int = Field(default=4, ge=1)  # runs for models that are not batched
+    batching: BatchingConfig = BatchingConfig()  # the default for every model
+    model_batching: dict[str, BatchingConfig] = Field(default_factory=dict)  # by model name
 
 
 class AgentSettings(BaseSettings):
@@ -182,4 +196,9 @@ def load_settings(path: Path | None = None, **overrides: Any) -> AgentSettings:
         return AgentSettings(**data)
     except ValidationError as exc:
         where = f" in {path}" if path else ""
-        raise ConfigError(f"invalid configuration{where}: {exc}") from exc
+        # One line per CLI error: "loop.rate_hz: Input should be greater than 0; ..."
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration{where}: {problems}") from exc

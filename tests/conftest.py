@@ -93,7 +93,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[Any]) -> No
     )
     has_gpu = _has_cuda_provider()
     for item in items:
-        if "gpu" in item.keywords and not has_gpu:
+        if item.get_closest_marker("gpu") is not None and not has_gpu:
             item.add_marker(skip_gpu)
 
 

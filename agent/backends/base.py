@@ -61,6 +61,8 @@ class LoadOptions:
     ort_provider_options: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     ort_disable_providers: tuple[str, ...] = ()
     compute_capability: str | None = None  # part of the engine cache key on NVIDIA
+    # Fixed shapes for dynamic inputs (name -> shape): TensorRT profiles, CUDA graphs.
+    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

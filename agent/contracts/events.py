@@ -31,6 +31,7 @@ EventStep = Literal[
     "failed",
     "activated",
     "removed",
+    "paused",
 ]
 
 
