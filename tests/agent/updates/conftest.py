@@ -75,29 +75,34 @@ class FileServer:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                data = file.read_bytes()
+                total = file.stat().st_size
                 start = 0
                 m = re.fullmatch(r"bytes=(\d+)-", rng or "")
                 if m and path not in f.ignore_range:
                     start = int(m.group(1))
-                    if start >= len(data):
+                    if start >= total:
                         self.send_response(416)
                         self.send_header("Content-Length", "0")
                         self.end_headers()
                         return
                     self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                    self.send_header("Content-Range", f"bytes {start}-{total - 1}/{total}")
                 else:
                     self.send_response(200)
-                body = data[start:]
-                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Length", str(total - start))
                 self.end_headers()
                 cut = f.close_after.pop(path, None)
-                if cut is not None:
-                    body = body[:cut]
+                budget = total - start if cut is None else min(cut, total - start)
                 try:
-                    self.wfile.write(body)
-                    f.bytes_sent += len(body)
+                    with file.open("rb") as src:
+                        src.seek(start)
+                        while budget > 0:
+                            block = src.read(min(1 << 20, budget))
+                            if not block:
+                                break
+                            self.wfile.write(block)
+                            f.bytes_sent += len(block)
+                            budget -= len(block)
                 except OSError:
                     return
                 if cut is not None:

@@ -1,0 +1,348 @@
+"""One build, step by step: reference model, golden cases, each target's variant, the manifest.
+
+Owns the order of the steps, the plan of variants (including "an already-quantized source is
+kept as it is"), target constraints and provenance. Reading inputs is ``_samples``/``_onnx``'s,
+tools are ``_onnx``/``_openvino``'s, numbers are ``_measure``'s, the disk is ``_bundle``'s.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from agent.contracts.manifest import (
+    AccuracyReport,
+    ArtifactFormat,
+    BundleManifest,
+    GoldenCase,
+    Precision,
+    Provenance,
+    Runtime,
+    TargetConstraints,
+    Variant,
+)
+from agent.logs import get_logger
+from control_plane.builds import _measure, _onnx, _openvino
+from control_plane.builds._bundle import file_entry, write_golden, write_manifest
+from control_plane.builds._samples import SampleSet, batchable
+from control_plane.builds.errors import (
+    BuildError,
+    BuildInputError,
+    VariantBuildError,
+    first_line,
+)
+
+__all__ = ["GOLDEN_FROM_SAMPLES", "MAX_GOLDEN", "TARGETS", "BuildRequest", "Target", "run_build"]
+
+log = get_logger(__name__)
+
+Progress = Callable[[float, str], None]
+
+MAX_GOLDEN = 16  # golden cases kept from an uploaded golden set
+GOLDEN_FROM_SAMPLES = 4  # golden cases taken from calibration/validation when none uploaded
+# CPUs whose integer dot-product instructions make INT8 pay off; TargetConstraints.cpu_flags
+# means "all of", so this "any of" preference is documented, not enforced (docs/variants.md).
+INT8_PREFERRED_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "asimddp")
+OPENVINO_ARCHES = ("x86_64", "aarch64")
+
+
+@dataclass(frozen=True)
+class Target:
+    id: str
+    runtime: Runtime
+    format: ArtifactFormat
+    precision: Precision
+
+
+TARGETS: dict[str, Target] = {
+    t.id: t
+    for t in (
+        Target("onnx-fp32", "onnxruntime", "onnx", "fp32"),
+        Target("onnx-fp16", "onnxruntime", "onnx", "fp16"),
+        Target("onnx-int8", "onnxruntime", "onnx", "int8"),
+        Target("openvino-fp16", "openvino", "openvino-ir", "fp16"),
+        Target("openvino-int8", "openvino", "openvino-ir", "int8"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    name: str
+    version: str
+    source: _onnx.SourceModel
+    source_sha256: str
+    targets: tuple[str, ...]
+    budget: float
+    calibration: SampleSet | None
+    validation: SampleSet | None
+    golden: SampleSet | None
+
+
+def _tool_versions() -> dict[str, str]:
+    tools: dict[str, str] = {}
+    for dist in ("edgefleet", "onnx", "onnxruntime", "onnxconverter-common", "openvino", "nncf"):
+        try:
+            tools[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return tools
+
+
+def _major_minor(version: str) -> str:
+    parts = version.split(".")
+    return ".".join(parts[:2])
+
+
+def _ort_runtime_min(path: Path) -> str:
+    """The oldest ONNX Runtime that reads the file's IR version and opset."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(path), load_external_data=False)
+    opset = _onnx.default_opset(model)
+    if model.ir_version <= 9 and opset <= 20:
+        return "1.17"
+    if model.ir_version <= 10 and opset <= 21:
+        return "1.18"
+    return _major_minor(ort.__version__)
+
+
+def _constraints(target: Target, artifact: Path) -> TargetConstraints:
+    if target.runtime == "openvino":
+        import openvino as ov
+
+        # IR written by a newer OpenVINO may use operation sets an older runtime lacks.
+        year = ov.__version__.split(".")[0]
+        return TargetConstraints(arch=OPENVINO_ARCHES, runtime_min=f"{year}.0")
+    runtime_min = _ort_runtime_min(artifact)
+    if target.precision == "fp16":
+        # ONNX Runtime's CPU provider has few FP16 kernels and casts around the rest: FP16
+        # ONNX is for GPUs (CUDA/TensorRT providers); CPUs get FP32, INT8 or OpenVINO IR.
+        return TargetConstraints(accelerator="nvidia-gpu", runtime_min=runtime_min)
+    return TargetConstraints(accelerator="cpu", runtime_min=runtime_min)
+
+
+class _Build:
+    def __init__(self, request: BuildRequest, bundle: Path, work: Path, progress: Progress) -> None:
+        self.request = request
+        self.bundle = bundle
+        self.work = work
+        self.progress = progress
+        self.source = request.source
+        self.batch = batchable(self.source.inputs)
+        self.output_names = [o.name for o in self.source.outputs]
+        self.log = log.bind(model=request.name, version=request.version)
+
+    # -- steps ---------------------------------------------------------------------------
+
+    def run(self) -> BundleManifest:
+        reference_path = self._reference()
+        self.progress(0.15, "measuring the FP32 reference")
+        reference = _measure.ort_runner(reference_path, self.output_names)
+        golden_set = self._golden_set()
+        golden_ref = _measure.run_samples(reference, golden_set, batch=False)
+        golden = self._write_golden(golden_set, golden_ref)
+        eval_set = self.request.validation or self.request.calibration or golden_set
+        eval_ref = _measure.run_samples(reference, eval_set, batch=self.batch)
+        classifier = _measure.is_classifier(eval_ref[0])
+        if eval_set.labels is not None and not classifier:
+            raise BuildInputError(
+                f"labels were given but the first output {self.output_names[0]!r} is not one"
+                f" score vector per sample (shape {eval_ref[0].shape[1:]})",
+                field="validation",
+            )
+        plan = self._plan()
+        variants: list[Variant] = []
+        skipped: dict[str, str] = {}
+        for index, target in enumerate(plan):
+            start = 0.2 + 0.75 * index / len(plan)
+            self.progress(start, f"building {target.id}")
+            try:
+                variant = self._variant(
+                    target,
+                    reference_path=reference_path,
+                    golden_set=golden_set,
+                    golden_ref=golden_ref,
+                    eval_set=eval_set,
+                    eval_ref=eval_ref,
+                    classifier=classifier,
+                )
+            except VariantBuildError as exc:
+                shutil.rmtree(self.bundle / target.id, ignore_errors=True)
+                skipped[target.id] = str(exc)
+                self.log.warning("variant_skipped", target=target.id, error=str(exc))
+                self.progress(start, f"{target.id} skipped: {exc}")
+                continue
+            variants.append(variant)
+            self.progress(0.2 + 0.75 * (index + 1) / len(plan), f"{target.id} {variant.status}")
+        if not variants:
+            raise BuildError(f"no variant could be built: {skipped}")
+        self.progress(0.95, "writing the manifest")
+        manifest = BundleManifest(
+            name=self.request.name,
+            version=self.request.version,
+            variants=tuple(variants),
+            golden=golden,
+            provenance=Provenance(
+                source_sha256=self.request.source_sha256,
+                tools=_tool_versions(),
+                built_at=datetime.now(timezone.utc),
+            ),
+        )
+        write_manifest(self.bundle, manifest)
+        return manifest
+
+    def _reference(self) -> Path:
+        """The FP32 model every variant is measured against (the source if it is quantized)."""
+        if self.source.quantized:
+            self.log.info("source_quantized", opset=self.source.opset)
+            self.progress(0.1, "source is already quantized: kept as it is")
+            return self.source.path
+        self.progress(0.05, "normalizing: opset upgrade and graph optimization")
+        normalized = _onnx.normalize(self.source, self.work / "fp32.onnx", self.work)
+        self.progress(
+            0.12,
+            f"normalized: opset {normalized.opset_from} -> {normalized.opset_to},"
+            f" {'optimized' if normalized.optimized else 'not optimized'}",
+        )
+        return normalized.path
+
+    def _golden_set(self) -> SampleSet:
+        if self.request.golden is not None:
+            return self.request.golden.head(MAX_GOLDEN)
+        samples = self.request.calibration or self.request.validation
+        assert samples is not None  # checked by the caller
+        return SampleSet(samples.head(GOLDEN_FROM_SAMPLES).feeds)
+
+    def _write_golden(
+        self, golden_set: SampleSet, golden_ref: list[np.ndarray[Any, Any]]
+    ) -> tuple[GoldenCase, ...]:
+        cases = []
+        for i in range(len(golden_set)):
+            outputs = {n: golden_ref[k][i] for k, n in enumerate(self.output_names)}
+            cases.append(write_golden(self.bundle, f"golden/{i}.npz", golden_set.feed(i), outputs))
+        return tuple(cases)
+
+    def _plan(self) -> list[Target]:
+        wanted = self.request.targets
+        if not self.source.quantized:
+            return [TARGETS[t] for t in wanted]
+        # A quantized source is the INT8 ONNX variant; OpenVINO reads its QDQ pairs as is.
+        plan = []
+        if any(TARGETS[t].runtime == "onnxruntime" for t in wanted):
+            plan.append(TARGETS["onnx-int8"])
+        if any(TARGETS[t].runtime == "openvino" for t in wanted):
+            plan.append(TARGETS["openvino-int8"])
+        return plan
+
+    def _variant(
+        self,
+        target: Target,
+        *,
+        reference_path: Path,
+        golden_set: SampleSet,
+        golden_ref: list[np.ndarray[Any, Any]],
+        eval_set: SampleSet,
+        eval_ref: list[np.ndarray[Any, Any]],
+        classifier: bool,
+    ) -> Variant:
+        started = time.monotonic()
+        folder = self.bundle / target.id
+        folder.mkdir()
+        entry = folder / ("model.onnx" if target.format == "onnx" else "model.xml")
+        self._make(target, reference_path, entry)
+        try:
+            golden_runs = []
+            if target.runtime == "onnxruntime":
+                runner = _measure.ort_runner(entry, self.output_names)
+            else:
+                default = _measure.openvino_runner(entry, self.output_names)
+                golden_runs.append(_measure.run_samples(default, golden_set, batch=False))
+                runner = _measure.openvino_runner(entry, self.output_names, precision_hint="f32")
+            golden_runs.append(_measure.run_samples(runner, golden_set, batch=False))
+            accuracy: AccuracyReport | None = None
+            if target.precision != "fp32" and not self.source.quantized:
+                eval_out = _measure.run_samples(runner, eval_set, batch=self.batch)
+                accuracy = _measure.accuracy_report(
+                    eval_ref,
+                    eval_out,
+                    labels=eval_set.labels,
+                    classifier=classifier,
+                    budget=self.request.budget,
+                )
+        except Exception as exc:  # a runtime refusing the artifact, any type
+            raise VariantBuildError(
+                f"the built file does not run in {target.runtime}: {first_line(exc)}",
+                target=target.id,
+            ) from exc
+        tolerance, measured = _measure.tolerance(golden_ref, golden_runs, target.precision)
+        files = tuple(file_entry(self.bundle, p) for p in sorted(folder.iterdir()))
+        status: Literal["accepted", "rejected"] = (
+            "accepted" if accuracy is None or accuracy.accepted else "rejected"
+        )
+        variant = Variant(
+            id=target.id,
+            runtime=target.runtime,
+            format=target.format,
+            precision=target.precision,
+            entrypoint=entry.relative_to(self.bundle).as_posix(),
+            files=files,
+            inputs=self.source.inputs,
+            outputs=self.source.outputs,
+            target=_constraints(target, entry if target.format == "onnx" else reference_path),
+            tolerance=tolerance,
+            accuracy=accuracy,
+            status=status,
+        )
+        fields: dict[str, Any] = {
+            "target": target.id,
+            "seconds": round(time.monotonic() - started, 2),
+            "golden_rel_l2": float(f"{measured:.3g}"),
+        }
+        if accuracy is not None:
+            fields |= {"metric": accuracy.metric, "value": accuracy.value, "delta": accuracy.delta}
+        if status == "rejected":
+            self.log.warning("variant_rejected", reason=accuracy and accuracy.reason, **fields)
+        else:
+            self.log.info("variant_built", **fields)
+        return variant
+
+    def _make(self, target: Target, reference_path: Path, entry: Path) -> None:
+        """Write the target's files next to ``entry``."""
+        if self.source.quantized:
+            if target.runtime == "onnxruntime":
+                shutil.copyfile(self.source.path, entry)
+            else:
+                _openvino.convert_ir(self.source.path, entry, target=target.id)
+            return
+        calibration = self.request.calibration
+        if target.precision == "int8" and calibration is None:
+            raise VariantBuildError("needs a calibration set", target=target.id)
+        if target.id == "onnx-fp32":
+            shutil.copyfile(reference_path, entry)
+        elif target.id == "onnx-fp16":
+            _onnx.convert_fp16(reference_path, entry)
+        elif target.id == "onnx-int8":
+            assert calibration is not None
+            _onnx.quantize_int8(reference_path, entry, calibration, batch=self.batch)
+        elif target.id == "openvino-fp16":
+            _openvino.convert_ir(reference_path, entry, target=target.id)
+        else:
+            assert calibration is not None
+            _openvino.quantize_ir(reference_path, entry, calibration, target=target.id)
+
+
+def run_build(
+    request: BuildRequest, bundle: Path, work: Path, progress: Progress
+) -> BundleManifest:
+    """Build every planned variant into ``bundle`` (a staging directory) and write the manifest."""
+    return _Build(request, bundle, work, progress).run()
