@@ -1,0 +1,115 @@
+"""What only the OpenVINO backend does: IR files, hints, model cache, thread cap, probe."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.backends import Artifact, LoadOptions, load_first
+from agent.backends.openvino import OpenVinoBackend, onnx_header
+from agent.errors import ModelLoadError
+from agent.samples import DigitsData
+
+pytestmark = pytest.mark.openvino
+
+
+@pytest.fixture(scope="module")
+def digits_ir(digits_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import openvino as ov
+
+    out = tmp_path_factory.mktemp("ir") / "digits.xml"
+    ov.save_model(ov.convert_model(str(digits_path)), str(out), compress_to_fp16=False)
+    return out
+
+
+def test_ir_loads_and_matches_onnx(digits_ir: Path, digits_path: Path, digits: DigitsData) -> None:
+    backend = OpenVinoBackend()
+    ir = backend.load(Artifact(digits_ir, format="openvino-ir"), LoadOptions())
+    onnx = backend.load(Artifact(digits_path), LoadOptions())
+    assert [s.name for s in ir.outputs] == ["logits"]
+    a = ir.run({"input": digits.x_test})["logits"]
+    b = onnx.run({"input": digits.x_test})["logits"]
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_ir_without_weights_is_a_load_error(digits_ir: Path, tmp_path: Path) -> None:
+    lonely = tmp_path / "lonely.xml"
+    lonely.write_bytes(digits_ir.read_bytes())
+    with pytest.raises(
+        ModelLoadError, match=r"^lonely: OpenVINO IR weights not found: .*lonely.bin"
+    ):
+        OpenVinoBackend().load(Artifact(lonely, format="openvino-ir", name="lonely"), LoadOptions())
+
+
+def test_corrupt_ir(tmp_path: Path) -> None:
+    xml = tmp_path / "bad.xml"
+    xml.write_text("<net>")
+    (tmp_path / "bad.bin").write_bytes(b"\0" * 8)
+    with pytest.raises(ModelLoadError, match=r"^bad: corrupt or unreadable model file"):
+        OpenVinoBackend().load(Artifact(xml, format="openvino-ir", name="bad"), LoadOptions())
+
+
+def test_model_cache_is_keyed_and_reused(digits_path: Path, tmp_path: Path) -> None:
+    backend = OpenVinoBackend()
+    options = LoadOptions(cache_dir=tmp_path, openvino_device="CPU")
+    backend.load(Artifact(digits_path), options).close()
+    keys = list((tmp_path / "openvino").iterdir())
+    assert len(keys) == 1
+    blobs = list(keys[0].iterdir())
+    assert blobs, "openvino wrote no compiled blob"
+    backend.load(Artifact(digits_path), options).close()  # a hit: no new key, same blobs
+    assert list((tmp_path / "openvino").iterdir()) == keys
+    backend.load(Artifact(digits_path, precision="fp16"), options).close()
+    assert len(list((tmp_path / "openvino").iterdir())) == 2  # precision is part of the key
+
+
+def test_hints_threads_and_precision_reach_the_compiled_model(digits_path: Path) -> None:
+    backend = OpenVinoBackend()
+    fp32 = backend.load(
+        Artifact(digits_path),
+        LoadOptions(openvino_hint="THROUGHPUT", intra_op_threads=1, openvino_device="CPU"),
+    )
+    raw = fp32.raw  # type: ignore[attr-defined]
+    assert str(raw.get_property("PERFORMANCE_HINT")).endswith("THROUGHPUT")
+    assert int(raw.get_property("INFERENCE_NUM_THREADS")) == 1
+    assert "float32" in str(raw.get_property("INFERENCE_PRECISION_HINT"))
+    assert fp32.device == "CPU"
+
+
+def test_unknown_device_is_a_clear_error(digits_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match=r"digits: openvino device FOO is not usable"):
+        OpenVinoBackend().load(
+            Artifact(digits_path, name="digits"), LoadOptions(openvino_device="FOO")
+        )
+
+
+def test_probe_reports_version_and_devices() -> None:
+    probe = OpenVinoBackend().probe()
+    assert probe.usable
+    assert probe.version
+    assert probe.version[0].isdigit()
+    assert "CPU" in probe.devices
+
+
+def test_not_installed_is_unusable_with_reason(
+    monkeypatch: pytest.MonkeyPatch, digits_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "openvino", None)  # what an absent package looks like
+    probe = OpenVinoBackend().probe()
+    assert not probe.usable
+    assert "openvino not installed" in (probe.reason or "")
+    # the registry skips it and falls through to the next backend
+    session = load_first(Artifact(digits_path), LoadOptions(), order=["openvino", "onnxruntime"])
+    assert session.backend == "onnxruntime"
+
+
+def test_onnx_header_reads_opsets_and_outputs(ppocr_path: Path, tmp_path: Path) -> None:
+    header = onnx_header(ppocr_path)
+    assert header == {"opsets": {"": 12}, "outputs": ("sigmoid_0.tmp_0",)}
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00\x01garbage")
+    assert onnx_header(junk) is None
+    assert onnx_header(tmp_path / "absent.onnx") is None
