@@ -60,7 +60,9 @@ def test_unit_keeps_required_directives() -> None:
         assert directive in text, directive
 
 
-@pytest.mark.parametrize("dockerfile", ["Dockerfile.rpi", "Dockerfile.jetson"])
+@pytest.mark.parametrize(
+    "dockerfile", ["Dockerfile.rpi", "Dockerfile.jetson", "deploy/control-plane.Dockerfile"]
+)
 def test_dockerfiles_lint_clean(dockerfile: str) -> None:
     hadolint = BIN / "hadolint"
     if not hadolint.exists():
@@ -134,3 +136,34 @@ def test_image_install_step_resolves_for_aarch64(
         cmd += ["-c", str(ROOT / "deploy" / "constraints" / constraints)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_compose_stack_refuses_to_start_without_its_secrets() -> None:
+    """Every variable the stack reads is a required secret with a message (``${X:?msg}``), and
+    the example env file lists each one."""
+    import re
+
+    import yaml
+
+    text = (ROOT / "deploy" / "compose.yaml").read_text()
+    refs = re.findall(r"\$\{([A-Z0-9_]+)(:\?[^}]+)?\}", text)
+    assert refs
+    for name, required in refs:
+        assert required, f"${{{name}}} has no ':?message': compose would start with it empty"
+    example = (ROOT / "deploy" / "stack.env.example").read_text()
+    for name, _ in refs:
+        assert name in example, f"{name} missing from deploy/stack.env.example"
+    stack = yaml.safe_load(text)
+    for name, service in stack["services"].items():
+        image = service.get("image", "")
+        assert ":" in image, f"{name}: image {image!r} is not pinned"
+        assert not image.endswith(":latest"), f"{name}: image {image!r} is not pinned"
+    assert "healthcheck" in stack["services"]["postgres"]
+    assert stack["services"]["control-plane"]["depends_on"]["postgres"]["condition"] == (
+        "service_healthy"
+    )
+    for service in stack["services"].values():
+        for volume in service.get("volumes", []):
+            src = volume.split(":", 1)[0]
+            if src.startswith("./mosquitto/") and not src.endswith("passwd"):
+                assert (ROOT / "deploy" / src).exists(), src
