@@ -1,0 +1,78 @@
+"""deploy/mosquitto/acl, loaded by a real Mosquitto: a device cannot speak for another device."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from agent.config import MqttConfig
+from agent.contracts.telemetry import Command
+from agent.telemetry import TelemetryClient
+from tests.agent.telemetry.conftest import Broker, Subscriber
+from tests.agent.telemetry.test_client import command, event
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.broker
+USERS = ("dev-a", "dev-b", "control-plane")
+
+
+@pytest.fixture
+def acl_broker(tmp_path: Path) -> Broker:
+    passwd = tmp_path / "passwd"
+    passwd.write_text("")
+    for user in USERS:
+        subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, f"{user}-pw"], check=True)
+    acl = ROOT / "deploy" / "mosquitto" / "acl"
+    broker = Broker(
+        tmp_path,
+        extra_config=f"allow_anonymous false\npassword_file {passwd}\nacl_file {acl}\n",
+    )
+    broker.start()
+    yield broker  # type: ignore[misc]
+    broker.stop()
+
+
+def test_device_cannot_publish_on_another_devices_topics(
+    acl_broker: Broker, state_dir: Path, subscribe: Callable[..., Subscriber]
+) -> None:
+    port = acl_broker.port
+    cp = subscribe(port, "edgefleet/v1/#", username="control-plane", password="control-plane-pw")
+    got: list[Command] = []
+    handled = threading.Event()
+    client = TelemetryClient(
+        MqttConfig(host="127.0.0.1", port=port, username="dev-a", password="dev-a-pw"),
+        device_id="dev-a",
+        state_dir=state_dir,
+        reconnect_min_s=0.05,
+    )
+    client.on_command("check-update", lambda c: (got.append(c), handled.set()))
+    with client:
+        assert client.wait_connected(10)
+        client.publish_event(event("dev-a", 1))
+        assert cp.wait_for(lambda s: [p["seq"] for p in s.payloads("dev-a/events")] == [1])
+
+        # dev-b, authenticated as itself, tries to speak for dev-a and to read dev-a's commands.
+        spy = subscribe(port, "edgefleet/v1/dev-a/cmd", username="dev-b", password="dev-b-pw")
+        forged = event("dev-a", 99).model_dump_json().encode()
+        spy.client.publish("edgefleet/v1/dev-a/events", forged, qos=1).wait_for_publish(5)
+        spy.client.publish("edgefleet/v1/dev-a/state", b'{"status":"offline"}', qos=1, retain=True)
+        spy.client.publish("edgefleet/v1/dev-b/events", b"{}", qos=1).wait_for_publish(5)
+
+        # The control plane may command dev-a; dev-a receives it, dev-b does not.
+        cp.client.publish("edgefleet/v1/dev-a/cmd", command(id="k1"), qos=1)
+        assert handled.wait(10)
+        # dev-b's own topic works, which also shows its forged messages went before it.
+        assert cp.wait_for(
+            lambda s: any(m.topic == "edgefleet/v1/dev-b/events" for m in s.messages)
+        )
+    assert [p["seq"] for p in cp.payloads("dev-a/events")] == [
+        1
+    ]  # the forged event never reached the control plane
+    assert [p["status"] for p in cp.payloads("dev-a/state")] == ["online", "offline"]
+    assert cp.payloads("dev-a/state")[-1]["reason"] == "shutdown"  # dev-a's own, not the forgery
+    assert [m for m in spy.messages if m.topic.endswith("/cmd")] == []
+    assert [c.id for c in got] == ["k1"]
