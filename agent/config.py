@@ -55,6 +55,7 @@ class BackendConfig(_Section):
     # ONNX Runtime provider options by provider name, e.g. {"CUDAExecutionProvider": {...}}.
     ort_provider_options: dict[str, dict[str, str]] = Field(default_factory=dict)
     ort_disable_providers: tuple[str, ...] = ()
+    spin_wait: bool = False  # idle runtime threads spin between runs (see LoadOptions)
     choice_budget_s: float = Field(default=20.0, gt=0)
     choice_tolerance: float = Field(default=0.10, ge=0)  # fastest within 10% wins ties by accuracy
 
@@ -100,6 +101,7 @@ class ControlPlaneConfig(_Section):
     poll_jitter: float = Field(default=0.2, ge=0, le=1)
     bandwidth_limit_bps: int | None = Field(default=None, gt=0)
     tuf_root_path: Path | None = None
+    labels: dict[str, str] = Field(default_factory=dict)  # sent once, at enrollment
 
 
 class MqttConfig(_Section):

@@ -63,6 +63,9 @@ class LoadOptions:
     compute_capability: str | None = None  # part of the engine cache key on NVIDIA
     # Fixed shapes for dynamic inputs (name -> shape): TensorRT profiles, CUDA graphs.
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    # Let idle runtime threads spin between runs: lower latency when unthrottled, a busy core
+    # when not. Off by default for a robot running at a fixed rate.
+    spin_wait: bool = False
 
 
 @dataclass(frozen=True, slots=True)
