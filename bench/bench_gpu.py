@@ -81,40 +81,13 @@ def text_page(batch: int, seed: int, size: int = 640) -> np.ndarray[Any, Any]:
 
 
 def fp16_variant(src: Path, dst: Path) -> Path:
-    """An FP16 copy of ``src`` with FP32 inputs and outputs (``keep_io_types``).
+    """The control plane's FP16 variant of ``src`` (FP32 inputs and outputs)."""
+    if not dst.exists():
+        from control_plane.builds._onnx import convert_fp16
 
-    Constants become initializers first, so the converter can leave the ones outside FP16's
-    range in FP32 together with the nodes that read them: PP-OCR's head BatchNormalization has
-    a running variance near 1e8, which FP16 would saturate into a blank probability map."""
-    if dst.exists():
-        return dst
-    import onnx
-    from onnx import numpy_helper
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    model = onnx.load(str(src))
-    nodes = []
-    for node in model.graph.node:
-        value = next((a.t for a in node.attribute if a.name == "value"), None)
-        if node.op_type == "Constant" and value is not None:
-            tensor = onnx.TensorProto()
-            tensor.CopyFrom(value)
-            tensor.name = node.output[0]
-            model.graph.initializer.append(tensor)
-        else:
-            nodes.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    big = {
-        i.name
-        for i in model.graph.initializer
-        if np.abs(numpy_helper.to_array(i)).max(initial=0) > 65504.0
-    }
-    keep = [n.name for n in model.graph.node if big & set(n.input)]
-    converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep)
-    tmp = dst.with_suffix(".tmp")
-    onnx.save(converted, str(tmp))
-    tmp.replace(dst)
+        tmp = dst.with_suffix(".tmp")
+        convert_fp16(src, tmp)
+        tmp.replace(dst)
     return dst
 
 

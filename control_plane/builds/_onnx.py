@@ -194,17 +194,51 @@ def normalize(source: SourceModel, out_path: Path, work_dir: Path) -> Normalized
     return Normalized(out_path, source.opset, opset_to, optimized)
 
 
-def convert_fp16(fp32_path: Path, out_path: Path) -> None:
-    """FP16 weights and compute, FP32 inputs and outputs (``keep_io_types``)."""
+FP16_MAX = 65504.0
+
+
+def fp16_model(model: Any) -> Any:
+    """An FP16 copy of an ONNX model with FP32 inputs and outputs (``keep_io_types``).
+
+    Constants become initializers first, so the converter can leave the ones outside FP16's
+    range in FP32 together with the nodes that read them: PP-OCR's head BatchNormalization has
+    a running variance near 1e8, which FP16 would saturate into a blank probability map."""
+    import numpy as np
     import onnx
-    from onnxconverter_common import float16
+    from onnx import numpy_helper
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())  # never edit the caller's
+    nodes = []
+    for node in model.graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant" and value is not None:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value)
+            tensor.name = node.output[0]
+            model.graph.initializer.append(tensor)
+        else:
+            nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    big = {
+        i.name
+        for i in model.graph.initializer
+        if i.data_type == onnx.TensorProto.FLOAT
+        and np.abs(numpy_helper.to_array(i)).max(initial=0) > FP16_MAX
+    }
+    keep = [n.name for n in model.graph.node if big & set(n.input)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "value truncated to fp16" notices, one per weight
+        return convert_float_to_float16(model, keep_io_types=True, node_block_list=keep)
+
+
+def convert_fp16(fp32_path: Path, out_path: Path) -> None:
+    """Write the FP16 variant of ``fp32_path`` (see ``fp16_model``)."""
+    import onnx
 
     try:
-        model = onnx.load(str(fp32_path))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "value truncated to fp16" notices, one per weight
-            converted = float16.convert_float_to_float16(model, keep_io_types=True)
-        onnx.save(converted, str(out_path))
+        onnx.save(fp16_model(onnx.load(str(fp32_path))), str(out_path))
     except Exception as exc:  # the converter raises anything
         raise VariantBuildError(
             f"FP16 conversion failed: {first_line(exc)}", target="onnx-fp16"

@@ -89,7 +89,7 @@ class BuildRequest:
 
 def _tool_versions() -> dict[str, str]:
     tools: dict[str, str] = {}
-    for dist in ("edgefleet", "onnx", "onnxruntime", "onnxconverter-common", "openvino", "nncf"):
+    for dist in ("edgefleet", "onnx", "onnxruntime", "openvino", "nncf"):
         try:
             tools[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
