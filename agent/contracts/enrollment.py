@@ -1,0 +1,50 @@
+"""Enrollment: a device trades the fleet's bootstrap token for its own credential.
+
+``POST /v1/devices/enroll`` takes an ``EnrollmentRequest`` and answers ``EnrollmentResponse``.
+The credential is shown once; the control plane keeps only its hash. Afterwards the device sends
+``Authorization: Bearer <credential>`` and may read only its own desired state and artifacts.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from agent.contracts.manifest import NAME_RE
+from agent.contracts.profile import HardwareProfile
+
+__all__ = [
+    "LABEL_KEY_RE",
+    "LABEL_VALUE_RE",
+    "EnrollmentRequest",
+    "EnrollmentResponse",
+    "LabelKey",
+    "LabelValue",
+]
+
+LABEL_KEY_RE = r"^[a-z][a-z0-9_.-]{0,31}$"
+LABEL_VALUE_RE = r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}$"
+LabelKey = Annotated[str, StringConstraints(pattern=LABEL_KEY_RE)]
+LabelValue = Annotated[str, StringConstraints(pattern=LABEL_VALUE_RE)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EnrollmentRequest(_Frozen):
+    schema_version: Literal[1] = 1
+    bootstrap_token: str = Field(min_length=1, max_length=512)
+    name: str = Field(pattern=NAME_RE, description="human-readable name, e.g. the hostname")
+    profile: HardwareProfile
+    # Initial labels such as site, board, group; operators may change them later.
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=32)
+
+
+class EnrollmentResponse(_Frozen):
+    schema_version: Literal[1] = 1
+    device_id: str
+    credential: str = Field(description="bearer token for this device; shown only once")
+    desired_state_path: str = Field(description="e.g. /v1/devices/<id>/desired-state")
+    reported_state_path: str

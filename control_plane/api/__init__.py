@@ -1,0 +1,1 @@
+"""The HTTP API: routes per resource, dependencies, wire schemas and error responses."""

@@ -1,0 +1,182 @@
+"""Devices: enrollment, hardware profile, labels, desired state (ETag) and reported state.
+
+A device credential reaches only its own device's routes; operators read every device and
+(operator role and up) edit labels. The desired-state read is the hot path: a cached entry and
+a cached credential answer it, including the 304, without touching the database.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Response
+from sqlalchemy import select
+
+from agent.contracts.enrollment import EnrollmentRequest, EnrollmentResponse
+from agent.contracts.profile import HardwareProfile
+from agent.contracts.state import DesiredState, ReportedState
+from agent.logs import get_logger
+from control_plane.api.deps import (
+    Context,
+    CurrentDevice,
+    CurrentOperator,
+    DeviceOrViewer,
+    DevicePrincipal,
+    OperatorWriter,
+    SessionDep,
+    desired_state_entry,
+)
+from control_plane.api.params import DeviceIdPath
+from control_plane.api.schemas import DevicePublic, ErrorBody, LabelsUpdate
+from control_plane.api.views import device_public
+from control_plane.auth import DEVICE_TOKEN_PREFIX, hash_token, new_token, tokens_equal
+from control_plane.db.models import Device
+from control_plane.desired import compute_desired_state, etag_matches
+from control_plane.errors import AuthError, ForbiddenError, InvalidInputError, NotFoundError
+
+router = APIRouter(prefix="/v1/devices", tags=["devices"])
+log = get_logger(__name__)
+
+
+def _own(principal: DevicePrincipal, device_id: str) -> None:
+    if principal.device_id != device_id:
+        raise ForbiddenError("a device may reach only its own state")
+
+
+def _get(session: SessionDep, device_id: str) -> Device:
+    device = session.get(Device, device_id)
+    if device is None:
+        raise NotFoundError(f"no device {device_id!r}")
+    return device
+
+
+@router.post("/enroll", status_code=201, summary="Enroll a device with the bootstrap token")
+def enroll(body: EnrollmentRequest, session: SessionDep, ctx: Context) -> EnrollmentResponse:
+    if not tokens_equal(body.bootstrap_token, ctx.settings.bootstrap_token.get_secret_value()):
+        ctx.metrics.enrollments.labels("refused").inc()
+        raise AuthError("bootstrap token refused")
+    credential = new_token(DEVICE_TOKEN_PREFIX)
+    device_id = f"dev-{secrets.token_hex(8)}"
+    now = ctx.now()
+    session.add(
+        Device(
+            id=device_id,
+            name=body.name,
+            token_hash=hash_token(credential),
+            labels=dict(body.labels),
+            profile=body.profile.model_dump(mode="json"),
+            enrolled_at=now,
+            last_seen_at=now,
+        )
+    )
+    session.commit()
+    ctx.metrics.enrollments.labels("enrolled").inc()
+    log.info("device_enrolled", device_id=device_id, name=body.name, arch=body.profile.arch)
+    return EnrollmentResponse(
+        device_id=device_id,
+        credential=credential,
+        desired_state_path=f"/v1/devices/{device_id}/desired-state",
+        reported_state_path=f"/v1/devices/{device_id}/reported-state",
+    )
+
+
+@router.get("", summary="List devices")
+def list_devices(session: SessionDep, operator: CurrentOperator) -> list[DevicePublic]:
+    return [device_public(d) for d in session.scalars(select(Device).order_by(Device.id))]
+
+
+@router.get("/{device_id}", summary="A device with its profile, reported and desired state")
+def show_device(
+    device_id: DeviceIdPath, session: SessionDep, operator: CurrentOperator
+) -> DevicePublic:
+    device = _get(session, device_id)
+    public = device_public(device)
+    public.desired = compute_desired_state(session, device)
+    return public
+
+
+@router.patch("/{device_id}/labels", summary="Set or remove labels (site, board, group, ...)")
+def update_labels(
+    device_id: DeviceIdPath,
+    body: LabelsUpdate,
+    session: SessionDep,
+    operator: OperatorWriter,
+    ctx: Context,
+) -> DevicePublic:
+    device = _get(session, device_id)
+    labels = {k: v for k, v in device.labels.items() if k not in set(body.remove)}
+    labels.update(body.set)
+    if len(labels) > 32:
+        raise InvalidInputError("a device holds at most 32 labels", field="set")
+    device.labels = labels
+    session.commit()
+    ctx.desired.invalidate([device_id])
+    log.info("labels_updated", device_id=device_id, labels=labels, by=operator.name)
+    return device_public(device)
+
+
+@router.put("/{device_id}/profile", summary="The device reports its hardware profile")
+def put_profile(
+    device_id: DeviceIdPath,
+    body: HardwareProfile,
+    session: SessionDep,
+    principal: CurrentDevice,
+    ctx: Context,
+) -> DevicePublic:
+    _own(principal, device_id)
+    device = _get(session, device_id)
+    device.profile = body.model_dump(mode="json")
+    device.last_seen_at = ctx.now()
+    session.commit()
+    ctx.desired.invalidate([device_id])
+    return device_public(device)
+
+
+@router.get(
+    "/{device_id}/desired-state",
+    summary="What the device should run (ETag; If-None-Match answers 304)",
+    response_model=DesiredState,
+    responses={
+        200: {"headers": {"ETag": {"schema": {"type": "string"}}}},
+        304: {"description": "unchanged since the ETag given in If-None-Match"},
+        403: {"model": ErrorBody},
+    },
+)
+async def get_desired_state(
+    device_id: DeviceIdPath,
+    principal: DeviceOrViewer,
+    ctx: Context,
+    if_none_match: Annotated[str | None, Header(max_length=1024)] = None,
+) -> Response:
+    if isinstance(principal, DevicePrincipal):
+        _own(principal, device_id)
+    entry, hit = await desired_state_entry(ctx, device_id)
+    cache = "hit" if hit else "miss"
+    headers = {"ETag": entry.etag, "Cache-Control": "no-cache"}
+    if etag_matches(if_none_match, entry.etag):
+        ctx.metrics.desired_polls.labels("not_modified", cache).inc()
+        return Response(status_code=304, headers=headers)
+    ctx.metrics.desired_polls.labels("sent", cache).inc()
+    return Response(entry.body, media_type="application/json", headers=headers)
+
+
+@router.put("/{device_id}/reported-state", summary="The device reports what it runs")
+def put_reported_state(
+    device_id: DeviceIdPath,
+    body: ReportedState,
+    session: SessionDep,
+    principal: CurrentDevice,
+    ctx: Context,
+) -> DevicePublic:
+    _own(principal, device_id)
+    if body.device_id != device_id:
+        raise InvalidInputError(
+            f"reported device_id {body.device_id!r} is not {device_id!r}", field="device_id"
+        )
+    device = _get(session, device_id)
+    now = ctx.now()
+    device.reported = body.model_dump(mode="json")
+    device.reported_at = device.last_seen_at = now
+    session.commit()
+    return device_public(device)

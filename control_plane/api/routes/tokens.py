@@ -1,0 +1,48 @@
+"""Operator API tokens: admins create, list and revoke them."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from sqlalchemy import select
+
+from control_plane.api.deps import Admin, Context, SessionDep
+from control_plane.api.schemas import TokenCreate, TokenCreated, TokenPublic
+from control_plane.api.views import token_public
+from control_plane.auth import OPERATOR_TOKEN_PREFIX, hash_token, new_token
+from control_plane.db.models import ApiToken
+from control_plane.errors import NotFoundError
+
+router = APIRouter(prefix="/v1/tokens", tags=["tokens"])
+
+
+@router.post("", status_code=201, summary="Create an operator API token (admin)")
+def create_token(
+    body: TokenCreate, session: SessionDep, admin: Admin, ctx: Context
+) -> TokenCreated:
+    token = new_token(OPERATOR_TOKEN_PREFIX)
+    row = ApiToken(
+        name=body.name,
+        role=body.role,
+        token_hash=hash_token(token),
+        created_at=ctx.now(),
+        created_by=admin.name,
+    )
+    session.add(row)
+    session.commit()
+    return TokenCreated(**token_public(row).model_dump(), token=token)
+
+
+@router.get("", summary="List operator API tokens (admin)")
+def list_tokens(session: SessionDep, admin: Admin) -> list[TokenPublic]:
+    return [token_public(r) for r in session.scalars(select(ApiToken).order_by(ApiToken.id))]
+
+
+@router.delete("/{token_id}", summary="Revoke an operator API token (admin)")
+def revoke_token(token_id: int, session: SessionDep, admin: Admin, ctx: Context) -> TokenPublic:
+    row = session.get(ApiToken, token_id) if -(2**31) < token_id < 2**31 else None
+    if row is None:
+        raise NotFoundError(f"no token {token_id}")
+    if row.revoked_at is None:
+        row.revoked_at = ctx.now()
+        session.commit()
+    return token_public(row)

@@ -1,0 +1,113 @@
+"""The FastAPI application factory: ``create_app(settings)``.
+
+Owns wiring: database (migrated at start with Alembic), artifact store, build worker, caches,
+metrics, routes and error handlers. The variant builds come from ``control_plane.builds``
+unless a ``build_variants`` callable is passed (the tests' fast FP32-only build, for one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime, timezone
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from agent.logs import get_logger
+from control_plane import __version__
+from control_plane.api.errors import install_error_handlers
+from control_plane.api.fast_poll import FastPollMiddleware
+from control_plane.api.routes import artifacts, assignments, devices, health, jobs, models, tokens
+from control_plane.artifacts import ArtifactStore, LocalArtifactStore
+from control_plane.context import AppContext
+from control_plane.db.engine import make_engine, make_sessionmaker, upgrade_database
+from control_plane.desired import CredentialCache, DesiredStateCache
+from control_plane.jobs import BuildWorker
+from control_plane.metrics import Metrics, RequestMetricsMiddleware
+from control_plane.registry import BuildVariants
+from control_plane.settings import Settings
+
+__all__ = ["create_app"]
+
+log = get_logger(__name__)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _default_builder() -> BuildVariants:
+    from control_plane.builds import build_variants
+
+    builder: BuildVariants = build_variants
+    return builder
+
+
+def create_app(
+    settings: Settings,
+    *,
+    build_variants: BuildVariants | None = None,
+    store: ArtifactStore | None = None,
+    now: Callable[[], datetime] = _utcnow,
+) -> FastAPI:
+    """A control-plane instance; the database is migrated and builds resume on start."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.resolved_database_url())
+    sessions = make_sessionmaker(engine)
+    store = store or LocalArtifactStore(settings.data_dir / "artifacts")
+    metrics = Metrics()
+    desired = DesiredStateCache(ttl_s=settings.desired_state_cache_ttl_s)
+
+    def on_finished(job_id: int, status: str) -> None:
+        metrics.builds.labels(status).inc()
+
+    worker = BuildWorker(
+        sessions=sessions,
+        store=store,
+        build_variants=build_variants or _default_builder(),
+        work_dir=settings.data_dir / "builds",
+        workers=settings.build_workers,
+        on_finished=on_finished,
+        now=now,
+    )
+    ctx = AppContext(
+        settings=settings,
+        engine=engine,
+        sessions=sessions,
+        store=store,
+        worker=worker,
+        desired=desired,
+        credentials=CredentialCache(ttl_s=settings.desired_state_cache_ttl_s),
+        metrics=metrics,
+        now=now,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(upgrade_database, engine)
+        await run_in_threadpool(worker.resume_unfinished)
+        log.info(
+            "control_plane_started",
+            database=engine.url.get_backend_name(),
+            data_dir=str(settings.data_dir),
+        )
+        try:
+            yield
+        finally:
+            await run_in_threadpool(worker.shutdown)
+            engine.dispose()
+
+    app = FastAPI(
+        title="edgefleet control plane",
+        version=__version__,
+        description="Model registry with per-target variants, device registry, desired state.",
+        lifespan=lifespan,
+    )
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    for module in (health, tokens, models, jobs, devices, assignments, artifacts):
+        app.include_router(module.router)
+    app.add_middleware(FastPollMiddleware, ctx=ctx)  # inside the metrics middleware
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    return app

@@ -1,0 +1,201 @@
+"""Content-addressed artifact storage: uploaded sources, calibration sets, bundle archives.
+
+Owns where blobs live and how they are read back in byte ranges; which blob belongs to what
+(and who may read it) is the registry's and the API's business. ``ArtifactStore`` is the
+interface; ``LocalArtifactStore`` keeps blobs under ``<root>/sha256/ab/cd/<digest>``. An
+S3-compatible store implements the same five methods.
+
+Also owns the pure parsing of an HTTP ``Range`` header against a blob size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from control_plane.errors import NotFoundError, RangeNotSatisfiableError, StorageError
+
+__all__ = [
+    "ArtifactRef",
+    "ArtifactStore",
+    "ByteRange",
+    "LocalArtifactStore",
+    "parse_range",
+    "sha256_file",
+]
+
+CHUNK = 1024 * 1024  # bytes per read while hashing or streaming
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    start: int
+    end: int  # inclusive
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start + 1
+
+
+class ArtifactStore(Protocol):
+    """Where blobs live, addressed by their sha256."""
+
+    def put_file(self, source: Path) -> ArtifactRef:
+        """Store a copy of ``source``; storing the same content twice is a no-op."""
+        ...
+
+    def exists(self, sha256: str) -> bool: ...
+
+    def size(self, sha256: str) -> int:
+        """Raises ``NotFoundError`` for an unknown digest."""
+        ...
+
+    def read_range(self, sha256: str, start: int, length: int) -> Iterator[bytes]:
+        """Stream ``length`` bytes from ``start`` in chunks."""
+        ...
+
+    def copy_to(self, sha256: str, dest: Path) -> Path:
+        """Write the blob to ``dest`` (for tools that need a local file); returns ``dest``."""
+        ...
+
+
+def sha256_file(path: Path) -> ArtifactRef:
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return ArtifactRef(digest.hexdigest(), size)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalArtifactStore:
+    """Blobs in a local directory, written atomically (temp file, fsync, rename)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "sha256").mkdir(parents=True, exist_ok=True)
+        (root / "tmp").mkdir(parents=True, exist_ok=True)
+
+    def _path(self, sha256: str) -> Path:
+        if not _DIGEST.match(sha256):
+            raise NotFoundError(f"not a sha256 digest: {sha256!r}")
+        return self.root / "sha256" / sha256[:2] / sha256[2:4] / sha256
+
+    def put_file(self, source: Path) -> ArtifactRef:
+        ref = sha256_file(source)
+        dest = self._path(ref.sha256)
+        if dest.exists() and dest.stat().st_size == ref.size:
+            return ref
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(dir=self.root / "tmp")
+            tmp = Path(tmp_name)
+            try:
+                with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+                    shutil.copyfileobj(src, out, CHUNK)
+                    out.flush()
+                    os.fsync(out.fileno())
+                tmp.replace(dest)
+            finally:
+                tmp.unlink(missing_ok=True)
+            _fsync_dir(dest.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot store artifact {ref.sha256}: {exc}") from exc
+        return ref
+
+    def exists(self, sha256: str) -> bool:
+        try:
+            return self._path(sha256).is_file()
+        except NotFoundError:
+            return False
+
+    def size(self, sha256: str) -> int:
+        try:
+            return self._path(sha256).stat().st_size
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"no artifact {sha256}") from exc
+
+    def read_range(self, sha256: str, start: int, length: int) -> Iterator[bytes]:
+        path = self._path(sha256)
+        try:
+            f: BinaryIO = path.open("rb")
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"no artifact {sha256}") from exc
+        return _chunks(f, start, length)
+
+    def copy_to(self, sha256: str, dest: Path) -> Path:
+        path = self._path(sha256)
+        if not path.is_file():
+            raise NotFoundError(f"no artifact {sha256}")
+        shutil.copyfile(path, dest)
+        return dest
+
+    def count(self) -> int:
+        """How many blobs are stored (tests check that a refused upload stored nothing)."""
+        return sum(1 for p in (self.root / "sha256").rglob("*") if p.is_file())
+
+
+def _chunks(f: BinaryIO, start: int, length: int) -> Iterator[bytes]:
+    with f:
+        f.seek(start)
+        left = length
+        while left > 0:
+            chunk = f.read(min(CHUNK, left))
+            if not chunk:
+                return
+            left -= len(chunk)
+            yield chunk
+
+
+def parse_range(header: str | None, size: int) -> ByteRange | None:
+    """The one byte range a ``Range`` header asks for, or ``None`` to send the whole blob.
+
+    Multiple ranges and headers that do not parse are ignored (RFC 9110 allows it); a range
+    that starts past the end raises ``RangeNotSatisfiableError``.
+    """
+    if not header:
+        return None
+    m = _RANGE.match(header.strip())
+    if not m or (not m.group(1) and not m.group(2)):
+        return None
+    first, last = m.group(1), m.group(2)
+    if not first:  # suffix: the last N bytes
+        n = int(last)
+        if n == 0:
+            raise RangeNotSatisfiableError("empty suffix range", size=size)
+        return ByteRange(max(0, size - n), size - 1) if size else _unsatisfiable(size)
+    start = int(first)
+    if start >= size:
+        return _unsatisfiable(size)
+    end = min(int(last), size - 1) if last else size - 1
+    if end < start:
+        return None  # syntactically invalid: ignore the header
+    return ByteRange(start, end)
+
+
+def _unsatisfiable(size: int) -> ByteRange:
+    raise RangeNotSatisfiableError(f"range not satisfiable for {size} bytes", size=size)

@@ -1,0 +1,145 @@
+"""The HTTP client ``edgectl`` uses: one method per API call, errors as ``ClientError``.
+
+The transport is a constructor parameter (tests pass none and talk to a real server on
+loopback); upload progress is reported through a callback as bytes leave.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from control_plane.errors import ClientError
+
+__all__ = ["ControlPlaneClient"]
+
+DEFAULT_TIMEOUT = httpx.Timeout(30.0, read=300.0)  # seconds; an upload's checks take a while
+
+
+class _ProgressFile(io.BufferedReader):
+    """A file that reports every read, so a progress bar follows httpx's multipart upload."""
+
+    def __init__(self, path: Path, on_read: Callable[[int], None]) -> None:
+        super().__init__(io.FileIO(path, "rb"))
+        self._on_read = on_read
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        self._on_read(len(data))
+        return data
+
+
+class ControlPlaneClient:
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(
+            base_url=base_url, headers=headers, transport=transport, timeout=timeout
+        )
+
+    def __enter__(self) -> ControlPlaneClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ClientError(
+                f"cannot reach the control plane at {self._http.base_url}: {exc}"
+            ) from exc
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+                error, message = str(body["error"]), str(body["message"])
+            except (ValueError, KeyError, TypeError):
+                error, message = (
+                    "ClientError",
+                    f"HTTP {response.status_code}: {response.text[:200]}",
+                )
+            raise ClientError(message, error=error, status_code=response.status_code)
+        if response.status_code == 204 or not response.content:
+            return None
+        return response.json()
+
+    def create_model(self, name: str, *, accuracy_budget: float, description: str) -> Any:
+        body = {"name": name, "accuracy_budget": accuracy_budget, "description": description}
+        return self._call("POST", "/v1/models", json=body)
+
+    def list_models(self) -> Any:
+        return self._call("GET", "/v1/models")
+
+    def get_model(self, name: str) -> Any:
+        return self._call("GET", f"/v1/models/{name}")
+
+    def get_version(self, name: str, version: str) -> Any:
+        return self._call("GET", f"/v1/models/{name}/versions/{version}")
+
+    def upload_version(
+        self,
+        name: str,
+        version: str,
+        files: dict[str, Path],
+        *,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> Any:
+        """``files``: multipart field -> path (``onnx`` and any of the sample sets)."""
+        report = on_bytes or (lambda _n: None)
+        handles = {field: _ProgressFile(path, report) for field, path in files.items()}
+        try:
+            parts = {
+                field: (files[field].name, handle, "application/octet-stream")
+                for field, handle in handles.items()
+            }
+            return self._call(
+                "POST", f"/v1/models/{name}/versions", data={"version": version}, files=parts
+            )
+        finally:
+            for handle in handles.values():
+                handle.close()
+
+    def get_job(self, job_id: int) -> Any:
+        return self._call("GET", f"/v1/jobs/{job_id}")
+
+    def list_devices(self) -> Any:
+        return self._call("GET", "/v1/devices")
+
+    def get_device(self, device_id: str) -> Any:
+        return self._call("GET", f"/v1/devices/{device_id}")
+
+    def label_device(self, device_id: str, *, set_: dict[str, str], remove: list[str]) -> Any:
+        body = {"set": set_, "remove": remove}
+        return self._call("PATCH", f"/v1/devices/{device_id}/labels", json=body)
+
+    def assign(
+        self,
+        model: str,
+        version: str,
+        *,
+        device_id: str | None = None,
+        selector: dict[str, str] | None = None,
+    ) -> Any:
+        body = {"model": model, "version": version, "device_id": device_id, "selector": selector}
+        return self._call("POST", "/v1/assignments", json=body)
+
+    def create_token(self, name: str, role: str) -> Any:
+        return self._call("POST", "/v1/tokens", json={"name": name, "role": role})
+
+    def whoami_check(self) -> None:
+        """A cheap authenticated call that proves the URL and token work."""
+        self._call("GET", "/v1/models")

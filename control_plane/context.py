@@ -1,0 +1,34 @@
+"""What one running control-plane instance holds: settings, database, store, worker, caches.
+
+Built by ``create_app`` and reached by routes through ``control_plane.api.deps``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from control_plane.artifacts import ArtifactStore
+from control_plane.desired import CredentialCache, DesiredStateCache
+from control_plane.jobs import BuildWorker
+from control_plane.metrics import Metrics
+from control_plane.settings import Settings
+
+__all__ = ["AppContext"]
+
+
+@dataclass
+class AppContext:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    store: ArtifactStore
+    worker: BuildWorker
+    desired: DesiredStateCache
+    credentials: CredentialCache
+    metrics: Metrics
+    now: Callable[[], datetime]

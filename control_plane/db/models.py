@@ -1,0 +1,189 @@
+"""The tables, as typed SQLAlchemy 2 declarative models.
+
+Timestamps are stored timezone-aware and always read back in UTC (SQLite keeps no zone).
+JSON columns hold pydantic contract payloads (profile, labels, manifest, variant spec) as dumped
+by ``model_dump(mode="json")``; the services validate them on the way in and out.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+__all__ = [
+    "ApiToken",
+    "Assignment",
+    "Base",
+    "BuildJob",
+    "Device",
+    "Model",
+    "ModelVersion",
+    "UTCDateTime",
+    "VariantRow",
+]
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware datetime that comes back in UTC on every backend."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(timezone.utc) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON()}  # noqa: RUF012
+
+
+class ApiToken(Base):
+    """An operator's API token; only the sha256 of the token is kept."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime]
+    created_by: Mapped[str] = mapped_column(String(64))
+    revoked_at: Mapped[datetime | None]
+
+
+class Device(Base):
+    """An enrolled device: its credential hash, labels, last profile and last reported state."""
+
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    labels: Mapped[dict[str, Any]]
+    profile: Mapped[dict[str, Any] | None]
+    reported: Mapped[dict[str, Any] | None]
+    enrolled_at: Mapped[datetime]
+    last_seen_at: Mapped[datetime | None]
+    reported_at: Mapped[datetime | None]
+
+
+class Model(Base):
+    """A model name in the registry and its accuracy budget (top-1 points)."""
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    accuracy_budget: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime]
+
+    versions: Mapped[list[ModelVersion]] = relationship(
+        back_populates="model", order_by="ModelVersion.id"
+    )
+
+
+class ModelVersion(Base):
+    """One uploaded version: the digests of its inputs and, once built, its bundle manifest."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("model_id", "version", name="uq_model_versions_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    version: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))  # building | ready | failed
+    source_sha256: Mapped[str] = mapped_column(String(64))
+    source_size: Mapped[int] = mapped_column(Integer)
+    calibration_sha256: Mapped[str | None] = mapped_column(String(64))
+    validation_sha256: Mapped[str | None] = mapped_column(String(64))
+    golden_sha256: Mapped[str | None] = mapped_column(String(64))
+    manifest: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    created_by: Mapped[str] = mapped_column(String(64))
+
+    model: Mapped[Model] = relationship(back_populates="versions")
+    variants: Mapped[list[VariantRow]] = relationship(
+        back_populates="version", order_by="VariantRow.id"
+    )
+
+
+class VariantRow(Base):
+    """A built variant: its manifest entry (``spec``), verdict and bundle archive digest."""
+
+    __tablename__ = "variants"
+    __table_args__ = (UniqueConstraint("version_id", "variant_id", name="uq_variants_variant"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="CASCADE"), index=True
+    )
+    variant_id: Mapped[str] = mapped_column(String(64))
+    runtime: Mapped[str] = mapped_column(String(32))
+    format: Mapped[str] = mapped_column(String(32))
+    precision: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))  # accepted | rejected
+    spec: Mapped[dict[str, Any]]
+    archive_sha256: Mapped[str | None] = mapped_column(String(64))
+    archive_size: Mapped[int | None] = mapped_column(Integer)
+
+    version: Mapped[ModelVersion] = relationship(back_populates="variants")
+
+
+class BuildJob(Base):
+    """A background variant build: status, progress in [0, 1] and its last log lines."""
+
+    __tablename__ = "build_jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="CASCADE"), index=True
+    )
+    status: Mapped[str] = mapped_column(String(16))  # queued | running | succeeded | failed
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    message: Mapped[str] = mapped_column(Text, default="")
+    log: Mapped[str] = mapped_column(Text, default="")
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class Assignment(Base):
+    """A model version assigned to one device or to every device matching a label selector."""
+
+    __tablename__ = "assignments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"))
+    device_id: Mapped[str | None] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), index=True
+    )
+    selector: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime]
+    created_by: Mapped[str] = mapped_column(String(64))

@@ -1,0 +1,177 @@
+"""Desired state per device: which assignment applies per model slot and which variant it gets.
+
+Owns assignment precedence, selector matching and the in-memory caches that make an idle poll
+cheap (an ETag per device, device credential -> device id). The variant choice itself is the
+pure ``control_plane.resolve.resolve_variant``.
+
+Precedence per model: the newest assignment naming the device, else the newest assignment whose
+selector matches the device's labels (every key equal). ``generation`` is the id of the newest
+assignment in effect, so it grows whenever an operator changes what a device should run.
+
+The caches live in this process; entries expire after ``ttl_s`` so several replicas converge,
+and this process drops them at once when assignments, labels or a profile change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from agent.contracts.manifest import Variant
+from agent.contracts.profile import HardwareProfile
+from agent.contracts.state import DesiredModel, DesiredState
+from agent.logs import get_logger
+from control_plane.db.models import Assignment, Device, Model, ModelVersion
+from control_plane.registry import archive_path
+from control_plane.resolve import resolve_variant
+
+__all__ = [
+    "CachedState",
+    "CredentialCache",
+    "DesiredStateCache",
+    "compute_desired_state",
+    "etag_matches",
+    "selector_matches",
+]
+
+log = get_logger(__name__)
+
+
+def selector_matches(selector: Mapping[str, Any], labels: Mapping[str, Any]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def compute_desired_state(session: Session, device: Device) -> DesiredState:
+    """What ``device`` should run now, each model resolved to one variant for its profile."""
+    assignments = session.scalars(
+        select(Assignment)
+        .where(or_(Assignment.device_id == device.id, Assignment.selector.is_not(None)))
+        .order_by(Assignment.id.desc())
+    ).all()
+    chosen: dict[int, Assignment] = {}
+    for a in assignments:  # direct assignments first, newest first within each kind
+        if a.device_id == device.id:
+            chosen.setdefault(a.model_id, a)
+    for a in assignments:
+        if (
+            a.device_id is None
+            and a.selector is not None
+            and selector_matches(a.selector, device.labels)
+        ):
+            chosen.setdefault(a.model_id, a)
+    profile = HardwareProfile.model_validate(device.profile) if device.profile else None
+    models: list[DesiredModel] = []
+    for assignment in sorted(chosen.values(), key=lambda a: a.model_id):
+        version = session.get(ModelVersion, assignment.version_id)
+        model = session.get(Model, assignment.model_id)
+        if version is None or model is None or profile is None:
+            continue
+        rows = {r.variant_id: r for r in version.variants if r.archive_sha256}
+        variants = [Variant.model_validate(r.spec) for r in rows.values()]
+        best = resolve_variant(variants, profile)
+        if best is None:
+            log.warning(
+                "no_variant_fits", device_id=device.id, model=model.name, version=version.version
+            )
+            continue
+        row = rows[best.id]
+        assert row.archive_sha256 is not None
+        assert row.archive_size is not None
+        models.append(
+            DesiredModel(
+                name=model.name,
+                version=version.version,
+                variant_id=best.id,
+                artifact_path=archive_path(model.name, version.version, best.id),
+                sha256=row.archive_sha256,
+                size=row.archive_size,
+            )
+        )
+    generation = max((a.id for a in chosen.values()), default=0)
+    return DesiredState(device_id=device.id, generation=generation, models=tuple(models))
+
+
+@dataclass(frozen=True)
+class CachedState:
+    etag: str
+    body: bytes
+    state: DesiredState
+    expires_at: float
+
+
+def _etag(body: bytes) -> str:
+    return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """RFC 9110 weak comparison of an ``If-None-Match`` list against our strong ETag."""
+    if not if_none_match:
+        return False
+    for raw in if_none_match.split(","):
+        tag = raw.strip()
+        if tag == "*" or tag.removeprefix("W/") == etag:
+            return True
+    return False
+
+
+class DesiredStateCache:
+    """The serialized desired state and its ETag per device."""
+
+    def __init__(self, *, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl = ttl_s
+        self._clock = clock
+        self._entries: dict[str, CachedState] = {}
+        self._lock = threading.Lock()
+
+    def get(self, device_id: str) -> CachedState | None:
+        entry = self._entries.get(device_id)
+        if entry is None or entry.expires_at <= self._clock():
+            return None
+        return entry
+
+    def put(self, state: DesiredState) -> CachedState:
+        body = json.dumps(
+            state.model_dump(mode="json"), sort_keys=True, separators=(",", ":")
+        ).encode()
+        entry = CachedState(_etag(body), body, state, self._clock() + self._ttl)
+        with self._lock:
+            self._entries[state.device_id] = entry
+        return entry
+
+    def invalidate(self, device_ids: Iterable[str] | None = None) -> None:
+        """Forget some devices' entries, or every entry when ``device_ids`` is None."""
+        with self._lock:
+            if device_ids is None:
+                self._entries.clear()
+            else:
+                for device_id in device_ids:
+                    self._entries.pop(device_id, None)
+
+
+class CredentialCache:
+    """Device credential hash -> device id, so a cached poll touches no database."""
+
+    def __init__(self, *, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl = ttl_s
+        self._clock = clock
+        self._entries: dict[str, tuple[str, float]] = {}
+
+    def get(self, token_hash: str) -> str | None:
+        hit = self._entries.get(token_hash)
+        if hit is None or hit[1] <= self._clock():
+            return None
+        return hit[0]
+
+    def put(self, token_hash: str, device_id: str) -> None:
+        self._entries[token_hash] = (device_id, self._clock() + self._ttl)
+
+    def clear(self) -> None:
+        self._entries.clear()

@@ -1,0 +1,82 @@
+"""Settings of the control-plane service, read from ``EDGEFLEET_CP__*`` environment variables.
+
+Built once in the entry point (``edgectl serve`` or a test) and passed down; nothing else reads
+the environment. The two secrets have no defaults and refuse placeholder values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "normalize_database_url"]
+
+_PLACEHOLDERS = frozenset(
+    {
+        "changeme",
+        "change-me",
+        "change_me",
+        "secret",
+        "password",
+        "token",
+        "admin",
+        "example",
+        "placeholder",
+        "replace-me",
+        "todo",
+        "xxx",
+        "test",
+    }
+)
+MIN_SECRET_LENGTH = 16
+
+
+def normalize_database_url(url: str) -> str:
+    """Plain ``postgresql://`` URLs use psycopg 3 (the driver this project installs)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EDGEFLEET_CP__", extra="ignore", frozen=True)
+
+    data_dir: Path = Path("edgefleet-data")
+    # Default: a SQLite file under data_dir; PostgreSQL: postgresql+psycopg://user@host/db
+    database_url: str = ""
+    bootstrap_token: SecretStr  # devices present it once to enroll
+    admin_token: SecretStr  # bootstraps the first operator tokens
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    build_workers: int = Field(default=1, ge=1, le=16)
+    max_upload_bytes: int = Field(default=2 * 1024**3, ge=1024)  # bytes, per file
+    # seconds: how stale another replica's cached desired state may get (this one drops it at once)
+    desired_state_cache_ttl_s: float = Field(default=300.0, ge=0)
+    log_level: str = "info"
+
+    @field_validator("bootstrap_token", "admin_token")
+    @classmethod
+    def _not_placeholder(cls, value: SecretStr) -> SecretStr:
+        raw = value.get_secret_value()
+        if raw.strip().lower() in _PLACEHOLDERS:
+            raise ValueError(
+                "is a placeholder; generate one: python -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))'"
+            )
+        if len(raw) < MIN_SECRET_LENGTH:
+            raise ValueError(f"must be at least {MIN_SECRET_LENGTH} characters")
+        return value
+
+    @model_validator(mode="after")
+    def _distinct_secrets(self) -> Settings:
+        if self.bootstrap_token.get_secret_value() == self.admin_token.get_secret_value():
+            raise ValueError("bootstrap_token and admin_token must differ")
+        return self
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return normalize_database_url(self.database_url)
+        return f"sqlite:///{(self.data_dir / 'control-plane.db').resolve()}"
