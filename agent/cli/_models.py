@@ -1,10 +1,211 @@
-"""Placeholder command group; filled in by its subsystem."""
+"""``edge-agent models list|install|activate|rollback``: the model store by hand, offline.
+
+For a technician with a USB stick: install a bundle (directory or .tar/.tar.gz), see what is
+installed and active, point a model at another version (validated against its golden cases
+first), or go back to the previous one. Changes take effect when the agent next starts (or
+immediately if it is not running); the update journal is written so that the agent's boot does
+not undo them. The store is ``agent.store``; this module parses arguments and prints.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent.errors import StoreError
+
+if TYPE_CHECKING:
+    from agent.config import AgentSettings
+    from agent.probation import UpdatePhase
+    from agent.store import ModelStore
+
+__all__ = ["register"]
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
-    """Add this group's commands to ``sub``."""
+    """Add ``models`` and its commands to ``sub``."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--state-dir", type=Path, default=None, help="agent state directory (default: config's)"
+    )
+    common.add_argument("--config", type=Path, default=None, help="agent TOML config file")
+
+    models = sub.add_parser("models", help="the on-device model store (offline)")
+    cmds = models.add_subparsers(dest="models_command", required=True)
+
+    ls = cmds.add_parser("list", parents=[common], help="installed models and versions")
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ls.set_defaults(func=_list)
+
+    inst = cmds.add_parser("install", parents=[common], help="install a bundle (dir or .tar[.gz])")
+    inst.add_argument("bundle", type=Path)
+    inst.add_argument("--activate", action="store_true", help="validate and activate it too")
+    inst.set_defaults(func=_install)
+
+    act = cmds.add_parser("activate", parents=[common], help="make VERSION the active one")
+    act.add_argument("name")
+    act.add_argument("version")
+    act.add_argument(
+        "--no-validate", action="store_true", help="skip loading it and checking golden outputs"
+    )
+    act.set_defaults(func=_activate)
+
+    rb = cmds.add_parser("rollback", parents=[common], help="go back to the previous version")
+    rb.add_argument("name")
+    rb.set_defaults(func=_rollback)
+
+
+def _store(args: argparse.Namespace) -> tuple[ModelStore, AgentSettings]:
+    from agent.config import load_settings
+    from agent.store import ModelStore
+
+    settings = load_settings(args.config)
+    state_dir: Path = args.state_dir or settings.state_dir
+    return ModelStore(state_dir, keep_versions=settings.swap.keep_versions), settings
+
+
+def _journal_manual(
+    state_dir: Path, name: str, phase: UpdatePhase, old: str | None, new: str | None
+) -> None:
+    from agent.probation import UpdateJournal, UpdateRecord
+
+    now = time.time()
+    UpdateJournal(state_dir).save(
+        UpdateRecord(
+            model=name,
+            phase=phase,
+            from_version=old,
+            to_version=new,
+            reason="changed by hand (edge-agent models)",
+            started_at=now,
+            updated_at=now,
+        )
+    )
+
+
+def _validate(store: ModelStore, settings: AgentSettings, name: str, version: str) -> str:
+    """Load ``version`` and check its golden cases, as a swap would; the variant id."""
+    from agent.slots import ModelSlot
+
+    slot = ModelSlot(
+        name, store, swap_config=settings.swap, backend_config=settings.backends, latency_runs=1
+    )
+    try:
+        return slot.start(version).variant_id
+    finally:
+        slot.close()
+
+
+def _list(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from agent.probation import UpdateJournal
+
+    store, _ = _store(args)
+    journal = UpdateJournal(store.root.parent)
+    rows: list[dict[str, Any]] = []
+    for name in store.names():
+        pointer = store.pointer(name)
+        record = journal.load(name)
+        for version in reversed(store.versions(name)):
+            status = "installed"
+            if pointer is not None and version == pointer.version:
+                status = "active"
+            elif pointer is not None and version == pointer.previous:
+                status = "previous"
+            manifest = store.manifest(name, version)
+            installed = store.installed_at(name, version)
+            update = None
+            if record is not None and record.to_version == version:
+                update = record.phase + (f": {record.reason}" if record.reason else "")
+            rows.append(
+                {
+                    "model": name,
+                    "version": version,
+                    "status": status,
+                    "variants": [v.id for v in manifest.variants],
+                    "size_bytes": sum(e.size for e in manifest.all_files()),
+                    "installed_at": installed.isoformat() if installed else None,
+                    "update": update,
+                }
+            )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    console = Console()
+    if not rows:
+        console.print(f"no models installed under {store.root}")
+        return 0
+    table = Table(title=f"models in {store.root}")
+    for column in ("model", "version", "status", "variants", "size", "installed", "update"):
+        table.add_column(column)
+    styles = {"active": "bold green", "previous": "yellow", "installed": ""}
+    for row in rows:
+        table.add_row(
+            row["model"],
+            row["version"],
+            f"[{styles[row['status']]}]{row['status']}[/]"
+            if styles[row["status"]]
+            else "installed",
+            ", ".join(row["variants"]),
+            _size(row["size_bytes"]),
+            (row["installed_at"] or "-")[:19].replace("T", " "),
+            row["update"] or "-",
+        )
+    console.print(table)
+    return 0
+
+
+def _install(args: argparse.Namespace) -> int:
+    store, settings = _store(args)
+    installed = store.install(args.bundle)
+    what = "already installed" if installed.already_present else "installed"
+    print(f"{what}: {installed.name} {installed.version} ({_size(installed.size_bytes)})")
+    if args.activate:
+        return _activate_version(store, settings, installed.name, installed.version, True)
+    return 0
+
+
+def _activate(args: argparse.Namespace) -> int:
+    store, settings = _store(args)
+    return _activate_version(store, settings, args.name, args.version, not args.no_validate)
+
+
+def _activate_version(
+    store: ModelStore, settings: AgentSettings, name: str, version: str, validate: bool
+) -> int:
+    if not store.has(name, version):
+        raise StoreError(f"{name} {version} is not installed (see: edge-agent models list)")
+    store.verify(name, version, deep=True)
+    if validate:
+        variant = _validate(store, settings, name, version)
+        print(f"validated: {name} {version} ({variant}) matches its golden outputs")
+    old = store.active(name)
+    store.activate(name, version)
+    _journal_manual(store.root.parent, name, "committed", old, version)
+    print(f"active: {name} {version} (previous: {old or '-'})")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    store, _ = _store(args)
+    old = store.active(args.name)
+    pointer = store.rollback(args.name)
+    _journal_manual(store.root.parent, args.name, "rolled_back", pointer.version, old)
+    print(f"active: {args.name} {pointer.version} (rolled back from {old})")
+    return 0
+
+
+def _size(n: int) -> str:
+    if n < 1000:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("kB", "MB", "GB"):
+        value /= 1000
+        if value < 1000 or unit == "GB":
+            break
+    return f"{value:.1f} {unit}"

@@ -1,0 +1,852 @@
+"""Model slots: one per served model name, serving one version at a time, and the hot swap.
+
+A ``ModelSlot`` holds the version that serves (a ``LoadedVersion``: a runtime session plus
+in-flight count and live health) and swaps in another from the store:
+
+- **availability-preserving** (both in memory): the new version loads beside the old one with
+  its runtime threads capped (``SwapConfig.loader_threads``) so the hot path keeps its cores,
+  warms up, runs the bundle's golden cases within the variant's tolerance and has its latency
+  measured, all on a loader thread with a raised nice value (``loader_nice``); then a single
+  reference assignment under the slot lock switches. Requests already running finish on the old
+  session, which is closed when the last one leaves. Unless both the hot path
+  (``BackendConfig.intra_op_threads``) and the loader run single-threaded, the vetted session is
+  reloaded with the hot path's thread count and warmed before the switch ("promote"): runtimes
+  fix their thread pools at load time, and pool threads inherit the loader's priority.
+- **resource-preserving** (unload, then load): announced with a ``paused`` event; requests that
+  arrive meanwhile wait (up to ``pause_timeout_s``) instead of failing. If the new version does
+  not come up, the old one is loaded again.
+
+``auto`` picks availability when free memory (``psutil``) covers about twice the variant's files
+plus a reserve. Variant choice is a simple rule (accepted, runtime usable here, pins from
+``BackendConfig``), with a ``chooser`` hook where the measured chooser
+(``agent.backends.choice``) plugs in. ``SlotRegistry`` is the ``agent.serving.ModelRepository``
+the API and the loop use.
+
+It leaves files and the active pointer to ``agent.store`` and the decision to keep or roll back
+a version to ``agent.probation`` / ``agent.activation``.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import ctypes
+import dataclasses
+import functools
+import os
+import platform
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from agent.backends import Artifact, LoadOptions, Session, get_backend, load_first
+from agent.bundle import GoldenSet, golden_sets, synthetic_feeds, validate_outputs
+from agent.config import BackendConfig, SwapConfig
+from agent.contracts.events import EventStep
+from agent.contracts.manifest import BundleManifest, Variant
+from agent.contracts.tensors import TensorSpec
+from agent.errors import (
+    AgentError,
+    BackendError,
+    InferenceError,
+    InputError,
+    ModelError,
+    ModelLoadError,
+    ValidationError,
+)
+from agent.events import EventBus
+from agent.logs import get_logger
+from agent.probation import Health, p99
+from agent.store import ModelStore
+
+__all__ = [
+    "LoadedVersion",
+    "ModelSlot",
+    "SlotRegistry",
+    "SwapReport",
+    "VariantChooser",
+    "eligible_variants",
+    "load_options_from",
+]
+
+log = get_logger(__name__)
+
+Array = np.ndarray[Any, Any]
+Feeds = Mapping[str, Array]
+VariantChooser = Callable[[BundleManifest, Sequence[Variant]], Variant]
+Policy = Literal["availability", "resources"]
+
+_MEMORY_RESERVE = 64 * 1024 * 1024  # bytes kept free beyond the estimate
+_PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
+
+
+def _available_memory() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def load_options_from(config: BackendConfig, cache_dir: Path | None = None) -> LoadOptions:
+    """The hot path's load options from the backend section of the configuration."""
+    return LoadOptions(
+        intra_op_threads=config.intra_op_threads,
+        cache_dir=cache_dir,
+        openvino_hint=config.openvino_hint,
+        openvino_device=config.openvino_device,
+        ort_provider_options=config.ort_provider_options,
+        ort_disable_providers=config.ort_disable_providers,
+        spin_wait=config.spin_wait,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SwapReport:
+    """How one swap went; times in seconds."""
+
+    model: str
+    version: str
+    from_version: str | None
+    variant_id: str
+    backend: str
+    device: str
+    policy: Policy
+    load_s: float
+    warmup_s: float
+    validation_s: float
+    promote_s: float  # reload with the hot path's thread count (0 when not needed)
+    switch_s: float  # time holding the slot lock for the switch
+    pause_s: float  # resource-preserving: how long requests waited
+    latency_p50_s: float
+    latency_p99_s: float
+
+    @property
+    def disk_to_serving_s(self) -> float:
+        return self.load_s + self.warmup_s + self.validation_s + self.promote_s + self.switch_s
+
+
+class LoadedVersion:
+    """One version of a model in a runtime session; an ``agent.serving.ServedModel``.
+
+    Counts requests in flight so that a retired version closes its session only once the last
+    one has finished, and keeps live health (requests, errors, recent latencies).
+    """
+
+    max_batch_size: int = 0
+
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        variant: Variant,
+        session: Session,
+        *,
+        bundle_dir: Path,
+        measured_p99_s: float,
+        clock: Callable[[], float] = time.perf_counter,
+        window: int = 2048,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.variant = variant
+        self.variant_id = variant.id
+        self.backend = session.backend
+        self.device = session.device
+        self.inputs: tuple[TensorSpec, ...] = session.inputs
+        self.outputs: tuple[TensorSpec, ...] = session.outputs
+        self.bundle_dir = bundle_dir
+        self.measured_p99_s = measured_p99_s
+        self._session: Session | None = session
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._inflight = 0
+        self._retired = False
+        self._closed = threading.Event()
+        self._latencies: collections.deque[float] = collections.deque(maxlen=window)
+        self._requests = 0
+        self._errors = 0
+
+    @property
+    def ready(self) -> bool:
+        return not self._closed.is_set() and not self._retired
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def infer(self, feeds: Feeds) -> dict[str, Array]:
+        """Run on this version; ``InferenceError`` once it has been unloaded."""
+        if not self._enter():
+            raise InferenceError(f"{self.name} {self.version} is no longer loaded")
+        try:
+            return self._run(feeds)
+        finally:
+            self._exit()
+
+    def _enter(self) -> bool:
+        with self._lock:
+            if self._closed.is_set():
+                return False
+            self._inflight += 1
+            return True
+
+    def _exit(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+            close = self._retired and self._inflight == 0
+        if close:
+            self._close_session()
+
+    def _run(self, feeds: Feeds) -> dict[str, Array]:
+        session = self._session
+        assert session is not None  # a session is dropped only once nothing is in flight
+        start = self._clock()
+        try:
+            outputs = session.run(feeds)
+        except InputError:
+            raise  # the caller's fault, not the version's
+        except Exception as exc:
+            with self._lock:
+                self._requests += 1
+                self._errors += 1
+            if isinstance(exc, InferenceError):
+                raise
+            raise InferenceError(f"{self.name} {self.version}: run failed: {exc}") from exc
+        self._latencies.append(self._clock() - start)
+        with self._lock:
+            self._requests += 1
+        return outputs
+
+    def retire(self) -> None:
+        """No new requests; the session closes when those in flight are done."""
+        with self._lock:
+            self._retired = True
+            close = self._inflight == 0
+        if close:
+            self._close_session()
+
+    def wait_closed(self, timeout_s: float | None = None) -> bool:
+        return self._closed.wait(timeout_s)
+
+    def _close_session(self) -> None:
+        with self._lock:
+            if self._closed.is_set():
+                return
+            session, self._session = self._session, None
+            self._closed.set()
+        if session is not None:
+            session.close()
+            del session
+            _return_freed_memory()
+        log.info("slot_version_unloaded", model=self.name, version=self.version)
+
+    def health(self) -> Health:
+        with self._lock:
+            requests, errors = self._requests, self._errors
+        return Health(requests=requests, errors=errors, p99_s=p99(list(self._latencies)))
+
+    def latencies(self) -> list[float]:
+        return list(self._latencies)
+
+
+@dataclasses.dataclass
+class _Prepared:
+    session: Session
+    variant: Variant
+    bundle_dir: Path
+    load_s: float = 0.0
+    warmup_s: float = 0.0
+    validation_s: float = 0.0
+    p50_s: float = 0.0
+    p99_s: float = 0.0
+
+
+class ModelSlot:
+    """The served versions of one model name; an ``agent.serving.ServedModel`` that always
+    routes to the version currently serving."""
+
+    max_batch_size: int = 0
+
+    def __init__(
+        self,
+        name: str,
+        store: ModelStore,
+        *,
+        swap_config: SwapConfig | None = None,
+        backend_config: BackendConfig | None = None,
+        load_options: LoadOptions | None = None,
+        bus: EventBus | None = None,
+        chooser: VariantChooser | None = None,
+        available_memory: Callable[[], int] = _available_memory,
+        clock: Callable[[], float] = time.perf_counter,
+        pause_timeout_s: float = 30.0,
+        latency_runs: int = 10,
+        loader_nice: int = 10,
+    ) -> None:
+        self.name = name
+        self.store = store
+        self.swap_config = swap_config or SwapConfig()
+        self.backend_config = backend_config or BackendConfig()
+        self.load_options = load_options or load_options_from(self.backend_config)
+        self._bus = bus
+        self._chooser = chooser
+        self._available_memory = available_memory
+        self._clock = clock
+        self._pause_timeout_s = pause_timeout_s
+        self._latency_runs = latency_runs
+        self._loader_nice = loader_nice
+        self._cond = threading.Condition(threading.Lock())
+        self._current: LoadedVersion | None = None
+        self._retired: list[LoadedVersion] = []
+        self._swap_lock = threading.Lock()
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._usable: dict[str, bool] = {}
+        # ServedModel attributes of the version serving now.
+        self.version = ""
+        self.backend = ""
+        self.inputs: tuple[TensorSpec, ...] = ()
+        self.outputs: tuple[TensorSpec, ...] = ()
+
+    # --- serving -----------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._current is not None
+
+    @property
+    def current(self) -> LoadedVersion | None:
+        return self._current
+
+    def infer(self, feeds: Feeds) -> dict[str, Array]:
+        return self.infer_versioned(feeds)[1]
+
+    def infer_versioned(self, feeds: Feeds) -> tuple[str, dict[str, Array]]:
+        """Run on the version serving now and say which one ran. During a
+        resource-preserving swap this waits for the new version instead of failing."""
+        with self._cond:
+            if self._current is None:
+                self._cond.wait_for(lambda: self._current is not None, self._pause_timeout_s)
+            current = self._current
+            if current is None:
+                raise InferenceError(f"{self.name}: no version is serving")
+            entered = current._enter()  # under the slot lock: a switch cannot slip between
+        assert entered, "the serving version is never closed"
+        try:
+            return current.version, current._run(feeds)
+        finally:
+            current._exit()
+
+    def loaded_versions(self) -> list[str]:
+        with self._cond:
+            self._retired = [v for v in self._retired if not v.closed]
+            found = [v.version for v in self._retired]
+            if self._current is not None:
+                found.append(self._current.version)
+        return list(dict.fromkeys(found))
+
+    def loaded(self, version: str) -> LoadedVersion:
+        with self._cond:
+            for v in [self._current, *self._retired]:
+                if v is not None and v.version == version and not v.closed:
+                    return v
+        raise ModelError(f"version {version} is not loaded", model=self.name)
+
+    def health(self) -> Health:
+        current = self._current
+        return current.health() if current else Health(0, 0, None)
+
+    def baseline_p99(self, min_samples: int = 20) -> float | None:
+        """The serving version's live p99, or its measured p99 when traffic was light."""
+        current = self._current
+        if current is None:
+            return None
+        samples = current.latencies()
+        return p99(samples) if len(samples) >= min_samples else current.measured_p99_s
+
+    # --- variant choice ----------------------------------------------------------------------
+
+    def choose(self, manifest: BundleManifest) -> Variant:
+        candidates, reasons = eligible_variants(
+            manifest, self.backend_config, usable=self._runtime_usable
+        )
+        if not candidates:
+            raise ModelLoadError(
+                f"{manifest.version}: no variant fits this device ({'; '.join(reasons)})",
+                model=self.name,
+            )
+        if self._chooser is not None:
+            return self._chooser(manifest, candidates)
+        return candidates[0]
+
+    def _runtime_usable(self, runtime: str) -> bool:
+        if runtime not in self._usable:
+            try:
+                self._usable[runtime] = get_backend(runtime).probe().usable
+            except BackendError:
+                self._usable[runtime] = False
+        return self._usable[runtime]
+
+    # --- start and swap ----------------------------------------------------------------------
+
+    def start(self, version: str) -> SwapReport:
+        """Load ``version`` when nothing serves yet (boot), with the hot path's options."""
+        return self.swap(version)
+
+    def swap_in_background(
+        self, version: str, *, validate: bool = True, policy: Policy | None = None
+    ) -> concurrent.futures.Future[SwapReport]:
+        """``swap`` on a thread of its own; the future holds the report or the error."""
+        thread_result: concurrent.futures.Future[SwapReport] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                thread_result.set_result(self.swap(version, validate=validate, policy=policy))
+            except BaseException as exc:
+                thread_result.set_exception(exc)
+
+        threading.Thread(target=run, name=f"swap-{self.name}", daemon=True).start()
+        return thread_result
+
+    def _loader(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The thread that loads, warms and validates candidates at a lower CPU priority."""
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix=f"loader-{self.name}",
+                initializer=_lower_thread_priority,
+                initargs=(self._loader_nice,),
+            )
+        return self._executor
+
+    def swap(
+        self, version: str, *, validate: bool = True, policy: Policy | None = None
+    ) -> SwapReport:
+        """Make ``version`` serve. Raises ``ModelError`` (load, validation), ``BundleError``
+        or ``StoreError``; on any failure the version serving before keeps serving."""
+        with self._swap_lock:
+            from_version = self._current.version if self._current else None
+            try:
+                manifest = self.store.verify(self.name, version, deep=False)
+                variant = self.choose(manifest)
+                chosen = policy or self._policy(variant)
+                bundle_dir = self.store.path(self.name, version)
+                golden = golden_sets(bundle_dir, manifest) if validate else []
+                if self._current is None or chosen == "resources":
+                    report = self._swap_in_place(version, variant, bundle_dir, golden, chosen)
+                else:
+                    report = self._swap_beside(version, variant, bundle_dir, golden)
+                report = dataclasses.replace(report, from_version=from_version)
+            except AgentError as exc:
+                log.warning("slot_swap_failed", model=self.name, version=version, reason=str(exc))
+                self._emit("failed", version=version, from_version=from_version, reason=str(exc))
+                raise
+            self._emit(
+                "swapped",
+                version=version,
+                from_version=from_version,
+                variant_id=report.variant_id,
+                policy=report.policy,
+                backend=report.backend,
+                load_s=report.load_s,
+                warmup_s=report.warmup_s,
+                validation_s=report.validation_s,
+                promote_s=report.promote_s,
+                pause_s=report.pause_s,
+            )
+            log.info(
+                "slot_swapped",
+                model=self.name,
+                version=version,
+                from_version=from_version,
+                policy=report.policy,
+                disk_to_serving_s=round(report.disk_to_serving_s, 4),
+            )
+            return report
+
+    def _policy(self, variant: Variant) -> Policy:
+        configured = self.swap_config.policy
+        if configured != "auto":
+            return configured
+        need = 2 * sum(f.size for f in variant.files) + _MEMORY_RESERVE
+        available = self._available_memory()
+        if available >= need:
+            return "availability"
+        log.warning("slot_memory_tight", model=self.name, available=available, needed=need)
+        return "resources"
+
+    def _swap_beside(
+        self, version: str, variant: Variant, bundle_dir: Path, golden: Sequence[GoldenSet]
+    ) -> SwapReport:
+        capped = dataclasses.replace(
+            self.load_options, intra_op_threads=self.swap_config.loader_threads
+        )
+        prepared = (
+            self._loader().submit(self._prepare, version, variant, bundle_dir, golden, capped)
+        ).result()
+        promote_s = 0.0
+        # The candidate serves as is only when it has no runtime thread pool of its own: pool
+        # threads would have inherited the loader thread's lower priority.
+        if not (self.load_options.intra_op_threads == self.swap_config.loader_threads == 1):
+            start = self._clock()
+            try:
+                serving = self._load(variant, bundle_dir, self.load_options)
+                try:
+                    self._warm(serving, golden)
+                except BaseException:
+                    serving.close()
+                    raise
+            finally:
+                prepared.session.close()
+            prepared.session = serving
+            promote_s = self._clock() - start
+        new = self._wrap(version, prepared)
+        switch_s = self._switch(new)
+        return self._report(
+            version,
+            prepared=prepared,
+            new=new,
+            policy="availability",
+            promote_s=promote_s,
+            switch_s=switch_s,
+            pause_s=0.0,
+        )
+
+    def _swap_in_place(
+        self,
+        version: str,
+        variant: Variant,
+        bundle_dir: Path,
+        golden: Sequence[GoldenSet],
+        policy: Policy,
+    ) -> SwapReport:
+        paused_at = self._clock()
+        old = self._unload_current(version)
+        try:
+            prepared = self._prepare(version, variant, bundle_dir, golden, self.load_options)
+        except BaseException:
+            if old is not None:
+                self._restore(old)
+            raise
+        new = self._wrap(version, prepared)
+        switch_s = self._switch(new)
+        pause_s = self._clock() - paused_at if old is not None else 0.0
+        return self._report(
+            version,
+            prepared=prepared,
+            new=new,
+            policy=policy,
+            promote_s=0.0,
+            switch_s=switch_s,
+            pause_s=pause_s,
+        )
+
+    def _unload_current(self, version: str) -> LoadedVersion | None:
+        with self._cond:
+            old, self._current = self._current, None
+        if old is None:
+            return None
+        self._emit(
+            "paused",
+            version=old.version,
+            reason=f"resource-preserving swap to {version}: requests wait until it serves",
+        )
+        log.warning("slot_paused", model=self.name, version=old.version, to_version=version)
+        old.retire()
+        old.wait_closed(self._pause_timeout_s)
+        return old
+
+    def _restore(self, old: LoadedVersion) -> None:
+        try:
+            prepared = self._prepare(
+                old.version, old.variant, old.bundle_dir, [], self.load_options
+            )
+        except AgentError as exc:
+            log.error("slot_restore_failed", model=self.name, version=old.version, reason=str(exc))
+            with self._cond:
+                self._cond.notify_all()
+            return
+        self._switch(self._wrap(old.version, prepared))
+        log.info("slot_restored", model=self.name, version=old.version)
+
+    def _prepare(
+        self,
+        version: str,
+        variant: Variant,
+        bundle_dir: Path,
+        golden: Sequence[GoldenSet],
+        options: LoadOptions,
+    ) -> _Prepared:
+        start = self._clock()
+        session = self._load(variant, bundle_dir, options)
+        prepared = _Prepared(session, variant, bundle_dir, load_s=self._clock() - start)
+        self._emit(
+            "loaded",
+            version=version,
+            variant_id=variant.id,
+            backend=session.backend,
+            device=session.device,
+            load_s=prepared.load_s,
+        )
+        try:
+            start = self._clock()
+            self._warm(session, golden)
+            prepared.warmup_s = self._clock() - start
+            self._emit("warmed", version=version, warmup_s=prepared.warmup_s)
+            if golden:
+                start = self._clock()
+                validate_outputs(
+                    _checked_run(session, self.name), golden, variant.tolerance, model=self.name
+                )
+                prepared.validation_s = self._clock() - start
+                self._emit(
+                    "validated",
+                    version=version,
+                    cases=len(golden),
+                    validation_s=prepared.validation_s,
+                )
+            feeds = golden[0].inputs if golden else synthetic_feeds(session.inputs)
+            samples = []
+            for _ in range(self._latency_runs):
+                start = self._clock()
+                session.run(feeds)
+                samples.append(self._clock() - start)
+            prepared.p50_s = float(np.median(samples)) if samples else 0.0
+            prepared.p99_s = p99(samples) or 0.0
+        except BaseException as exc:
+            session.close()
+            if isinstance(exc, InferenceError):
+                raise ValidationError(f"{version}: {exc}", model=self.name) from exc
+            raise
+        return prepared
+
+    def _load(self, variant: Variant, bundle_dir: Path, options: LoadOptions) -> Session:
+        entry = variant.file(variant.entrypoint)
+        artifact = Artifact(
+            bundle_dir / variant.entrypoint,
+            format=variant.format,
+            precision=variant.precision,
+            name=self.name,
+            digest=entry.sha256,
+        )
+        try:
+            return load_first(artifact, options, order=(variant.runtime,))
+        except BackendError as exc:
+            raise ModelLoadError(f"variant {variant.id}: {exc}", model=self.name) from exc
+
+    def _warm(self, session: Session, golden: Sequence[GoldenSet]) -> None:
+        feeds_list = [g.inputs for g in golden] or [synthetic_feeds(session.inputs)]
+        for i in range(self.swap_config.warmup_runs):
+            session.run(feeds_list[i % len(feeds_list)])
+
+    def _wrap(self, version: str, prepared: _Prepared) -> LoadedVersion:
+        return LoadedVersion(
+            self.name,
+            version,
+            prepared.variant,
+            prepared.session,
+            bundle_dir=prepared.bundle_dir,
+            measured_p99_s=prepared.p99_s,
+            clock=self._clock,
+        )
+
+    def _switch(self, new: LoadedVersion) -> float:
+        start = self._clock()
+        with self._cond:
+            old, self._current = self._current, new
+            self.version, self.backend = new.version, new.backend
+            self.inputs, self.outputs = new.inputs, new.outputs
+            self._retired = [v for v in self._retired if not v.closed]
+            if old is not None:
+                self._retired.append(old)
+            self._cond.notify_all()
+        held = self._clock() - start
+        if old is not None:
+            old.retire()  # closes now, or when its last request finishes
+        return held
+
+    def _report(
+        self,
+        version: str,
+        *,
+        prepared: _Prepared,
+        new: LoadedVersion,
+        policy: Policy,
+        promote_s: float,
+        switch_s: float,
+        pause_s: float,
+    ) -> SwapReport:
+        return SwapReport(
+            model=self.name,
+            version=version,
+            from_version=None,  # filled in by swap()
+            variant_id=prepared.variant.id,
+            backend=new.backend,
+            device=new.device,
+            policy=policy,
+            load_s=prepared.load_s,
+            warmup_s=prepared.warmup_s,
+            validation_s=prepared.validation_s,
+            promote_s=promote_s,
+            switch_s=switch_s,
+            pause_s=pause_s,
+            latency_p50_s=prepared.p50_s,
+            latency_p99_s=prepared.p99_s,
+        )
+
+    def close(self) -> None:
+        """Stop serving and unload (requests in flight finish first)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        with self._cond:
+            current, self._current = self._current, None
+            retired, self._retired = self._retired, []
+            self.version = ""
+        for v in [*retired, *([current] if current else [])]:
+            v.retire()
+
+    def _emit(self, step: EventStep, *, version: str | None = None, **fields: Any) -> None:
+        if self._bus is not None:
+            self._bus.emit(step, model=self.name, version=version, **fields)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+    return trim
+
+
+def _return_freed_memory() -> None:
+    """Give the pages of an unloaded session back to the OS. glibc keeps freed memory in its
+    arenas (one per thread that allocated), so without this RSS creeps up with every swap."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _lower_thread_priority(nice: int) -> None:
+    """Raise this thread's nice value (Linux: per thread) so the hot path wins the CPU while a
+    candidate loads, warms up and validates. Needs no privilege; failure only costs latency."""
+    if nice <= 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (OSError, AttributeError) as exc:
+        log.warning("loader_priority_unchanged", reason=str(exc))
+
+
+def _checked_run(session: Session, model: str) -> Callable[[Feeds], Mapping[str, Array]]:
+    def run(feeds: Feeds) -> Mapping[str, Array]:
+        try:
+            return session.run(feeds)
+        except InferenceError as exc:
+            raise ValidationError(f"golden input failed to run: {exc}", model=model) from exc
+
+    return run
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:  # noqa: PTH123 - Linux only
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def eligible_variants(
+    manifest: BundleManifest,
+    config: BackendConfig,
+    *,
+    usable: Callable[[str], bool],
+    machine: str | None = None,
+    cpu_flags: Iterable[str] | None = None,
+) -> tuple[list[Variant], list[str]]:
+    """Variants this device can run, best first by the simple rule (backend order from the
+    configuration, then fp32 before fp16 before int8), and why each other one was left out."""
+    arch = machine or platform.machine()
+    flags = set(cpu_flags) if cpu_flags is not None else None
+    order = list(config.order)
+    chosen: list[Variant] = []
+    reasons: list[str] = []
+    for variant in manifest.variants:
+        why: str | None = None
+        if variant.status != "accepted":
+            why = "rejected at build"
+        elif config.pin_backend and variant.runtime != config.pin_backend:
+            why = f"backend pinned to {config.pin_backend}"
+        elif config.pin_precision and variant.precision != config.pin_precision:
+            why = f"precision pinned to {config.pin_precision}"
+        elif variant.target.arch and arch not in variant.target.arch:
+            why = f"built for {','.join(variant.target.arch)}, this is {arch}"
+        elif variant.target.accelerator != "cpu" and variant.runtime == "onnxruntime":
+            why = f"needs {variant.target.accelerator}"  # GPU variants go through the chooser
+        elif variant.target.cpu_flags:
+            have = flags if flags is not None else _cpu_flags()
+            missing = [f for f in variant.target.cpu_flags if f not in have]
+            if missing:
+                why = f"CPU lacks {','.join(missing)}"
+        if why is None and not usable(variant.runtime):
+            why = f"{variant.runtime} is not usable here"
+        if why is None:
+            chosen.append(variant)
+        else:
+            reasons.append(f"{variant.id}: {why}")
+    chosen.sort(
+        key=lambda v: (
+            order.index(v.runtime) if v.runtime in order else len(order),
+            _PRECISION_ORDER[v.precision],
+        )
+    )
+    return chosen, reasons
+
+
+class SlotRegistry:
+    """The served models by name: the ``agent.serving.ModelRepository`` of the agent."""
+
+    def __init__(self, slots: Iterable[ModelSlot] = ()) -> None:
+        self._slots: dict[str, ModelSlot] = {s.name: s for s in slots}
+        self._lock = threading.Lock()
+
+    def add(self, slot: ModelSlot) -> None:
+        with self._lock:
+            self._slots[slot.name] = slot
+
+    def slot(self, name: str) -> ModelSlot:
+        try:
+            return self._slots[name]
+        except KeyError as exc:
+            raise ModelError("unknown model", model=name) from exc
+
+    def names(self) -> Sequence[str]:
+        return sorted(self._slots)
+
+    def versions(self, name: str) -> Sequence[str]:
+        return self.slot(name).loaded_versions()
+
+    def get(self, name: str, version: str | None = None) -> ModelSlot | LoadedVersion:
+        slot = self.slot(name)
+        if version is None or version == slot.version:
+            return slot
+        return slot.loaded(version)
+
+    def close(self) -> None:
+        for slot in list(self._slots.values()):
+            slot.close()
+
+
+if TYPE_CHECKING:  # both sides of agent.serving's protocols, checked by mypy
+    from agent.serving import ModelRepository, ServedModel
+
+    def _conforms(registry: SlotRegistry, slot: ModelSlot, loaded: LoadedVersion) -> None:
+        _repository: ModelRepository = registry
+        _slot: ServedModel = slot
+        _loaded: ServedModel = loaded

@@ -1,0 +1,233 @@
+"""Hot swap figures for the PP-OCR text detector on ONNX Runtime and on OpenVINO, side by side.
+
+- p99 latency of a fixed-rate hot loop during swap windows / steady-state p99 (goal <= 1.2),
+  with dropped and failed requests counted (goal 0);
+- time from "new version on disk" to "serving it", split into load, warm-up, validation,
+  promote (reload with the hot path's thread count; 0 here) and switch;
+- RSS after 50 swap cycles / RSS after the first (goal <= 1.05); a cycle is one swap, v1 and v2
+  alternating.
+
+Input 1x3x320x320 (640 makes each round several times longer on a 2-core box). The hot path runs
+with 1 intra-op thread and the loader with 1 (``SwapConfig.loader_threads``), so on 2 cores each
+has its own. Rounds interleave the backends: steady window, then swap window, per backend per
+round. Run: ``.venv/bin/python bench/bench_swap.py [--rounds N] [--cycles N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from agent.backends import LoadOptions, get_backend
+from agent.bundle import VariantSpec, build_bundle
+from agent.config import BackendConfig, SwapConfig
+from agent.logs import configure_logging
+from agent.probation import p99
+from agent.samples import ppocr_detector
+from agent.slots import ModelSlot, SwapReport
+from agent.store import ModelStore
+
+SHAPE = (1, 3, 320, 320)
+RATE_HZ = 12.0
+
+
+class HotLoop:
+    """A fixed-rate inference loop on a slot (catch-up, never skips), recording latencies."""
+
+    def __init__(self, slot: ModelSlot, feeds: dict[str, np.ndarray[Any, Any]]) -> None:
+        self.slot, self.feeds = slot, feeds
+        self.latencies: list[tuple[float, float]] = []  # (start time, latency)
+        self.attempts = 0
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        period, due = 1.0 / RATE_HZ, time.perf_counter()
+        while not self._stop.is_set():
+            self.attempts += 1
+            start = time.perf_counter()
+            try:
+                self.slot.infer(self.feeds)
+                self.latencies.append((start, time.perf_counter() - start))
+            except Exception:
+                self.failures += 1
+            due += period
+            time.sleep(max(0.0, due - time.perf_counter()))
+
+    def __enter__(self) -> HotLoop:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def make_store(
+    root: Path, model: Path, runtimes: list[str], feeds: dict[str, np.ndarray[Any, Any]]
+) -> ModelStore:
+    store = ModelStore(root / "state", keep_versions=3)
+    for version in ("1.0.0", "1.0.1"):
+        out = root / f"bundle-{version}"
+        build_bundle(
+            out,
+            "ppocr-det",
+            version,
+            [VariantSpec(model, runtime=rt) for rt in runtimes],  # type: ignore[arg-type]
+            golden_inputs=[feeds],
+        )
+        store.install(out)
+    store.activate("ppocr-det", "1.0.0")
+    return store
+
+
+def text_image(shape: tuple[int, ...], seed: int = 0) -> np.ndarray[Any, Any]:
+    """Dark word-like strokes on a light page, normalized as PP-OCR expects. Random noise is no
+    golden input for a detector: its sigmoid outputs sit near 1e-9, where FP32 runtimes differ
+    relatively by far more than any tolerance."""
+    rng = np.random.default_rng(seed)
+    h, w = shape[2], shape[3]
+    img = np.full((h, w, 3), 235, np.float32)
+    for row in range(h // 10, h - 20, 40):
+        x0 = 20
+        while x0 < w - 30:
+            width = int(rng.integers(4, 14))
+            img[row : row + 18, x0 : x0 + width] = 20
+            x0 += width + int(rng.integers(3, 9))
+    mean = np.array([0.485, 0.456, 0.406], np.float32)
+    std = np.array([0.229, 0.224, 0.225], np.float32)
+    out: np.ndarray[Any, Any] = ((img / 255 - mean) / std).transpose(2, 0, 1)[None]
+    return out.astype(np.float32)
+
+
+def rss() -> int:
+    return int(psutil.Process().memory_info().rss)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steady-s", type=float, default=2.0)
+    parser.add_argument("--cycles", type=int, default=50)
+    parser.add_argument("--verbose", action="store_true", help="where the slow requests fell")
+    parser.add_argument("--model", type=Path, default=None, help="PP-OCR detector ONNX file")
+    args = parser.parse_args()
+    configure_logging("error")
+
+    runtimes = [rt for rt in ("onnxruntime", "openvino") if get_backend(rt).probe().usable]
+    missing = {"onnxruntime", "openvino"} - set(runtimes)
+    feeds = {"x": text_image(SHAPE)}
+    tmp = tempfile.TemporaryDirectory(prefix="bench-swap-")
+    model = args.model or ppocr_detector()
+    store = make_store(Path(tmp.name), model, runtimes, feeds)
+    slots = {
+        rt: ModelSlot(
+            "ppocr-det",
+            store,
+            swap_config=SwapConfig(loader_threads=1, warmup_runs=5, policy="availability"),
+            backend_config=BackendConfig(pin_backend=rt),  # type: ignore[arg-type]
+            load_options=LoadOptions(intra_op_threads=1),
+            latency_runs=3,
+        )
+        for rt in runtimes
+    }
+    for slot in slots.values():
+        slot.start("1.0.0")
+
+    steady: dict[str, list[float]] = {rt: [] for rt in runtimes}
+    window: dict[str, list[float]] = {rt: [] for rt in runtimes}
+    reports: dict[str, list[SwapReport]] = {rt: [] for rt in runtimes}
+    failed = dict.fromkeys(runtimes, 0)
+    where: dict[str, list[tuple[float, float, float]]] = {rt: [] for rt in runtimes}
+    dropped = dict.fromkeys(runtimes, 0)
+    for r in range(args.rounds):
+        for rt in runtimes:
+            slot = slots[rt]
+            with HotLoop(slot, feeds) as loop:
+                time.sleep(args.steady_s)
+                swap_start = time.perf_counter()
+                reports[rt].append(slot.swap("1.0.1" if r % 2 == 0 else "1.0.0"))
+                swap_end = time.perf_counter()
+                time.sleep(0.2)  # the retired session drains and closes inside the window
+            for start, latency in loop.latencies:
+                end = start + latency
+                in_window = end >= swap_start and start <= swap_end + 0.2
+                (window if in_window else steady)[rt].append(latency)
+                if in_window:
+                    where[rt].append((latency, start - swap_start, swap_end - swap_start))
+            failed[rt] += loop.failures
+            dropped[rt] += loop.attempts - len(loop.latencies) - loop.failures
+
+    memory: dict[str, tuple[int, int]] = {}
+    for rt in runtimes:
+        slot = slots[rt]
+        version = slot.version
+        first = 0
+        for cycle in range(1, args.cycles + 1):
+            version = "1.0.1" if version == "1.0.0" else "1.0.0"
+            slot.swap(version)
+            if cycle == 1:
+                first = rss()
+        memory[rt] = (first, rss())
+
+    print(
+        f"PP-OCR detector {'x'.join(map(str, SHAPE))}, hot loop {RATE_HZ:g} Hz, 1 thread; "
+        f"loader 1 thread; {args.rounds} rounds interleaved; {psutil.cpu_count()} CPUs"
+    )
+    header = f"{'':34}" + "".join(f"{rt:>14}" for rt in runtimes)
+    print(header)
+
+    def row(label: str, values: list[str]) -> None:
+        print(f"{label:34}" + "".join(f"{v:>14}" for v in values))
+
+    def ms(x: float | None) -> str:
+        return "-" if x is None else f"{x * 1e3:.1f}"
+
+    row("steady p99 (ms)", [ms(p99(steady[rt])) for rt in runtimes])
+    row("swap-window p99 (ms)", [ms(p99(window[rt])) for rt in runtimes])
+    row(
+        "swap-window / steady p99 (<=1.2)",
+        [f"{(p99(window[rt]) or 0) / (p99(steady[rt]) or 1):.2f}" for rt in runtimes],
+    )
+    row("samples steady / window", [f"{len(steady[rt])}/{len(window[rt])}" for rt in runtimes])
+    row("dropped / failed (0)", [f"{dropped[rt]}/{failed[rt]}" for rt in runtimes])
+    for field in ("load_s", "warmup_s", "validation_s", "promote_s", "switch_s"):
+        row(
+            f"disk->serving: {field[:-2]} (ms, median)",
+            [ms(float(np.median([getattr(x, field) for x in reports[rt]]))) for rt in runtimes],
+        )
+    row(
+        "disk->serving: total (ms, median)",
+        [ms(float(np.median([x.disk_to_serving_s for x in reports[rt]]))) for rt in runtimes],
+    )
+    row(
+        f"RSS after 1 / {args.cycles} cycles (MB)",
+        [f"{memory[rt][0] / 1e6:.0f}/{memory[rt][1] / 1e6:.0f}" for rt in runtimes],
+    )
+    row(
+        f"RSS {args.cycles} / 1 (<=1.05)",
+        [f"{memory[rt][1] / memory[rt][0]:.3f}" for rt in runtimes],
+    )
+    if args.verbose:
+        for rt in runtimes:
+            worst = sorted(where[rt], reverse=True)[:6]
+            print(rt, "slowest in windows (ms, started at ms after swap start, swap took ms):")
+            print("   ", [(round(a * 1e3), round(b * 1e3), round(c * 1e3)) for a, b, c in worst])
+    if missing:
+        print(f"not measured (runtime not usable here): {', '.join(sorted(missing))}")
+    for slot in slots.values():
+        slot.close()
+    tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

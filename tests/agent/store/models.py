@@ -1,0 +1,123 @@
+"""Variants of the real digits CNN for store and swap tests, written with onnx.helper.
+
+- ``shifted``: the same network with ``delta`` added to every logit, so a result names its version;
+- ``slower``: the same outputs plus an input-dependent heavy branch multiplied by zero;
+- ``erroring``: fails at run time (Gather out of range) when an input pixel reaches 0.8, which
+  the digits images do, but not on golden inputs scaled below that.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from agent.bundle import VariantSpec, build_bundle
+from agent.contracts.manifest import BundleManifest
+
+
+def _load(src: Path) -> onnx.ModelProto:
+    return onnx.load(str(src))
+
+
+def _save(model: onnx.ModelProto, dest: Path) -> Path:
+    onnx.checker.check_model(model)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dest))
+    return dest
+
+
+def shifted(src: Path, dest: Path, delta: float) -> Path:
+    model = _load(src)
+    for i, init in enumerate(model.graph.initializer):
+        if init.name == "fc_b":
+            bias = numpy_helper.to_array(init) + np.float32(delta)
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(bias, "fc_b"))
+    return _save(model, dest)
+
+
+def _rename_output(model: onnx.ModelProto) -> None:
+    """Make the Gemm write ``logits_raw`` so a new node can produce ``logits``."""
+    for node in model.graph.node:
+        for j, out in enumerate(node.output):
+            if out == "logits":
+                node.output[j] = "logits_raw"
+
+
+def slower(src: Path, dest: Path, *, tile: int = 32, channels: int = 48) -> Path:
+    model = _load(src)
+    _rename_output(model)
+    g = model.graph
+    rng = np.random.default_rng(1)
+    g.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([1, 1, tile, tile], np.int64), "slow_reps"),
+            numpy_helper.from_array(
+                rng.normal(0, 0.1, (channels, 1, 3, 3)).astype(np.float32), "slow_w"
+            ),
+            numpy_helper.from_array(np.array([0, 1], np.int64), "slow_shape"),
+            numpy_helper.from_array(np.array(0.0, np.float32), "slow_zero"),
+        ]
+    )
+    g.node.extend(
+        [
+            helper.make_node("Tile", ["input", "slow_reps"], ["slow_big"]),
+            helper.make_node("Conv", ["slow_big", "slow_w"], ["slow_c"], pads=[1, 1, 1, 1]),
+            helper.make_node("ReduceMean", ["slow_c"], ["slow_m"], keepdims=1),
+            helper.make_node("Reshape", ["slow_m", "slow_shape"], ["slow_r"]),
+            helper.make_node("Mul", ["slow_r", "slow_zero"], ["slow_z"]),
+            helper.make_node("Add", ["logits_raw", "slow_z"], ["logits"]),
+        ]
+    )
+    return _save(model, dest)
+
+
+def erroring(src: Path, dest: Path) -> Path:
+    model = _load(src)
+    _rename_output(model)
+    g = model.graph
+    g.initializer.extend(
+        [
+            numpy_helper.from_array(np.zeros(16, np.float32), "err_table"),
+            numpy_helper.from_array(np.array(20.0, np.float32), "err_scale"),
+        ]
+    )
+    g.node.extend(
+        [
+            helper.make_node("ReduceMax", ["input"], ["err_max"], keepdims=0),
+            helper.make_node("Mul", ["err_max", "err_scale"], ["err_scaled"]),
+            helper.make_node("Floor", ["err_scaled"], ["err_floor"]),
+            helper.make_node("Cast", ["err_floor"], ["err_idx"], to=TensorProto.INT64),
+            helper.make_node("Gather", ["err_table", "err_idx"], ["err_pick"]),
+            helper.make_node("Add", ["logits_raw", "err_pick"], ["logits"]),
+        ]
+    )
+    return _save(model, dest)
+
+
+def make_bundle(
+    out_dir: Path,
+    version: str,
+    model_path: Path,
+    golden: np.ndarray,
+    *,
+    name: str = "digits",
+    blob_bytes: int = 0,
+    reference_model: Path | None = None,
+) -> BundleManifest:
+    """A one-variant bundle; ``blob_bytes`` adds a companion file so installs take a while."""
+    extra: tuple[Path, ...] = ()
+    if blob_bytes:
+        blob = out_dir.parent / f".{out_dir.name}-weights.bin"
+        blob.write_bytes(np.random.default_rng(7).bytes(blob_bytes))
+        extra = (blob,)
+    return build_bundle(
+        out_dir,
+        name,
+        version,
+        [VariantSpec(model_path, extra_files=extra)],
+        golden_inputs=[{"input": golden}],
+        reference_model=reference_model,
+    )

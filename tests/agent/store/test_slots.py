@@ -1,0 +1,316 @@
+"""Model slots: the hot swap under load, draining, both swap policies, variant choice."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.backends import LoadOptions
+from agent.config import BackendConfig, SwapConfig
+from agent.contracts.events import UpdateEvent
+from agent.contracts.manifest import BundleManifest, TargetConstraints, Variant
+from agent.errors import InferenceError, ModelError, ModelLoadError
+from agent.events import EventBus
+from agent.samples import DigitsData
+from agent.slots import ModelSlot, SlotRegistry, eligible_variants
+from agent.store import ModelStore
+from tests.agent.store import models
+from tests.agent.store.conftest import expected_logits
+
+SOAK = os.environ.get("EDGEFLEET_SOAK") == "1"
+
+
+@pytest.fixture
+def two_versions(store: ModelStore, bundles: dict[str, Path]) -> ModelStore:
+    for v in ("1.0.0", "2.0.0"):
+        store.install(bundles[v])
+    store.activate("digits", "1.0.0")
+    return store
+
+
+def _swaps_under_load(
+    slot: ModelSlot, swaps: int, xs: np.ndarray, expected: dict[str, np.ndarray], rate_hz: float
+) -> tuple[list[tuple[int, str, np.ndarray]], list[BaseException], int]:
+    results: list[tuple[int, str, np.ndarray]] = []
+    failures: list[BaseException] = []
+    attempts = 0
+    stop = threading.Event()
+
+    def loop() -> None:
+        nonlocal attempts
+        period, due, i = 1.0 / rate_hz, time.perf_counter(), 0
+        while not stop.is_set():
+            attempts += 1
+            try:
+                version, out = slot.infer_versioned({"input": xs[i % len(xs)][None]})
+                results.append((i, version, out["logits"][0]))
+            except BaseException as exc:
+                failures.append(exc)
+            i += 1
+            due += period
+            time.sleep(max(0.0, due - time.perf_counter()))
+
+    worker = threading.Thread(target=loop)
+    worker.start()
+    try:
+        for k in range(swaps):
+            time.sleep(0.03)
+            slot.swap("2.0.0" if k % 2 == 0 else "1.0.0")
+        time.sleep(0.03)
+    finally:
+        stop.set()
+        worker.join()
+    return results, failures, attempts
+
+
+def _check_attribution(
+    results: list[tuple[int, str, np.ndarray]], xs: np.ndarray, expected: dict[str, np.ndarray]
+) -> set[str]:
+    seen = set()
+    for i, version, logits in results:
+        matching = [
+            v for v, ref in expected.items() if np.allclose(logits, ref[i % len(xs)], atol=1e-4)
+        ]
+        assert matching == [version], f"request {i} tagged {version} matches {matching}"
+        seen.add(version)
+    return seen
+
+
+SOAK_SKIP = pytest.mark.skipif(not SOAK, reason="soak form: set EDGEFLEET_SOAK=1")
+
+
+@pytest.mark.parametrize(
+    "swaps",
+    [
+        pytest.param(20, id="20-swaps"),
+        pytest.param(200, id="soak", marks=[pytest.mark.slow, SOAK_SKIP]),
+    ],
+)
+@pytest.mark.parametrize("policy", ["availability", "resources"])
+def test_swap_under_load_at_100hz(
+    store: ModelStore,
+    two_versions: ModelStore,
+    model_files: dict[str, Path],
+    digits: DigitsData,
+    events: list[UpdateEvent],
+    bus: EventBus,
+    swaps: int,
+    policy: str,
+) -> None:
+    xs = digits.x_test[:16]
+    expected = {v: expected_logits(model_files[v], xs) for v in ("1.0.0", "2.0.0")}
+    slot = ModelSlot(
+        "digits",
+        store,
+        bus=bus,
+        latency_runs=2,
+        swap_config=SwapConfig(policy=policy, warmup_runs=2),  # type: ignore[arg-type]
+    )
+    try:
+        slot.start("1.0.0")
+        results, failures, attempts = _swaps_under_load(slot, swaps, xs, expected, rate_hz=100)
+        assert failures == []
+        assert len(results) == attempts  # nothing dropped: every request got an answer
+        assert _check_attribution(results, xs, expected) == {"1.0.0", "2.0.0"}
+        assert [e.step for e in events].count("swapped") == swaps + 1
+        if policy == "resources":
+            assert [e.step for e in events].count("paused") == swaps
+        assert slot.loaded_versions() == [slot.version]  # every old session was released
+    finally:
+        slot.close()
+
+
+def test_request_in_flight_finishes_on_the_old_session(
+    store: ModelStore,
+    two_versions: ModelStore,
+    slot: ModelSlot,
+    digits: DigitsData,
+    model_files: dict[str, Path],
+) -> None:
+    slot.start("1.0.0")
+    old = slot.current
+    assert old is not None
+    assert old._enter()  # a request has been accepted on 1.0.0 and is still running
+    slot.swap("2.0.0")
+    assert slot.version == "2.0.0"
+    assert not old.closed
+    assert slot.loaded_versions() == ["1.0.0", "2.0.0"]
+    x = digits.x_test[:2]
+    np.testing.assert_allclose(
+        old._run({"input": x})["logits"], expected_logits(model_files["1.0.0"], x), rtol=1e-5
+    )
+    old._exit()  # the last request leaves: the old session closes
+    assert old.closed
+    assert slot.loaded_versions() == ["2.0.0"]
+    with pytest.raises(InferenceError, match="no longer loaded"):
+        old.infer({"input": x})
+
+
+def test_swap_reports_steps_and_times(
+    store: ModelStore, two_versions: ModelStore, slot: ModelSlot, events: list[UpdateEvent]
+) -> None:
+    slot.start("1.0.0")
+    events.clear()
+    report = slot.swap("2.0.0")
+    assert (report.version, report.from_version, report.policy) == (
+        "2.0.0",
+        "1.0.0",
+        "availability",
+    )
+    assert report.load_s > 0
+    assert report.warmup_s > 0
+    assert report.validation_s > 0
+    assert report.promote_s > 0  # the hot path runs with another thread count than the loader
+    assert [e.step for e in events] == ["loaded", "warmed", "validated", "swapped"]
+    assert events[-1].from_version == "1.0.0"
+    assert events[-1].details["policy"] == "availability"
+
+
+def test_no_promote_when_the_hot_path_uses_the_loader_thread_count(
+    store: ModelStore, two_versions: ModelStore
+) -> None:
+    slot = ModelSlot(
+        "digits",
+        store,
+        swap_config=SwapConfig(loader_threads=1),
+        load_options=LoadOptions(intra_op_threads=1),
+    )
+    try:
+        slot.start("1.0.0")
+        assert slot.swap("2.0.0").promote_s == 0.0
+    finally:
+        slot.close()
+
+
+@pytest.mark.parametrize(("available", "policy"), [(1 << 40, "availability"), (0, "resources")])
+def test_auto_policy_follows_free_memory(
+    store: ModelStore, two_versions: ModelStore, available: int, policy: str
+) -> None:
+    slot = ModelSlot("digits", store, available_memory=lambda: available)
+    try:
+        slot.start("1.0.0")
+        assert slot.swap("2.0.0").policy == policy
+    finally:
+        slot.close()
+
+
+def test_failed_resource_preserving_swap_brings_the_old_version_back(
+    store: ModelStore,
+    two_versions: ModelStore,
+    model_files: dict[str, Path],
+    tmp_path: Path,
+    golden_x: np.ndarray,
+    events: list[UpdateEvent],
+    bus: EventBus,
+) -> None:
+    models.make_bundle(
+        tmp_path / "b",
+        "3.0.0",
+        model_files["corrupt"],
+        golden_x,
+        reference_model=model_files["3.0.0"],
+    )
+    store.install(tmp_path / "b")
+    slot = ModelSlot("digits", store, bus=bus, swap_config=SwapConfig(policy="resources"))
+    try:
+        slot.start("1.0.0")
+        with pytest.raises(ModelLoadError):
+            slot.swap("3.0.0")
+        assert slot.infer_versioned({"input": golden_x})[0] == "1.0.0"
+        assert "paused" in [e.step for e in events]
+        assert events[-1].step == "failed"
+    finally:
+        slot.close()
+
+
+def test_requests_wait_during_a_pause_and_time_out_with_a_reason(
+    store: ModelStore, two_versions: ModelStore, golden_x: np.ndarray
+) -> None:
+    slot = ModelSlot("digits", store, pause_timeout_s=0.05)
+    with pytest.raises(InferenceError, match="no version is serving"):
+        slot.infer({"input": golden_x})
+    got: list[str] = []
+    waiter = threading.Thread(
+        target=lambda: got.append(slot.infer_versioned({"input": golden_x})[0])
+    )
+    slot._pause_timeout_s = 30.0
+    waiter.start()
+    slot.start("1.0.0")
+    waiter.join()
+    assert got == ["1.0.0"]
+    slot.close()
+
+
+def _variant(vid: str, runtime: str, precision: str, **target: object) -> Variant:
+    return Variant.model_validate(
+        {
+            "id": vid,
+            "runtime": runtime,
+            "format": "onnx",
+            "precision": precision,
+            "entrypoint": "m.onnx",
+            "files": [{"path": "m.onnx", "sha256": "0" * 64, "size": 1}],
+            "inputs": [],
+            "outputs": [],
+            "target": TargetConstraints.model_validate(target),
+        }
+    )
+
+
+def test_variant_rule_and_chooser_hook(store: ModelStore, bundles: dict[str, Path]) -> None:
+    manifest = BundleManifest(
+        name="m",
+        version="1.0.0",
+        variants=(
+            _variant("ov-int8", "openvino", "int8"),
+            _variant("ort-int8", "onnxruntime", "int8"),
+            _variant("ort-fp32", "onnxruntime", "fp32"),
+            _variant("arm", "onnxruntime", "fp32", arch=("aarch64",)),
+            _variant("vnni", "onnxruntime", "int8", cpu_flags=("avx512_vnni",)),
+            _variant("trt", "tensorrt", "fp16"),
+        ),
+    )
+    usable = {"onnxruntime": True, "openvino": True, "tensorrt": False}.__getitem__
+    order = BackendConfig(order=("onnxruntime", "openvino"))
+    chosen, reasons = eligible_variants(
+        manifest, order, usable=usable, machine="x86_64", cpu_flags=()
+    )
+    assert [v.id for v in chosen] == ["ort-fp32", "ort-int8", "ov-int8"]
+    assert any("arm: built for aarch64" in r for r in reasons)
+    assert any("vnni: CPU lacks avx512_vnni" in r for r in reasons)
+    assert any("trt: tensorrt is not usable here" in r for r in reasons)
+    pinned = BackendConfig(pin_precision="int8", pin_backend="openvino")
+    assert [
+        v.id for v in eligible_variants(manifest, pinned, usable=usable, machine="x86_64")[0]
+    ] == ["ov-int8"]
+    slot = ModelSlot("m", store, chooser=lambda _m, candidates: candidates[-1])
+    slot._usable = {"onnxruntime": True, "openvino": True, "tensorrt": False}
+    assert slot.choose(manifest).id == "ov-int8"  # the hook picks, here the last candidate
+    none_fit = ModelSlot("m", store, backend_config=BackendConfig(pin_backend="tensorrt"))
+    none_fit._usable = {"tensorrt": False}
+    with pytest.raises(ModelLoadError, match="no variant fits this device"):
+        none_fit.choose(manifest)
+
+
+def test_registry_is_the_model_repository(
+    store: ModelStore, two_versions: ModelStore, slot: ModelSlot, golden_x: np.ndarray
+) -> None:
+    registry = SlotRegistry([slot])
+    slot.start("1.0.0")
+    assert registry.names() == ["digits"]
+    assert registry.versions("digits") == ["1.0.0"]
+    served = registry.get("digits")
+    assert served.ready
+    assert served.version == "1.0.0"
+    assert served.inputs[0].name == "input"
+    assert registry.get("digits", "1.0.0") is slot
+    with pytest.raises(ModelError, match="unknown model"):
+        registry.get("nope")
+    with pytest.raises(ModelError, match=r"version 9\.0\.0 is not loaded"):
+        registry.get("digits", "9.0.0")
+    assert served.infer({"input": golden_x})["logits"].shape == (4, 10)
