@@ -8,6 +8,7 @@ graph (Identity per protocol datatype) that covers every datatype including BYTE
 
 from __future__ import annotations
 
+import gc
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -231,3 +232,12 @@ def http_url(api: ApiServer) -> str:
 @pytest.fixture(scope="session")
 def grpc_url(api: ApiServer) -> str:
     return f"127.0.0.1:{api.grpc_port}"
+
+
+@pytest.fixture(autouse=True)
+def _finalize_clients_here() -> Iterator[None]:
+    """tritonclient's HTTP client closes its gevent pool again in ``__del__``, which raises when
+    the garbage collector happens to run on another thread (a server thread, say). Collect on
+    the test's own thread, right after it, so finalizers always run where the client lived."""
+    yield
+    gc.collect()
