@@ -5,8 +5,9 @@
 - Peak RSS growth of a process downloading a 1 GiB artifact (goal <= 16 MiB).
 - Bytes transferred for an interrupted-then-resumed download / artifact size (goal <= 1.01).
 
-The server is the control plane's own artifact route (uvicorn, HTTP Range) when the control
-plane is importable, else a threaded static server; both stream from disk.
+The throughput rounds use a threaded static server (HTTP Range, streaming from disk) in a
+process of its own, so neither client shares an interpreter (and its GIL) with the server; the
+resume and RSS figures use the same server in this process, with its fault injection.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,6 +79,35 @@ RSS_CHILD = textwrap.dedent("""
 """)
 
 
+SERVER_CHILD = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from tests.agent.updates.conftest import FileServer
+    server = FileServer(Path(sys.argv[1])).start()
+    print(server.url, flush=True)
+    sys.stdin.read()  # serve until the parent closes our stdin
+    server.stop()
+""")
+
+
+@contextlib.contextmanager
+def _server_process(served: Path) -> Iterator[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVER_CHILD, str(served)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    assert proc.stdin is not None
+    try:
+        yield proc.stdout.readline().strip()
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+
+
 def main() -> None:
     if shutil.which("curl") is None:
         sys.exit("curl is required for the throughput comparison")
@@ -87,16 +118,18 @@ def main() -> None:
         served = root / "served"
         served.mkdir()
         sha = _make_file(served / "a.bin", SIZE_THROUGHPUT)
+        with _server_process(served) as base:
+            agent_s, curl_s = [], []
+            for _ in range(ROUNDS):  # interleaved rounds, same server, same file
+                agent_s.append(
+                    _agent_download(f"{base}/a.bin", root / "agent.bin", SIZE_THROUGHPUT, sha)
+                )
+                curl_s.append(_curl_download(f"{base}/a.bin", root / "curl.bin"))
+        mib = SIZE_THROUGHPUT / 2**20
+        a, c = mib / statistics.median(agent_s), mib / statistics.median(curl_s)
         server = FileServer(served).start()
         url = f"{server.url}/a.bin"
         try:
-            agent_s, curl_s = [], []
-            for _ in range(ROUNDS):  # interleaved rounds
-                agent_s.append(_agent_download(url, root / "agent.bin", SIZE_THROUGHPUT, sha))
-                curl_s.append(_curl_download(url, root / "curl.bin"))
-            mib = SIZE_THROUGHPUT / 2**20
-            a, c = mib / statistics.median(agent_s), mib / statistics.median(curl_s)
-
             # Interrupted at 40 %, then resumed by a new downloader.
             import httpx
 

@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 from control_plane.errors import NotFoundError, RangeNotSatisfiableError, StorageError
 
@@ -141,11 +141,9 @@ class LocalArtifactStore:
 
     def read_range(self, sha256: str, start: int, length: int) -> Iterator[bytes]:
         path = self._path(sha256)
-        try:
-            f: BinaryIO = path.open("rb")
-        except FileNotFoundError as exc:
-            raise NotFoundError(f"no artifact {sha256}") from exc
-        return _chunks(f, start, length)
+        if not path.is_file():
+            raise NotFoundError(f"no artifact {sha256}")
+        return _chunks(path, start, length)
 
     def copy_to(self, sha256: str, dest: Path) -> Path:
         path = self._path(sha256)
@@ -159,8 +157,9 @@ class LocalArtifactStore:
         return sum(1 for p in (self.root / "sha256").rglob("*") if p.is_file())
 
 
-def _chunks(f: BinaryIO, start: int, length: int) -> Iterator[bytes]:
-    with f:
+def _chunks(path: Path, start: int, length: int) -> Iterator[bytes]:
+    # Opened on the first read: a response that a client drops before it streams leaks no file.
+    with path.open("rb") as f:
         f.seek(start)
         left = length
         while left > 0:

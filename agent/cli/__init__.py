@@ -16,7 +16,7 @@ __all__ = ["main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from agent.cli import _core, _models, _run
+    from agent.cli import _core, _daemon, _models, _run
 
     parser = argparse.ArgumentParser(prog="edge-agent", description="edgefleet device agent")
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (_core, _run, _models):
+    for module in (_core, _run, _models, _daemon):
         module.register(sub)
     return parser
 

@@ -1,0 +1,280 @@
+"""The agent daemon's composition root: settings in, a running device out.
+
+Builds, in order: the model store (start-up recovery first), one slot and update driver per model
+(``ServedModels``, booted from the store's pointers and the update journal), the local inference
+API (``agent.api.server.start_api``) when enabled, the update client (``agent.updates.client``)
+in its own thread when a control plane is configured, and an inference loop per configured model
+once that model serves. Then it tells systemd it is ready and pings the watchdog while the loops
+make progress. ``stop()`` reverses it and returns a summary of what the loops did.
+
+Each part owns its behaviour; this module only wires them and owns their lifetimes.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from agent.activation import ModelActivator
+from agent.config import AgentSettings
+from agent.contracts.profile import HardwareProfile
+from agent.contracts.tensors import TensorSpec
+from agent.errors import AgentError, ConfigError
+from agent.events import EventBus
+from agent.logs import get_logger
+from agent.loop import (
+    FrameSource,
+    ImageFolderSource,
+    InferenceLoop,
+    SyntheticSource,
+    VideoSource,
+)
+from agent.probation import Limits, UpdateJournal
+from agent.slots import ModelSlot, SlotRegistry, load_options_from
+from agent.store import ModelStore
+from agent.systemd import Notifier, WatchdogPinger, watchdog_interval_s
+
+__all__ = ["Daemon", "ServedModels"]
+
+log = get_logger(__name__)
+
+Array = np.ndarray[Any, Any]
+
+
+class ServedModels:
+    """Every served model: its slot (in ``registry``) and its update driver, made on first use.
+
+    This is the ``agent.updates.client.Activators`` the update client drives.
+    """
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        store: ModelStore,
+        bus: EventBus,
+        *,
+        min_requests: int = 20,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._bus = bus
+        self._now = now
+        self.registry = SlotRegistry()
+        self.journal = UpdateJournal(settings.state_dir)
+        self.limits = Limits.from_config(settings.swap, min_requests=min_requests)
+        self._activators: dict[str, ModelActivator] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> ModelActivator:
+        with self._lock:
+            activator = self._activators.get(name)
+            if activator is None:
+                slot = ModelSlot(
+                    name,
+                    self._store,
+                    swap_config=self._settings.swap,
+                    backend_config=self._settings.backends,
+                    load_options=load_options_from(
+                        self._settings.backends, self._settings.state_dir / "cache"
+                    ),
+                    bus=self._bus,
+                )
+                activator = ModelActivator(
+                    slot, journal=self.journal, limits=self.limits, bus=self._bus, now=self._now
+                )
+                self._activators[name] = activator
+                self.registry.add(slot)
+            return activator
+
+    def names(self) -> Sequence[str]:
+        with self._lock:
+            return sorted(self._activators)
+
+    def boot(self) -> None:
+        """Serve what the store's pointers and the journal say, for every installed model."""
+        for name in self._store.names():
+            if self._store.active(name) is None and self.journal.load(name) is None:
+                continue
+            try:
+                self.get(name).boot(resume=True)
+            except AgentError as exc:
+                log.error("model_boot_failed", model=name, reason=str(exc))
+
+    def close(self) -> None:
+        self.registry.close()
+
+
+class _CountingModel:
+    """The loop's view of a slot: runs on whatever version serves and counts by version."""
+
+    def __init__(self, slot: ModelSlot) -> None:
+        self.slot = slot
+        self.name = slot.name
+        self.inputs: tuple[TensorSpec, ...] = slot.inputs
+        self.by_version: collections.Counter[str] = collections.Counter()
+
+    def infer(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
+        version, outputs = self.slot.infer_versioned(feeds)
+        self.by_version[version] += 1
+        return outputs
+
+
+class Daemon:
+    """The running agent. ``start()``, then ``wait(stop)`` or ``stop()``."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        profile: Callable[[], HardwareProfile] | None = None,
+        notifier: Notifier | None = None,
+        supervise_s: float = 0.1,
+    ) -> None:
+        self.settings = settings
+        self.bus = EventBus(settings.device_id)
+        self.store = ModelStore(
+            settings.state_dir, keep_versions=settings.swap.keep_versions, bus=self.bus
+        )
+        self.served = ServedModels(settings, self.store, self.bus)
+        self._profile = profile
+        self._notifier = notifier or Notifier()
+        self._supervise_s = supervise_s
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._loops: dict[str, tuple[InferenceLoop, _CountingModel]] = {}
+        self._api: Any = None
+        self._watchdog: WatchdogPinger | None = None
+        self.update_client: Any = None
+
+    def start(self) -> None:
+        settings = self.settings
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        report = self.store.recover()
+        for action in report.actions:
+            log.warning("store_recovered", action=action)
+        self.served.boot()
+        if settings.api.enabled:
+            from agent.api.server import start_api
+
+            self._api = start_api(self.served.registry, settings.api)
+        if settings.control_plane.url:
+            self._start_update_client()
+        self._start_loops()
+        supervisor = threading.Thread(target=self._supervise, name="daemon-supervisor", daemon=True)
+        supervisor.start()
+        self._threads.append(supervisor)
+        self._notifier.ready("serving")
+        interval = watchdog_interval_s()
+        if interval is not None:
+            self._watchdog = WatchdogPinger(self._notifier, interval, self.healthy).start()
+        log.info("daemon_started", models=list(self.served.names()))
+
+    def _start_update_client(self) -> None:
+        from agent.hardware import detect_profile
+        from agent.updates.client import UpdateClient
+
+        settings = self.settings
+        self.update_client = UpdateClient(
+            state_dir=settings.state_dir,
+            config=settings.control_plane,
+            store=self.store,
+            activators=self.served,
+            bus=self.bus,
+            device_name=settings.device_id,
+            profile=self._profile or detect_profile,
+        )
+        thread = threading.Thread(
+            target=self.update_client.run, args=(self._stop,), name="update-client", daemon=True
+        )
+        thread.start()
+        self._threads.append(thread)
+
+    def check_now(self) -> None:
+        """Ask the update client to poll now (the MQTT ``check-update`` command)."""
+        if self.update_client is not None:
+            self.update_client.check_now()
+
+    # --- loops -------------------------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(self._supervise_s):
+            self._start_loops()
+
+    def _start_loops(self) -> None:
+        for model in self.settings.models:
+            if model.name in self._loops or model.name not in self.served.names():
+                continue
+            slot = self.served.get(model.name).slot
+            if not slot.ready:
+                continue
+            counting = _CountingModel(slot)
+            loop = InferenceLoop(
+                counting,
+                self._source(slot),
+                name=model.name,
+                rate_hz=self.settings.loop.rate_hz,
+                drop_policy=self.settings.loop.drop_policy,
+                window_s=self.settings.loop.window_s,
+            )
+            loop.start()
+            self._loops[model.name] = (loop, counting)
+            log.info("loop_attached", model=model.name, version=slot.version)
+
+    def _source(self, slot: ModelSlot) -> FrameSource:
+        config = self.settings.loop
+        if config.source == "synthetic":
+            return SyntheticSource(slot.inputs, dynamic_size=1)
+        if config.source == "camera":
+            return VideoSource(config.camera_index)
+        if config.source_path is None or config.source == "callback":
+            raise ConfigError(f"loop.source = {config.source!r} cannot run in the daemon")
+        if config.source == "images":
+            return ImageFolderSource(config.source_path, repeat=True)
+        return VideoSource(config.source_path, repeat=True)
+
+    def healthy(self) -> bool:
+        """For the watchdog: every started loop is still running."""
+        return all(loop.state in ("running", "paused") for loop, _ in self._loops.values())
+
+    # --- stop --------------------------------------------------------------------------------
+
+    def wait(self, stop: threading.Event) -> None:
+        stop.wait()
+
+    def stop(self) -> dict[str, Any]:
+        """Stop everything; returns what each loop did (counts by version, failed, dropped)."""
+        self._notifier.stopping()
+        self._stop.set()
+        if self.update_client is not None:
+            self.update_client.check_now()  # wake it so it sees the stop
+        summary: dict[str, Any] = {"device_id": self.settings.device_id, "loops": {}}
+        for name, (loop, counting) in self._loops.items():
+            loop.stop()
+            stats = loop.join(timeout=10)
+            summary["loops"][name] = {
+                "count": stats.total_count if stats else 0,
+                "failed": stats.total_failed if stats else 0,
+                "dropped": stats.total_dropped if stats else 0,
+                "by_version": dict(counting.by_version),
+            }
+        for thread in self._threads:
+            thread.join(timeout=30)
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        if self._api is not None:
+            self._api.stop()
+        if self.update_client is not None:
+            summary["control_plane_device_id"] = (
+                self.update_client.credential.device_id if self.update_client.credential else None
+            )
+            self.update_client.close()
+        self.served.close()
+        self._notifier.close()
+        log.info("daemon_stopped")
+        return summary
