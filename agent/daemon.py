@@ -16,12 +16,14 @@ import collections
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from agent.activation import ModelActivator
 from agent.config import AgentSettings
+from agent.contracts.events import UpdateEvent
 from agent.contracts.profile import HardwareProfile
 from agent.contracts.tensors import TensorSpec
 from agent.errors import AgentError, ConfigError
@@ -118,9 +120,13 @@ class _CountingModel:
         self.name = slot.name
         self.inputs: tuple[TensorSpec, ...] = slot.inputs
         self.by_version: collections.Counter[str] = collections.Counter()
+        self.attempts = 0  # inferences that returned, successfully or not: the loop's progress
 
     def infer(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
-        version, outputs = self.slot.infer_versioned(feeds)
+        try:
+            version, outputs = self.slot.infer_versioned(feeds)
+        finally:
+            self.attempts += 1
         self.by_version[version] += 1
         return outputs
 
@@ -150,11 +156,12 @@ class Daemon:
         self._loops: dict[str, tuple[InferenceLoop, _CountingModel]] = {}
         self._api: Any = None
         self._watchdog: WatchdogPinger | None = None
+        self._progress: dict[str, int] = {}
         self.update_client: Any = None
 
     def start(self) -> None:
         settings = self.settings
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        _check_state_dir(settings.state_dir)
         report = self.store.recover()
         for action in report.actions:
             log.warning("store_recovered", action=action)
@@ -169,7 +176,8 @@ class Daemon:
         supervisor = threading.Thread(target=self._supervise, name="daemon-supervisor", daemon=True)
         supervisor.start()
         self._threads.append(supervisor)
-        self._notifier.ready("serving")
+        self._notifier.ready(self.status_line())
+        self.bus.subscribe(self._on_event)
         interval = watchdog_interval_s()
         if interval is not None:
             self._watchdog = WatchdogPinger(self._notifier, interval, self.healthy).start()
@@ -222,6 +230,7 @@ class Daemon:
                 drop_policy=self.settings.loop.drop_policy,
                 window_s=self.settings.loop.window_s,
             )
+            self._progress[model.name] = 0  # no inference has returned yet
             loop.start()
             self._loops[model.name] = (loop, counting)
             log.info("loop_attached", model=model.name, version=slot.version)
@@ -239,8 +248,34 @@ class Daemon:
         return VideoSource(config.source_path, repeat=True)
 
     def healthy(self) -> bool:
-        """For the watchdog: every started loop is still running."""
-        return all(loop.state in ("running", "paused") for loop, _ in self._loops.values())
+        """For the watchdog: every loop finished an inference since the last check (a paused
+        loop counts as healthy). A hung runtime call leaves its loop "running" but makes no
+        progress: the pings stop and systemd restarts the agent."""
+        ok = True
+        for name, (loop, counting) in list(self._loops.items()):
+            attempts = counting.attempts
+            if loop.state == "paused":
+                pass
+            elif loop.state != "running" or attempts == self._progress.get(name):
+                ok = False
+            self._progress[name] = attempts
+        return ok
+
+    def status_line(self) -> str:
+        """``STATUS=`` for systemd: what each slot serves."""
+        parts = []
+        for name in self.served.names():
+            slot = self.served.get(name).slot
+            current = slot.current
+            if current is None:
+                parts.append(f"{name}: not loaded")
+            else:
+                parts.append(f"{name} {current.version} on {current.backend}")
+        return "serving " + ", ".join(parts) if parts else "serving no model yet"
+
+    def _on_event(self, event: UpdateEvent) -> None:
+        if event.step in ("swapped", "committed", "rolled_back", "activated"):
+            self._notifier.status(self.status_line())
 
     # --- stop --------------------------------------------------------------------------------
 
@@ -278,3 +313,14 @@ class Daemon:
         self._notifier.close()
         log.info("daemon_stopped")
         return summary
+
+
+def _check_state_dir(path: Path) -> None:
+    """The state directory must exist (or be creatable) and be writable: say so at once."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"state directory {path} is not usable: {exc.strerror or exc}") from exc

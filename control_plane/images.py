@@ -145,7 +145,7 @@ def smoke_test(
             "EDGE_AGENT__CONTROL_PLANE__BOOTSTRAP_TOKEN": bootstrap_token,
             "EDGE_AGENT__DEVICE_ID": "image-smoke-test",
         },
-        command=["run"],
+        command=["daemon"],
     )
     try:
         deadline = time.monotonic() + timeout_s

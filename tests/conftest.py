@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from agent.samples import DigitsData, digits_cnn, digits_data, ppocr_detector
 
@@ -30,6 +31,14 @@ def _port_open(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> Iterator[None]:
+    """A CLI test configures structlog for the process (level, renderer); undo it so the next
+    test sees the defaults, whatever order the tests run in."""
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture(scope="session")

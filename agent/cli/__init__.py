@@ -9,10 +9,14 @@ import sys
 from collections.abc import Sequence
 
 from agent import __version__
-from agent.errors import AgentError
+from agent.errors import AgentError, ConfigError
 from agent.logs import configure_logging
 
-__all__ = ["main"]
+__all__ = ["EX_CONFIG", "main"]
+
+# sysexits.h: the unit's RestartPreventExitStatus= keeps systemd from restarting what a restart
+# cannot fix (a missing or invalid configuration, an unusable state directory).
+EX_CONFIG = 78
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level)
     try:
         code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return EX_CONFIG
     except AgentError as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.cli import main
+from agent.cli import EX_CONFIG, main
 from tests.agent.backends.conftest import make_model, text_image
 
 BOARDS = Path(__file__).resolve().parents[2] / "fixtures" / "boards"
@@ -31,7 +31,7 @@ def test_profile_table(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_profile_bad_root(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    assert main(["profile", "--root", str(tmp_path / "nope")]) == 1
+    assert main(["profile", "--root", str(tmp_path / "nope")]) == EX_CONFIG
     assert capsys.readouterr().err.startswith("ConfigError: --root is not a directory")
 
 
@@ -70,9 +70,9 @@ def test_bench_dynamic_shape_and_golden(
         main(["bench", str(ppocr_path), "--golden", str(golden), "--budget-s", "1", "--json"]) == 0
     )
     assert json.loads(capsys.readouterr().out)["backend"] in ("onnxruntime", "openvino")
-    assert main(["bench", str(ppocr_path), "--shape", "y=1x3x64x64"]) == 1
+    assert main(["bench", str(ppocr_path), "--shape", "y=1x3x64x64"]) == EX_CONFIG
     assert "ConfigError: --shape names unknown input(s) ['y']" in capsys.readouterr().err
-    assert main(["bench", str(ppocr_path), "--shape", "x=1xbad"]) == 1
+    assert main(["bench", str(ppocr_path), "--shape", "x=1xbad"]) == EX_CONFIG
     assert "ConfigError: --shape wants NAME=1x3x640x640" in capsys.readouterr().err
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agent.cli import main
+from agent.cli import EX_CONFIG, main
 from tests.conftest import ROOT
 
 
@@ -78,7 +78,8 @@ def test_unthrottled_synthetic_run_with_a_shape(
 def run_failing(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     code = main(argv)
     err = capsys.readouterr().err
-    assert code == 1
+    # Configuration errors exit 78 (EX_CONFIG, not restarted by systemd); the others 1.
+    assert code == (EX_CONFIG if "ConfigError: " in err else 1)
     last = err.strip().splitlines()[-1]
     assert sum(1 for line in err.splitlines() if line.startswith(last.split(":")[0])) == 1
     return last
