@@ -25,6 +25,7 @@ from agent.activation import ModelActivator
 from agent.config import AgentSettings
 from agent.contracts.events import UpdateEvent
 from agent.contracts.profile import HardwareProfile
+from agent.contracts.telemetry import ModelTelemetry, SlotIdentity
 from agent.contracts.tensors import TensorSpec
 from agent.errors import AgentError, ConfigError
 from agent.events import EventBus
@@ -157,7 +158,9 @@ class Daemon:
         self._api: Any = None
         self._watchdog: WatchdogPinger | None = None
         self._progress: dict[str, int] = {}
+        self._reported_windows: dict[str, object] = {}
         self.update_client: Any = None
+        self.telemetry: Any = None
 
     def start(self) -> None:
         settings = self.settings
@@ -172,6 +175,8 @@ class Daemon:
             self._api = start_api(self.served.registry, settings.api)
         if settings.control_plane.url:
             self._start_update_client()
+        if settings.mqtt.host:
+            self._start_telemetry()
         self._start_loops()
         supervisor = threading.Thread(target=self._supervise, name="daemon-supervisor", daemon=True)
         supervisor.start()
@@ -202,6 +207,95 @@ class Daemon:
         )
         thread.start()
         self._threads.append(thread)
+
+    def _hardware_profile(self) -> HardwareProfile:
+        if self._profile is not None:
+            return self._profile()
+        from agent.hardware import detect_profile
+
+        return detect_profile()
+
+    def _start_telemetry(self) -> None:
+        """MQTT: retained birth and last will, periodic telemetry from the loops' windows,
+        update events at QoS 1, and the control plane's commands."""
+        from agent.telemetry import SystemMetricsCollector, TelemetryClient
+
+        client = TelemetryClient(
+            self.settings.mqtt,
+            device_id=self.settings.device_id,
+            state_dir=self.settings.state_dir,
+            model_stats=self._model_stats,
+            system_metrics=SystemMetricsCollector().collect,
+            slots=self._slot_identities,
+            profile=self._hardware_profile(),
+        )
+        client.on_command("check-update", lambda _cmd: self.check_now())
+        client.on_command("rollback", self._rollback_command)
+        self.bus.subscribe(client.publish_event)
+        client.start()
+        self.telemetry = client
+
+    def _rollback_command(self, command: Any) -> None:
+        model = str(command.model)
+        if model not in self.served.names():
+            log.warning("rollback_command_ignored", model=model, reason="no such model")
+            return
+        # Off the network thread: a rollback reloads a session.
+        threading.Thread(
+            target=self._rollback, args=(model,), name=f"rollback-{model}", daemon=True
+        ).start()
+
+    def _rollback(self, model: str) -> None:
+        try:
+            self.served.get(model).rollback("requested by the control plane")
+        except AgentError as exc:
+            log.error("rollback_command_failed", model=model, reason=str(exc))
+
+    def _slot_identities(self) -> list[SlotIdentity]:
+        out = []
+        for name in self.served.names():
+            current = self.served.get(name).slot.current
+            if current is None:
+                out.append(SlotIdentity(name=name))
+                continue
+            entry = current.variant.file(current.variant.entrypoint)
+            out.append(
+                SlotIdentity(
+                    name=name,
+                    version=current.version,
+                    variant_id=current.variant.id,
+                    backend=current.backend,
+                    digest=entry.sha256,
+                )
+            )
+        return out
+
+    def _model_stats(self) -> list[ModelTelemetry]:
+        """Each loop's last closed window, once (the telemetry tick may outpace the window)."""
+        out = []
+        for name, (loop, counting) in list(self._loops.items()):
+            window = loop.latest
+            if window is None or self._reported_windows.get(name) == window.window_start:
+                continue
+            self._reported_windows[name] = window.window_start
+            current = counting.slot.current
+            out.append(
+                ModelTelemetry(
+                    name=name,
+                    version=current.version if current else None,
+                    variant_id=current.variant.id if current else None,
+                    backend=current.backend if current else None,
+                    window_s=max(window.window_s, 1e-3),
+                    count=window.count + window.failed,
+                    failed=window.failed,
+                    dropped=window.dropped,
+                    throughput_per_s=window.throughput_hz,
+                    latency_p50_ms=window.latency_p50_ms,
+                    latency_p95_ms=window.latency_p95_ms,
+                    latency_p99_ms=window.latency_p99_ms,
+                )
+            )
+        return out
 
     def check_now(self) -> None:
         """Ask the update client to poll now (the MQTT ``check-update`` command)."""
@@ -276,6 +370,8 @@ class Daemon:
     def _on_event(self, event: UpdateEvent) -> None:
         if event.step in ("swapped", "committed", "rolled_back", "activated"):
             self._notifier.status(self.status_line())
+            if self.telemetry is not None:
+                self.telemetry.refresh_state()  # the retained birth names the new version
 
     # --- stop --------------------------------------------------------------------------------
 
@@ -304,6 +400,8 @@ class Daemon:
             self._watchdog.stop()
         if self._api is not None:
             self._api.stop()
+        if self.telemetry is not None:
+            self.telemetry.stop()
         if self.update_client is not None:
             summary["control_plane_device_id"] = (
                 self.update_client.credential.device_id if self.update_client.credential else None
