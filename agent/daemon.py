@@ -176,7 +176,15 @@ class Daemon:
         if settings.control_plane.url:
             self._start_update_client()
         if settings.mqtt.host:
-            self._start_telemetry()
+            if self.update_client is None:
+                self._start_telemetry(settings.device_id)
+            else:
+                # Publish under the id the control plane knows: wait for enrollment.
+                thread = threading.Thread(
+                    target=self._telemetry_after_enrollment, name="telemetry-start", daemon=True
+                )
+                thread.start()
+                self._threads.append(thread)
         self._start_loops()
         supervisor = threading.Thread(target=self._supervise, name="daemon-supervisor", daemon=True)
         supervisor.start()
@@ -215,14 +223,23 @@ class Daemon:
 
         return detect_profile()
 
-    def _start_telemetry(self) -> None:
+    def _telemetry_after_enrollment(self) -> None:
+        while not self._stop.wait(0.2):
+            credential = self.update_client.credential
+            if credential is not None:
+                self.bus.set_device_id(credential.device_id)
+                self._start_telemetry(credential.device_id)
+                return
+
+    def _start_telemetry(self, device_id: str) -> None:
         """MQTT: retained birth and last will, periodic telemetry from the loops' windows,
-        update events at QoS 1, and the control plane's commands."""
+        update events at QoS 1, and the control plane's commands. ``device_id`` is the enrolled
+        id when a control plane is configured, so its ingester and rollouts find this device."""
         from agent.telemetry import SystemMetricsCollector, TelemetryClient
 
         client = TelemetryClient(
             self.settings.mqtt,
-            device_id=self.settings.device_id,
+            device_id=device_id,
             state_dir=self.settings.state_dir,
             model_stats=self._model_stats,
             system_metrics=SystemMetricsCollector().collect,

@@ -35,6 +35,15 @@ class EventBus:
         self._subs: list[Subscriber] = []
         self._lock = threading.Lock()
 
+    @property
+    def device_id(self) -> str:
+        return self._device_id
+
+    def set_device_id(self, device_id: str) -> None:
+        """Stamp later events with ``device_id`` (the id the control plane enrolled us under)."""
+        with self._lock:
+            self._device_id = device_id
+
     def subscribe(self, fn: Subscriber) -> Callable[[], None]:
         """Add a subscriber; returns a function that removes it."""
         with self._lock:
