@@ -12,6 +12,11 @@ in-flight count and live health) and swaps in another from the store:
   (``BackendConfig.intra_op_threads``) and the loader run single-threaded, the vetted session is
   reloaded with the hot path's thread count and warmed before the switch ("promote"): runtimes
   fix their thread pools at load time, and pool threads inherit the loader's priority.
+  With ``quiet_swap`` (default) the loader's work is timed to the hot loop: the load and each
+  warm-up, validation or timing run start just after a serving request ends (waiting at most
+  ``gap_wait_s``; at once when the slot is idle), so they fall between frames instead of on top
+  of one, and a retired version is closed on the loader thread, not inside the request that
+  happened to leave it last.
 - **resource-preserving** (unload, then load): announced with a ``paused`` event; requests that
   arrive meanwhile wait (up to ``pause_timeout_s``) instead of failing. If the new version does
   not come up, the old one is loaded again.
@@ -148,6 +153,7 @@ class LoadedVersion:
         measured_p99_s: float,
         clock: Callable[[], float] = time.perf_counter,
         window: int = 2048,
+        closer: Callable[[Callable[[], None]], bool] | None = None,
     ) -> None:
         self.name = name
         self.version = version
@@ -161,6 +167,7 @@ class LoadedVersion:
         self.measured_p99_s = measured_p99_s
         self._session: Session | None = session
         self._clock = clock
+        self._closer = closer
         self._lock = threading.Lock()
         self._inflight = 0
         self._retired = False
@@ -238,9 +245,10 @@ class LoadedVersion:
             session, self._session = self._session, None
             self._closed.set()
         if session is not None:
-            session.close()
+            release = functools.partial(_release_session, session)
             del session
-            _return_freed_memory()
+            if self._closer is None or not self._closer(release):
+                release()
         log.info("slot_version_unloaded", model=self.name, version=self.version)
 
     def health(self) -> Health:
@@ -285,6 +293,8 @@ class ModelSlot:
         pause_timeout_s: float = 30.0,
         latency_runs: int = 10,
         loader_nice: int = 10,
+        quiet_swap: bool = True,
+        gap_wait_s: float = 0.25,
     ) -> None:
         self.name = name
         self.store = store
@@ -298,6 +308,14 @@ class ModelSlot:
         self._pause_timeout_s = pause_timeout_s
         self._latency_runs = latency_runs
         self._loader_nice = loader_nice
+        self._quiet_swap = quiet_swap
+        self._gap_wait_s = gap_wait_s
+        # Between-frames scheduling of the loader's runs: requests that end bump the sequence
+        # (only while a candidate is being prepared beside the serving version).
+        self._gap_cond = threading.Condition(threading.Lock())
+        self._gap_seq = 0
+        self._gap_watch = False
+        self._last_request_end = float("-inf")
         self._cond = threading.Condition(threading.Lock())
         self._current: LoadedVersion | None = None
         self._retired: list[LoadedVersion] = []
@@ -338,6 +356,27 @@ class ModelSlot:
             return current.version, current._run(feeds)
         finally:
             current._exit()
+            self._last_request_end = self._clock()
+            if self._gap_watch:
+                with self._gap_cond:
+                    self._gap_seq += 1
+                    self._gap_cond.notify_all()
+
+    def _await_gap(self) -> None:
+        """Wait (at most ``gap_wait_s``) until a serving request has just ended, so that the
+        loader's next piece of work (load, one warm-up or validation run) falls between the hot
+        loop's frames instead of on top of one. Returns at once when the slot is idle."""
+        current = self._current
+        if not self._gap_watch or current is None:
+            return
+        with self._gap_cond:
+            idle = current._inflight == 0 and (
+                self._clock() - self._last_request_end >= self._gap_wait_s
+            )
+            if idle:
+                return
+            seen = self._gap_seq
+            self._gap_cond.wait_for(lambda: self._gap_seq != seen, self._gap_wait_s)
 
     def loaded_versions(self) -> list[str]:
         with self._cond:
@@ -483,6 +522,20 @@ class ModelSlot:
         capped = dataclasses.replace(
             self.load_options, intra_op_threads=self.swap_config.loader_threads
         )
+        self._gap_watch = self._quiet_swap
+        try:
+            return self._swap_beside_watched(version, variant, bundle_dir, golden, capped)
+        finally:
+            self._gap_watch = False
+
+    def _swap_beside_watched(
+        self,
+        version: str,
+        variant: Variant,
+        bundle_dir: Path,
+        golden: Sequence[GoldenSet],
+        capped: LoadOptions,
+    ) -> SwapReport:
         prepared = (
             self._loader().submit(self._prepare, version, variant, bundle_dir, golden, capped)
         ).result()
@@ -492,6 +545,7 @@ class ModelSlot:
         if not (self.load_options.intra_op_threads == self.swap_config.loader_threads == 1):
             start = self._clock()
             try:
+                self._await_gap()
                 serving = self._load(variant, bundle_dir, self.load_options)
                 try:
                     self._warm(serving, golden)
@@ -579,6 +633,7 @@ class ModelSlot:
         golden: Sequence[GoldenSet],
         options: LoadOptions,
     ) -> _Prepared:
+        self._await_gap()
         start = self._clock()
         session = self._load(variant, bundle_dir, options)
         prepared = _Prepared(session, variant, bundle_dir, load_s=self._clock() - start)
@@ -598,7 +653,10 @@ class ModelSlot:
             if golden:
                 start = self._clock()
                 validate_outputs(
-                    _checked_run(session, self.name), golden, variant.tolerance, model=self.name
+                    _checked_run(session, self.name, before=self._await_gap),
+                    golden,
+                    variant.tolerance,
+                    model=self.name,
                 )
                 prepared.validation_s = self._clock() - start
                 self._emit(
@@ -610,6 +668,7 @@ class ModelSlot:
             feeds = golden[0].inputs if golden else synthetic_feeds(session.inputs)
             samples = []
             for _ in range(self._latency_runs):
+                self._await_gap()
                 start = self._clock()
                 session.run(feeds)
                 samples.append(self._clock() - start)
@@ -639,6 +698,7 @@ class ModelSlot:
     def _warm(self, session: Session, golden: Sequence[GoldenSet]) -> None:
         feeds_list = [g.inputs for g in golden] or [synthetic_feeds(session.inputs)]
         for i in range(self.swap_config.warmup_runs):
+            self._await_gap()
             session.run(feeds_list[i % len(feeds_list)])
 
     def _wrap(self, version: str, prepared: _Prepared) -> LoadedVersion:
@@ -650,7 +710,20 @@ class ModelSlot:
             bundle_dir=prepared.bundle_dir,
             measured_p99_s=prepared.p99_s,
             clock=self._clock,
+            closer=self._close_off_path,
         )
+
+    def _close_off_path(self, close: Callable[[], None]) -> bool:
+        """Run a retired version's close on the loader thread, not on the request thread that
+        happened to leave it last (closing and handing memory back take milliseconds)."""
+        executor = self._executor
+        if executor is None or not self._quiet_swap:
+            return False
+        try:
+            executor.submit(close)
+        except RuntimeError:  # shut down: the caller closes inline
+            return False
+        return True
 
     def _switch(self, new: LoadedVersion) -> float:
         start = self._clock()
@@ -722,6 +795,12 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return trim
 
 
+def _release_session(session: Session) -> None:
+    session.close()
+    del session
+    _return_freed_memory()
+
+
 def _return_freed_memory() -> None:
     """Give the pages of an unloaded session back to the OS. glibc keeps freed memory in its
     arenas (one per thread that allocated), so without this RSS creeps up with every swap."""
@@ -741,8 +820,12 @@ def _lower_thread_priority(nice: int) -> None:
         log.warning("loader_priority_unchanged", reason=str(exc))
 
 
-def _checked_run(session: Session, model: str) -> Callable[[Feeds], Mapping[str, Array]]:
+def _checked_run(
+    session: Session, model: str, *, before: Callable[[], None] | None = None
+) -> Callable[[Feeds], Mapping[str, Array]]:
     def run(feeds: Feeds) -> Mapping[str, Array]:
+        if before is not None:
+            before()
         try:
             return session.run(feeds)
         except InferenceError as exc:

@@ -7,6 +7,12 @@
 - RSS after 50 swap cycles / RSS after the first (goal <= 1.05); a cycle is one swap, v1 and v2
   alternating.
 
+Each runtime is measured twice, side by side: ``plain`` (``ModelSlot(quiet_swap=False)``: the
+loader works whenever it likes and the request that leaves a retired version last closes it) and
+``quiet`` (the default: the loader's load and runs start between frames, closes happen on the
+loader thread). ``--gpu`` runs the same on ONNX Runtime's CUDA provider (shapes pinned so CUDA
+graphs capture) with a faster loop (``--rate``).
+
 Input 1x3x320x320 (640 makes each round several times longer on a 2-core box). The hot path runs
 with 1 intra-op thread and the loader with 1 (``SwapConfig.loader_threads``), so on 2 cores each
 has its own. Rounds interleave the backends: steady window, then swap window, per backend per
@@ -28,6 +34,7 @@ import psutil
 from agent.backends import LoadOptions, get_backend
 from agent.bundle import VariantSpec, build_bundle
 from agent.config import BackendConfig, SwapConfig
+from agent.contracts.manifest import Tolerance
 from agent.logs import configure_logging
 from agent.probation import p99
 from agent.samples import ppocr_detector
@@ -36,13 +43,16 @@ from agent.store import ModelStore
 
 SHAPE = (1, 3, 320, 320)
 RATE_HZ = 12.0
+MODES = {"plain": False, "quiet": True}  # column suffix -> ModelSlot(quiet_swap=...)
 
 
 class HotLoop:
     """A fixed-rate inference loop on a slot (catch-up, never skips), recording latencies."""
 
-    def __init__(self, slot: ModelSlot, feeds: dict[str, np.ndarray[Any, Any]]) -> None:
-        self.slot, self.feeds = slot, feeds
+    def __init__(
+        self, slot: ModelSlot, feeds: dict[str, np.ndarray[Any, Any]], rate_hz: float = RATE_HZ
+    ) -> None:
+        self.slot, self.feeds, self.rate_hz = slot, feeds, rate_hz
         self.latencies: list[tuple[float, float]] = []  # (start time, latency)
         self.attempts = 0
         self.failures = 0
@@ -50,7 +60,7 @@ class HotLoop:
         self._thread = threading.Thread(target=self._run)
 
     def _run(self) -> None:
-        period, due = 1.0 / RATE_HZ, time.perf_counter()
+        period, due = 1.0 / self.rate_hz, time.perf_counter()
         while not self._stop.is_set():
             self.attempts += 1
             start = time.perf_counter()
@@ -72,7 +82,11 @@ class HotLoop:
 
 
 def make_store(
-    root: Path, model: Path, runtimes: list[str], feeds: dict[str, np.ndarray[Any, Any]]
+    root: Path,
+    model: Path,
+    runtimes: list[str],
+    feeds: dict[str, np.ndarray[Any, Any]],
+    tolerance: Tolerance | None = None,
 ) -> ModelStore:
     store = ModelStore(root / "state", keep_versions=3)
     for version in ("1.0.0", "1.0.1"):
@@ -81,7 +95,10 @@ def make_store(
             out,
             "ppocr-det",
             version,
-            [VariantSpec(model, runtime=rt) for rt in runtimes],  # type: ignore[arg-type]
+            [
+                VariantSpec(model, runtime=rt, tolerance=tolerance)  # type: ignore[arg-type]
+                for rt in runtimes
+            ],
             golden_inputs=[feeds],
         )
         store.install(out)
@@ -119,25 +136,38 @@ def main() -> int:
     parser.add_argument("--cycles", type=int, default=50)
     parser.add_argument("--verbose", action="store_true", help="where the slow requests fell")
     parser.add_argument("--model", type=Path, default=None, help="PP-OCR detector ONNX file")
+    parser.add_argument("--gpu", action="store_true", help="ONNX Runtime on the CUDA provider")
+    parser.add_argument("--rate", type=float, default=None, help=f"loop Hz ({RATE_HZ:g} on CPU)")
     args = parser.parse_args()
     configure_logging("error")
+    rate = args.rate or (100.0 if args.gpu else RATE_HZ)
 
-    runtimes = [rt for rt in ("onnxruntime", "openvino") if get_backend(rt).probe().usable]
-    missing = {"onnxruntime", "openvino"} - set(runtimes)
+    backends = ("onnxruntime",) if args.gpu else ("onnxruntime", "openvino")
+    usable = [rt for rt in backends if get_backend(rt).probe().usable]
+    missing = set(backends) - set(usable)
     feeds = {"x": text_image(SHAPE)}
     tmp = tempfile.TemporaryDirectory(prefix="bench-swap-")
     model = args.model or ppocr_detector()
-    store = make_store(Path(tmp.name), model, runtimes, feeds)
+    # The CUDA provider runs FP32 convolutions in TF32: about 1e-3 off the CPU reference.
+    tolerance = Tolerance(max_rel_l2=0.02) if args.gpu else None
+    store = make_store(Path(tmp.name), model, usable, feeds, tolerance)
+    options = (
+        LoadOptions(input_shapes={"x": SHAPE}) if args.gpu else LoadOptions(intra_op_threads=1)
+    )
+    runtimes = [f"{rt[:4]}-{mode}" for rt in usable for mode in MODES]
     slots = {
-        rt: ModelSlot(
+        col: ModelSlot(
             "ppocr-det",
             store,
             swap_config=SwapConfig(loader_threads=1, warmup_runs=5, policy="availability"),
             backend_config=BackendConfig(pin_backend=rt),  # type: ignore[arg-type]
-            load_options=LoadOptions(intra_op_threads=1),
+            load_options=options,
             latency_runs=3,
+            quiet_swap=MODES[col.split("-")[1]],
         )
-        for rt in runtimes
+        for rt in usable
+        for col in runtimes
+        if col.startswith(rt[:4])
     }
     for slot in slots.values():
         slot.start("1.0.0")
@@ -151,7 +181,7 @@ def main() -> int:
     for r in range(args.rounds):
         for rt in runtimes:
             slot = slots[rt]
-            with HotLoop(slot, feeds) as loop:
+            with HotLoop(slot, feeds, rate) as loop:
                 time.sleep(args.steady_s)
                 swap_start = time.perf_counter()
                 reports[rt].append(slot.swap("1.0.1" if r % 2 == 0 else "1.0.0"))
@@ -179,8 +209,9 @@ def main() -> int:
         memory[rt] = (first, rss())
 
     print(
-        f"PP-OCR detector {'x'.join(map(str, SHAPE))}, hot loop {RATE_HZ:g} Hz, 1 thread; "
-        f"loader 1 thread; {args.rounds} rounds interleaved; {psutil.cpu_count()} CPUs"
+        f"PP-OCR detector {'x'.join(map(str, SHAPE))}, hot loop {rate:g} Hz, 1 thread; "
+        f"loader 1 thread; {args.rounds} rounds interleaved; {psutil.cpu_count()} CPUs; "
+        f"device {next(iter(slots.values())).current.device}"  # type: ignore[union-attr]
     )
     header = f"{'':34}" + "".join(f"{rt:>14}" for rt in runtimes)
     print(header)

@@ -52,7 +52,12 @@ MAX_ONNX_OPSET = 28
 
 
 class OpenVinoSession:
-    """A compiled OpenVINO model; each calling thread gets its own infer request."""
+    """A compiled OpenVINO model; each concurrent call gets an infer request of its own.
+
+    Requests are pooled rather than tied to threads: a request warmed up by a loader thread
+    (its first inference allocates and primes the plugin's buffers) serves the hot path after
+    a swap, instead of the serving thread paying for a fresh request on its first frame.
+    """
 
     backend = "openvino"
 
@@ -76,7 +81,7 @@ class OpenVinoSession:
         self.outputs = tuple(_spec(port, onnx_outputs) for port in compiled.outputs)
         self._input_order = tuple((i, s.name, s.dtype) for i, s in enumerate(self.inputs))
         self._output_order = tuple((i, s.name) for i, s in enumerate(self.outputs))
-        self._local = threading.local()
+        self._idle: list[Any] = []  # requests not in use; list.pop/append are atomic
         self._requests: list[Any] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -87,20 +92,28 @@ class OpenVinoSession:
         return self._compiled
 
     def _request(self) -> Any:
-        request = getattr(self._local, "request", None)
-        if request is None:
-            with self._lock:
-                if self._closed:
-                    raise InferenceError(f"{self._name}: session is closed")
-                request = self._compiled.create_infer_request()
-                self._requests.append(request)
-            self._local.request = request
+        try:
+            return self._idle.pop()
+        except IndexError:
+            pass
+        with self._lock:
+            if self._closed:
+                raise InferenceError(f"{self._name}: session is closed")
+            request = self._compiled.create_infer_request()
+            self._requests.append(request)
         return request
 
     def run(self, feeds: Feeds) -> Outputs:
         if self._closed:
             raise InferenceError(f"{self._name}: session is closed")
         request = self._request()
+        try:
+            return self._run_on(request, feeds)
+        finally:
+            if not self._closed:
+                self._idle.append(request)
+
+    def _run_on(self, request: Any, feeds: Feeds) -> Outputs:
         if len(feeds) != len(self._input_order):
             validate_feeds(self._name, self.inputs, feeds)
         tensor = self._ov_tensor
@@ -128,6 +141,7 @@ class OpenVinoSession:
         with self._lock:
             self._closed = True
             self._requests.clear()
+            self._idle.clear()
         self._compiled = None
 
 
