@@ -35,7 +35,7 @@ soak: $(STAMP) services
 	EDGEFLEET_SOAK=1 $(BIN)/pytest -m slow $(PYTEST_ARGS)
 
 demo: $(STAMP) services
-	$(BIN)/python -m agent.demo
+	$(BIN)/python -m control_plane.demo
 
 bench: $(STAMP)
 	@for f in bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done

@@ -1,13 +1,27 @@
 """Idle desired-state poll answered with 304: latency under 500 concurrent device polls.
 
-Starts two real control planes (``python -m control_plane.cli serve``, uvicorn, one process
-each) on loopback, one on SQLite and one on PostgreSQL (127.0.0.1:5432, a scratch database),
-uploads the digits CNN, enrolls 500 devices, assigns the version by label, lets every device
-fetch its state once, then measures rounds of 500 concurrent If-None-Match polls, the two
-databases interleaved round by round. Prints p50/p99/max latency and polls/s side by side and
-the PostgreSQL/SQLite ratios.
+Starts two real control planes (``python -m control_plane.cli serve``: uvicorn with httptools
+and uvloop, no access log, one process each) on loopback, one on SQLite and one on PostgreSQL
+(127.0.0.1:5432, a scratch database), uploads the digits CNN, enrolls 500 devices through the
+API, assigns the version by label (so every desired state names a real variant), lets every
+device fetch its state once to learn its ETag, then measures If-None-Match polls that the
+server answers with 304, the two databases interleaved round by round.
 
-    .venv/bin/python bench/bench_poll.py [--devices 500] [--rounds 6]
+The default load generator is ``wrk`` (C, event loop, a Lua script), so the figure measures the
+server rather than the client: 500 keep-alive connections, each request carrying one enrolled
+device's credential and ETag (each wrk thread cycles through its share of the devices; wrk's
+Lua cannot tie a request to one connection). On a machine with two or more cores wrk is pinned
+to CPU 0 and the server under test (all its threads) to CPU 1 with ``taskset`` so the two never
+compete; ``--no-pin`` leaves scheduling to the kernel. Prints p50/p90/p99/p99.9/max latency and
+requests/s per round and the median over rounds, with the PostgreSQL/SQLite ratios.
+
+Prerequisite for the default client: ``wrk`` on PATH (Debian/Ubuntu: ``apt-get install -y wrk``)
+and ``taskset`` (util-linux). Without wrk the bench says so and exits 2; ``--client httpx``
+runs the older pure-Python load (rounds of 500 simultaneous polls, one httpx client per device,
+pinned to CPU 0), whose own cost on the same machine dominates the figure.
+
+    .venv/bin/python bench/bench_poll.py [--devices 500] [--duration 20] [--rounds 2]
+    .venv/bin/python bench/bench_poll.py --client httpx [--rounds 6]
 """
 
 from __future__ import annotations
@@ -15,6 +29,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -22,6 +38,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -38,12 +55,66 @@ ADMIN_TOKEN = "bench-admin-token-" + uuid.uuid4().hex
 BOOTSTRAP_TOKEN = "bench-bootstrap-token-" + uuid.uuid4().hex
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 PG_DSN = os.environ.get("EDGEFLEET_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+CLIENT_CPU, SERVER_CPU = 0, 1
+Poll = tuple[str, dict[str, str]]  # path, headers (credential and If-None-Match)
+
+# wrk script: each thread takes every n-th device and cycles through them; every response that
+# is not a 304 is counted; done() prints the figures on one parseable line (microseconds).
+WRK_SCRIPT = r"""
+local threads, created = {}, 0
+
+function setup(thread)
+  thread:set("thread_index", created)
+  created = created + 1
+  table.insert(threads, thread)
+end
+
+function init(args)
+  local n_threads = tonumber(args[2])
+  polls, next_poll, not_304 = {}, 1, 0
+  local i = 0
+  for line in io.lines(args[1]) do
+    if i % n_threads == thread_index then
+      local path, auth, etag = line:match("^([^\t]+)\t([^\t]+)\t([^\t]+)$")
+      table.insert(polls, wrk.format("GET", path,
+        {["Host"] = wrk.headers["Host"], ["Authorization"] = auth, ["If-None-Match"] = etag}))
+    end
+    i = i + 1
+  end
+end
+
+function request()
+  local r = polls[next_poll]
+  next_poll = next_poll % #polls + 1
+  return r
+end
+
+function response(status, headers, body)
+  if status ~= 304 then not_304 = not_304 + 1 end
+end
+
+function done(summary, latency, requests)
+  local bad = 0
+  for _, t in ipairs(threads) do bad = bad + t:get("not_304") end
+  local e = summary.errors
+  io.write(string.format(
+    "edgefleet-poll requests=%d duration_us=%d p50=%d p90=%d p99=%d p999=%d max=%d " ..
+    "not_304=%d connect=%d read=%d write=%d timeout=%d\n",
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), latency:percentile(99.9), latency.max,
+    bad, e.connect, e.read, e.write, e.timeout))
+end
+"""
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def can_pin() -> bool:
+    return (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
 
 
 class Server:
@@ -78,6 +149,14 @@ class Server:
                 raise RuntimeError(f"{label} server did not start; see {data_dir / 'server.log'}")
             time.sleep(0.2)
 
+    def pin(self, cpu: int) -> None:
+        """Every thread of the server (event loop, thread pool, workers) onto one CPU."""
+        subprocess.run(
+            ["taskset", "-a", "-p", "-c", str(cpu), str(self.proc.pid)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -102,7 +181,7 @@ def profile() -> dict[str, object]:
     ).model_dump(mode="json")
 
 
-async def prepare(server: Server, devices: int, work: Path) -> list[tuple[str, dict[str, str]]]:
+async def prepare(server: Server, devices: int, work: Path) -> list[Poll]:
     """Model + version + devices + assignment; returns (path, headers with If-None-Match)."""
     digits = digits_data()
     np.savez(work / "cal.npz", input=digits.x_train[:64])
@@ -146,7 +225,7 @@ async def prepare(server: Server, devices: int, work: Path) -> list[tuple[str, d
         )
         r.raise_for_status()
 
-        async def first_poll(device_id: str, credential: str) -> tuple[str, dict[str, str]]:
+        async def first_poll(device_id: str, credential: str) -> Poll:
             async with sem:
                 path = f"/v1/devices/{device_id}/desired-state"
                 headers = {"Authorization": f"Bearer {credential}"}
@@ -158,8 +237,104 @@ async def prepare(server: Server, devices: int, work: Path) -> list[tuple[str, d
         return await asyncio.gather(*(first_poll(d, c) for d, c in enrolled))
 
 
+# -- wrk ------------------------------------------------------------------------------------
+
+
+def wrk_round(
+    server: Server,
+    polls_file: Path,
+    script: Path,
+    args: argparse.Namespace,
+    *,
+    duration_s: int,
+    pin: bool,
+) -> dict[str, float]:
+    """One wrk run against one server; the figures printed by the script's done()."""
+    command = [
+        "wrk",
+        f"-t{args.threads}",
+        f"-c{args.devices}",
+        f"-d{duration_s}s",
+        "--timeout",
+        "30s",
+        "--latency",
+        "-s",
+        str(script),
+        server.url,
+        "--",
+        str(polls_file),
+        str(args.threads),
+    ]
+    if pin:
+        command = ["taskset", "-c", str(CLIENT_CPU), *command]
+    run = subprocess.run(command, capture_output=True, text=True, check=False)
+    line = next((x for x in run.stdout.splitlines() if x.startswith("edgefleet-poll ")), None)
+    if run.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({run.returncode}): {run.stdout}{run.stderr}")
+    figures = {k: float(v) for k, v in re.findall(r"(\w+)=(\d+)", line)}
+    errors = sum(figures[k] for k in ("not_304", "connect", "read", "write", "timeout"))
+    if errors:
+        raise RuntimeError(f"{server.label}: {errors:.0f} polls were not answered 304: {line}")
+    seconds = figures["duration_us"] / 1e6
+    return {
+        "requests": figures["requests"],
+        "p50": figures["p50"] / 1e3,
+        "p90": figures["p90"] / 1e3,
+        "p99": figures["p99"] / 1e3,
+        "p999": figures["p999"] / 1e3,
+        "max": figures["max"] / 1e3,
+        "rps": figures["requests"] / seconds,
+    }
+
+
+def measure_wrk(
+    servers: Sequence[Server], polls: dict[str, list[Poll]], work: Path, args: argparse.Namespace
+) -> list[tuple[str, dict[str, float]]]:
+    script = work / "poll.lua"
+    script.write_text(WRK_SCRIPT)
+    files = {}
+    for server in servers:
+        files[server.label] = work / f"{server.label}-polls.tsv"
+        files[server.label].write_text(
+            "".join(
+                f"{path}\t{headers['Authorization']}\t{headers['If-None-Match']}\n"
+                for path, headers in polls[server.label]
+            )
+        )
+    pin = args.pin and can_pin()
+    if pin:
+        for server in servers:
+            server.pin(SERVER_CPU)
+    example = (
+        (f"taskset -c {CLIENT_CPU} " if pin else "")
+        + f"wrk -t{args.threads} -c{args.devices} -d{args.duration}s --timeout 30s --latency "
+        + f"-s poll.lua URL -- POLLS.tsv {args.threads}"
+    )
+    print(f"load: {example}", flush=True)
+    if pin:
+        print(f"server: uvicorn process pinned with taskset -a -p -c {SERVER_CPU} PID", flush=True)
+    rows = []
+    for server in servers:  # warm-up: opens the connections, fills every cache
+        wrk_round(server, files[server.label], script, args, duration_s=2, pin=pin)
+    for round_no in range(1, args.rounds + 1):
+        for server in servers:  # interleaved, round by round
+            figures = wrk_round(
+                server, files[server.label], script, args, duration_s=args.duration, pin=pin
+            )
+            rows.append((server.label, figures))
+            print(
+                f"  round {round_no} {server.label:<11} p99 {figures['p99']:7.1f} ms  "
+                f"{figures['rps']:7.0f} req/s",
+                flush=True,
+            )
+    return rows
+
+
+# -- httpx (no wrk) ---------------------------------------------------------------------------
+
+
 async def poll_round(
-    clients: list[httpx.AsyncClient], polls: list[tuple[str, dict[str, str]]]
+    clients: list[httpx.AsyncClient], polls: list[Poll]
 ) -> tuple[list[float], float]:
     """Every device polls once, all at the same time, each on its own keep-alive connection."""
 
@@ -183,21 +358,117 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+async def measure_httpx(
+    servers: Sequence[Server], polls: dict[str, list[Poll]], args: argparse.Namespace
+) -> list[tuple[str, dict[str, float]]]:
+    pin = args.pin and can_pin()
+    if pin:
+        for server in servers:
+            server.pin(SERVER_CPU)
+        os.sched_setaffinity(0, {CLIENT_CPU})
+        print(f"load: this process (httpx) on CPU {CLIENT_CPU}, servers on CPU {SERVER_CPU}")
+    # one client (one connection) per device, as on a real fleet
+    clients = {
+        s.label: [httpx.AsyncClient(base_url=s.url, timeout=120) for _ in polls[s.label]]
+        for s in servers
+    }
+    rows = []
+    try:
+        for label, device_clients in clients.items():  # warm-up: open the connections
+            await poll_round(device_clients, polls[label])
+        for _ in range(args.rounds):
+            for label, device_clients in clients.items():  # interleaved, round by round
+                lat, wall = await poll_round(device_clients, polls[label])
+                rows.append(
+                    (
+                        label,
+                        {
+                            "requests": float(len(lat)),
+                            "p50": pct(lat, 0.5) * 1e3,
+                            "p90": pct(lat, 0.9) * 1e3,
+                            "p99": pct(lat, 0.99) * 1e3,
+                            "p999": pct(lat, 0.999) * 1e3,
+                            "max": max(lat) * 1e3,
+                            "rps": len(lat) / wall,
+                        },
+                    )
+                )
+    finally:
+        for device_clients in clients.values():
+            for client in device_clients:
+                await client.aclose()
+    return rows
+
+
+def cache_outcomes(server: Server) -> str:
+    """The server's own count of desired-state reads by result and cache (fast path = hit)."""
+    text = httpx.get(f"{server.url}/metrics", headers=ADMIN, timeout=30).text
+    found = re.findall(
+        r'^edgefleet_cp_desired_state_polls_total\{cache="(\w+)",result="(\w+)"\} (\S+)$',
+        text,
+        re.MULTILINE,
+    )
+    return ", ".join(f"{result}/{cache} {float(n):.0f}" for cache, result, n in found)
+
+
+# -- main -------------------------------------------------------------------------------------
+
+COLUMNS = ("p50", "p90", "p99", "p999", "max", "rps")
+
+
+def report(
+    rows: list[tuple[str, dict[str, float]]],
+    labels: Sequence[str],
+    args: argparse.Namespace,
+    load: tuple[float, float],
+) -> None:
+    pinned = args.pin and can_pin()
+    how = (
+        f"wrk -t{args.threads} -c{args.devices} -d{args.duration}s x {args.rounds} rounds"
+        if args.client == "wrk"
+        else f"httpx, {args.rounds} rounds of {args.devices} simultaneous polls"
+    )
+    where = (
+        f"client on CPU {CLIENT_CPU}, server on CPU {SERVER_CPU} (taskset)"
+        if pinned
+        else f"client and server share {os.cpu_count()} CPUs"
+    )
+    print()
+    print(f"Idle desired-state poll (304), {args.devices} concurrent devices; {how}; {where}")
+    print(
+        f"latency in ms; median over rounds; 1-min load average {load[0]:.1f} before, "
+        f"{load[1]:.1f} after (other work on the machine shares both CPUs)"
+    )
+    print(
+        f"{'database':<12} {'polls':>9} {'p50':>8} {'p90':>8} {'p99':>8} {'p99.9':>8} "
+        f"{'max':>8} {'req/s':>8}"
+    )
+    stats = {}
+    for label in labels:
+        mine = [figures for lab, figures in rows if lab == label]
+        stats[label] = {c: statistics.median(f[c] for f in mine) for c in COLUMNS}
+        total = sum(f["requests"] for f in mine)
+        print(f"{label:<12} {total:>9.0f} " + " ".join(f"{stats[label][c]:>8.1f}" for c in COLUMNS))
+    if {"sqlite", "postgresql"} <= set(stats):
+        s, p = stats["sqlite"], stats["postgresql"]
+        print(f"{'pg/sqlite':<12} {'':>9} " + " ".join(f"{p[c] / s[c]:>8.2f}" for c in COLUMNS))
+
+
 async def main_async(args: argparse.Namespace) -> None:
+    labels = [x.strip() for x in args.databases.split(",") if x.strip()]
     pg_name = f"edgefleet_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_DSN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{pg_name}"')
+    if "postgresql" in labels:
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{pg_name}"')
     pg_url = PG_DSN.rsplit("/", 1)[0] + f"/{pg_name}"
     servers: list[Server] = []
     try:
         with tempfile.TemporaryDirectory(prefix="edgefleet-bench-") as tmp:
             root = Path(tmp)
-            for label, url in (
-                ("sqlite", f"sqlite:///{root / 'sqlite' / 'cp.db'}"),
-                ("postgresql", pg_url),
-            ):
+            urls = {"sqlite": f"sqlite:///{root / 'sqlite' / 'cp.db'}", "postgresql": pg_url}
+            for label in labels:
                 (root / label).mkdir()
-                servers.append(Server(label, url, root / label))
+                servers.append(Server(label, urls[label], root / label))
             polls = {}
             for server in servers:
                 t = time.perf_counter()
@@ -207,59 +478,45 @@ async def main_async(args: argparse.Namespace) -> None:
                     f"in {time.perf_counter() - t:.1f} s",
                     flush=True,
                 )
-            latencies: dict[str, list[float]] = {s.label: [] for s in servers}
-            rates: dict[str, list[float]] = {s.label: [] for s in servers}
-            # one client (one connection) per device, as on a real fleet
-            clients = {
-                s.label: [httpx.AsyncClient(base_url=s.url, timeout=120) for _ in polls[s.label]]
-                for s in servers
-            }
-            try:
-                for label, device_clients in clients.items():  # warm-up: open the connections
-                    await poll_round(device_clients, polls[label])
-                for _ in range(args.rounds):
-                    for label, device_clients in clients.items():  # interleaved, round by round
-                        lat, wall = await poll_round(device_clients, polls[label])
-                        latencies[label] += lat
-                        rates[label].append(len(lat) / wall)
-            finally:
-                for device_clients in clients.values():
-                    for client in device_clients:
-                        await client.aclose()
+            load_before = os.getloadavg()[0]
+            if args.client == "wrk":
+                rows = measure_wrk(servers, polls, root, args)
+            else:
+                rows = await measure_httpx(servers, polls, args)
+            for server in servers:
+                print(f"{server.label}: {cache_outcomes(server)}")
+            load = (load_before, os.getloadavg()[0])
     finally:
         for server in servers:
             server.stop()
-        with psycopg.connect(PG_DSN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)')
-
-    print()
-    print(
-        f"Idle desired-state poll (304), {args.devices} concurrent devices, {args.rounds} "
-        f"rounds interleaved, {os.cpu_count()} CPU cores shared by client and server"
-    )
-    print(f"{'database':<12} {'polls':>7} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9} {'polls/s':>9}")
-    stats = {}
-    for label, lat in latencies.items():
-        stats[label] = (
-            pct(lat, 0.5) * 1e3,
-            pct(lat, 0.99) * 1e3,
-            max(lat) * 1e3,
-            statistics.median(rates[label]),
-        )
-        p50, p99, worst, rate = stats[label]
-        print(f"{label:<12} {len(lat):>7} {p50:>9.1f} {p99:>9.1f} {worst:>9.1f} {rate:>9.0f}")
-    s, p = stats["sqlite"], stats["postgresql"]
-    print(
-        f"{'pg/sqlite':<12} {'':>7} {p[0] / s[0]:>9.2f} {p[1] / s[1]:>9.2f} "
-        f"{p[2] / s[2]:>9.2f} {p[3] / s[3]:>9.2f}"
-    )
+        if "postgresql" in labels:
+            with psycopg.connect(PG_DSN, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)')
+    report(rows, labels, args, load)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--devices", type=int, default=500)
-    parser.add_argument("--rounds", type=int, default=6)
-    asyncio.run(main_async(parser.parse_args()))
+    parser.add_argument("--devices", type=int, default=500, help="devices = concurrent connections")
+    parser.add_argument("--client", choices=("wrk", "httpx"), default="wrk")
+    parser.add_argument("--duration", type=int, default=20, help="seconds per wrk round")
+    parser.add_argument("--rounds", type=int, default=None, help="default: 2 (wrk), 6 (httpx)")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    parser.add_argument("--databases", default="sqlite,postgresql")
+    parser.add_argument(
+        "--no-pin", dest="pin", action="store_false", help="do not pin client and server to CPUs"
+    )
+    args = parser.parse_args()
+    if args.rounds is None:
+        args.rounds = 2 if args.client == "wrk" else 6
+    if args.client == "wrk" and shutil.which("wrk") is None:
+        print(
+            "bench_poll: wrk not found on PATH; install it (Debian/Ubuntu: apt-get install -y wrk)"
+            " or run with --client httpx (slower Python load generator on the same cores)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

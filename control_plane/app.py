@@ -17,16 +17,29 @@ from starlette.concurrency import run_in_threadpool
 from agent.logs import get_logger
 from control_plane import __version__
 from control_plane.api.errors import install_error_handlers
-from control_plane.api.fast_poll import FastPollMiddleware
-from control_plane.api.routes import artifacts, assignments, devices, health, jobs, models, tokens
+from control_plane.api.fast_poll import ControlPlaneAPI, FastPoll
+from control_plane.api.routes import (
+    artifacts,
+    assignments,
+    devices,
+    health,
+    jobs,
+    models,
+    tokens,
+    tuf,
+)
+from control_plane.api.routes import rollouts as rollout_routes
+from control_plane.api.routes import web as web_page
 from control_plane.artifacts import ArtifactStore, LocalArtifactStore
 from control_plane.context import AppContext
 from control_plane.db.engine import make_engine, make_sessionmaker, upgrade_database
 from control_plane.desired import CredentialCache, DesiredStateCache
+from control_plane.ingest.wiring import IngestCollector, fleet_telemetry
 from control_plane.jobs import BuildWorker
 from control_plane.metrics import Metrics, RequestMetricsMiddleware
 from control_plane.registry import BuildVariants
 from control_plane.settings import Settings
+from control_plane.signing.publisher import MetadataRefresher, open_repository, publish_registry
 
 __all__ = ["create_app"]
 
@@ -59,8 +72,12 @@ def create_app(
     metrics = Metrics()
     desired = DesiredStateCache(ttl_s=settings.desired_state_cache_ttl_s)
 
+    signed = open_repository(settings.data_dir, settings.tuf_root_key_dir)
+
     def on_finished(job_id: int, status: str) -> None:
         metrics.builds.labels(status).inc()
+        if status == "succeeded":
+            publish_registry(sessions, signed)  # the new archives become signed targets
 
     worker = BuildWorker(
         sessions=sessions,
@@ -71,6 +88,14 @@ def create_app(
         on_finished=on_finished,
         now=now,
     )
+    telemetry = fleet_telemetry(
+        settings,
+        engine,
+        sessions,
+        on_desired_changed=desired.invalidate,
+        clock=lambda: now().timestamp(),
+    )
+    metrics.registry.register(IngestCollector(telemetry.ingester, telemetry.rollouts))
     ctx = AppContext(
         settings=settings,
         engine=engine,
@@ -81,12 +106,18 @@ def create_app(
         credentials=CredentialCache(ttl_s=settings.desired_state_cache_ttl_s),
         metrics=metrics,
         now=now,
+        tuf=signed,
+        ingester=telemetry.ingester,
+        rollouts=telemetry.rollouts,
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(upgrade_database, engine)
+        await run_in_threadpool(publish_registry, sessions, signed)
+        refresher = MetadataRefresher(signed, settings.tuf_refresh_interval_s).start()
         await run_in_threadpool(worker.resume_unfinished)
+        await run_in_threadpool(telemetry.start)  # MQTT ingestion and the rollout runner
         log.info(
             "control_plane_started",
             database=engine.url.get_backend_name(),
@@ -95,19 +126,23 @@ def create_app(
         try:
             yield
         finally:
+            await run_in_threadpool(telemetry.stop)
             await run_in_threadpool(worker.shutdown)
+            refresher.stop()
             engine.dispose()
 
-    app = FastAPI(
+    app = ControlPlaneAPI(
         title="edgefleet control plane",
         version=__version__,
         description="Model registry with per-target variants, device registry, desired state.",
         lifespan=lifespan,
     )
     app.state.ctx = ctx
+    app.fast_poll = FastPoll(ctx)  # idle polls answered in front of the framework
     install_error_handlers(app)
-    for module in (health, tokens, models, jobs, devices, assignments, artifacts):
+    for module in (health, tokens, models, jobs, devices, assignments, artifacts, tuf):
         app.include_router(module.router)
-    app.add_middleware(FastPollMiddleware, ctx=ctx)  # inside the metrics middleware
+    app.include_router(rollout_routes.router)
+    app.include_router(web_page.router)  # the operator page at / and /ui
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -17,6 +18,11 @@ from control_plane.desired import CredentialCache, DesiredStateCache
 from control_plane.jobs import BuildWorker
 from control_plane.metrics import Metrics
 from control_plane.settings import Settings
+from control_plane.signing import TufRepository
+
+if TYPE_CHECKING:
+    from control_plane.ingest import TelemetryIngester
+    from control_plane.rollouts.service import RolloutService
 
 __all__ = ["AppContext"]
 
@@ -32,3 +38,6 @@ class AppContext:
     credentials: CredentialCache
     metrics: Metrics
     now: Callable[[], datetime]
+    ingester: TelemetryIngester | None = None  # None: settings.mqtt_host is not set
+    rollouts: RolloutService | None = None
+    tuf: TufRepository | None = None  # signed metadata for every artifact served

@@ -56,6 +56,25 @@ class Settings(BaseSettings):
     # seconds: how stale another replica's cached desired state may get (this one drops it at once)
     desired_state_cache_ttl_s: float = Field(default=300.0, ge=0)
     log_level: str = "info"
+    # Signed metadata (docs/updates.md): how often roles are checked for re-signing, and where
+    # the root key is written at first start (move it offline afterwards).
+    tuf_refresh_interval_s: float = Field(default=3600.0, gt=0)
+    tuf_root_key_dir: Path | None = None
+    # Telemetry ingestion and rollouts (docs/rollouts.md). mqtt_host None: no ingester, no commands.
+    mqtt_host: str | None = None
+    mqtt_port: int = Field(default=1883, ge=1, le=65535)
+    mqtt_username: str | None = None
+    mqtt_password: SecretStr | None = None
+    mqtt_tls_ca: Path | None = None
+    mqtt_client_id: str = "edgefleet-control-plane"
+    mqtt_topic_prefix: str = "edgefleet/v1"
+    mqtt_session_expiry_s: int = Field(default=3600, ge=0)  # broker queues events this long
+    telemetry_retention_s: float = Field(default=7 * 24 * 3600.0, gt=0)  # time buckets, by age
+    telemetry_max_rows: int = Field(default=2_000_000, ge=1000)  # time buckets, by rows
+    # seconds: a device's latest-state row is rewritten at most this often (write-behind)
+    telemetry_state_write_s: float = Field(default=5.0, ge=0)
+    rollout_interval_s: float = Field(default=5.0, gt=0)  # seconds between controller ticks
+    rollout_runner: bool = True  # run the controller here (one replica of several runs it)
 
     @field_validator("bootstrap_token", "admin_token")
     @classmethod

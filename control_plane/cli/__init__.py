@@ -8,6 +8,8 @@
     edgectl devices ls | show ID | label ID key=value ... key-
     edgectl deploy MODEL VERSION --to SELECTOR      device=<id> or key=value[,key=value]
     edgectl tokens create NAME --role viewer|operator|admin
+    edgectl tuf root > root.json                    the fleet's TUF root, to provision devices
+    edgectl rollout create|ls|status|pause|resume|abort|rollback   (see cli/rollout.py)
 
 ``main`` catches ``ControlPlaneError``, prints ``Name: message`` and exits 1.
 """
@@ -35,6 +37,7 @@ from rich.progress import (
 from rich.table import Table
 
 from control_plane.cli._client import ControlPlaneClient
+from control_plane.cli.rollout import rollout_app
 from control_plane.errors import ClientError, ConfigError, ControlPlaneError
 
 __all__ = ["app", "main"]
@@ -49,9 +52,12 @@ app = typer.Typer(
 models_app = typer.Typer(help="Model registry.", no_args_is_help=True)
 devices_app = typer.Typer(help="Device registry.", no_args_is_help=True)
 tokens_app = typer.Typer(help="Operator API tokens (admin).", no_args_is_help=True)
+tuf_app = typer.Typer(help="Signed metadata (TUF).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(devices_app, name="devices")
 app.add_typer(tokens_app, name="tokens")
+app.add_typer(tuf_app, name="tuf")
+app.add_typer(rollout_app, name="rollout")
 
 
 def _console() -> Console:
@@ -401,6 +407,15 @@ def tokens_create(
     with _client() as client:
         t = client.create_token(name, role)
     _console().print(f"token {t['name']} ({t['role']}): {t['token']}")
+
+
+@tuf_app.command("root")
+def tuf_root() -> None:
+    """Print the fleet's root.json (provision devices with it: control_plane.tuf_root_path)."""
+    with _client() as client:
+        data = client.tuf_root()
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

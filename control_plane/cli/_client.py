@@ -140,6 +140,21 @@ class ControlPlaneClient:
     def create_token(self, name: str, role: str) -> Any:
         return self._call("POST", "/v1/tokens", json={"name": name, "role": role})
 
+    def tuf_root(self) -> bytes:
+        """The fleet's current TUF root metadata, to provision devices with."""
+        try:
+            response = self._http.get("/v1/tuf/root")
+        except httpx.HTTPError as exc:
+            raise ClientError(
+                f"cannot reach the control plane at {self._http.base_url}: {exc}"
+            ) from exc
+        if response.status_code != 200:
+            raise ClientError(
+                f"HTTP {response.status_code}: {response.text[:200]}",
+                status_code=response.status_code,
+            )
+        return response.content
+
     def whoami_check(self) -> None:
         """A cheap authenticated call that proves the URL and token work."""
         self._call("GET", "/v1/models")

@@ -16,6 +16,11 @@ from control_plane.db.models import (
     VariantRow,
 )
 
+# Tables owned by the ingester and the rollouts register on the same metadata (the migrations
+# are checked against it).
+from control_plane.ingest import tables as _ingest_tables  # noqa: F401
+from control_plane.rollouts import tables as _rollout_tables  # noqa: F401
+
 __all__ = [
     "ApiToken",
     "Assignment",
