@@ -37,6 +37,7 @@ from rich.progress import (
 from rich.table import Table
 
 from control_plane.cli._client import ControlPlaneClient
+from control_plane.cli.images import images_app
 from control_plane.cli.rollout import rollout_app
 from control_plane.errors import ClientError, ConfigError, ControlPlaneError
 
@@ -58,6 +59,7 @@ app.add_typer(devices_app, name="devices")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(tuf_app, name="tuf")
 app.add_typer(rollout_app, name="rollout")
+app.add_typer(images_app, name="images")
 
 
 def _console() -> Console:

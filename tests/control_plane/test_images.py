@@ -41,3 +41,12 @@ def test_agent_image_builds(name: str) -> None:
         pytest.skip("no Docker engine runs on this machine: image builds not exercised")
     image_id = build_image(client, IMAGES[name], ROOT, "test")
     assert image_id.startswith("sha256:")
+
+
+def test_edgectl_images_without_an_engine_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from control_plane.cli import main
+
+    if _engine() is not None:
+        pytest.skip("a Docker engine is running here; the no-engine path cannot be shown")
+    assert main(["images", "build", "--tag", "t"]) == 1
+    assert capsys.readouterr().err.strip().startswith("ImageError: no Docker engine reachable")
