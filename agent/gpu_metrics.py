@@ -42,7 +42,7 @@ JETSON_LOAD_FILES = (
     "sys/devices/gpu.0/load",
     "sys/devices/platform/bus@0/17000000.gpu/load",
 )
-_JETSON_GPU_ZONES = ("gpu-thermal", "GPU-therm")
+_JETSON_GPU_ZONES = ("gpu-thermal", "GPU-therm", "gpu_thermal")
 
 
 @dataclass(frozen=True, slots=True)

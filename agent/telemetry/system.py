@@ -19,21 +19,15 @@ from typing import Any
 import psutil
 
 from agent.contracts.telemetry import GpuMetrics, SystemMetrics
+from agent.errors import BackendUnavailableError, TelemetryError
+from agent.gpu_metrics import GpuSample, JetsonGpuReader, NvmlReader
 from agent.logs import get_logger
 
-__all__ = ["JETSON_GPU_LOAD_PATHS", "SystemMetricsCollector"]
+__all__ = ["SystemMetricsCollector"]
 
 log = get_logger(__name__)
 
-# Tried in order; the file holds 0..1000 (tenths of a percent). Orin has only the platform path,
-# Xavier both, Nano and AGX Xavier the first; JetPack 6 Orin Nano also has the bus@0 path.
-JETSON_GPU_LOAD_PATHS = (
-    "sys/devices/gpu.0/load",
-    "sys/devices/platform/gpu.0/load",
-    "sys/devices/platform/bus@0/17000000.gpu/load",
-)
 _CPU_ZONE_NAMES = ("cpu-thermal", "CPU-therm", "cpu_thermal", "x86_pkg_temp", "cpu-therm")
-_GPU_ZONE_NAMES = ("gpu-thermal", "GPU-therm", "gpu_thermal")
 _MAX_SYSFS_READ = 64  # bytes; sysfs values are short, a large file is not one of ours
 
 
@@ -49,7 +43,7 @@ class SystemMetricsCollector:
     ) -> None:
         self._root = root
         self._use_nvml = use_nvml
-        self._nvml: Any = None  # the pynvml module once initialised, False once it failed
+        self._nvml: Any = None  # an NvmlReader once started, False once it failed
         # psutil's first non-blocking reading is meaningless; prime it so the next is a delta.
         self._cpu_percent = cpu_percent or (lambda: psutil.cpu_percent(interval=None))
         with contextlib.suppress(Exception):
@@ -58,10 +52,7 @@ class SystemMetricsCollector:
     def collect(self) -> SystemMetrics:
         temps = self.thermal_zones()
         mem = psutil.virtual_memory()
-        gpus = list(self._nvml_gpus())
-        jetson = self._jetson_gpu(temps)
-        if jetson is not None:
-            gpus.insert(0, jetson)
+        gpus = self._gpus()
         try:
             cpu: float | None = min(100.0, max(0.0, float(self._cpu_percent())))
         except Exception:
@@ -112,72 +103,42 @@ class SystemMetricsCollector:
 
     # -- GPUs --------------------------------------------------------------------------------
 
-    def _jetson_gpu(self, temps: dict[str, float]) -> GpuMetrics | None:
-        for rel in JETSON_GPU_LOAD_PATHS:
-            raw = _read_text(self._root / rel)
-            if raw is None:
-                continue
+    def _gpus(self) -> list[GpuMetrics]:
+        """The Jetson's integrated GPU (sysfs) first, then NVML's GPUs: ``agent.gpu_metrics``."""
+        samples: list[GpuSample] = []
+        # Not a Jetson, or its load file is unreadable right now: no integrated GPU reading.
+        with contextlib.suppress(BackendUnavailableError, TelemetryError):
+            samples += JetsonGpuReader(self._root).read()
+        nvml = self._nvml_reader()
+        if nvml is not None:
             try:
-                load = int(raw)
-            except ValueError:
-                continue
-            temp = next((temps[n] for n in _GPU_ZONE_NAMES if n in temps), None)
-            return GpuMetrics(
-                name="jetson-igpu",
-                utilization_percent=min(100.0, max(0.0, load / 10.0)),
-                temperature_c=temp,
+                samples += nvml.read()
+            except TelemetryError as exc:
+                log.debug("nvml_read_failed", error=str(exc))
+        return [
+            GpuMetrics(
+                name=s.name,
+                utilization_percent=s.utilization_pct,
+                memory_used_bytes=s.memory_used_bytes,
+                memory_total_bytes=s.memory_total_bytes,
+                temperature_c=s.temperature_c,
+                power_w=s.power_w,
             )
-        return None
+            for s in samples
+        ]
 
-    def _nvml_gpus(self) -> list[GpuMetrics]:
-        nvml = self._nvml_module()
-        if nvml is None:
-            return []
-        out: list[GpuMetrics] = []
-        try:
-            count = int(nvml.nvmlDeviceGetCount())
-        except Exception as exc:
-            log.debug("nvml_read_failed", error=str(exc))
-            return out
-        for index in range(count):
-            try:
-                handle = nvml.nvmlDeviceGetHandleByIndex(index)
-                name = nvml.nvmlDeviceGetName(handle)
-            except Exception as exc:
-                log.debug("nvml_read_failed", index=index, error=str(exc))
-                continue
-            fields: dict[str, Any] = {"name": name if isinstance(name, str) else name.decode()}
-            with contextlib.suppress(Exception):
-                fields["utilization_percent"] = float(
-                    nvml.nvmlDeviceGetUtilizationRates(handle).gpu
-                )
-            with contextlib.suppress(Exception):
-                info = nvml.nvmlDeviceGetMemoryInfo(handle)
-                fields["memory_used_bytes"] = int(info.used)
-                fields["memory_total_bytes"] = int(info.total)
-            with contextlib.suppress(Exception):
-                fields["temperature_c"] = float(
-                    nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)
-                )
-            with contextlib.suppress(Exception):
-                fields["power_w"] = nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0
-            out.append(GpuMetrics(**fields))
-        return out
-
-    def _nvml_module(self) -> Any:
+    def _nvml_reader(self) -> NvmlReader | None:
         if not self._use_nvml or self._nvml is False:
             return None
         if self._nvml is None:
             try:
-                import pynvml
-
-                pynvml.nvmlInit()
-            except Exception as exc:  # not installed, no driver, no GPU: all mean "no NVML"
-                log.debug("nvml_unavailable", error=str(exc))
+                self._nvml = NvmlReader()
+            except BackendUnavailableError as exc:  # not installed, no driver, no GPU
+                log.debug("nvml_unavailable", reason=exc.reason)
                 self._nvml = False
                 return None
-            self._nvml = pynvml
-        return self._nvml
+        reader: NvmlReader = self._nvml
+        return reader
 
 
 def _zone_number(name: str) -> int:

@@ -21,24 +21,10 @@ from agent.api import ApiServer, start_api
 from agent.backends import Artifact, LoadOptions, load_first
 from agent.backends.base import Session
 from agent.config import ApiConfig
-from agent.contracts.tensors import TensorSpec
+from agent.contracts.tensors import DTYPES, TensorSpec
 from agent.errors import ModelError
 
-ECHO_TYPES = (
-    "BOOL",
-    "UINT8",
-    "UINT16",
-    "UINT32",
-    "UINT64",
-    "INT8",
-    "INT16",
-    "INT32",
-    "INT64",
-    "FP16",
-    "FP32",
-    "FP64",
-    "BYTES",
-)
+ECHO_TYPES = tuple(DTYPES)  # every protocol datatype
 
 
 class OrtServedModel:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.telemetry.system import JETSON_GPU_LOAD_PATHS, SystemMetricsCollector
+from agent.gpu_metrics import JETSON_LOAD_FILES
+from agent.telemetry.system import SystemMetricsCollector
 from tests.conftest import FIXTURES
 
 NANO = FIXTURES / "boards" / "jetson-nano-2gb-jp4"
@@ -44,7 +45,7 @@ def test_jetson_nano_zones_by_old_names(nano_root: Path) -> None:
     assert metrics.gpus == ()  # no load file recorded: no GPU entry invented
 
 
-@pytest.mark.parametrize("load_path", JETSON_GPU_LOAD_PATHS)
+@pytest.mark.parametrize("load_path", JETSON_LOAD_FILES)
 def test_jetson_gpu_load_from_each_known_path(nano_root: Path, load_path: str) -> None:
     target = nano_root / load_path
     target.parent.mkdir(parents=True)
