@@ -3,6 +3,7 @@ images' dependency sets resolved for their real targets (linux/aarch64 on each P
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -167,3 +168,13 @@ def test_compose_stack_refuses_to_start_without_its_secrets() -> None:
             src = volume.split(":", 1)[0]
             if src.startswith("./mosquitto/") and not src.endswith("passwd"):
                 assert (ROOT / "deploy" / src).exists(), src
+
+
+def test_example_agent_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.config import load_settings
+
+    for key in [k for k in os.environ if k.startswith("EDGE_AGENT__")]:
+        monkeypatch.delenv(key)
+    settings = load_settings(ROOT / "deploy" / "systemd" / "agent.toml.example")
+    assert settings.control_plane.tuf_root_path == Path("/etc/edge-agent/root.json")
+    assert [m.name for m in settings.models] == ["detector"]
