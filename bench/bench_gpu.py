@@ -36,6 +36,7 @@ from agent.backends import Artifact, LoadOptions  # noqa: E402
 from agent.backends.onnxruntime import OnnxRuntimeBackend, OrtBoundSession  # noqa: E402
 from agent.gpu_metrics import NvmlReader  # noqa: E402
 from agent.logs import configure_logging  # noqa: E402
+from agent.samples import text_page  # noqa: E402
 
 HEURISTIC = {"cudnn_conv_algo_search": "HEURISTIC"}
 TOLERANCE = {"resnet50": 2e-2, "ppocr-det": 1e-3}  # see output_error
@@ -60,24 +61,6 @@ def export_resnet50(path: Path, batch: int) -> Path:
         subprocess.run([sys.executable, "-c", EXPORT, str(tmp), str(batch)], check=True)
         tmp.replace(path)
     return path
-
-
-def text_page(batch: int, seed: int, size: int = 640) -> np.ndarray[Any, Any]:
-    """Normalised NCHW pages of dark word-like strokes on white: the detector fires on them
-    (random noise gives an all-zero map, which would prove nothing)."""
-    rng = np.random.default_rng(seed)
-    img = np.ones((batch, size, size, 3), np.float32)
-    for b in range(batch):
-        for row in range(40, size - 40, 48):
-            x = int(rng.integers(10, 40))
-            while x < size - 80:
-                width = int(rng.integers(20, 90))
-                for col in range(x, x + width, 9):
-                    img[b, row : row + 22, col : col + 5, :] = 0.0
-                x += width + int(rng.integers(15, 30))
-    mean = np.array([0.485, 0.456, 0.406], np.float32)
-    std = np.array([0.229, 0.224, 0.225], np.float32)
-    return np.ascontiguousarray(((img - mean) / std).transpose(0, 3, 1, 2))
 
 
 def fp16_variant(src: Path, dst: Path) -> Path:

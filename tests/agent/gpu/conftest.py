@@ -24,24 +24,6 @@ def ppocr_model(request: pytest.FixtureRequest) -> Path:
     return path
 
 
-def text_page(batch: int, seed: int, size: int = 640) -> np.ndarray[Any, Any]:
-    """Normalised NCHW pages of dark word-like strokes on white: the detector fires on them
-    (random noise gives an all-zero map, which would prove nothing)."""
-    rng = np.random.default_rng(seed)
-    img = np.ones((batch, size, size, 3), np.float32)
-    for b in range(batch):
-        for row in range(40, size - 40, 48):
-            x = int(rng.integers(10, 40))
-            while x < size - 80:
-                width = int(rng.integers(20, 90))
-                for col in range(x, x + width, 9):
-                    img[b, row : row + 22, col : col + 5, :] = 0.0
-                x += width + int(rng.integers(15, 30))
-    mean = np.array([0.485, 0.456, 0.406], np.float32)
-    std = np.array([0.229, 0.224, 0.225], np.float32)
-    return np.ascontiguousarray(((img - mean) / std).transpose(0, 3, 1, 2))
-
-
 def map_disagreement(got: np.ndarray[Any, Any], want: np.ndarray[Any, Any]) -> tuple[float, float]:
     """(share of pixels on opposite sides of the detector's 0.3 threshold, mean |difference|)
     between two probability maps: what decides the boxes, not the steep sigmoid's edge pixels."""

@@ -24,9 +24,9 @@ from agent.backends.onnxruntime import OnnxRuntimeBackend, OrtBoundSession
 from agent.contracts.manifest import Precision
 from agent.errors import BackendError, InferenceError
 from agent.gpu_metrics import NvmlReader
-from agent.samples import DigitsData
+from agent.samples import DigitsData, text_page
 
-from .conftest import fp16_variant, map_disagreement, text_page
+from .conftest import fp16_variant, map_disagreement
 
 pytestmark = pytest.mark.gpu
 
