@@ -65,6 +65,10 @@ __all__ = [
 
 log = get_logger(__name__)
 
+# Longest a wait (pacing, pause) blocks before looking at the stop flag again: what a stop from a
+# signal handler, which sets flags only, may take to be noticed. Seconds.
+_POLL_S = 0.1
+
 Feeds = Mapping[str, np.ndarray[Any, Any]]
 Outputs = dict[str, np.ndarray[Any, Any]]
 Runner = Callable[[Feeds], Outputs]
@@ -384,11 +388,17 @@ class InferenceLoop:
             self._resumed.set()
 
     def stop(self) -> None:
-        """Ask the loop to finish the current inference and return; safe in a signal handler."""
-        self._stop_requested = True
-        self._halt = True
+        """Ask the loop to finish the current inference and return, waking it at once."""
+        self.request_stop()
         self._resumed.set()
         self._wake.set()
+
+    def request_stop(self) -> None:
+        """``stop`` for a signal handler: plain flag writes, no lock. A handler that took an
+        ``Event``'s lock could deadlock on the very lock its own thread was holding when the
+        signal arrived; the loop's waits are bounded, so it notices within ``_POLL_S``."""
+        self._stop_requested = True
+        self._halt = True
 
     def start(self) -> None:
         """Run in a background thread; ``join()`` waits for it and re-raises a crash."""
@@ -415,7 +425,10 @@ class InferenceLoop:
         return self._stop_requested
 
     def _wake_or_timeout(self, seconds: float) -> None:
-        self._wake.wait(seconds)
+        end = time.monotonic() + seconds
+        while not self._halt and (left := end - time.monotonic()) > 0:
+            if self._wake.wait(min(left, _POLL_S)):
+                return
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -683,7 +696,8 @@ class InferenceLoop:
         self._state = "paused"
         self._close_window(n, failed, dropped, kept, t_ns, state="paused")
         _log_safely("info", "loop_paused", model=self.name)
-        self._resumed.wait()
+        while not self._resumed.wait(_POLL_S) and not self._stop_requested:
+            pass
         with self._lock:
             self._wake.clear()
             if self._stopping():  # stop() may have come while paused

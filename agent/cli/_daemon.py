@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -42,17 +42,21 @@ def daemon_command(args: argparse.Namespace) -> int:
     configure_logging(level, json=settings.log_json)
     if args.duration is not None and not args.duration > 0:
         raise ConfigError(f"--duration must be positive, got {args.duration}")
-    stop = threading.Event()
+    signalled: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
+        # A plain append: taking a lock here (Event.set) could deadlock on a lock the
+        # interrupted main thread holds.
+        signalled.append(signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     daemon = Daemon(settings)
     try:
         daemon.start()
         print(json.dumps({"event": "started", "device_id": settings.device_id}), flush=True)
-        stop.wait(args.duration)
+        deadline = None if args.duration is None else time.monotonic() + args.duration
+        while not signalled and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.1)
     finally:
         summary = daemon.stop()
         for s, handler in previous.items():

@@ -92,7 +92,7 @@ def run_command(args: argparse.Namespace) -> int:
             on_window=display.update,
         )
         timer = threading.Timer(args.duration, loop.stop) if args.duration else None
-        with _stop_on_signals(loop.stop), display:
+        with _stop_on_signals(loop.request_stop), display:
             if timer is not None:
                 timer.daemon = True
                 timer.start()
@@ -256,7 +256,8 @@ def _stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
         return
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        stop()  # no logging here: a handler may interrupt a write to the same stream
+        # Flags only: no logging, no locks (the signal may have interrupted their holder).
+        stop()
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -421,3 +421,27 @@ def test_a_frame_source_needs_input_specs() -> None:
 
     with pytest.raises(ConfigError, match="input specs"):
         InferenceLoop(Bare(), CallbackSource(lambda: None))
+
+
+@pytest.mark.parametrize("paused", [False, True])
+def test_a_flags_only_stop_is_noticed_within_the_poll_interval(
+    digits_session: Session, paused: bool
+) -> None:
+    """``request_stop`` (what a signal handler may call) takes no lock; the loop must still
+    notice it mid-wait: here a 0.05 Hz pacing wait of 20 s, or a pause with no end."""
+    loop = InferenceLoop(digits_session, SyntheticSource(digits_session.inputs), rate_hz=0.05)
+    loop.start()
+    try:
+        deadline = threading.Event()
+        while loop.state != "running" and not deadline.wait(0.01):
+            pass
+        if paused:
+            loop.pause()
+            while loop.state != "paused" and not deadline.wait(0.01):
+                pass
+        loop.request_stop()
+        loop.join(timeout=2)
+        assert loop.state == "stopped"
+    finally:
+        loop.stop()
+        loop.join(timeout=5)
