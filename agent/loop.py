@@ -65,8 +65,8 @@ __all__ = [
 
 log = get_logger(__name__)
 
-# Longest a wait (pacing, pause) blocks before looking at the stop flag again: what a stop from a
-# signal handler, which sets flags only, may take to be noticed. Seconds.
+# Longest a wait (pacing, pause) on the main thread blocks before looking at the stop flag again:
+# what a stop from a signal handler, which sets flags only, may take to be noticed. Seconds.
 _POLL_S = 0.1
 
 Feeds = Mapping[str, np.ndarray[Any, Any]]
@@ -424,10 +424,21 @@ class InferenceLoop:
     def _stopping(self) -> bool:
         return self._stop_requested
 
+    @staticmethod
+    def _poll_s() -> float | None:
+        """How long a wait may block before looking at the flags: bounded only on the main
+        thread, the one a signal handler (``request_stop``) runs on; elsewhere ``stop()`` wakes
+        the waits, and a paused loop sleeps without waking."""
+        return _POLL_S if threading.current_thread() is threading.main_thread() else None
+
     def _wake_or_timeout(self, seconds: float) -> None:
+        poll = self._poll_s()
+        if poll is None:
+            self._wake.wait(seconds)
+            return
         end = time.monotonic() + seconds
         while not self._halt and (left := end - time.monotonic()) > 0:
-            if self._wake.wait(min(left, _POLL_S)):
+            if self._wake.wait(min(left, poll)):
                 return
 
     # -- the loop ------------------------------------------------------------------------
@@ -696,7 +707,8 @@ class InferenceLoop:
         self._state = "paused"
         self._close_window(n, failed, dropped, kept, t_ns, state="paused")
         _log_safely("info", "loop_paused", model=self.name)
-        while not self._resumed.wait(_POLL_S) and not self._stop_requested:
+        poll = self._poll_s()
+        while not self._resumed.wait(poll) and not self._stop_requested:
             pass
         with self._lock:
             self._wake.clear()

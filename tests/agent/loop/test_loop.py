@@ -424,24 +424,28 @@ def test_a_frame_source_needs_input_specs() -> None:
 
 
 @pytest.mark.parametrize("paused", [False, True])
-def test_a_flags_only_stop_is_noticed_within_the_poll_interval(
+def test_a_flags_only_stop_is_noticed_on_the_main_thread(
     digits_session: Session, paused: bool
 ) -> None:
-    """``request_stop`` (what a signal handler may call) takes no lock; the loop must still
-    notice it mid-wait: here a 0.05 Hz pacing wait of 20 s, or a pause with no end."""
+    """``request_stop`` (what a signal handler may call) takes no lock; a loop running on the
+    main thread must still notice it mid-wait: here a 0.05 Hz pacing wait of 20 s, or a pause
+    with no end. A safety net stops the loop after 10 s and would fail the test."""
     loop = InferenceLoop(digits_session, SyntheticSource(digits_session.inputs), rate_hz=0.05)
-    loop.start()
-    try:
-        deadline = threading.Event()
-        while loop.state != "running" and not deadline.wait(0.01):
-            pass
-        if paused:
-            loop.pause()
-            while loop.state != "paused" and not deadline.wait(0.01):
-                pass
-        loop.request_stop()
-        loop.join(timeout=2)
-        assert loop.state == "stopped"
-    finally:
+    net_fired = threading.Event()
+
+    def safety_net() -> None:
+        net_fired.set()
         loop.stop()
-        loop.join(timeout=5)
+
+    steps = [threading.Timer(0.3, loop.pause)] if paused else []
+    steps += [threading.Timer(0.6, loop.request_stop), threading.Timer(10.0, safety_net)]
+    for timer in steps:
+        timer.start()
+    try:
+        final = loop.run()  # on the main thread, as in ``edge-agent run``
+    finally:
+        for timer in steps:
+            timer.cancel()
+    assert final is not None
+    assert final.state == "stopped"
+    assert not net_fired.is_set()
