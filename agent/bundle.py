@@ -31,6 +31,7 @@ from typing import IO, Any
 import numpy as np
 from pydantic import ValidationError as PydanticValidationError
 
+from agent.backends.base import file_digest
 from agent.contracts.manifest import (
     MANIFEST_FILE,
     AccuracyReport,
@@ -144,7 +145,7 @@ def check_entry(path: Path, entry: FileEntry, *, deep: bool = True) -> str | Non
     if size != entry.size:
         return f"file {entry.path} has {size} bytes where the manifest says {entry.size}"
     if deep:
-        digest = _sha256_file(path)
+        digest = file_digest(path)
         if digest != entry.sha256:
             return (
                 f"file {entry.path} has sha256 {digest[:16]}... "
@@ -352,14 +353,6 @@ def _copy_file(src: Path, root: Path, rel: str) -> FileEntry:
     except OSError as exc:
         raise BundleError(f"cannot copy {src} into the bundle: {exc}") from exc
     return FileEntry(path=rel, sha256=digest.hexdigest(), size=size)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- archives --------------------------------------------------------------------------------

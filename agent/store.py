@@ -41,6 +41,7 @@ from typing import IO, Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict
 from pydantic import ValidationError as PydanticValidationError
 
+from agent._fs import fsync_dir, write_file_atomic
 from agent.bundle import ArchiveReader, check_entry, parse_manifest
 from agent.contracts.manifest import MANIFEST_FILE, NAME_RE, BundleManifest, FileEntry, semver_key
 from agent.errors import BundleError, StoreError
@@ -72,33 +73,6 @@ FileWriter = Callable[[Path], IO[bytes]]
 
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename or create inside it survives a power cut."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path``, fsync it, ``os.replace`` it, fsync the dir.
-
-    Raises ``OSError``; the temp file is removed on failure, ``path`` is old or new, never torn.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with tmp.open("xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def _fsync_tree(root: Path) -> None:

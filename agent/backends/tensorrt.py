@@ -15,7 +15,6 @@ TensorRT comes from JetPack's system packages on Jetson (or NVIDIA's wheels on x
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from agent import cuda
+from agent._fs import write_file_atomic
 from agent.backends.base import (
     Artifact,
     Feeds,
@@ -83,14 +83,9 @@ class _Logger:
             return cls._instance
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _write_cache(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    write_file_atomic(path, data)
 
 
 def _profile_shapes(
@@ -166,7 +161,7 @@ def build_plan(
             f"TensorRT could not build a {precision} plan (see the TensorRT log above)", model=model
         )
     if timing_cache is not None:
-        _atomic_write(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
+        _write_cache(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(memoryview(plan))
 
 
@@ -341,6 +336,6 @@ class TensorRTBackend:
             model=artifact.name,
         )
         if plan_file is not None:
-            _atomic_write(plan_file, plan)
+            _write_cache(plan_file, plan)
             log.info("trt_engine_cached", model=artifact.name, path=str(plan_file))
         return plan

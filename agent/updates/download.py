@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 
+from agent._fs import fsync_dir
 from agent.errors import DownloadError, VerificationError
 from agent.logs import get_logger
 
@@ -131,7 +132,7 @@ class Downloader:
         with part.open("rb") as f:
             os.fsync(f.fileno())
         part.replace(dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         log.info(
             "download_complete",
             url=url,
@@ -279,11 +280,3 @@ def _check_content_range(url: str, header: str | None, have: int) -> None:
         raise DownloadError(f"{url}: malformed Content-Range {header!r}") from exc
     if unit != "bytes" or start != have:
         raise DownloadError(f"{url}: server resumed at {header!r}, expected byte {have}")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
