@@ -21,7 +21,7 @@ services:
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check agent control_plane
+	$(BIN)/ruff format --check agent control_plane demo
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -35,7 +35,7 @@ soak: $(STAMP) services
 	EDGEFLEET_SOAK=1 $(BIN)/pytest -m slow $(PYTEST_ARGS)
 
 demo: $(STAMP) services
-	$(BIN)/python -m control_plane.demo
+	$(BIN)/python -m demo.fleet
 
 bench: $(STAMP)
 	@for f in bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done

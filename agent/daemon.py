@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 
-from agent.activation import ModelActivator
 from agent.config import AgentSettings
 from agent.contracts.events import UpdateEvent
 from agent.contracts.profile import HardwareProfile
@@ -37,9 +36,10 @@ from agent.loop import (
     SyntheticSource,
     VideoSource,
 )
-from agent.probation import Limits, UpdateJournal
-from agent.slots import ModelSlot, SlotRegistry, load_options_from
-from agent.store import ModelStore
+from agent.models.activation import ModelActivator
+from agent.models.probation import Limits, UpdateJournal
+from agent.models.slots import ModelSlot, SlotRegistry, load_options_from
+from agent.models.store import ModelStore
 from agent.systemd import Notifier, WatchdogPinger, watchdog_interval_s
 
 __all__ = ["Daemon", "ServedModels"]

@@ -5,7 +5,7 @@ It owns pacing (target rate, skip or catch-up when late), the per-window statist
 (``LatencySampler`` and the ``WindowStats`` snapshot that telemetry publishes), the result sinks
 (JSON lines, callback) and pause/resume/stop from other threads. It leaves decoding to
 ``agent._sources``, pixel arithmetic to ``agent._preprocess``, and running the model to whatever
-it is handed: a served model (``infer(feeds)``, ``agent.serving.ServedModel``) or a backend
+it is handed: a served model (``infer(feeds)``, ``agent.models.serving.ServedModel``) or a backend
 session (``run(feeds)``, ``agent.backends.Session``).
 
 The hot path is written for a model that runs in ~15 us: locals only, no allocation, no logging,

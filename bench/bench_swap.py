@@ -32,14 +32,14 @@ import numpy as np
 import psutil
 
 from agent.backends import LoadOptions, get_backend
-from agent.bundle import VariantSpec, build_bundle
 from agent.config import BackendConfig, SwapConfig
 from agent.contracts.manifest import Tolerance
 from agent.logs import configure_logging
-from agent.probation import p99
+from agent.models.bundle import VariantSpec, build_bundle
+from agent.models.probation import p99
+from agent.models.slots import ModelSlot, SwapReport
+from agent.models.store import ModelStore
 from agent.samples import ppocr_detector
-from agent.slots import ModelSlot, SwapReport
-from agent.store import ModelStore
 
 SHAPE = (1, 3, 320, 320)
 RATE_HZ = 12.0

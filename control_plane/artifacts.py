@@ -10,7 +10,6 @@ Also owns the pure parsing of an HTTP ``Range`` header against a blob size.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from agent._fs import file_sha256, fsync_dir
 from control_plane.errors import NotFoundError, RangeNotSatisfiableError, StorageError
 
 __all__ = [
@@ -75,21 +75,8 @@ class ArtifactStore(Protocol):
 
 
 def sha256_file(path: Path) -> ArtifactRef:
-    digest = hashlib.sha256()
-    size = 0
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return ArtifactRef(digest.hexdigest(), size)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    size = path.stat().st_size
+    return ArtifactRef(file_sha256(path, chunk=CHUNK), size)
 
 
 class LocalArtifactStore:
@@ -122,7 +109,7 @@ class LocalArtifactStore:
                 tmp.replace(dest)
             finally:
                 tmp.unlink(missing_ok=True)
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
         except OSError as exc:
             raise StorageError(f"cannot store artifact {ref.sha256}: {exc}") from exc
         return ref

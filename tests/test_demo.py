@@ -24,8 +24,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.properties import Properties
 
 from agent.config import load_settings
-from control_plane._demo_procs import free_port, port_open
-from control_plane.demo import AGENTS, agent_config
+from demo.fleet import AGENTS, agent_config
+from demo.procs import free_port, port_open
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ def reap(tmp_path: Path) -> Iterator[None]:
 @pytest.mark.usefixtures("reap")
 def test_demo_rolls_out_v2_with_no_failed_or_dropped_inference(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "control_plane.demo"],
+        [sys.executable, "-m", "demo.fleet"],
         cwd=ROOT,
         env=_demo_env(tmp_path),
         capture_output=True,
@@ -122,7 +122,7 @@ def _wait_for_line(stream: Iterator[str], needle: str, timeout_s: float) -> list
 @pytest.mark.usefixtures("reap")
 def test_ctrl_c_stops_every_child_process(tmp_path: Path) -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "control_plane.demo"],
+        [sys.executable, "-m", "demo.fleet"],
         cwd=ROOT,
         env=_demo_env(tmp_path),
         stdout=subprocess.PIPE,
@@ -179,7 +179,7 @@ def test_agent_config_is_valid_agent_settings(tmp_path: Path) -> None:
 def embedded_broker() -> Iterator[int]:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "control_plane._demo_broker", "--port", str(port)],
+        [sys.executable, "-m", "demo.broker", "--port", str(port)],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
     )

@@ -1,9 +1,9 @@
 """The agent's local inference API: the Open Inference Protocol (KServe v2) over HTTP and gRPC.
 
-Other processes on the robot (and existing Triton/KServe clients, unchanged) call the agent's
-models through it instead of loading their own copies. It serves whatever a
-``agent.serving.ModelRepository`` holds; loading, version policy and swaps belong to the model
-slots. Start it with ``start_api(repository, config.api, metrics_registry)``.
+Other processes on the robot (and existing Triton/KServe clients, unchanged) call the agent's models
+through it instead of loading their own copies. It serves whatever a
+``agent.models.serving.ModelRepository`` holds; loading, version policy and swaps belong to the
+model slots. Start it with ``start_api(repository, config.api, metrics_registry)``.
 
     codec        wire formats (JSON, binary tensor extension, raw tensors), pure
     batching     dynamic batching: the pure plan and the per-model worker

@@ -25,7 +25,7 @@ import numpy as np
 
 from agent.errors import InferenceError
 from agent.logs import get_logger
-from agent.serving import ServedModel
+from agent.models.serving import ServedModel
 
 __all__ = ["BatchPolicy", "Batcher", "RunResult", "plan_batch"]
 

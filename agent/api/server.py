@@ -25,7 +25,7 @@ from agent.api.metrics import InferenceMetrics
 from agent.api.service import ApiStartError, InferenceService
 from agent.config import ApiConfig
 from agent.logs import get_logger
-from agent.serving import ModelRepository
+from agent.models.serving import ModelRepository
 
 __all__ = ["ApiServer", "start_api"]
 

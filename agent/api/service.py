@@ -5,7 +5,7 @@ reference to a loaded version is kept between requests, so a swap takes effect a
 accepted request finishes on the version it was accepted on), checking each request against
 the model's tensors before it runs or queues, choosing between the model's batcher and the
 thread pool, and counting metrics. Loading, version policy and swaps belong to the repository
-(``agent.slots``); wire formats to ``agent.api.codec``.
+(``agent.models.slots``); wire formats to ``agent.api.codec``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from agent.backends.base import validate_feeds
 from agent.config import ApiConfig, BatchingConfig
 from agent.errors import AgentError, InferenceError, InputError, ModelError
 from agent.logs import get_logger
-from agent.serving import ModelRepository, ServedModel
+from agent.models.serving import ModelRepository, ServedModel
 
 __all__ = [
     "EXTENSIONS",

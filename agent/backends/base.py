@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
+from agent._fs import file_sha256
 from agent.contracts.manifest import ArtifactFormat, Precision
 from agent.contracts.tensors import TensorSpec, check_feed
 from agent.errors import InputError
@@ -28,7 +29,6 @@ __all__ = [
     "Probe",
     "Session",
     "cache_key",
-    "file_digest",
     "validate_feeds",
 ]
 
@@ -47,7 +47,7 @@ class Artifact:
     digest: str | None = None  # sha256 of the file; computed lazily when a cache key needs it
 
     def sha256(self) -> str:
-        return self.digest or file_digest(self.path)
+        return self.digest or file_sha256(self.path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,14 +103,6 @@ class Backend(Protocol):
     def probe(self) -> Probe: ...
 
     def load(self, artifact: Artifact, options: LoadOptions) -> Session: ...
-
-
-def file_digest(path: Path, *, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cache_key(

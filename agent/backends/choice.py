@@ -22,8 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +31,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from agent._fs import write_file_atomic
 from agent.backends.base import Artifact, Backend, LoadOptions, Session
 from agent.config import BackendConfig
 from agent.contracts.manifest import (
@@ -543,20 +542,6 @@ def _read_cached(path: Path, key: str) -> Choice | None:
     return choice if choice.key == key else None
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def choose(
     candidates: Sequence[Candidate],
     profile: HardwareProfile,
@@ -644,5 +629,6 @@ def choose(
     )
     log.info("choice_made", model=model, chosen=choice.chosen, reason=reason)
     if path is not None:
-        _write_atomic(path, json.dumps(choice.model_dump(mode="json"), indent=2).encode())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_file_atomic(path, json.dumps(choice.model_dump(mode="json"), indent=2).encode())
     return choice

@@ -4,7 +4,7 @@ For a technician with a USB stick: install a bundle (directory or .tar/.tar.gz),
 installed and active, point a model at another version (validated against its golden cases
 first), or go back to the previous one. Changes take effect when the agent next starts (or
 immediately if it is not running); the update journal is written so that the agent's boot does
-not undo them. The store is ``agent.store``; this module parses arguments and prints.
+not undo them. The store is ``agent.models.store``; this module parses arguments and prints.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from agent.errors import StoreError
 
 if TYPE_CHECKING:
     from agent.config import AgentSettings
-    from agent.probation import UpdatePhase
-    from agent.store import ModelStore
+    from agent.models.probation import UpdatePhase
+    from agent.models.store import ModelStore
 
 __all__ = ["register"]
 
@@ -60,7 +60,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 def _store(args: argparse.Namespace) -> tuple[ModelStore, AgentSettings]:
     from agent.config import load_settings
-    from agent.store import ModelStore
+    from agent.models.store import ModelStore
 
     settings = load_settings(args.config)
     state_dir: Path = args.state_dir or settings.state_dir
@@ -70,7 +70,7 @@ def _store(args: argparse.Namespace) -> tuple[ModelStore, AgentSettings]:
 def _journal_manual(
     state_dir: Path, name: str, phase: UpdatePhase, old: str | None, new: str | None
 ) -> None:
-    from agent.probation import UpdateJournal, UpdateRecord
+    from agent.models.probation import UpdateJournal, UpdateRecord
 
     now = time.time()
     UpdateJournal(state_dir).save(
@@ -88,7 +88,7 @@ def _journal_manual(
 
 def _validate(store: ModelStore, settings: AgentSettings, name: str, version: str) -> str:
     """Load ``version`` and check its golden cases, as a swap would; the variant id."""
-    from agent.slots import ModelSlot
+    from agent.models.slots import ModelSlot
 
     slot = ModelSlot(
         name, store, swap_config=settings.swap, backend_config=settings.backends, latency_runs=1
@@ -103,7 +103,7 @@ def _list(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from agent.probation import UpdateJournal
+    from agent.models.probation import UpdateJournal
 
     store, _ = _store(args)
     journal = UpdateJournal(store.root.parent)

@@ -17,9 +17,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
 
+from agent.contracts.errors import ContractError
 from agent.contracts.events import UpdateEvent
 from agent.contracts.profile import HardwareProfile
-from agent.errors import TelemetryError
 
 __all__ = [
     "DEFAULT_TOPIC_PREFIX",
@@ -56,9 +56,9 @@ DeviceId = Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]
 
 
 def validate_device_id(device_id: str) -> str:
-    """Return ``device_id`` if it is safe inside a topic; raise ``TelemetryError`` otherwise."""
+    """Return ``device_id`` if it is safe inside a topic; raise ``ContractError`` otherwise."""
     if not isinstance(device_id, str) or not _DEVICE_ID_RE.fullmatch(device_id):
-        raise TelemetryError(
+        raise ContractError(
             f"device id {device_id!r} is not topic-safe: 1-128 of A-Z a-z 0-9 . _ : @ -, "
             "starting with a letter or digit"
         )
@@ -68,7 +68,7 @@ def validate_device_id(device_id: str) -> str:
 def _validate_prefix(prefix: str) -> str:
     parts = prefix.split("/")
     if not prefix or any(not p or p.startswith("$") or set(p) & set("#+\0 ") for p in parts):
-        raise TelemetryError(f"topic prefix {prefix!r} is not a plain topic path")
+        raise ContractError(f"topic prefix {prefix!r} is not a plain topic path")
     return prefix
 
 
@@ -108,17 +108,17 @@ class DeviceTopics:
 
 
 def parse_topic(topic: str, prefix: str = DEFAULT_TOPIC_PREFIX) -> tuple[str, TopicKind]:
-    """Split ``<prefix>/<device_id>/<kind>``; raise ``TelemetryError`` for anything else.
+    """Split ``<prefix>/<device_id>/<kind>``; raise ``ContractError`` for anything else.
 
     Receivers use it to attribute a message to the device whose topic it arrived on, and compare
     that with the ``device_id`` inside the payload.
     """
     head = prefix + "/"
     if not topic.startswith(head):
-        raise TelemetryError(f"topic {topic!r} is outside {prefix!r}")
+        raise ContractError(f"topic {topic!r} is outside {prefix!r}")
     rest = topic[len(head) :].split("/")
     if len(rest) != 2 or rest[1] not in _KINDS:
-        raise TelemetryError(f"topic {topic!r} is not <prefix>/<device_id>/<kind>")
+        raise ContractError(f"topic {topic!r} is not <prefix>/<device_id>/<kind>")
     device_id = validate_device_id(rest[0])
     kind: TopicKind = rest[1]  # checked against _KINDS above
     return device_id, kind
@@ -226,12 +226,12 @@ COMMAND_ADAPTER: TypeAdapter[CheckUpdateCommand | RollbackCommand] = TypeAdapter
 
 
 def parse_command(payload: bytes, *, max_bytes: int = MAX_COMMAND_BYTES) -> Command:
-    """Decode a ``/cmd`` payload; raise ``TelemetryError`` if oversized or malformed."""
+    """Decode a ``/cmd`` payload; raise ``ContractError`` if oversized or malformed."""
     if len(payload) > max_bytes:
-        raise TelemetryError(f"command of {len(payload)} bytes exceeds {max_bytes} bytes")
+        raise ContractError(f"command of {len(payload)} bytes exceeds {max_bytes} bytes")
     try:
         return COMMAND_ADAPTER.validate_json(payload)
     except PydanticValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "payload"
-        raise TelemetryError(f"malformed command: {where}: {first['msg']}") from exc
+        raise ContractError(f"malformed command: {where}: {first['msg']}") from exc

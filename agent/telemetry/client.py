@@ -33,6 +33,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent import __version__
 from agent.config import MqttConfig
+from agent.contracts.errors import ContractError
 from agent.contracts.events import UpdateEvent
 from agent.contracts.profile import HardwareProfile
 from agent.contracts.telemetry import (
@@ -115,7 +116,7 @@ class TelemetryClient:
                 raise ConfigError(f"mqtt.{name}: no such file: {path}")
         try:
             self.topics = DeviceTopics(device_id, config.topic_prefix)
-        except TelemetryError as exc:
+        except ContractError as exc:
             raise ConfigError(str(exc)) from exc
         self._config = config
         self._host: str = config.host
@@ -500,7 +501,7 @@ class TelemetryClient:
             return
         try:
             command = parse_command(bytes(message.payload), max_bytes=self._max_command_bytes)
-        except TelemetryError as exc:
+        except ContractError as exc:
             self._count("commands_rejected")
             log.warning("command_rejected", reason=str(exc), bytes=len(message.payload))
             return

@@ -17,9 +17,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from agent._fs import file_sha256
 from agent.contracts.manifest import NAME_RE, BundleManifest, semver_key
 from agent.logs import get_logger
-from control_plane.builds._bundle import check_destination, sha256_file, staged_bundle
+from control_plane.builds._bundle import check_destination, staged_bundle
 from control_plane.builds._onnx import Int8Recipe, read_source
 from control_plane.builds._pipeline import TARGETS, BuildRequest, run_build
 from control_plane.builds._samples import load_samples
@@ -130,7 +131,7 @@ def build_variants(
         name=name,
         version=version,
         source=source,
-        source_sha256=sha256_file(source_onnx),
+        source_sha256=file_sha256(source_onnx),
         targets=wanted,
         budget=accuracy_budget,
         calibration=cal,

@@ -7,8 +7,6 @@ manifest is decided by the caller.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -18,23 +16,16 @@ from typing import Any
 
 import numpy as np
 
+from agent._fs import file_sha256, fsync_tree
 from agent.contracts.manifest import MANIFEST_FILE, BundleManifest, FileEntry, GoldenCase
 from control_plane.builds.errors import BuildError
 
-__all__ = ["file_entry", "sha256_file", "staged_bundle", "write_golden", "write_manifest"]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+__all__ = ["file_entry", "staged_bundle", "write_golden", "write_manifest"]
 
 
 def file_entry(bundle: Path, path: Path) -> FileEntry:
     return FileEntry(
-        path=path.relative_to(bundle).as_posix(), sha256=sha256_file(path), size=path.stat().st_size
+        path=path.relative_to(bundle).as_posix(), sha256=file_sha256(path), size=path.stat().st_size
     )
 
 
@@ -57,21 +48,6 @@ def write_manifest(bundle: Path, manifest: BundleManifest) -> None:
     (bundle / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            fd = os.open(Path(dirpath) / name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def check_destination(out_dir: Path) -> None:
     """``out_dir`` may not exist yet, or be an empty directory."""
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -87,7 +63,7 @@ def staged_bundle(out_dir: Path) -> Iterator[Path]:
     staging.mkdir()
     try:
         yield staging
-        _fsync_tree(staging)
+        fsync_tree(staging)
         check_destination(out_dir)
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above

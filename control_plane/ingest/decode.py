@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 from pydantic import ValidationError as PydanticValidationError
 
+from agent.contracts.errors import ContractError
 from agent.contracts.events import UpdateEvent
 from agent.contracts.telemetry import StatePayload, TelemetryPayload, parse_topic
-from agent.errors import TelemetryError
 from control_plane.errors import ControlPlaneError
 
 __all__ = [
@@ -166,7 +166,7 @@ def decode_message(
         )
     try:
         device_id, kind = parse_topic(topic, prefix)
-    except TelemetryError as exc:
+    except ContractError as exc:
         raise MessageRejectedError("malformed", str(exc)) from exc
     parsed: StatePayload | TelemetryPayload | UpdateEvent
     try:

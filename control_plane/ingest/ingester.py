@@ -29,13 +29,13 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from sqlalchemy import Engine
 
+from agent.contracts.errors import ContractError
 from agent.contracts.telemetry import (
     DEFAULT_TOPIC_PREFIX,
     CheckUpdateCommand,
     DeviceTopics,
     RollbackCommand,
 )
-from agent.errors import TelemetryError
 from agent.logs import get_logger
 from control_plane.errors import ConfigError, StorageError
 from control_plane.ingest.decode import (
@@ -247,7 +247,7 @@ class TelemetryIngester:
         """
         try:
             topic = DeviceTopics(device_id, self.link.topic_prefix).cmd
-        except TelemetryError:
+        except ContractError:
             self._n["commands_failed"] += 1
             return False
         if not self._connected.is_set():

@@ -22,7 +22,6 @@ and the service keeps every role re-signed well before it expires):
 from __future__ import annotations
 
 import fcntl
-import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -43,6 +42,8 @@ from tuf.api.metadata import (
     Timestamp,
 )
 from tuf.api.serialization.json import JSONSerializer
+
+from agent._fs import write_file_atomic
 
 __all__ = ["ExpiryPolicy", "SigningError", "TufRepository"]
 
@@ -121,19 +122,19 @@ class TufRepository:
         timestamp = Timestamp(expires=t + expiry.timestamp)
         repo_root = Metadata(root)
         repo_root.sign(signers["root"])
-        _atomic_write(metadata_dir / "1.root.json", repo_root.to_bytes(JSONSerializer()))
-        _atomic_write(metadata_dir / "root.json", repo_root.to_bytes(JSONSerializer()))
+        write_file_atomic(metadata_dir / "1.root.json", repo_root.to_bytes(JSONSerializer()))
+        write_file_atomic(metadata_dir / "root.json", repo_root.to_bytes(JSONSerializer()))
         md_targets = Metadata(targets)
         md_targets.sign(signers["targets"])
-        _atomic_write(metadata_dir / "1.targets.json", md_targets.to_bytes(JSONSerializer()))
+        write_file_atomic(metadata_dir / "1.targets.json", md_targets.to_bytes(JSONSerializer()))
         snapshot.meta["targets.json"] = MetaFile(version=1)
         md_snapshot = Metadata(snapshot)
         md_snapshot.sign(signers["snapshot"])
-        _atomic_write(metadata_dir / "1.snapshot.json", md_snapshot.to_bytes(JSONSerializer()))
+        write_file_atomic(metadata_dir / "1.snapshot.json", md_snapshot.to_bytes(JSONSerializer()))
         timestamp.snapshot_meta = MetaFile(version=1)
         md_timestamp = Metadata(timestamp)
         md_timestamp.sign(signers["timestamp"])
-        _atomic_write(metadata_dir / "timestamp.json", md_timestamp.to_bytes(JSONSerializer()))
+        write_file_atomic(metadata_dir / "timestamp.json", md_timestamp.to_bytes(JSONSerializer()))
         return cls(metadata_dir, keys_dir, expiry=expiry, now=now)
 
     # --- reading ----------------------------------------------------------------------------
@@ -192,7 +193,7 @@ class TufRepository:
         md.signed.expires = self._now() + self.expiry.targets
         md.signatures.clear()
         md.sign(self._signers["targets"])
-        _atomic_write(
+        write_file_atomic(
             self.metadata_dir / f"{md.signed.version}.targets.json",
             md.to_bytes(JSONSerializer()),
         )
@@ -205,7 +206,7 @@ class TufRepository:
         md.signed.meta["targets.json"] = MetaFile(version=targets_version)
         md.signatures.clear()
         md.sign(self._signers["snapshot"])
-        _atomic_write(
+        write_file_atomic(
             self.metadata_dir / f"{md.signed.version}.snapshot.json",
             md.to_bytes(JSONSerializer()),
         )
@@ -219,7 +220,7 @@ class TufRepository:
         md.signatures.clear()
         md.sign(self._signers["timestamp"])
         # Written last: it is what makes the new snapshot and targets visible to devices.
-        _atomic_write(self.metadata_dir / "timestamp.json", md.to_bytes(JSONSerializer()))
+        write_file_atomic(self.metadata_dir / "timestamp.json", md.to_bytes(JSONSerializer()))
 
     def _load(self, role: str) -> Metadata[Any]:
         try:
@@ -260,15 +261,4 @@ class TufRepository:
 
 
 def _write_key(path: Path, signer: CryptoSigner) -> None:
-    _atomic_write(path, signer.private_bytes, mode=0o600)
-
-
-def _atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.replace(path)
+    write_file_atomic(path, signer.private_bytes, mode=0o600)

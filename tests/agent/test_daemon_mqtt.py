@@ -14,10 +14,10 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from agent.bundle import VariantSpec, build_bundle
 from agent.config import load_settings
 from agent.daemon import Daemon
-from agent.store import ModelStore
+from agent.models.bundle import VariantSpec, build_bundle
+from agent.models.store import ModelStore
 
 pytestmark = pytest.mark.broker
 

@@ -18,9 +18,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from agent.bundle import VariantSpec, build_bundle
 from agent.cli import EX_CONFIG
-from agent.store import ModelStore
+from agent.models.bundle import VariantSpec, build_bundle
+from agent.models.store import ModelStore
 
 WATCHDOG_USEC = 200_000  # the agent pings every 0.1 s
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import httpx
 
-from agent.bundle import unpack
 from agent.contracts.state import DesiredState, ReportedModel, ReportedState
+from agent.models.bundle import unpack
 from tests.control_plane.conftest import (
     ADMIN,
     SampleFiles,

@@ -1,7 +1,7 @@
 """A small real ``ModelRepository`` over ONNX Runtime sessions, and running API servers.
 
-``OnnxRepository`` stands in for the model slots (``agent.slots``) with the same protocol
-(``agent.serving``): several models, several loaded versions each, one active version, and
+``OnnxRepository`` stands in for the model slots (``agent.models.slots``) with the same protocol
+(``agent.models.serving``): several models, several loaded versions each, one active version, and
 ``activate`` to swap. The models are real: the digits CNN, the PP-OCR detector, and an "echo"
 graph (Identity per protocol datatype) that covers every datatype including BYTES and FP16.
 """

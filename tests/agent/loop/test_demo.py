@@ -1,4 +1,4 @@
-"""``python -m agent.demo`` runs both real models and exits 0."""
+"""``python -m demo.local`` runs both real models and exits 0."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import demo
+from demo import local as demo
 
 
 def test_demo_runs_both_models(

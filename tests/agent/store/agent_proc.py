@@ -25,13 +25,13 @@ import sys
 import time
 from pathlib import Path
 
-from agent.activation import ModelActivator
-from agent.bundle import golden_sets
 from agent.config import SwapConfig
 from agent.logs import configure_logging
-from agent.probation import Limits, UpdateJournal
-from agent.slots import ModelSlot
-from agent.store import ModelStore
+from agent.models.activation import ModelActivator
+from agent.models.bundle import golden_sets
+from agent.models.probation import Limits, UpdateJournal
+from agent.models.slots import ModelSlot
+from agent.models.store import ModelStore
 
 NAME = "digits"
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.bundle import pack
 from agent.config import SwapConfig
 from agent.contracts.events import UpdateEvent
 from agent.events import EventBus
+from agent.models.bundle import pack
+from agent.models.slots import ModelSlot
+from agent.models.store import ModelStore
 from agent.samples import DigitsData
-from agent.slots import ModelSlot
-from agent.store import ModelStore
 from tests.agent.store import models
 from tests.agent.store.harness import AgentHarness
 

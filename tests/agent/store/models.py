@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.bundle import VariantSpec, build_bundle
 from agent.contracts.manifest import BundleManifest
+from agent.models.bundle import VariantSpec, build_bundle
 
 
 def _load(src: Path) -> onnx.ModelProto:

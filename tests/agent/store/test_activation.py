@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.activation import ModelActivator
 from agent.config import SwapConfig
 from agent.contracts.events import UpdateEvent
 from agent.errors import InferenceError
 from agent.events import EventBus
-from agent.probation import Limits, UpdateJournal
+from agent.models.activation import ModelActivator
+from agent.models.probation import Limits, UpdateJournal
+from agent.models.slots import ModelSlot
+from agent.models.store import ModelStore
 from agent.samples import DigitsData
-from agent.slots import ModelSlot
-from agent.store import ModelStore
 from tests.agent.store import models
 from tests.agent.store.harness import AgentHarness
 

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.bundle import (
+from agent.contracts.manifest import Tolerance
+from agent.errors import BundleError
+from agent.models.bundle import (
     ArchiveReader,
     build_bundle,
     compare_outputs,
@@ -20,8 +22,6 @@ from agent.bundle import (
     unpack,
     verify_bundle,
 )
-from agent.contracts.manifest import Tolerance
-from agent.errors import BundleError
 from tests.agent.store.conftest import expected_logits
 
 

@@ -11,8 +11,8 @@ import pytest
 import structlog
 
 from agent.cli import main
-from agent.probation import UpdateJournal
-from agent.store import ModelStore
+from agent.models.probation import UpdateJournal
+from agent.models.store import ModelStore
 from tests.agent.store import models
 
 

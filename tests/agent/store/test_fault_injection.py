@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.activation import ModelActivator
-from agent.bundle import golden_sets, pack
 from agent.config import SwapConfig
-from agent.probation import Limits, UpdateJournal
-from agent.slots import ModelSlot
-from agent.store import ModelStore
+from agent.models.activation import ModelActivator
+from agent.models.bundle import golden_sets, pack
+from agent.models.probation import Limits, UpdateJournal
+from agent.models.slots import ModelSlot
+from agent.models.store import ModelStore
 from tests.agent.store import models
 from tests.agent.store.conftest import expected_logits
 from tests.agent.store.harness import AgentHarness

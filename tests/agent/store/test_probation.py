@@ -12,7 +12,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from agent.config import SwapConfig
 from agent.errors import StoreError
-from agent.probation import (
+from agent.models.probation import (
     Health,
     Limits,
     UpdateJournal,
@@ -152,7 +152,7 @@ VERSIONS = ["1.0.0", "2.0.0", "3.0.0", "4.0.0", "5.0.0"]
 
 
 class UpdateWorld(RuleBasedStateMachine):
-    """The driver's ordering (agent.activation) with a crash possible after any step.
+    """The driver's ordering (agent.models.activation) with a crash possible after any step.
 
     ``pointer`` and ``journal`` are what survives a crash (the journal through JSON);
     ``serving`` is what the running process serves.

@@ -16,9 +16,9 @@ from agent.contracts.events import UpdateEvent
 from agent.contracts.manifest import BundleManifest, TargetConstraints, Variant
 from agent.errors import InferenceError, ModelError, ModelLoadError
 from agent.events import EventBus
+from agent.models.slots import ModelSlot, SlotRegistry, eligible_variants
+from agent.models.store import ModelStore
 from agent.samples import DigitsData
-from agent.slots import ModelSlot, SlotRegistry, eligible_variants
-from agent.store import ModelStore
 from tests.agent.store import models
 from tests.agent.store.conftest import expected_logits
 

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-from agent.activation import ModelActivator
 from agent.contracts.events import UpdateEvent
 from agent.errors import BundleError, ModelLoadError, StoreError, ValidationError
-from agent.probation import Limits, UpdateJournal
-from agent.slots import ModelSlot
-from agent.store import ModelStore
+from agent.models.activation import ModelActivator
+from agent.models.probation import Limits, UpdateJournal
+from agent.models.slots import ModelSlot
+from agent.models.store import ModelStore
 from tests.agent.store import models
 from tests.agent.store.conftest import expected_logits
 

@@ -9,6 +9,7 @@ import jsonschema_rs
 import pytest
 
 from agent.contracts import schemas
+from agent.contracts.errors import ContractError
 from agent.contracts.telemetry import (
     CheckUpdateCommand,
     DeviceTopics,
@@ -18,7 +19,6 @@ from agent.contracts.telemetry import (
     parse_topic,
     validate_device_id,
 )
-from agent.errors import TelemetryError
 from tests.conftest import ROOT
 
 
@@ -36,9 +36,9 @@ def test_topics() -> None:
     "bad", ["", "a/b", "a+b", "a#", "has space", "-leading", "x" * 129, "nul\0", "émoji", "$SYS"]
 )
 def test_unsafe_device_ids_are_refused(bad: str) -> None:
-    with pytest.raises(TelemetryError, match="not topic-safe"):
+    with pytest.raises(ContractError, match="not topic-safe"):
         validate_device_id(bad)
-    with pytest.raises(TelemetryError):
+    with pytest.raises(ContractError):
         DeviceTopics(bad)
 
 
@@ -53,13 +53,13 @@ def test_unsafe_device_ids_are_refused(bad: str) -> None:
     ],
 )
 def test_foreign_topics_are_refused(topic: str) -> None:
-    with pytest.raises(TelemetryError):
+    with pytest.raises(ContractError):
         parse_topic(topic)
 
 
 def test_bad_prefix_refused() -> None:
     for prefix in ("", "a//b", "fleet/#", "$SYS/x"):
-        with pytest.raises(TelemetryError, match="topic prefix"):
+        with pytest.raises(ContractError, match="topic prefix"):
             DeviceTopics("r1", prefix=prefix)
 
 
@@ -70,11 +70,11 @@ def test_commands_parse_and_refuse() -> None:
         b'{"id":"2","issued_at":"2025-01-01T00:00:00Z","command":"rollback","model":"det"}'
     )
     assert isinstance(rb, RollbackCommand)
-    with pytest.raises(TelemetryError, match="exceeds 10 bytes"):
+    with pytest.raises(ContractError, match="exceeds 10 bytes"):
         parse_command(b"x" * 11, max_bytes=10)
-    with pytest.raises(TelemetryError, match=r"malformed command: rollback\.model"):
+    with pytest.raises(ContractError, match=r"malformed command: rollback\.model"):
         parse_command(b'{"id":"2","issued_at":"2025-01-01T00:00:00Z","command":"rollback"}')
-    with pytest.raises(TelemetryError, match="malformed command"):
+    with pytest.raises(ContractError, match="malformed command"):
         parse_command(b'{"id":"3","issued_at":"2025-01-01T00:00:00Z","command":"format-disk"}')
 
 

@@ -28,7 +28,7 @@ from agent.contracts.events import UpdateEvent
 from agent.daemon import ServedModels
 from agent.events import EventBus
 from agent.hardware import detect_profile
-from agent.store import ModelStore
+from agent.models.store import ModelStore
 from agent.updates.client import UpdateClient
 from agent.updates.download import DownloadConfig
 from control_plane.app import create_app

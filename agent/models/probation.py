@@ -10,7 +10,7 @@ Phases (``UpdateRecord.phase``)::
 The functions here take the record, the health figures and ``now`` (wall-clock seconds, since
 deadlines must survive a restart) and return a new record or a decision; they touch nothing.
 ``UpdateJournal`` writes records atomically to ``<state_dir>/updates/<model>.json``. The driver
-that loads, swaps and flips the store's pointer is ``agent.activation``.
+that loads, swaps and flips the store's pointer is ``agent.models.activation``.
 
 Ordering the driver keeps, which makes every crash point recoverable:
 
@@ -334,7 +334,7 @@ class UpdateJournal:
             return None
 
     def save(self, record: UpdateRecord) -> None:
-        from agent.store import write_file_atomic
+        from agent.models.store import write_file_atomic
 
         try:
             self.root.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """One demo agent: ``edge-agent daemon --config FILE`` that also stops with the demo.
 
-``python -m control_plane._demo_agent --config FILE`` is the agent's own command (the daemon:
+``python -m demo.agent_proc --config FILE`` is the agent's own command (the daemon:
 store, slots, update client, inference loop, MQTT telemetry) plus ``exit_with_parent``: if the
 demo that started it is killed outright, the agent gets SIGTERM and stops as under systemd.
 Its last stdout line is the daemon's JSON summary of what each inference loop did.
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     args = parser.parse_args(argv)
     from agent.cli import main as edge_agent
-    from control_plane._demo_procs import exit_with_parent
+    from demo.procs import exit_with_parent
 
     exit_with_parent()
     return edge_agent(["--log-level", "warning", "daemon", "--config", args.config])

@@ -1,9 +1,10 @@
 """The driver of an update on one model slot: swap, probation, commit or rollback, and boot.
 
-A thin layer: the decisions are ``agent.probation``'s pure functions; this module carries them out
-on the slot (``agent.slots``), the store pointer (``agent.store``) and the journal, in the order
-that ``agent.probation`` documents so that a crash at any point resumes or rolls back on the next
-start. Time enters as ``now`` (wall-clock seconds). Each step is an event on the bus.
+A thin layer: the decisions are ``agent.models.probation``'s pure functions; this module carries
+them out on the slot (``agent.models.slots``), the store pointer (``agent.models.store``) and the
+journal, in the order that ``agent.models.probation`` documents so that a crash at any point resumes
+or rolls back on the next start. Time enters as ``now`` (wall-clock seconds). Each step is an event
+on the bus.
 
 Downloading and verifying bundles belongs to ``agent.updates``; it calls ``store.install`` and
 then ``ModelActivator.update``.
@@ -21,7 +22,7 @@ from agent.contracts.events import EventStep
 from agent.errors import AgentError, ModelError, StoreError
 from agent.events import EventBus
 from agent.logs import get_logger
-from agent.probation import (
+from agent.models.probation import (
     BootPlan,
     Limits,
     UpdateJournal,
@@ -36,8 +37,8 @@ from agent.probation import (
     start_rollback,
     swapped,
 )
-from agent.slots import ModelSlot, SwapReport
-from agent.store import ModelStore
+from agent.models.slots import ModelSlot, SwapReport
+from agent.models.store import ModelStore
 
 __all__ = ["ModelActivator"]
 

@@ -23,21 +23,17 @@ in-flight count and live health) and swaps in another from the store:
 
 ``auto`` picks availability when free memory (``psutil``) covers about twice the variant's files
 plus a reserve. Variant choice is a simple rule (accepted, runtime usable here, pins from
-``BackendConfig``), with a ``chooser`` hook where the measured chooser
-(``agent.backends.choice``) plugs in. ``SlotRegistry`` is the ``agent.serving.ModelRepository``
-the API and the loop use.
+``BackendConfig``), with a ``chooser`` hook where the measured chooser (``agent.backends.choice``)
+plugs in. ``SlotRegistry`` is the ``agent.models.serving.ModelRepository`` the API and the loop use.
 
-It leaves files and the active pointer to ``agent.store`` and the decision to keep or roll back
-a version to ``agent.probation`` / ``agent.activation``.
+It leaves files and the active pointer to ``agent.models.store`` and the decision to keep or roll
+back a version to ``agent.models.probation`` / ``agent.models.activation``.
 """
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
-import ctypes
 import dataclasses
-import functools
 import os
 import platform
 import threading
@@ -49,7 +45,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from agent.backends import Artifact, LoadOptions, Session, get_backend, load_first
-from agent.bundle import GoldenSet, golden_sets, synthetic_feeds, validate_outputs
 from agent.config import BackendConfig, SwapConfig
 from agent.contracts.events import EventStep
 from agent.contracts.manifest import BundleManifest, Variant
@@ -58,15 +53,16 @@ from agent.errors import (
     AgentError,
     BackendError,
     InferenceError,
-    InputError,
     ModelError,
     ModelLoadError,
     ValidationError,
 )
 from agent.events import EventBus
 from agent.logs import get_logger
-from agent.probation import Health, p99
-from agent.store import ModelStore
+from agent.models.bundle import GoldenSet, golden_sets, synthetic_feeds, validate_outputs
+from agent.models.loaded import LoadedVersion
+from agent.models.probation import Health, p99
+from agent.models.store import ModelStore
 
 __all__ = [
     "LoadedVersion",
@@ -133,133 +129,6 @@ class SwapReport:
         return self.load_s + self.warmup_s + self.validation_s + self.promote_s + self.switch_s
 
 
-class LoadedVersion:
-    """One version of a model in a runtime session; an ``agent.serving.ServedModel``.
-
-    Counts requests in flight so that a retired version closes its session only once the last
-    one has finished, and keeps live health (requests, errors, recent latencies).
-    """
-
-    max_batch_size: int = 0
-
-    def __init__(
-        self,
-        name: str,
-        version: str,
-        variant: Variant,
-        session: Session,
-        *,
-        bundle_dir: Path,
-        measured_p99_s: float,
-        clock: Callable[[], float] = time.perf_counter,
-        window: int = 2048,
-        closer: Callable[[Callable[[], None]], bool] | None = None,
-    ) -> None:
-        self.name = name
-        self.version = version
-        self.variant = variant
-        self.variant_id = variant.id
-        self.backend = session.backend
-        self.device = session.device
-        self.inputs: tuple[TensorSpec, ...] = session.inputs
-        self.outputs: tuple[TensorSpec, ...] = session.outputs
-        self.bundle_dir = bundle_dir
-        self.measured_p99_s = measured_p99_s
-        self._session: Session | None = session
-        self._clock = clock
-        self._closer = closer
-        self._lock = threading.Lock()
-        self._inflight = 0
-        self._retired = False
-        self._closed = threading.Event()
-        self._latencies: collections.deque[float] = collections.deque(maxlen=window)
-        self._requests = 0
-        self._errors = 0
-
-    @property
-    def ready(self) -> bool:
-        return not self._closed.is_set() and not self._retired
-
-    @property
-    def closed(self) -> bool:
-        return self._closed.is_set()
-
-    def infer(self, feeds: Feeds) -> dict[str, Array]:
-        """Run on this version; ``InferenceError`` once it has been unloaded."""
-        if not self._enter():
-            raise InferenceError(f"{self.name} {self.version} is no longer loaded")
-        try:
-            return self._run(feeds)
-        finally:
-            self._exit()
-
-    def _enter(self) -> bool:
-        with self._lock:
-            if self._closed.is_set():
-                return False
-            self._inflight += 1
-            return True
-
-    def _exit(self) -> None:
-        with self._lock:
-            self._inflight -= 1
-            close = self._retired and self._inflight == 0
-        if close:
-            self._close_session()
-
-    def _run(self, feeds: Feeds) -> dict[str, Array]:
-        session = self._session
-        assert session is not None  # a session is dropped only once nothing is in flight
-        start = self._clock()
-        try:
-            outputs = session.run(feeds)
-        except InputError:
-            raise  # the caller's fault, not the version's
-        except Exception as exc:
-            with self._lock:
-                self._requests += 1
-                self._errors += 1
-            if isinstance(exc, InferenceError):
-                raise
-            raise InferenceError(f"{self.name} {self.version}: run failed: {exc}") from exc
-        self._latencies.append(self._clock() - start)
-        with self._lock:
-            self._requests += 1
-        return outputs
-
-    def retire(self) -> None:
-        """No new requests; the session closes when those in flight are done."""
-        with self._lock:
-            self._retired = True
-            close = self._inflight == 0
-        if close:
-            self._close_session()
-
-    def wait_closed(self, timeout_s: float | None = None) -> bool:
-        return self._closed.wait(timeout_s)
-
-    def _close_session(self) -> None:
-        with self._lock:
-            if self._closed.is_set():
-                return
-            session, self._session = self._session, None
-            self._closed.set()
-        if session is not None:
-            release = functools.partial(_release_session, session)
-            del session
-            if self._closer is None or not self._closer(release):
-                release()
-        log.info("slot_version_unloaded", model=self.name, version=self.version)
-
-    def health(self) -> Health:
-        with self._lock:
-            requests, errors = self._requests, self._errors
-        return Health(requests=requests, errors=errors, p99_s=p99(list(self._latencies)))
-
-    def latencies(self) -> list[float]:
-        return list(self._latencies)
-
-
 @dataclasses.dataclass
 class _Prepared:
     session: Session
@@ -273,7 +142,7 @@ class _Prepared:
 
 
 class ModelSlot:
-    """The served versions of one model name; an ``agent.serving.ServedModel`` that always
+    """The served versions of one model name; an ``agent.models.serving.ServedModel`` that always
     routes to the version currently serving."""
 
     max_batch_size: int = 0
@@ -786,29 +655,6 @@ class ModelSlot:
             self._bus.emit(step, model=self.name, version=version, **fields)
 
 
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        trim: Callable[[int], int] = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
-        return None
-    return trim
-
-
-def _release_session(session: Session) -> None:
-    session.close()
-    del session
-    _return_freed_memory()
-
-
-def _return_freed_memory() -> None:
-    """Give the pages of an unloaded session back to the OS. glibc keeps freed memory in its
-    arenas (one per thread that allocated), so without this RSS creeps up with every swap."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
 def _lower_thread_priority(nice: int) -> None:
     """Raise this thread's nice value (Linux: per thread) so the hot path wins the CPU while a
     candidate loads, warms up and validates. Needs no privilege; failure only costs latency."""
@@ -893,7 +739,7 @@ def eligible_variants(
 
 
 class SlotRegistry:
-    """The served models by name: the ``agent.serving.ModelRepository`` of the agent."""
+    """The served models by name: the ``agent.models.serving.ModelRepository`` of the agent."""
 
     def __init__(self, slots: Iterable[ModelSlot] = ()) -> None:
         self._slots: dict[str, ModelSlot] = {s.name: s for s in slots}
@@ -926,8 +772,8 @@ class SlotRegistry:
             slot.close()
 
 
-if TYPE_CHECKING:  # both sides of agent.serving's protocols, checked by mypy
-    from agent.serving import ModelRepository, ServedModel
+if TYPE_CHECKING:  # both sides of agent.models.serving's protocols, checked by mypy
+    from agent.models.serving import ModelRepository, ServedModel
 
     def _conforms(registry: SlotRegistry, slot: ModelSlot, loaded: LoadedVersion) -> None:
         _repository: ModelRepository = registry

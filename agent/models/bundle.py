@@ -10,7 +10,7 @@ A bundle is a directory::
 or the same tree in a ``.tar`` / ``.tar.gz`` archive (manifest first). This module owns that layout,
 the archive format and its path-traversal checks, and the golden comparison (relative L2 per
 output). It leaves the manifest schema to ``agent.contracts.manifest``, installing to
-``agent.store`` and building quantized variants to the control plane, which calls
+``agent.models.store`` and building quantized variants to the control plane, which calls
 ``build_bundle`` with the files it produced.
 """
 
@@ -31,7 +31,7 @@ from typing import IO, Any
 import numpy as np
 from pydantic import ValidationError as PydanticValidationError
 
-from agent.backends.base import file_digest
+from agent._fs import file_sha256
 from agent.contracts.manifest import (
     MANIFEST_FILE,
     AccuracyReport,
@@ -145,7 +145,7 @@ def check_entry(path: Path, entry: FileEntry, *, deep: bool = True) -> str | Non
     if size != entry.size:
         return f"file {entry.path} has {size} bytes where the manifest says {entry.size}"
     if deep:
-        digest = file_digest(path)
+        digest = file_sha256(path)
         if digest != entry.sha256:
             return (
                 f"file {entry.path} has sha256 {digest[:16]}... "

@@ -8,7 +8,7 @@ keep-alive, and session takeover by client id. MQTT 5 properties of a PUBLISH ar
 they came to MQTT 5 subscribers and dropped for 3.1.1 ones.
 
 It is a stand-in for a development machine, not a production broker: production deployments
-use Mosquitto with the ACL and TLS of ``deploy/``. Run as ``python -m control_plane._demo_broker
+use Mosquitto with the ACL and TLS of ``deploy/``. Run as ``python -m demo.broker
 --port N``; it serves until SIGTERM or SIGINT.
 """
 
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=1883)
     args = parser.parse_args(argv)
-    from control_plane._demo_procs import exit_with_parent
+    from demo.procs import exit_with_parent
 
     exit_with_parent()
     asyncio.run(_serve(args.host, args.port))

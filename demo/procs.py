@@ -1,11 +1,11 @@
 """The demo's child processes: start them, watch them, and stop every one of them.
 
-Owns process lifetimes for ``control_plane.demo``: each child runs in its own session (so a
+Owns process lifetimes for ``demo.fleet``: each child runs in its own session (so a
 Ctrl-C in the terminal reaches only the demo, which then stops the children in order), its
 output goes to a log file under the demo directory, and ``stop_all`` ends them newest first
 (SIGTERM, then SIGKILL after a grace period). Also picks the MQTT broker: the one listening on
 127.0.0.1:1883, else a ``mosquitto`` started on a free port, else the embedded broker of
-``control_plane._demo_broker`` in a child process.
+``demo.broker`` in a child process.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ class Children:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
-                env={**os.environ, **(env or {})},
+                env={**os.environ, **_import_path(), **(env or {})},
                 cwd=cwd,
                 start_new_session=True,  # Ctrl-C reaches the demo only; it stops us in order
             )
@@ -216,8 +216,14 @@ def pick_broker(
     if prefer == "mosquitto":
         raise ConfigError("mosquitto is not installed")
     port = free_port()
-    child = children.start(
-        "broker", [sys.executable, "-m", "control_plane._demo_broker", "--port", str(port)]
-    )
+    child = children.start("broker", [sys.executable, "-m", "demo.broker", "--port", str(port)])
     _wait_port("127.0.0.1", port, child, 15.0)
     return BrokerChoice("embedded", "127.0.0.1", port)
+
+
+def _import_path() -> dict[str, str]:
+    """``PYTHONPATH`` that lets a child ``python -m demo.<part>`` from any working directory:
+    the demo lives beside the packages, outside the installed distribution."""
+    root = str(Path(__file__).resolve().parent.parent)
+    parts = [root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {"PYTHONPATH": os.pathsep.join(dict.fromkeys(parts))}

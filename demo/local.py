@@ -1,4 +1,4 @@
-"""``python -m agent.demo`` (``make demo``): the agent running real models with a live latency
+"""``python -m demo.local`` (``make demo``): the agent running real models with a live latency
 table.
 
 Loads the PP-OCR text detector shipped in the ``rapidocr-onnxruntime`` wheel and the digits CNN

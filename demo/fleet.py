@@ -1,7 +1,7 @@
-"""``python -m control_plane.demo`` (``make demo``): the whole product on one machine.
+"""``python -m demo.fleet`` (``make demo``): the whole product on one machine.
 
 Starts, on embedded defaults and generated secrets: an MQTT broker (the one on 127.0.0.1:1883,
-else ``mosquitto`` on a free port, else the embedded broker of ``control_plane._demo_broker``),
+else ``mosquitto`` on a free port, else the embedded broker of ``demo.broker``),
 the control plane (uvicorn on a free loopback port, SQLite under the demo directory) and three
 agents as real ``edge-agent daemon`` processes with their own state directories and labels.
 Then it pushes the digits CNN v1.0.0 and a retrained v1.1.0 through the control plane's API
@@ -40,11 +40,11 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from control_plane._demo_fleet import DeviceRow, FleetWatch
-from control_plane._demo_models import MODEL_NAME, V1, V2, DemoModels, prepare_models
-from control_plane._demo_procs import BrokerChoice, Child, Children, free_port, pick_broker
 from control_plane.cli._client import ControlPlaneClient
 from control_plane.errors import ConfigError, ControlPlaneError
+from demo.fleet_view import DeviceRow, FleetWatch
+from demo.models import MODEL_NAME, V1, V2, DemoModels, prepare_models
+from demo.procs import BrokerChoice, Child, Children, free_port, pick_broker
 
 __all__ = ["DemoConfig", "main"]
 
@@ -303,9 +303,7 @@ class DemoRun:
             "EDGEFLEET_CP__MQTT_SESSION_EXPIRY_S": "0",
             "EDGEFLEET_CP__ROLLOUT_INTERVAL_S": "1",
         }
-        self.children.start(
-            "control-plane", [sys.executable, "-m", "control_plane._demo_server"], env=env
-        )
+        self.children.start("control-plane", [sys.executable, "-m", "demo.server"], env=env)
         self.url = f"http://127.0.0.1:{port}"
         self.http = httpx.Client(
             base_url=self.url,
@@ -457,7 +455,7 @@ class DemoRun:
             path.write_text(config)
             self.agents[name] = self.children.start(
                 name,
-                [sys.executable, "-m", "control_plane._demo_agent", "--config", str(path)],
+                [sys.executable, "-m", "demo.agent_proc", "--config", str(path)],
                 capture_stdout=True,
             )
         self.display.step(

@@ -5,7 +5,7 @@
 latency percentiles, and running totals of inferences, failures and drops. Devices publish
 under the id the control plane gave them; ``merge`` adds the control plane's view
 (``GET /v1/devices``: name, labels, reported version and update phase) and so names them.
-Rendering is ``control_plane.demo``'s job.
+Rendering is ``demo.fleet``'s job.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from pydantic import ValidationError
 
+from agent.contracts.errors import ContractError
 from agent.contracts.events import UpdateEvent
 from agent.contracts.telemetry import StatePayload, TelemetryPayload, parse_topic
-from agent.errors import TelemetryError
 
 __all__ = ["DeviceRow", "FleetWatch"]
 
@@ -89,7 +89,7 @@ class FleetWatch:
                     self._on_telemetry(device, TelemetryPayload.model_validate_json(msg.payload))
                 elif kind == "events":
                     self._on_event(device, UpdateEvent.model_validate_json(msg.payload))
-        except (TelemetryError, ValidationError, ValueError):
+        except (ContractError, ValidationError):
             return  # a dashboard ignores what it cannot read
 
     def _on_state(self, device: str, state: StatePayload) -> None:

@@ -16,8 +16,8 @@ a temp file, fsynced and ``os.replace``d over ``active.json``. ``recover()`` at 
 missing, logging each action.
 
 This module owns the files and the pointer. Loading, validating and serving a version belong to
-``agent.slots``; the update state machine (probation, rollback) to ``agent.probation``; the
-bundle format to ``agent.bundle``.
+``agent.models.slots``; the update state machine (probation, rollback) to
+``agent.models.probation``; the bundle format to ``agent.models.bundle``.
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ from pydantic import BaseModel, ConfigDict
 from pydantic import ValidationError as PydanticValidationError
 
 from agent._fs import fsync_dir, write_file_atomic
-from agent.bundle import ArchiveReader, check_entry, parse_manifest
 from agent.contracts.manifest import MANIFEST_FILE, NAME_RE, BundleManifest, FileEntry, semver_key
 from agent.errors import BundleError, StoreError
 from agent.events import EventBus
 from agent.logs import get_logger
+from agent.models.bundle import ArchiveReader, check_entry, parse_manifest
 
 __all__ = [
     "POINTER_FILE",

@@ -1,6 +1,6 @@
 """What the local inference API and the inference loop need from the served models.
 
-The model slots (``agent.slots``) implement ``ModelRepository``; the Open Inference Protocol
+The model slots (``agent.models.slots``) implement ``ModelRepository``; the Open Inference Protocol
 server (``agent.api``) and the loop only use this protocol, so either side can be tested alone.
 """
 

@@ -1,6 +1,6 @@
 """The demo's control plane process: ``create_app`` under uvicorn, settings from the environment.
 
-``python -m control_plane._demo_server`` is ``edgectl serve`` that also stops when the demo
+``python -m demo.server`` is ``edgectl serve`` that also stops when the demo
 that started it is gone (``exit_with_parent``), so a demo killed outright leaves no control
 plane behind.
 """
@@ -14,9 +14,9 @@ def main() -> int:
     import uvicorn
 
     from agent.logs import configure_logging
-    from control_plane._demo_procs import exit_with_parent
     from control_plane.app import create_app
     from control_plane.settings import Settings
+    from demo.procs import exit_with_parent
 
     settings = Settings()  # type: ignore[call-arg]  # the demo passes every field in the env
     configure_logging(settings.log_level)

@@ -1,0 +1,183 @@
+"""One loaded version of a model: a runtime session with its in-flight count and live health.
+
+A ``LoadedVersion`` closes its session only once the last request in flight has left, and hands
+the freed memory back to the OS. Choosing, loading and swapping versions is left to
+``agent.models.slots``; deciding to keep or roll back a version to ``agent.models.probation``.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import functools
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.backends import Session
+from agent.contracts.manifest import Variant
+from agent.contracts.tensors import TensorSpec
+from agent.errors import InferenceError, InputError
+from agent.logs import get_logger
+from agent.models.probation import Health, p99
+
+__all__ = ["LoadedVersion"]
+
+log = get_logger(__name__)
+
+Array = np.ndarray[Any, Any]
+Feeds = Mapping[str, Array]
+
+
+class LoadedVersion:
+    """One version of a model in a runtime session; an ``agent.models.serving.ServedModel``.
+
+    Counts requests in flight so that a retired version closes its session only once the last
+    one has finished, and keeps live health (requests, errors, recent latencies).
+    """
+
+    max_batch_size: int = 0
+
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        variant: Variant,
+        session: Session,
+        *,
+        bundle_dir: Path,
+        measured_p99_s: float,
+        clock: Callable[[], float] = time.perf_counter,
+        window: int = 2048,
+        closer: Callable[[Callable[[], None]], bool] | None = None,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.variant = variant
+        self.variant_id = variant.id
+        self.backend = session.backend
+        self.device = session.device
+        self.inputs: tuple[TensorSpec, ...] = session.inputs
+        self.outputs: tuple[TensorSpec, ...] = session.outputs
+        self.bundle_dir = bundle_dir
+        self.measured_p99_s = measured_p99_s
+        self._session: Session | None = session
+        self._clock = clock
+        self._closer = closer
+        self._lock = threading.Lock()
+        self._inflight = 0
+        self._retired = False
+        self._closed = threading.Event()
+        self._latencies: collections.deque[float] = collections.deque(maxlen=window)
+        self._requests = 0
+        self._errors = 0
+
+    @property
+    def ready(self) -> bool:
+        return not self._closed.is_set() and not self._retired
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def infer(self, feeds: Feeds) -> dict[str, Array]:
+        """Run on this version; ``InferenceError`` once it has been unloaded."""
+        if not self._enter():
+            raise InferenceError(f"{self.name} {self.version} is no longer loaded")
+        try:
+            return self._run(feeds)
+        finally:
+            self._exit()
+
+    def _enter(self) -> bool:
+        with self._lock:
+            if self._closed.is_set():
+                return False
+            self._inflight += 1
+            return True
+
+    def _exit(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+            close = self._retired and self._inflight == 0
+        if close:
+            self._close_session()
+
+    def _run(self, feeds: Feeds) -> dict[str, Array]:
+        session = self._session
+        assert session is not None  # a session is dropped only once nothing is in flight
+        start = self._clock()
+        try:
+            outputs = session.run(feeds)
+        except InputError:
+            raise  # the caller's fault, not the version's
+        except Exception as exc:
+            with self._lock:
+                self._requests += 1
+                self._errors += 1
+            if isinstance(exc, InferenceError):
+                raise
+            raise InferenceError(f"{self.name} {self.version}: run failed: {exc}") from exc
+        self._latencies.append(self._clock() - start)
+        with self._lock:
+            self._requests += 1
+        return outputs
+
+    def retire(self) -> None:
+        """No new requests; the session closes when those in flight are done."""
+        with self._lock:
+            self._retired = True
+            close = self._inflight == 0
+        if close:
+            self._close_session()
+
+    def wait_closed(self, timeout_s: float | None = None) -> bool:
+        return self._closed.wait(timeout_s)
+
+    def _close_session(self) -> None:
+        with self._lock:
+            if self._closed.is_set():
+                return
+            session, self._session = self._session, None
+            self._closed.set()
+        if session is not None:
+            release = functools.partial(_release_session, session)
+            del session
+            if self._closer is None or not self._closer(release):
+                release()
+        log.info("slot_version_unloaded", model=self.name, version=self.version)
+
+    def health(self) -> Health:
+        with self._lock:
+            requests, errors = self._requests, self._errors
+        return Health(requests=requests, errors=errors, p99_s=p99(list(self._latencies)))
+
+    def latencies(self) -> list[float]:
+        return list(self._latencies)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+    return trim
+
+
+def _release_session(session: Session) -> None:
+    session.close()
+    del session
+    _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Give the pages of an unloaded session back to the OS. glibc keeps freed memory in its
+    arenas (one per thread that allocated), so without this RSS creeps up with every swap."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
