@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from agent.contracts.profile import Pins
 from agent.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -28,6 +29,7 @@ __all__ = [
     "BackendConfig",
     "BatchingConfig",
     "ControlPlaneConfig",
+    "HardwareConfig",
     "LoopConfig",
     "ModelConfig",
     "MqttConfig",
@@ -58,6 +60,14 @@ class BackendConfig(_Section):
     spin_wait: bool = False  # idle runtime threads spin between runs (see LoadOptions)
     choice_budget_s: float = Field(default=20.0, gt=0)
     choice_tolerance: float = Field(default=0.10, ge=0)  # fastest within 10% wins ties by accuracy
+    # The daemon measures the fitting variants of a new version (at most ``max_candidates``, best
+    # first by the variant contract) before it serves one; off: the contract's first serves.
+    measure: bool = True
+    max_candidates: int = Field(default=4, ge=1, le=8)
+
+    def pins(self) -> Pins:
+        """The pins as the variant contract takes them (and the control plane is told)."""
+        return Pins(backend=self.pin_backend, precision=self.pin_precision)
 
 
 class LoopConfig(_Section):
@@ -144,6 +154,14 @@ class ApiConfig(_Section):
     model_batching: dict[str, BatchingConfig] = Field(default_factory=dict)  # by model name
 
 
+class HardwareConfig(_Section):
+    """Where the hardware profile's board files are read: ``/`` on a device. Another root (a
+    recorded board's /proc, /sys and /etc) describes that board while this machine's installed
+    runtimes still run the models: for tests and for dry runs of a fleet's variant choice."""
+
+    root: Path = Path("/")
+
+
 class AgentSettings(BaseSettings):
     """The whole agent configuration."""
 
@@ -162,6 +180,7 @@ class AgentSettings(BaseSettings):
     control_plane: ControlPlaneConfig = ControlPlaneConfig()
     mqtt: MqttConfig = MqttConfig()
     api: ApiConfig = ApiConfig()
+    hardware: HardwareConfig = HardwareConfig()
 
     @field_validator("device_id")
     @classmethod

@@ -61,10 +61,12 @@ class ServedModels:
         store: ModelStore,
         bus: EventBus,
         *,
+        profile: Callable[[], HardwareProfile] | None = None,
         min_requests: int = 20,
         now: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
+        self._profile = profile
         self._store = store
         self._bus = bus
         self._now = now
@@ -87,6 +89,8 @@ class ServedModels:
                         self._settings.backends, self._settings.state_dir / "cache"
                     ),
                     bus=self._bus,
+                    profile=self._profile,
+                    state_dir=self._settings.state_dir,
                 )
                 activator = ModelActivator(
                     slot, journal=self.journal, limits=self.limits, bus=self._bus, now=self._now
@@ -125,10 +129,10 @@ class _CountingModel:
 
     def infer(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
         try:
-            version, outputs = self.slot.infer_versioned(feeds)
+            computed, outputs = self.slot.infer_versioned(feeds)
         finally:
             self.attempts += 1
-        self.by_version[version] += 1
+        self.by_version[computed.version] += 1
         return outputs
 
 
@@ -148,8 +152,8 @@ class Daemon:
         self.store = ModelStore(
             settings.state_dir, keep_versions=settings.swap.keep_versions, bus=self.bus
         )
-        self.served = ServedModels(settings, self.store, self.bus)
-        self._profile = profile
+        self._profile = profile or _profile_reader(settings)
+        self.served = ServedModels(settings, self.store, self.bus, profile=self._profile)
         self._notifier = notifier or Notifier()
         self._supervise_s = supervise_s
         self._stop = threading.Event()
@@ -197,7 +201,6 @@ class Daemon:
         log.info("daemon_started", models=list(self.served.names()))
 
     def _start_update_client(self) -> None:
-        from agent.hardware import detect_profile
         from agent.updates.client import UpdateClient
 
         settings = self.settings
@@ -208,7 +211,8 @@ class Daemon:
             activators=self.served,
             bus=self.bus,
             device_name=settings.device_id,
-            profile=self._profile or detect_profile,
+            profile=self._profile,
+            max_variants=settings.backends.max_candidates if settings.backends.measure else 1,
         )
         thread = threading.Thread(
             target=self.update_client.run, args=(self._stop,), name="update-client", daemon=True
@@ -217,11 +221,7 @@ class Daemon:
         self._threads.append(thread)
 
     def _hardware_profile(self) -> HardwareProfile:
-        if self._profile is not None:
-            return self._profile()
-        from agent.hardware import detect_profile
-
-        return detect_profile()
+        return self._profile()
 
     def _telemetry_after_enrollment(self) -> None:
         while not self._stop.wait(0.2):
@@ -282,6 +282,8 @@ class Daemon:
                     version=current.version,
                     variant_id=current.variant.id,
                     backend=current.backend,
+                    device=current.device,
+                    choice=current.choice,
                     digest=entry.sha256,
                 )
             )
@@ -439,3 +441,23 @@ def _check_state_dir(path: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"state directory {path} is not usable: {exc.strerror or exc}") from exc
+
+
+def _profile_reader(settings: AgentSettings) -> Callable[[], HardwareProfile]:
+    """The device's profile, detected once (board files under ``hardware.root``, this machine's
+    runtimes), with the configured pins: what the control plane and the slots both decide on."""
+    cached: list[HardwareProfile] = []
+    lock = threading.Lock()
+
+    def read() -> HardwareProfile:
+        with lock:
+            if not cached:
+                from agent.hardware import detect_profile, detect_runtimes
+
+                root = settings.hardware.root
+                live = root.resolve() == Path("/").resolve()
+                profile = detect_profile(root, runtimes=None if live else detect_runtimes())
+                cached.append(profile.model_copy(update={"pins": settings.backends.pins()}))
+            return cached[0]
+
+    return read

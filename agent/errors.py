@@ -14,6 +14,7 @@
     +-- UpdateError              the update client (download, verification, control plane)
     |   +-- DownloadError
     |   +-- VerificationError
+    |   +-- ResponseTooLargeError  an answer of the control plane past its size bound
     +-- TelemetryError           MQTT and the spool
 
 Third-party errors are translated where they enter agent code (``raise X(...) from exc``).
@@ -32,6 +33,7 @@ __all__ = [
     "InputError",
     "ModelError",
     "ModelLoadError",
+    "ResponseTooLargeError",
     "StoreError",
     "TelemetryError",
     "UpdateError",
@@ -103,6 +105,16 @@ class DownloadError(UpdateError):
 
 class VerificationError(UpdateError):
     """Downloaded metadata or an artifact failed verification."""
+
+
+class ResponseTooLargeError(UpdateError):
+    """The control plane answered more bytes than the bound for that answer; the rest was not
+    read. ``limit`` is the bound in bytes, ``what`` names the answer."""
+
+    def __init__(self, message: str, *, what: str, limit: int) -> None:
+        self.what = what
+        self.limit = limit
+        super().__init__(message)
 
 
 class TelemetryError(AgentError):

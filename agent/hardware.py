@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.contracts.profile import BoardInfo, CpuInfo, GpuInfo, HardwareProfile, RuntimeInfo
+from agent.contracts.state import bounded_text
 from agent.logs import get_logger
 
 __all__ = [
@@ -352,7 +353,9 @@ def _cuda_runtime() -> RuntimeInfo | None:
     try:
         (err,) = driver.cuInit(0)
     except Exception as exc:  # RuntimeError when libcuda cannot be loaded
-        return RuntimeInfo(name="cuda", version=version, usable=False, reason=str(exc))
+        return RuntimeInfo(
+            name="cuda", version=version[:64], usable=False, reason=bounded_text(str(exc), 1000)
+        )
     if int(err) != 0:
         name = getattr(err, "name", str(err))
         return RuntimeInfo(
@@ -363,6 +366,10 @@ def _cuda_runtime() -> RuntimeInfo | None:
     return RuntimeInfo(name="cuda", version=version, usable=bool(devices), devices=devices)
 
 
+def _reason(text: str | None) -> str | None:
+    return None if text is None else bounded_text(text, 1000)
+
+
 def detect_runtimes() -> tuple[RuntimeInfo, ...]:
     """Every inference runtime installed in this Python, usable or not (with the reason)."""
     from agent.backends import probe_all
@@ -371,16 +378,16 @@ def detect_runtimes() -> tuple[RuntimeInfo, ...]:
     for probe in probe_all():
         if probe.version is None and not probe.usable and "not installed" in (probe.reason or ""):
             found.append(
-                RuntimeInfo(name=probe.name, version="", usable=False, reason=probe.reason)
+                RuntimeInfo(name=probe.name, version="", usable=False, reason=_reason(probe.reason))
             )
             continue
         found.append(
             RuntimeInfo(
                 name=probe.name,
-                version=probe.version or "unknown",
+                version=(probe.version or "unknown")[:64],
                 usable=probe.usable,
-                reason=probe.reason,
-                devices=probe.devices,
+                reason=_reason(probe.reason),
+                devices=tuple(d[:64] for d in probe.devices[:32]),
             )
         )
     cuda = _cuda_runtime()

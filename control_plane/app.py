@@ -12,12 +12,14 @@ from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 
 from fastapi import FastAPI
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from agent.logs import get_logger
 from control_plane import __version__
 from control_plane.api.errors import install_error_handlers
 from control_plane.api.fast_poll import ControlPlaneAPI, FastPoll
+from control_plane.api.limits import RequestLimits, RequestLimitsMiddleware
 from control_plane.api.routes import (
     artifacts,
     assignments,
@@ -37,9 +39,16 @@ from control_plane.desired import CredentialCache, DesiredStateCache
 from control_plane.ingest.wiring import IngestCollector, fleet_telemetry
 from control_plane.jobs import BuildWorker
 from control_plane.metrics import Metrics, RequestMetricsMiddleware
+from control_plane.presence import LastSeenRecorder
 from control_plane.registry import BuildVariants
 from control_plane.settings import Settings
-from control_plane.signing.publisher import MetadataRefresher, open_repository, publish_registry
+from control_plane.signing.publisher import (
+    MetadataRefresher,
+    open_repository,
+    publish_archives,
+    publish_registry,
+    unsigned_archives,
+)
 
 __all__ = ["create_app"]
 
@@ -73,11 +82,17 @@ def create_app(
     desired = DesiredStateCache(ttl_s=settings.desired_state_cache_ttl_s)
 
     signed = open_repository(settings.data_dir, settings.tuf_root_key_dir)
+    presence = (
+        LastSeenRecorder(sessions, interval_s=settings.last_seen_write_s, now=now)
+        if settings.last_seen_write_s is not None
+        else None
+    )
 
     def on_finished(job_id: int, status: str) -> None:
         metrics.builds.labels(status).inc()
-        if status == "succeeded":
-            publish_registry(sessions, signed)  # the new archives become signed targets
+
+    def sign(session: Session) -> list[str]:  # in the build's transaction: ready == signed
+        return publish_archives(signed, session)
 
     worker = BuildWorker(
         sessions=sessions,
@@ -86,6 +101,7 @@ def create_app(
         work_dir=settings.data_dir / "builds",
         workers=settings.build_workers,
         on_finished=on_finished,
+        sign=sign,
         now=now,
     )
     telemetry = fleet_telemetry(
@@ -94,6 +110,7 @@ def create_app(
         sessions,
         on_desired_changed=desired.invalidate,
         clock=lambda: now().timestamp(),
+        unsigned=lambda archives: sorted(unsigned_archives(signed, archives)),
     )
     metrics.registry.register(IngestCollector(telemetry.ingester, telemetry.rollouts))
     ctx = AppContext(
@@ -109,6 +126,7 @@ def create_app(
         tuf=signed,
         ingester=telemetry.ingester,
         rollouts=telemetry.rollouts,
+        presence=presence,
     )
 
     @asynccontextmanager
@@ -118,6 +136,8 @@ def create_app(
         refresher = MetadataRefresher(signed, settings.tuf_refresh_interval_s).start()
         await run_in_threadpool(worker.resume_unfinished)
         await run_in_threadpool(telemetry.start)  # MQTT ingestion and the rollout runner
+        if presence is not None:
+            presence.start()
         log.info(
             "control_plane_started",
             database=engine.url.get_backend_name(),
@@ -126,6 +146,8 @@ def create_app(
         try:
             yield
         finally:
+            if presence is not None:
+                await run_in_threadpool(presence.stop)
             await run_in_threadpool(telemetry.stop)
             await run_in_threadpool(worker.shutdown)
             refresher.stop()
@@ -144,5 +166,7 @@ def create_app(
         app.include_router(module.router)
     app.include_router(rollout_routes.router)
     app.include_router(web_page.router)  # the operator page at / and /ui
+    # header and body bounds, before any route parses (inside the metrics: refusals are counted)
+    app.add_middleware(RequestLimitsMiddleware, limits=RequestLimits.from_settings(settings))
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app

@@ -17,6 +17,7 @@ from control_plane.artifacts import ArtifactStore
 from control_plane.desired import CredentialCache, DesiredStateCache
 from control_plane.jobs import BuildWorker
 from control_plane.metrics import Metrics
+from control_plane.presence import LastSeenRecorder
 from control_plane.settings import Settings
 from control_plane.signing import TufRepository
 
@@ -41,3 +42,4 @@ class AppContext:
     ingester: TelemetryIngester | None = None  # None: settings.mqtt_host is not set
     rollouts: RolloutService | None = None
     tuf: TufRepository | None = None  # signed metadata for every artifact served
+    presence: LastSeenRecorder | None = None  # None: polls do not refresh last_seen_at

@@ -2,11 +2,15 @@
 
 Owns assignment precedence, selector matching and the in-memory caches that make an idle poll
 cheap (an ETag per device, device credential -> device id). The variant choice itself is the
-pure ``control_plane.resolve.resolve_variant``.
+pure variant contract ``agent.contracts.fit`` (the same functions the device chooses with).
 
 Precedence per model: the newest assignment naming the device, else the newest assignment whose
-selector matches the device's labels (every key equal). ``generation`` is the id of the newest
-assignment in effect, so it grows whenever an operator changes what a device should run.
+selector matches the device's labels (every key equal). Only versions whose build is ``ready``
+are offered (a build is ready once its archives are signed TUF targets). Each entry's
+``generation`` is the id of its assignment plus the operator's retries of that model on this
+device: it grows with a new assignment or rollout wave and with ``edgectl devices retry``, and
+never otherwise, so a device re-tries a version it rejected only when asked to. The state's own
+``generation`` is the largest of its entries'.
 
 The caches live in this process; entries expire after ``ttl_s`` so several replicas converge,
 and this process drops them at once when assignments, labels or a profile change.
@@ -25,19 +29,21 @@ from typing import Any
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from agent.contracts.fit import fitting
 from agent.contracts.manifest import Variant
 from agent.contracts.profile import HardwareProfile
-from agent.contracts.state import DesiredModel, DesiredState
+from agent.contracts.state import MAX_CANDIDATES, DesiredModel, DesiredState, DesiredVariant
 from agent.logs import get_logger
 from control_plane.db.models import Assignment, Device, Model, ModelVersion
 from control_plane.registry import archive_path
-from control_plane.resolve import resolve_variant
 
 __all__ = [
+    "ROLLOUT_TAG",
     "CachedState",
     "CredentialCache",
     "DesiredStateCache",
     "compute_desired_state",
+    "entry_generation",
     "etag_matches",
     "selector_matches",
 ]
@@ -47,6 +53,25 @@ log = get_logger(__name__)
 
 def selector_matches(selector: Mapping[str, Any], labels: Mapping[str, Any]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
+
+
+ROLLOUT_TAG = "rollout:"  # Assignment.created_by of a rollout's assignments
+
+
+def entry_generation(assignment_id: int, retries: int) -> int:
+    """A desired-state entry's generation: strictly grows with either argument."""
+    return assignment_id + retries
+
+
+def _offer(name: str, version: str, row: Any) -> DesiredVariant:
+    assert row.archive_sha256 is not None
+    assert row.archive_size is not None
+    return DesiredVariant(
+        variant_id=row.variant_id,
+        artifact_path=archive_path(name, version, row.variant_id),
+        sha256=row.archive_sha256,
+        size=row.archive_size,
+    )
 
 
 def compute_desired_state(session: Session, device: Device) -> DesiredState:
@@ -68,20 +93,32 @@ def compute_desired_state(session: Session, device: Device) -> DesiredState:
         ):
             chosen.setdefault(a.model_id, a)
     profile = HardwareProfile.model_validate(device.profile) if device.profile else None
+    retries: dict[str, Any] = device.retries or {}
     models: list[DesiredModel] = []
+    generation = 0
     for assignment in sorted(chosen.values(), key=lambda a: a.model_id):
         version = session.get(ModelVersion, assignment.version_id)
         model = session.get(Model, assignment.model_id)
-        if version is None or model is None or profile is None:
+        if model is None:
+            continue
+        entry_gen = entry_generation(assignment.id, int(retries.get(model.name, 0)))
+        generation = max(generation, entry_gen)
+        if version is None or profile is None or version.status != "ready":
             continue
         rows = {r.variant_id: r for r in version.variants if r.archive_sha256}
         variants = [Variant.model_validate(r.spec) for r in rows.values()]
-        best = resolve_variant(variants, profile)
-        if best is None:
+        fit = fitting(variants, profile)
+        if not fit.ranked:
             log.warning(
-                "no_variant_fits", device_id=device.id, model=model.name, version=version.version
+                "no_variant_fits",
+                device_id=device.id,
+                model=model.name,
+                version=version.version,
+                reasons=fit.reasons(),
             )
             continue
+        offered = [_offer(model.name, version.version, rows[v.id]) for v in fit.ranked]
+        best = fit.ranked[0]
         row = rows[best.id]
         assert row.archive_sha256 is not None
         assert row.archive_size is not None
@@ -93,9 +130,13 @@ def compute_desired_state(session: Session, device: Device) -> DesiredState:
                 artifact_path=archive_path(model.name, version.version, best.id),
                 sha256=row.archive_sha256,
                 size=row.archive_size,
+                rollout_id=assignment.created_by.removeprefix(ROLLOUT_TAG)
+                if assignment.created_by.startswith(ROLLOUT_TAG)
+                else None,
+                generation=entry_gen,
+                candidates=tuple(offered[:MAX_CANDIDATES]),
             )
         )
-    generation = max((a.id for a in chosen.values()), default=0)
     return DesiredState(device_id=device.id, generation=generation, models=tuple(models))
 
 
@@ -172,6 +213,15 @@ class CredentialCache:
 
     def put(self, token_hash: str, device_id: str) -> None:
         self._entries[token_hash] = (device_id, self._clock() + self._ttl)
+
+    def forget(self, token_hash: str) -> None:
+        self._entries.pop(token_hash, None)
+
+    def forget_device(self, device_id: str) -> None:
+        """Drop every cached credential of ``device_id`` (the device was deleted)."""
+        for token_hash, (cached_id, _expires) in list(self._entries.items()):
+            if cached_id == device_id:
+                self._entries.pop(token_hash, None)
 
     def clear(self) -> None:
         self._entries.clear()

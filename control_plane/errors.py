@@ -12,6 +12,8 @@
     |   +-- AuthError           401   missing, unknown or forged credential
     |   +-- ForbiddenError      403   the credential may not do this
     |   +-- RangeNotSatisfiableError 416
+    |   +-- PayloadTooLargeError 413 a body (or one file of it) over its bound (carries ``limit``)
+    |   +-- HeadersTooLargeError 431 request headers over their bound
     +-- ClientError                   ``edgectl``: the server answered with an error or not at all
 
 The HTTP layer maps ``status_code`` to the response and ``type(exc).__name__`` to the JSON
@@ -28,8 +30,10 @@ __all__ = [
     "ConflictError",
     "ControlPlaneError",
     "ForbiddenError",
+    "HeadersTooLargeError",
     "InvalidInputError",
     "NotFoundError",
+    "PayloadTooLargeError",
     "RangeNotSatisfiableError",
     "RequestError",
     "StorageError",
@@ -103,6 +107,22 @@ class RangeNotSatisfiableError(RequestError):
     def __init__(self, message: str, *, size: int) -> None:
         self.size = size
         super().__init__(message)
+
+
+class PayloadTooLargeError(RequestError):
+    """A request body, or one file in it, is over its bound; the rest was not read."""
+
+    status_code = 413
+
+    def __init__(self, message: str, *, limit: int) -> None:
+        self.limit = limit
+        super().__init__(message)
+
+
+class HeadersTooLargeError(RequestError):
+    """The request's header block is over its bound."""
+
+    status_code = 431
 
 
 class ClientError(ControlPlaneError):

@@ -2,11 +2,15 @@
 
 Owns the job life cycle (queued -> running -> succeeded | failed), progress and log lines, and
 resuming unfinished jobs after a restart. What a build does is the builds library's business
-(``BuildVariants``); what a finished build leaves behind is ``registry.record_build``.
+(``BuildVariants``); what a finished build leaves behind is ``registry.record_build``. ``sign``
+(the service passes its TUF publisher) runs inside the transaction that marks the version
+ready, after the rows are flushed: a version is ``ready`` only once its archives are signed
+targets, and a signing failure fails the job instead.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 import time
@@ -23,7 +27,7 @@ from control_plane.artifacts import ArtifactStore
 from control_plane.db.models import BuildJob, ModelVersion
 from control_plane.registry import BuildVariants, record_build
 
-__all__ = ["MAX_LOG_LINES", "BuildWorker"]
+__all__ = ["MAX_LOG_LINES", "BuildWorker", "skipped_variants"]
 
 log = get_logger(__name__)
 
@@ -47,6 +51,7 @@ class BuildWorker:
         work_dir: Path,
         workers: int = 1,
         on_finished: Callable[[int, str], None] | None = None,
+        sign: Callable[[Session], object] | None = None,
         now: Callable[[], datetime] = _utcnow,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -55,6 +60,7 @@ class BuildWorker:
         self._build = build_variants
         self._work_dir = work_dir
         self._on_finished = on_finished
+        self._sign = sign
         self._now = now
         self._clock = clock
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="build")
@@ -115,6 +121,7 @@ class BuildWorker:
             session.commit()
             name, number = version.model.name, version.version
             budget = version.model.accuracy_budget
+            task = version.task
             digests = {
                 "calibration": version.calibration_sha256,
                 "validation": version.validation_sha256,
@@ -142,6 +149,7 @@ class BuildWorker:
             golden=paths["golden"],
             accuracy_budget=budget,
             progress=self._progress_writer(job_id),
+            task=task,  # type: ignore[arg-type]  # checked against TASKS at upload
         )
         with self._sessions() as session:
             job = session.get(BuildJob, job_id)
@@ -156,6 +164,9 @@ class BuildWorker:
                 bundle_dir=bundle,
                 scratch=scratch,
             )
+            if self._sign is not None:
+                session.flush()
+                self._sign(session)
             accepted = [v.id for v in manifest.variants if v.status == "accepted"]
             rejected = [v.id for v in manifest.variants if v.status != "accepted"]
             job.status, job.progress, job.finished_at = "succeeded", 1.0, self._now()
@@ -201,6 +212,24 @@ class BuildWorker:
             session.commit()
         if self._on_finished:
             self._on_finished(job_id, "failed")
+
+
+# The builds library reports a target it leaves out as a progress line "<id> skipped: <why>",
+# where <why> usually starts with "<id>: " again (the error's own prefix).
+_SKIPPED = re.compile(r"^(?P<id>[A-Za-z0-9][A-Za-z0-9._-]{0,63}) skipped: (?P<reason>.+)$")
+
+
+def skipped_variants(log_text: str) -> dict[str, str]:
+    """Targets a build left out, with the reason, read from the job's log (latest line wins)."""
+    out: dict[str, str] = {}
+    for line in log_text.splitlines():
+        match = _SKIPPED.match(line)
+        if match is None:
+            continue
+        target, reason = match["id"], match["reason"].strip()
+        if reason:
+            out[target] = reason.removeprefix(f"{target}:").strip() or "no reason given"
+    return out
 
 
 def _append(log_text: str, line: str) -> str:

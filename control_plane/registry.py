@@ -16,10 +16,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from agent.contracts.accuracy import Task
 from agent.contracts.manifest import MANIFEST_FILE, BundleManifest, semver_key
 from agent.logs import get_logger
 from control_plane.artifacts import ArtifactStore
@@ -32,6 +33,7 @@ __all__ = [
     "archive_path",
     "create_model",
     "create_version",
+    "delete_failed_version",
     "get_model",
     "get_version",
     "record_build",
@@ -56,6 +58,7 @@ class BuildVariants(Protocol):
         golden: Path | None,
         accuracy_budget: float,
         progress: Callable[[float, str], None],
+        task: Task | None,
     ) -> BundleManifest: ...
 
 
@@ -67,6 +70,7 @@ class StagedUpload:
     calibration: Path | None = None
     validation: Path | None = None
     golden: Path | None = None
+    task: Task | None = None  # the accuracy gate's task; None: the build decides
 
 
 def archive_path(name: str, version: str, variant_id: str) -> str:
@@ -108,6 +112,22 @@ def get_version(session: Session, name: str, version: str) -> ModelVersion:
     return row
 
 
+def delete_failed_version(session: Session, name: str, version: str) -> None:
+    """Delete a version whose build failed, with its job rows; the number can be uploaded again.
+
+    A version that is building or ready stays (devices may run it; a rollout may name it).
+    Blobs stay in the content-addressed store: other versions may share them.
+    """
+    row = get_version(session, name, version)
+    if row.status != "failed":
+        raise ConflictError(
+            f"{name} {version} is {row.status}: only a version whose build failed can be deleted"
+        )
+    session.execute(delete(ModelVersion).where(ModelVersion.id == row.id))  # rows cascade
+    session.commit()
+    log.info("version_deleted", model=name, version=version)
+
+
 def check_new_version(session: Session, model: Model, version: str) -> None:
     try:
         semver_key(version)
@@ -131,6 +151,7 @@ def create_version(
     staged: StagedUpload,
     created_by: str,
     now: datetime,
+    task: Task | None = None,
 ) -> tuple[ModelVersion, BuildJob]:
     """Store the checked inputs and queue their build, in one transaction.
 
@@ -157,6 +178,7 @@ def create_version(
         calibration_sha256=digests["calibration"],
         validation_sha256=digests["validation"],
         golden_sha256=digests["golden"],
+        task=task or staged.task,
         created_at=now,
         created_by=created_by,
     )
@@ -176,7 +198,7 @@ def create_version(
     except IntegrityError as exc:
         session.rollback()
         raise ConflictError(f"version {version} of model {model.name!r} exists already") from exc
-    log.info("version_uploaded", model=model.name, version=version, source=source.sha256)
+    log.info("version_uploaded", model=model.name, version=version, source=source.sha256, task=task)
     return row, job
 
 

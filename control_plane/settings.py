@@ -53,8 +53,18 @@ class Settings(BaseSettings):
     port: int = Field(default=8080, ge=1, le=65535)
     build_workers: int = Field(default=1, ge=1, le=16)
     max_upload_bytes: int = Field(default=2 * 1024**3, ge=1024)  # bytes, per file
+    # Request bounds (docs/security.md), applied before anything is parsed. Bytes.
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024)  # the whole header block
+    max_json_body_bytes: int = Field(default=1024**2, ge=1024)  # every route but uploads
+    max_upload_request_bytes: int = Field(default=4 * 1024**3, ge=1024)  # a whole upload body
+    # Upload checks: what a sample set may unpack to, and what constants a model may make.
+    max_sample_set_bytes: int = Field(default=256 * 1024**2, ge=1024)  # bytes, per .npz
+    max_model_constant_bytes: int = Field(default=256 * 1024**2, ge=1024)  # bytes, per model
     # seconds: how stale another replica's cached desired state may get (this one drops it at once)
     desired_state_cache_ttl_s: float = Field(default=300.0, ge=0)
+    # seconds between the coalesced last_seen_at writes of polling devices (docs/control-plane.md);
+    # None: a poll does not refresh last_seen_at (only profile and reported-state writes do)
+    last_seen_write_s: float | None = Field(default=5.0, gt=0)
     log_level: str = "info"
     # Signed metadata (docs/updates.md): how often roles are checked for re-signing, and where
     # the root key is written at first start (move it offline afterwards).

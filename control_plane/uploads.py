@@ -1,17 +1,20 @@
 """The upload gate: an uploaded version is checked with the builds library's own rules.
 
 Owns running those checks synchronously, before anything is stored, so a bad upload is a 422
-(``InvalidInputError`` naming the multipart field) and never a failed job later. The rules
-themselves (what is ONNX, what loads, how sample sets fit the inputs) belong to
-``control_plane.builds``; this module only calls them.
+(``InvalidInputError`` naming the multipart field) and never a failed job later; and keeping
+their memory bounded: sample sets are sized from their ``.npy`` headers before anything is
+decompressed, and a model's constants are sized from the graph before ONNX Runtime loads it.
+A ``MemoryError`` in a check is the upload's fault (it needs more than the service gives one
+check) and is a 422 too. The rules themselves (what is ONNX, what loads, how sample sets fit
+the inputs) belong to ``control_plane.builds``; this module only calls them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from control_plane.builds._onnx import read_source
-from control_plane.builds._samples import load_samples
+from control_plane.builds._onnx import MAX_CONSTANT_BYTES, read_source
+from control_plane.builds._samples import MAX_SAMPLE_BYTES, load_samples
 from control_plane.errors import InvalidInputError
 
 __all__ = ["check_upload"]
@@ -23,19 +26,34 @@ def check_upload(
     calibration: Path | None = None,
     validation: Path | None = None,
     golden: Path | None = None,
+    max_sample_bytes: int = MAX_SAMPLE_BYTES,
+    max_constant_bytes: int = MAX_CONSTANT_BYTES,
 ) -> bool:
     """Raise ``InvalidInputError`` if the build would refuse these inputs; return whether the
     model is already quantized (QDQ nodes: it is kept as it is)."""
-    source = read_source(onnx)
-    if calibration is None and validation is None and golden is None:
+    field = "onnx"
+    try:
+        source = read_source(onnx, max_constant_bytes=max_constant_bytes)
+        if calibration is None and validation is None and golden is None:
+            raise InvalidInputError(
+                "give at least one sample set (calibration, validation or golden)",
+                field="calibration",
+            )
+        for field, path, labelled in (
+            ("calibration", calibration, False),
+            ("validation", validation, True),
+            ("golden", golden, False),
+        ):
+            if path is not None:
+                load_samples(
+                    path,
+                    source.inputs,
+                    field=field,
+                    labelled=labelled,
+                    max_bytes=max_sample_bytes,
+                )
+    except MemoryError:
         raise InvalidInputError(
-            "give at least one sample set (calibration, validation or golden)",
-            field="calibration",
-        )
-    if calibration is not None:
-        load_samples(calibration, source.inputs, field="calibration")
-    if validation is not None:
-        load_samples(validation, source.inputs, field="validation", labelled=True)
-    if golden is not None:
-        load_samples(golden, source.inputs, field="golden")
+            "checking it needs more memory than one upload check may use", field=field
+        ) from None
     return source.quantized

@@ -25,7 +25,7 @@ import numpy as np
 
 from agent.errors import InferenceError
 from agent.logs import get_logger
-from agent.models.serving import ServedModel
+from agent.models.serving import Computed, ServedModel
 
 __all__ = ["BatchPolicy", "Batcher", "RunResult", "plan_batch"]
 
@@ -49,7 +49,7 @@ class RunResult:
     """The outputs of one request, with where its time went (seconds)."""
 
     outputs: dict[str, Array]
-    version: str
+    computed: Computed  # the version and variant that ran it
     queue_s: float
     compute_s: float
     batch_size: int  # requests in the batch it ran in (1: alone)
@@ -194,7 +194,7 @@ class Batcher:
                 name: np.concatenate([item.feeds[name] for item in batch], axis=0)
                 for name in batch[0].feeds
             }
-            outputs = served.infer(feeds)
+            computed, outputs = served.infer_versioned(feeds)
         except Exception as exc:
             log.warning("batch_retried_alone", model=self.model, size=len(batch), error=str(exc))
             for item in batch:
@@ -213,18 +213,14 @@ class Batcher:
             part = {name: out[offset : offset + item.size] for name, out in outputs.items()}
             offset += item.size
             item.future.set_result(
-                RunResult(
-                    part, served.version, start - item.enqueued, compute, len(batch), index == 0
-                )
+                RunResult(part, computed, start - item.enqueued, compute, len(batch), index == 0)
             )
 
     def _run_alone(self, item: _Pending, start: float) -> None:
         try:
-            outputs = item.served.infer(item.feeds)
+            computed, outputs = item.served.infer_versioned(item.feeds)
         except Exception as exc:
             item.future.set_exception(exc)
             return
         compute = self._clock() - start
-        item.future.set_result(
-            RunResult(outputs, item.served.version, start - item.enqueued, compute, 1)
-        )
+        item.future.set_result(RunResult(outputs, computed, start - item.enqueued, compute, 1))

@@ -41,6 +41,11 @@ __all__ = [
 
 Array = np.ndarray[Any, Any]
 _LEN = struct.Struct("<I")
+MAX_RANK = 16  # dimensions of one tensor
+# Elements one tensor may span, zero dimensions counted as one: far above what a bounded body can
+# carry, and low enough that no shape within it overflows numpy's index type (a ``[0, 2**63]``
+# holds no element but cannot be made into an array).
+MAX_ELEMENTS = 2**31 - 1
 
 
 class RequestError(InputError):
@@ -76,6 +81,7 @@ class InferResponse:
     outputs: dict[str, Array]
     binary: dict[str, bool] = field(default_factory=dict)
     id: str | None = None
+    variant: str | None = None  # the variant that computed the outputs (response parameter)
 
 
 class _TensorBody(BaseModel):
@@ -107,9 +113,25 @@ class InferenceRequestBody(BaseModel):
 
 
 def shape_size(name: str, shape: Sequence[int]) -> int:
-    if any(d < 0 for d in shape):
-        raise RequestError(f"input {name!r}: shape {list(shape)} has a negative dimension")
+    """The element count of a requested shape, after checking it can be an array at all: rank,
+    no negative dimension, and at most ``MAX_ELEMENTS`` spanned (zeros counted as one)."""
+    if len(shape) > MAX_RANK:
+        raise RequestError(f"input {name!r}: {len(shape)} dimensions; at most {MAX_RANK}")
+    span = 1
+    for dim in shape:
+        if dim < 0:
+            raise RequestError(f"input {name!r}: shape {_brief(shape)} has a negative dimension")
+        span *= max(dim, 1)
+        if span > MAX_ELEMENTS:
+            raise RequestError(
+                f"input {name!r}: shape {_brief(shape)} spans more than {MAX_ELEMENTS} elements"
+            )
     return math.prod(shape)
+
+
+def _brief(shape: Sequence[int]) -> str:
+    text = str(list(shape))
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _dtype(name: str, datatype: str) -> np.dtype[Any]:
@@ -356,6 +378,8 @@ def encode_http_response(response: InferResponse) -> tuple[bytes, int | None]:
     }
     if response.id:
         doc["id"] = response.id
+    if response.variant:
+        doc["parameters"] = {"variant": response.variant}
     head = json.dumps(doc, separators=(",", ":")).encode("utf-8")
     if not blobs:
         return head, None

@@ -124,6 +124,8 @@ class _Handlers:
         out = self.m["ModelInferResponse"](
             model_name=response.model, model_version=response.version, id=response.id or ""
         )
+        if response.variant:
+            out.parameters["variant"].string_param = response.variant
         for name, array in response.outputs.items():
             tensor = out.outputs.add()
             tensor.name = name

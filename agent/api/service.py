@@ -105,6 +105,14 @@ class InferenceService:
             "name": served.name,
             "versions": list(self.repository.versions(name)),
             "platform": _PLATFORMS.get(served.backend, served.backend),
+            # What serves and why, beside the protocol's fields (clients ignore extra keys).
+            "parameters": {
+                "version": served.version,
+                "variant": served.variant_id,
+                "backend": served.backend,
+                "device": served.device,
+                "choice": served.choice,
+            },
             "inputs": [
                 {"name": s.name, "datatype": s.datatype, "shape": list(s.shape)}
                 for s in served.inputs
@@ -195,8 +203,8 @@ class InferenceService:
 
     def _run_alone(self, served: ServedModel, feeds: dict[str, Any], queued: float) -> RunResult:
         start = self._clock()
-        outputs = served.infer(feeds)
-        return RunResult(outputs, served.version, start - queued, self._clock() - start, 1)
+        computed, outputs = served.infer_versioned(feeds)
+        return RunResult(outputs, computed, start - queued, self._clock() - start, 1)
 
     def _finish(
         self,
@@ -247,14 +255,23 @@ class InferenceService:
         outputs = {name: result.outputs[name] for name in binary}
         self.metrics.success(
             request.model,
-            result.version,
+            result.computed.version,
             items=items,
             executions=1 if result.counts_execution else 0,
             request_s=self._clock() - started,
             queue_s=result.queue_s,
             compute_s=result.compute_s,
         )
-        done.set_result(InferResponse(request.model, result.version, outputs, binary, request.id))
+        done.set_result(
+            InferResponse(
+                request.model,
+                result.computed.version,
+                outputs,
+                binary,
+                request.id,
+                variant=result.computed.variant_id,
+            )
+        )
 
     def close(self) -> None:
         """Stop taking requests; queued ones finish."""

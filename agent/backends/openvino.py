@@ -124,8 +124,10 @@ class OpenVinoSession:
                 if array is None or array.dtype != dtype:
                     validate_feeds(self._name, self.inputs, feeds)
                     raise InputError(f"{self._name}: input {name!r} does not fit")  # unreachable
-                if not array.flags.c_contiguous:
-                    array = np.ascontiguousarray(array)
+                if not array.flags.c_contiguous or not array.flags.writeable:
+                    # OpenVINO shares only writeable memory; the API's binary tensors are
+                    # read-only views of the request body.
+                    array = np.array(array, order="C")
                 request.set_input_tensor(index, tensor(array, shared_memory=True))
             request.infer()
         except InputError:

@@ -1,6 +1,8 @@
 """``edge-agent models list|install|activate|rollback``: the model store by hand, offline.
 
-For a technician with a USB stick: install a bundle (directory or .tar/.tar.gz), see what is
+For a technician with a USB stick: install a bundle (directory or .tar/.tar.gz; several variant
+archives of one version, as ``edgectl models pull`` writes them, install as one), or an ONNX file
+straight in (the bundle, with golden outputs from ONNX Runtime, is built here), see what is
 installed and active, point a model at another version (validated against its golden cases
 first), or go back to the previous one. Changes take effect when the agent next starts (or
 immediately if it is not running); the update journal is written so that the agent's boot does
@@ -15,7 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.errors import StoreError
+from agent.errors import ConfigError, StoreError
 
 if TYPE_CHECKING:
     from agent.config import AgentSettings
@@ -40,9 +42,32 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ls.set_defaults(func=_list)
 
-    inst = cmds.add_parser("install", parents=[common], help="install a bundle (dir or .tar[.gz])")
-    inst.add_argument("bundle", type=Path)
+    inst = cmds.add_parser(
+        "install",
+        parents=[common],
+        help="install a bundle (dir or .tar[.gz]), several variant archives of one version, "
+        "or an ONNX file (with --name and --version)",
+    )
+    inst.add_argument("bundle", type=Path, nargs="+", metavar="SOURCE")
     inst.add_argument("--activate", action="store_true", help="validate and activate it too")
+    onnx = inst.add_argument_group("an ONNX file straight in")
+    onnx.add_argument("--name", help="model name (required for an .onnx file)")
+    onnx.add_argument("--version", help="semantic version, e.g. 1.0.0 (required for .onnx)")
+    onnx.add_argument(
+        "--golden",
+        type=Path,
+        help=".npz of one golden input case (arrays named like the model's inputs); "
+        "default: one synthetic case",
+    )
+    onnx.add_argument(
+        "--preprocess",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="how the loop turns a frame into the first input: resize=HxW, layout=NCHW|NHWC, "
+        "grayscale=true, scale=0.00392, mean=0.485,0.456,0.406, std=0.229,0.224,0.225 "
+        "(repeatable)",
+    )
     inst.set_defaults(func=_install)
 
     act = cmds.add_parser("activate", parents=[common], help="make VERSION the active one")
@@ -87,11 +112,17 @@ def _journal_manual(
 
 
 def _validate(store: ModelStore, settings: AgentSettings, name: str, version: str) -> str:
-    """Load ``version`` and check its golden cases, as a swap would; the variant id."""
+    """Load ``version`` and check its golden cases, as a swap would (measuring its variants
+    when several fit); the variant id."""
     from agent.models.slots import ModelSlot
 
     slot = ModelSlot(
-        name, store, swap_config=settings.swap, backend_config=settings.backends, latency_runs=1
+        name,
+        store,
+        swap_config=settings.swap,
+        backend_config=settings.backends,
+        latency_runs=1,
+        state_dir=store.root.parent,  # the measured choice is cached for the daemon's boot
     )
     try:
         return slot.start(version).variant_id
@@ -104,6 +135,7 @@ def _list(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from agent.models.probation import UpdateJournal
+    from agent.models.slots import read_serving_record
 
     store, _ = _store(args)
     journal = UpdateJournal(store.root.parent)
@@ -122,6 +154,9 @@ def _list(args: argparse.Namespace) -> int:
             update = None
             if record is not None and record.to_version == version:
                 update = record.phase + (f": {record.reason}" if record.reason else "")
+            serving = read_serving_record(store.root.parent / "choices", name)
+            if serving is not None and serving.version != version:
+                serving = None
             rows.append(
                 {
                     "model": name,
@@ -131,6 +166,7 @@ def _list(args: argparse.Namespace) -> int:
                     "size_bytes": sum(e.size for e in manifest.all_files()),
                     "installed_at": installed.isoformat() if installed else None,
                     "update": update,
+                    "serving": serving.model_dump() if serving is not None else None,
                 }
             )
     if args.json:
@@ -141,7 +177,7 @@ def _list(args: argparse.Namespace) -> int:
         console.print(f"no models installed under {store.root}")
         return 0
     table = Table(title=f"models in {store.root}")
-    for column in ("model", "version", "status", "variants", "size", "installed", "update"):
+    for column in ("model", "version", "status", "variants", "serving", "size", "installed"):
         table.add_column(column)
     styles = {"active": "bold green", "previous": "yellow", "installed": ""}
     for row in rows:
@@ -152,22 +188,108 @@ def _list(args: argparse.Namespace) -> int:
             if styles[row["status"]]
             else "installed",
             ", ".join(row["variants"]),
+            _serving(row["serving"]),
             _size(row["size_bytes"]),
             (row["installed_at"] or "-")[:19].replace("T", " "),
-            row["update"] or "-",
         )
     console.print(table)
+    for row in rows:
+        if row["update"]:
+            console.print(f"{row['model']} {row['version']}: update {row['update']}")
+        if row["serving"]:
+            console.print(f"{row['model']} {row['version']}: {row['serving']['choice']}")
     return 0
 
 
 def _install(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    from agent.models.bundle import merge_bundles
+
     store, settings = _store(args)
-    installed = store.install(args.bundle)
+    sources: list[Path] = args.bundle
+    onnx = [s for s in sources if s.suffix.lower() == ".onnx"]
+    with tempfile.TemporaryDirectory(prefix="edge-agent-install-") as tmp:
+        if onnx:
+            if len(sources) != 1:
+                raise ConfigError("install one .onnx file at a time, without other sources")
+            source = _bundle_from_onnx(args, onnx[0], Path(tmp) / "bundle")
+        elif len(sources) > 1:
+            source = Path(tmp) / "bundle"
+            merge_bundles(sources, source)
+        else:
+            if args.name or args.version or args.golden or args.preprocess:
+                raise ConfigError("--name, --version, --golden and --preprocess are for .onnx")
+            source = sources[0]
+        installed = store.install(source)
+        shutil.rmtree(tmp, ignore_errors=True)
     what = "already installed" if installed.already_present else "installed"
     print(f"{what}: {installed.name} {installed.version} ({_size(installed.size_bytes)})")
     if args.activate:
         return _activate_version(store, settings, installed.name, installed.version, True)
     return 0
+
+
+def _bundle_from_onnx(args: argparse.Namespace, model: Path, out_dir: Path) -> Path:
+    """A one-variant bundle (ONNX Runtime FP32) of ``model``, golden outputs computed here."""
+    from agent.models.bundle import VariantSpec, build_bundle
+
+    if not args.name or not args.version:
+        raise ConfigError(f"{model}: an .onnx file needs --name and --version")
+    if not model.is_file():
+        raise ConfigError(f"no such file: {model}")
+    golden: list[dict[str, Any]] | None = None
+    if args.golden is not None:
+        golden = _golden_cases(args.golden)
+    build_bundle(
+        out_dir,
+        args.name,
+        args.version,
+        [VariantSpec(model)],
+        golden_inputs=golden,
+        preprocessing=_preprocessing(args.preprocess) if args.preprocess else None,
+    )
+    return out_dir
+
+
+def _golden_cases(path: Path) -> list[dict[str, Any]]:
+    """The golden input case in an ``.npz`` (checked against the model by the reference run)."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read golden inputs {path}: {exc}") from exc
+    if not arrays:
+        raise ConfigError(f"{path} holds no arrays")
+    return [arrays]
+
+
+def _preprocessing(items: list[str]) -> Any:
+    from pydantic import ValidationError
+
+    from agent.contracts.manifest import Preprocessing
+
+    fields: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not value:
+            raise ConfigError(f"--preprocess takes KEY=VALUE, got {item!r}")
+        if key == "resize":
+            h, _, w = value.lower().partition("x")
+            fields[key] = (h, w)
+        elif key in ("mean", "std"):
+            fields[key] = tuple(value.split(","))
+        else:
+            fields[key] = value
+    try:
+        return Preprocessing.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"--preprocess {where}: {first['msg']}") from None
 
 
 def _activate(args: argparse.Namespace) -> int:
@@ -209,3 +331,9 @@ def _size(n: int) -> str:
         if value < 1000 or unit == "GB":
             break
     return f"{value:.1f} {unit}"
+
+
+def _serving(record: dict[str, Any] | None) -> str:
+    if not record:
+        return "-"
+    return f"{record['variant_id']} on {record['backend']} ({record['device']})"

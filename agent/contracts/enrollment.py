@@ -36,7 +36,9 @@ class _Frozen(BaseModel):
 class EnrollmentRequest(_Frozen):
     schema_version: Literal[1] = 1
     bootstrap_token: str = Field(min_length=1, max_length=512)
-    name: str = Field(pattern=NAME_RE, description="human-readable name, e.g. the hostname")
+    name: str = Field(
+        pattern=NAME_RE, max_length=64, description="human-readable name, e.g. the hostname"
+    )
     profile: HardwareProfile
     # Initial labels such as site, board, group; operators may change them later.
     labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=32)
@@ -44,7 +46,14 @@ class EnrollmentRequest(_Frozen):
 
 class EnrollmentResponse(_Frozen):
     schema_version: Literal[1] = 1
-    device_id: str
-    credential: str = Field(description="bearer token for this device; shown only once")
-    desired_state_path: str = Field(description="e.g. /v1/devices/<id>/desired-state")
-    reported_state_path: str
+    device_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+    credential: str = Field(
+        min_length=1,
+        max_length=512,
+        pattern=r"^[\x21-\x7e]+$",  # printable ASCII: it goes into an HTTP header
+        description="bearer token for this device; shown only once",
+    )
+    desired_state_path: str = Field(
+        max_length=512, description="e.g. /v1/devices/<id>/desired-state"
+    )
+    reported_state_path: str = Field(max_length=512)

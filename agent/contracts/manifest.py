@@ -13,18 +13,21 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from agent.contracts.accuracy import Metric, Task
 from agent.contracts.tensors import TensorSpec
 
 __all__ = [
     "MANIFEST_FILE",
     "SCHEMA_VERSION",
     "AccuracyReport",
+    "BuildReport",
     "BundleManifest",
     "FileEntry",
     "GoldenCase",
     "Precision",
     "Preprocessing",
     "Provenance",
+    "QuantStep",
     "Runtime",
     "TargetConstraints",
     "Tolerance",
@@ -105,9 +108,13 @@ class GoldenCase(_Frozen):
 
 
 class AccuracyReport(_Frozen):
-    """A quantized variant measured against FP32 on the validation set."""
+    """A quantized or FP16 variant measured against FP32 on the validation set.
 
-    metric: Literal["top1", "agreement", "rel_l2"]
+    ``metric`` is the one that decided (``agent.contracts.accuracy`` defines each); ``delta``
+    is the points it lost, gated by ``budget`` in the same points; ``metrics`` holds every
+    metric measured for ``task``, in percent."""
+
+    metric: Metric
     reference: float
     value: float
     delta: float
@@ -115,6 +122,31 @@ class AccuracyReport(_Frozen):
     budget: float
     accepted: bool
     reason: str | None = None
+    task: Task | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class QuantStep(_Frozen):
+    """One step of an accuracy-aware quantization: what was tried and what it cost."""
+
+    action: str = Field(max_length=300)
+    metric: Metric
+    value: float
+    delta: float
+    kept_float: int = Field(default=0, ge=0)  # compute operations left in float at this step
+    seconds: float = Field(ge=0)
+
+
+class BuildReport(_Frozen):
+    """How a variant came out on the build host: speed, weights, precision per part."""
+
+    latency_ms: float | None = Field(default=None, ge=0)  # median, batch of one golden input
+    weight_bytes: int = Field(default=0, ge=0)
+    precisions: dict[str, int] = Field(default_factory=dict)  # compute ops per precision
+    kept_float: tuple[str, ...] = ()  # operations an INT8 variant left in float
+    recipe: str | None = None
+    steps: tuple[QuantStep, ...] = ()
+    seconds: float | None = Field(default=None, ge=0)  # time spent building this variant
 
 
 class Preprocessing(_Frozen):
@@ -149,6 +181,7 @@ class Variant(_Frozen):
     tolerance: Tolerance = Tolerance()
     accuracy: AccuracyReport | None = None
     status: Literal["accepted", "rejected"] = "accepted"
+    build: BuildReport | None = None
 
     @model_validator(mode="after")
     def _entrypoint_listed(self) -> Variant:

@@ -135,6 +135,8 @@ class SlotIdentity(_Frozen):
     version: str | None = None
     variant_id: str | None = None
     backend: str | None = None
+    device: str | None = Field(default=None, max_length=64)  # ORT provider, OpenVINO device
+    choice: str | None = Field(default=None, max_length=1000)  # why this variant serves
     digest: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")  # sha256 of the artifact
 
 

@@ -58,6 +58,7 @@ __all__ = [
     "check_entry",
     "compare_outputs",
     "golden_sets",
+    "merge_bundles",
     "pack",
     "parse_manifest",
     "read_manifest",
@@ -491,3 +492,63 @@ def unpack(archive: Path, dest: Path) -> BundleManifest:
         shutil.rmtree(dest, ignore_errors=True)
         raise
     return manifest
+
+
+def merge_bundles(sources: Sequence[Path], dest: Path) -> BundleManifest:
+    """One bundle directory in ``dest`` (new or empty) with the variants of several bundles of
+    the same model version, each an archive or a directory, verified file by file.
+
+    The control plane publishes one archive per variant; a device that measures several
+    variants installs them as one version. The golden cases, preprocessing and provenance are
+    the first source's; a file path two sources share must hold the same bytes.
+    """
+    if not sources:
+        raise BundleError("nothing to merge")
+    if dest.exists() and any(dest.iterdir()):
+        raise BundleError(f"destination {dest} is not empty")
+    dest.mkdir(parents=True, exist_ok=True)
+    work = dest.with_name(f".{dest.name}.parts")
+    try:
+        shutil.rmtree(work, ignore_errors=True)
+        manifests: list[tuple[BundleManifest, Path]] = []
+        for index, source in enumerate(sources):
+            if source.is_dir():
+                manifests.append((verify_bundle(source), source))
+            else:
+                part = work / str(index)
+                manifests.append((unpack(source, part), part))
+        first, _ = manifests[0]
+        variants: dict[str, Variant] = {}
+        files: dict[str, FileEntry] = {}
+        for manifest, root in manifests:
+            if (manifest.name, manifest.version) != (first.name, first.version):
+                raise BundleError(
+                    f"cannot merge {manifest.name} {manifest.version} into "
+                    f"{first.name} {first.version}",
+                    model=first.name,
+                )
+            wanted = [*(f for v in manifest.variants for f in v.files)]
+            if manifest is first:
+                wanted += [g.file for g in manifest.golden]
+            for entry in wanted:
+                known = files.get(entry.path)
+                if known is not None:
+                    if known.sha256 != entry.sha256:
+                        raise BundleError(
+                            f"two variants ship different {entry.path}", model=first.name
+                        )
+                    continue
+                files[entry.path] = entry
+                target = dest / entry.path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(root / entry.path, target)
+            for variant in manifest.variants:
+                variants.setdefault(variant.id, variant)
+        merged = first.model_copy(update={"variants": tuple(variants.values())})
+        (dest / MANIFEST_FILE).write_text(merged.model_dump_json(indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return merged

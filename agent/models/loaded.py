@@ -24,13 +24,26 @@ from agent.contracts.tensors import TensorSpec
 from agent.errors import InferenceError, InputError
 from agent.logs import get_logger
 from agent.models.probation import Health, p99
+from agent.models.serving import Computed
 
-__all__ = ["LoadedVersion"]
+__all__ = ["DYNAMIC_BATCH_LIMIT", "LoadedVersion", "batch_limit"]
+
+# The largest batch a model with a dynamic batch dimension takes through the API's dynamic
+# batching (``[api.batching] max_batch_size`` lowers it per model).
+DYNAMIC_BATCH_LIMIT = 32
 
 log = get_logger(__name__)
 
 Array = np.ndarray[Any, Any]
 Feeds = Mapping[str, Array]
+
+
+def batch_limit(inputs: tuple[TensorSpec, ...]) -> int:
+    """``max_batch_size`` of a session with these inputs: ``DYNAMIC_BATCH_LIMIT`` when every
+    input's first dimension is dynamic (a batch dimension), else 0 (requests run as sent)."""
+    if inputs and all(s.shape and s.shape[0] < 0 for s in inputs):
+        return DYNAMIC_BATCH_LIMIT
+    return 0
 
 
 class LoadedVersion:
@@ -39,8 +52,6 @@ class LoadedVersion:
     Counts requests in flight so that a retired version closes its session only once the last
     one has finished, and keeps live health (requests, errors, recent latencies).
     """
-
-    max_batch_size: int = 0
 
     def __init__(
         self,
@@ -51,6 +62,7 @@ class LoadedVersion:
         *,
         bundle_dir: Path,
         measured_p99_s: float,
+        choice: str = "",
         clock: Callable[[], float] = time.perf_counter,
         window: int = 2048,
         closer: Callable[[Callable[[], None]], bool] | None = None,
@@ -63,6 +75,9 @@ class LoadedVersion:
         self.device = session.device
         self.inputs: tuple[TensorSpec, ...] = session.inputs
         self.outputs: tuple[TensorSpec, ...] = session.outputs
+        self.max_batch_size = batch_limit(self.inputs)
+        self.choice = choice  # why this variant serves (measured figures), for reports
+        self.computed = Computed(version, variant.id)
         self.bundle_dir = bundle_dir
         self.measured_p99_s = measured_p99_s
         self._session: Session | None = session
@@ -92,6 +107,9 @@ class LoadedVersion:
             return self._run(feeds)
         finally:
             self._exit()
+
+    def infer_versioned(self, feeds: Feeds) -> tuple[Computed, dict[str, Array]]:
+        return self.computed, self.infer(feeds)
 
     def _enter(self) -> bool:
         with self._lock:

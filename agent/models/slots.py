@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import os
-import platform
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -43,11 +43,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import pydantic
 
-from agent.backends import Artifact, LoadOptions, Session, get_backend, load_first
+from agent._fs import write_file_atomic
+from agent.backends import Artifact, LoadOptions, Session, load_first
+from agent.backends.choice import Candidate, Choice, choose, golden_from_manifest
 from agent.config import BackendConfig, SwapConfig
 from agent.contracts.events import EventStep
+from agent.contracts.fit import fitting
 from agent.contracts.manifest import BundleManifest, Variant
+from agent.contracts.profile import HardwareProfile
 from agent.contracts.tensors import TensorSpec
 from agent.errors import (
     AgentError,
@@ -62,33 +67,115 @@ from agent.logs import get_logger
 from agent.models.bundle import GoldenSet, golden_sets, synthetic_feeds, validate_outputs
 from agent.models.loaded import LoadedVersion
 from agent.models.probation import Health, p99
+from agent.models.serving import Computed
 from agent.models.store import ModelStore
 
 __all__ = [
     "LoadedVersion",
     "ModelSlot",
+    "Plan",
+    "ServingRecord",
     "SlotRegistry",
     "SwapReport",
-    "VariantChooser",
-    "eligible_variants",
+    "describe_choice",
     "load_options_from",
+    "read_serving_record",
+    "serving_record_path",
 ]
 
 log = get_logger(__name__)
 
 Array = np.ndarray[Any, Any]
 Feeds = Mapping[str, Array]
-VariantChooser = Callable[[BundleManifest, Sequence[Variant]], Variant]
 Policy = Literal["availability", "resources"]
 
 _MEMORY_RESERVE = 64 * 1024 * 1024  # bytes kept free beyond the estimate
-_PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
+_CHOICE_MAX = 1000  # characters of a choice's description (a reported, bounded field)
 
 
 def _available_memory() -> int:
     import psutil
 
     return int(psutil.virtual_memory().available)
+
+
+@functools.cache
+def _detected_profile() -> HardwareProfile:
+    from agent.hardware import detect_profile
+
+    return detect_profile()
+
+
+def _live_profile() -> HardwareProfile:
+    """This machine's profile, detected once per process (runtimes are probed)."""
+    return _detected_profile()
+
+
+def _artifact(model: str, variant: Variant, bundle_dir: Path) -> Artifact:
+    return Artifact(
+        bundle_dir / variant.entrypoint,
+        format=variant.format,
+        precision=variant.precision,
+        name=model,
+        digest=variant.file(variant.entrypoint).sha256,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The variants of a version to try, in order, and why the first one."""
+
+    order: list[Variant]
+    reason: str
+    left_out: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def fallback_reason(self, failures: Sequence[str]) -> str:
+        text = f"fallback after {'; '.join(failures)} (first choice: {self.reason})"
+        return text[:_CHOICE_MAX]
+
+
+def describe_choice(choice: Choice) -> str:
+    """One line for reports: the chosen variant, why, and every candidate's measured p50."""
+    parts = []
+    for m in choice.measurements:
+        label = m.candidate.split(":", 2)[2]
+        if m.status == "measured" and m.p50_ms is not None:
+            parts.append(f"{label} {m.p50_ms:.3g} ms")
+        else:
+            parts.append(f"{label} {m.status}")
+    text = f"measured: {choice.reason}; " + ", ".join(parts)
+    return text[:_CHOICE_MAX]
+
+
+class ServingRecord(pydantic.BaseModel):
+    """What serves a model and why, as the daemon last wrote it."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="ignore")
+
+    model: str
+    version: str
+    variant_id: str
+    backend: str
+    device: str
+    choice: str
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(indent=2).encode()
+
+
+def serving_record_path(choice_dir: Path, model: str) -> Path:
+    return choice_dir / f"serving-{model}.json"
+
+
+def read_serving_record(choice_dir: Path, model: str) -> ServingRecord | None:
+    """The record ``ModelSlot`` wrote after its last swap, or ``None`` (never swapped, or
+    unreadable: it is only a report)."""
+    try:
+        return ServingRecord.model_validate_json(
+            serving_record_path(choice_dir, model).read_bytes()
+        )
+    except (OSError, pydantic.ValidationError):
+        return None
 
 
 def load_options_from(config: BackendConfig, cache_dir: Path | None = None) -> LoadOptions:
@@ -112,6 +199,7 @@ class SwapReport:
     version: str
     from_version: str | None
     variant_id: str
+    choice: str  # why this variant serves
     backend: str
     device: str
     policy: Policy
@@ -145,8 +233,6 @@ class ModelSlot:
     """The served versions of one model name; an ``agent.models.serving.ServedModel`` that always
     routes to the version currently serving."""
 
-    max_batch_size: int = 0
-
     def __init__(
         self,
         name: str,
@@ -156,7 +242,8 @@ class ModelSlot:
         backend_config: BackendConfig | None = None,
         load_options: LoadOptions | None = None,
         bus: EventBus | None = None,
-        chooser: VariantChooser | None = None,
+        profile: Callable[[], HardwareProfile] | None = None,
+        state_dir: Path | None = None,
         available_memory: Callable[[], int] = _available_memory,
         clock: Callable[[], float] = time.perf_counter,
         pause_timeout_s: float = 30.0,
@@ -171,7 +258,11 @@ class ModelSlot:
         self.backend_config = backend_config or BackendConfig()
         self.load_options = load_options or load_options_from(self.backend_config)
         self._bus = bus
-        self._chooser = chooser
+        self._profile = profile or _live_profile
+        # Measured decisions are cached as ``<state_dir>/choices/<key>.json`` (where
+        # ``edge-agent bench`` writes them too), with what serves beside them.
+        self.choice_dir = state_dir / "choices" if state_dir is not None else None
+        self._state_dir = state_dir
         self._available_memory = available_memory
         self._clock = clock
         self._pause_timeout_s = pause_timeout_s
@@ -190,10 +281,13 @@ class ModelSlot:
         self._retired: list[LoadedVersion] = []
         self._swap_lock = threading.Lock()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._usable: dict[str, bool] = {}
         # ServedModel attributes of the version serving now.
         self.version = ""
+        self.variant_id = ""
         self.backend = ""
+        self.device = ""
+        self.choice = ""
+        self.max_batch_size = 0
         self.inputs: tuple[TensorSpec, ...] = ()
         self.outputs: tuple[TensorSpec, ...] = ()
 
@@ -210,7 +304,7 @@ class ModelSlot:
     def infer(self, feeds: Feeds) -> dict[str, Array]:
         return self.infer_versioned(feeds)[1]
 
-    def infer_versioned(self, feeds: Feeds) -> tuple[str, dict[str, Array]]:
+    def infer_versioned(self, feeds: Feeds) -> tuple[Computed, dict[str, Array]]:
         """Run on the version serving now and say which one ran. During a
         resource-preserving swap this waits for the new version instead of failing."""
         with self._cond:
@@ -222,7 +316,7 @@ class ModelSlot:
             entered = current._enter()  # under the slot lock: a switch cannot slip between
         assert entered, "the serving version is never closed"
         try:
-            return current.version, current._run(feeds)
+            return current.computed, current._run(feeds)
         finally:
             current._exit()
             self._last_request_end = self._clock()
@@ -276,26 +370,70 @@ class ModelSlot:
 
     # --- variant choice ----------------------------------------------------------------------
 
-    def choose(self, manifest: BundleManifest) -> Variant:
-        candidates, reasons = eligible_variants(
-            manifest, self.backend_config, usable=self._runtime_usable
-        )
-        if not candidates:
+    def profile(self) -> HardwareProfile:
+        """The device's profile with this slot's pins (``backends.pin_*``)."""
+        return self._profile().model_copy(update={"pins": self.backend_config.pins()})
+
+    def plan(self, manifest: BundleManifest, bundle_dir: Path, *, beside: bool = False) -> Plan:
+        """The variants to try, in order, and why the first: every variant that fits this device
+        (``agent.contracts.fit``, the control plane's own rule); with several, the fastest one
+        within tolerance by measurement first (``agent.backends.choice``, cached on disk),
+        the others in the contract's rank order as fallbacks. ``beside``: a version serves
+        now, so measuring runs on the loader thread with its capped runtime threads."""
+        fit = fitting(manifest.variants, self.profile())
+        if not fit.ranked:
             raise ModelLoadError(
-                f"{manifest.version}: no variant fits this device ({'; '.join(reasons)})",
+                f"{manifest.version}: no variant fits this device ({fit.reasons()})",
                 model=self.name,
             )
-        if self._chooser is not None:
-            return self._chooser(manifest, candidates)
-        return candidates[0]
+        ranked = list(fit.ranked)
+        if len(ranked) == 1:
+            return Plan(ranked, "the only variant that fits this device", fit.left_out)
+        if not self.backend_config.measure or not manifest.golden:
+            why = "measuring is off" if manifest.golden else "the bundle has no golden inputs"
+            return Plan(ranked, f"first by the variant contract's rank ({why})", fit.left_out)
+        contenders = ranked[: self.backend_config.max_candidates]
+        try:
+            if beside:
+                choice = self._loader().submit(self._measure, manifest, contenders, bundle_dir)
+                decided = choice.result()
+            else:
+                decided = self._measure(manifest, contenders, bundle_dir)
+        except AgentError as exc:
+            log.warning("variant_choice_failed", model=self.name, reason=str(exc))
+            return Plan(ranked, f"first by rank: measuring failed ({exc})", fit.left_out)
+        chosen_id = decided.chosen.split(":", 2)[2]
+        first = next(v for v in ranked if v.id == chosen_id)
+        order = [first, *(v for v in ranked if v is not first)]
+        return Plan(order, describe_choice(decided), fit.left_out)
 
-    def _runtime_usable(self, runtime: str) -> bool:
-        if runtime not in self._usable:
-            try:
-                self._usable[runtime] = get_backend(runtime).probe().usable
-            except BackendError:
-                self._usable[runtime] = False
-        return self._usable[runtime]
+    def _measure(
+        self, manifest: BundleManifest, variants: Sequence[Variant], bundle_dir: Path
+    ) -> Choice:
+        candidates = [
+            Candidate(
+                v.runtime,
+                _artifact(self.name, v, bundle_dir),
+                v.tolerance,
+                v.target,
+                label=v.id,
+            )
+            for v in variants
+        ]
+        inputs, refs = golden_from_manifest(manifest, bundle_dir)
+        options = self.load_options
+        if self._current is not None:
+            options = dataclasses.replace(options, intra_op_threads=self.swap_config.loader_threads)
+        return choose(
+            candidates,
+            self.profile(),
+            inputs,
+            config=self.backend_config,
+            state_dir=self._state_dir,
+            reference_outputs=refs,
+            options=options,
+            model=self.name,
+        )
 
     # --- start and swap ----------------------------------------------------------------------
 
@@ -338,14 +476,10 @@ class ModelSlot:
             from_version = self._current.version if self._current else None
             try:
                 manifest = self.store.verify(self.name, version, deep=False)
-                variant = self.choose(manifest)
-                chosen = policy or self._policy(variant)
                 bundle_dir = self.store.path(self.name, version)
+                plan = self.plan(manifest, bundle_dir, beside=self._current is not None)
                 golden = golden_sets(bundle_dir, manifest) if validate else []
-                if self._current is None or chosen == "resources":
-                    report = self._swap_in_place(version, variant, bundle_dir, golden, chosen)
-                else:
-                    report = self._swap_beside(version, variant, bundle_dir, golden)
+                report = self._swap_first_that_serves(version, plan, bundle_dir, golden, policy)
                 report = dataclasses.replace(report, from_version=from_version)
             except AgentError as exc:
                 log.warning("slot_swap_failed", model=self.name, version=version, reason=str(exc))
@@ -356,6 +490,7 @@ class ModelSlot:
                 version=version,
                 from_version=from_version,
                 variant_id=report.variant_id,
+                choice=report.choice,
                 policy=report.policy,
                 backend=report.backend,
                 load_s=report.load_s,
@@ -370,9 +505,71 @@ class ModelSlot:
                 version=version,
                 from_version=from_version,
                 policy=report.policy,
+                variant_id=report.variant_id,
+                choice=report.choice,
                 disk_to_serving_s=round(report.disk_to_serving_s, 4),
             )
+            self._record_serving()
             return report
+
+    def _swap_first_that_serves(
+        self,
+        version: str,
+        plan: Plan,
+        bundle_dir: Path,
+        golden: Sequence[GoldenSet],
+        policy: Policy | None,
+    ) -> SwapReport:
+        """Swap to the plan's first variant; when it fails to load or validate, to the next,
+        saying why in the served version's ``choice``. The last failure is raised."""
+        failures: list[str] = []
+        for index, variant in enumerate(plan.order):
+            choice = plan.reason if variant is plan.order[0] else plan.fallback_reason(failures)
+            chosen = policy or self._policy(variant)
+            try:
+                if self._current is None or chosen == "resources":
+                    return self._swap_in_place(
+                        version, variant, bundle_dir, golden, chosen, choice=choice
+                    )
+                return self._swap_beside(version, variant, bundle_dir, golden, choice=choice)
+            except (ModelLoadError, ValidationError) as exc:
+                failures.append(f"{variant.id}: {exc}")
+                log.warning(
+                    "variant_failed",
+                    model=self.name,
+                    version=version,
+                    variant_id=variant.id,
+                    reason=str(exc),
+                    fallback=plan.order[index + 1].id if index + 1 < len(plan.order) else None,
+                )
+                if index + 1 == len(plan.order):
+                    if len(failures) == 1:
+                        raise
+                    raise ModelLoadError(
+                        f"{version}: no variant could serve ({'; '.join(failures)})",
+                        model=self.name,
+                    ) from exc
+        raise ModelLoadError(f"{version}: no variant to try", model=self.name)
+
+    def _record_serving(self) -> None:
+        """What serves and why, under ``choice_dir`` for ``edge-agent models list`` (a process
+        of its own that cannot ask the daemon). Best effort: the swap has happened."""
+        current = self._current
+        if self.choice_dir is None or current is None:
+            return
+        record = ServingRecord(
+            model=self.name,
+            version=current.version,
+            variant_id=current.variant_id,
+            backend=current.backend,
+            device=current.device,
+            choice=current.choice,
+        )
+        try:
+            self.choice_dir.mkdir(parents=True, exist_ok=True)
+            write_file_atomic(serving_record_path(self.choice_dir, self.name), record.to_json())
+        except OSError as exc:
+            log.warning("serving_record_unwritten", model=self.name, reason=str(exc))
 
     def _policy(self, variant: Variant) -> Policy:
         configured = self.swap_config.policy
@@ -386,14 +583,22 @@ class ModelSlot:
         return "resources"
 
     def _swap_beside(
-        self, version: str, variant: Variant, bundle_dir: Path, golden: Sequence[GoldenSet]
+        self,
+        version: str,
+        variant: Variant,
+        bundle_dir: Path,
+        golden: Sequence[GoldenSet],
+        *,
+        choice: str = "",
     ) -> SwapReport:
         capped = dataclasses.replace(
             self.load_options, intra_op_threads=self.swap_config.loader_threads
         )
         self._gap_watch = self._quiet_swap
         try:
-            return self._swap_beside_watched(version, variant, bundle_dir, golden, capped)
+            return self._swap_beside_watched(
+                version, variant, bundle_dir, golden, capped, choice=choice
+            )
         finally:
             self._gap_watch = False
 
@@ -404,6 +609,8 @@ class ModelSlot:
         bundle_dir: Path,
         golden: Sequence[GoldenSet],
         capped: LoadOptions,
+        *,
+        choice: str,
     ) -> SwapReport:
         prepared = (
             self._loader().submit(self._prepare, version, variant, bundle_dir, golden, capped)
@@ -425,7 +632,7 @@ class ModelSlot:
                 prepared.session.close()
             prepared.session = serving
             promote_s = self._clock() - start
-        new = self._wrap(version, prepared)
+        new = self._wrap(version, prepared, choice=choice)
         switch_s = self._switch(new)
         return self._report(
             version,
@@ -444,6 +651,8 @@ class ModelSlot:
         bundle_dir: Path,
         golden: Sequence[GoldenSet],
         policy: Policy,
+        *,
+        choice: str = "",
     ) -> SwapReport:
         paused_at = self._clock()
         old = self._unload_current(version)
@@ -453,7 +662,7 @@ class ModelSlot:
             if old is not None:
                 self._restore(old)
             raise
-        new = self._wrap(version, prepared)
+        new = self._wrap(version, prepared, choice=choice)
         switch_s = self._switch(new)
         pause_s = self._clock() - paused_at if old is not None else 0.0
         return self._report(
@@ -491,7 +700,7 @@ class ModelSlot:
             with self._cond:
                 self._cond.notify_all()
             return
-        self._switch(self._wrap(old.version, prepared))
+        self._switch(self._wrap(old.version, prepared, choice=old.choice))
         log.info("slot_restored", model=self.name, version=old.version)
 
     def _prepare(
@@ -551,16 +760,10 @@ class ModelSlot:
         return prepared
 
     def _load(self, variant: Variant, bundle_dir: Path, options: LoadOptions) -> Session:
-        entry = variant.file(variant.entrypoint)
-        artifact = Artifact(
-            bundle_dir / variant.entrypoint,
-            format=variant.format,
-            precision=variant.precision,
-            name=self.name,
-            digest=entry.sha256,
-        )
         try:
-            return load_first(artifact, options, order=(variant.runtime,))
+            return load_first(
+                _artifact(self.name, variant, bundle_dir), options, order=(variant.runtime,)
+            )
         except BackendError as exc:
             raise ModelLoadError(f"variant {variant.id}: {exc}", model=self.name) from exc
 
@@ -570,7 +773,7 @@ class ModelSlot:
             self._await_gap()
             session.run(feeds_list[i % len(feeds_list)])
 
-    def _wrap(self, version: str, prepared: _Prepared) -> LoadedVersion:
+    def _wrap(self, version: str, prepared: _Prepared, *, choice: str) -> LoadedVersion:
         return LoadedVersion(
             self.name,
             version,
@@ -578,6 +781,7 @@ class ModelSlot:
             prepared.session,
             bundle_dir=prepared.bundle_dir,
             measured_p99_s=prepared.p99_s,
+            choice=choice,
             clock=self._clock,
             closer=self._close_off_path,
         )
@@ -598,8 +802,10 @@ class ModelSlot:
         start = self._clock()
         with self._cond:
             old, self._current = self._current, new
-            self.version, self.backend = new.version, new.backend
+            self.version, self.variant_id = new.version, new.variant_id
+            self.backend, self.device, self.choice = new.backend, new.device, new.choice
             self.inputs, self.outputs = new.inputs, new.outputs
+            self.max_batch_size = new.max_batch_size
             self._retired = [v for v in self._retired if not v.closed]
             if old is not None:
                 self._retired.append(old)
@@ -625,6 +831,7 @@ class ModelSlot:
             version=version,
             from_version=None,  # filled in by swap()
             variant_id=prepared.variant.id,
+            choice=new.choice,
             backend=new.backend,
             device=new.device,
             policy=policy,
@@ -678,64 +885,6 @@ def _checked_run(
             raise ValidationError(f"golden input failed to run: {exc}", model=model) from exc
 
     return run
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:  # noqa: PTH123 - Linux only
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def eligible_variants(
-    manifest: BundleManifest,
-    config: BackendConfig,
-    *,
-    usable: Callable[[str], bool],
-    machine: str | None = None,
-    cpu_flags: Iterable[str] | None = None,
-) -> tuple[list[Variant], list[str]]:
-    """Variants this device can run, best first by the simple rule (backend order from the
-    configuration, then fp32 before fp16 before int8), and why each other one was left out."""
-    arch = machine or platform.machine()
-    flags = set(cpu_flags) if cpu_flags is not None else None
-    order = list(config.order)
-    chosen: list[Variant] = []
-    reasons: list[str] = []
-    for variant in manifest.variants:
-        why: str | None = None
-        if variant.status != "accepted":
-            why = "rejected at build"
-        elif config.pin_backend and variant.runtime != config.pin_backend:
-            why = f"backend pinned to {config.pin_backend}"
-        elif config.pin_precision and variant.precision != config.pin_precision:
-            why = f"precision pinned to {config.pin_precision}"
-        elif variant.target.arch and arch not in variant.target.arch:
-            why = f"built for {','.join(variant.target.arch)}, this is {arch}"
-        elif variant.target.accelerator != "cpu" and variant.runtime == "onnxruntime":
-            why = f"needs {variant.target.accelerator}"  # GPU variants go through the chooser
-        elif variant.target.cpu_flags:
-            have = flags if flags is not None else _cpu_flags()
-            missing = [f for f in variant.target.cpu_flags if f not in have]
-            if missing:
-                why = f"CPU lacks {','.join(missing)}"
-        if why is None and not usable(variant.runtime):
-            why = f"{variant.runtime} is not usable here"
-        if why is None:
-            chosen.append(variant)
-        else:
-            reasons.append(f"{variant.id}: {why}")
-    chosen.sort(
-        key=lambda v: (
-            order.index(v.runtime) if v.runtime in order else len(order),
-            _PRECISION_ORDER[v.precision],
-        )
-    )
-    return chosen, reasons
 
 
 class SlotRegistry:

@@ -1,13 +1,17 @@
 """The update client: enrollment, desired-state polling, and carrying each update to the swap.
 
-Owns the conversation with the control plane (enroll once with the bootstrap token and the
-hardware profile, keep the device credential in ``<state_dir>/enrollment.json`` with mode 0600,
-poll ``GET /v1/devices/{id}/desired-state`` with ``If-None-Match``, ``PUT .../reported-state``)
-and the order of an update: signed metadata first (``agent.updates.signed``: the desired state's
-length and sha256 must match what the fleet's keys signed), then the resumable download into
-``<state_dir>/downloads/`` (``agent.updates.download``), the install (``agent.store``) and the swap
-with probation (``agent.activation``). Each phase is reported over HTTP and emitted on the
-``EventBus``. What to do next is decided by the pure ``agent.updates.plan``.
+Owns the conversation with the control plane (enroll once with the bootstrap token and the hardware
+profile, keep the device credential in ``<state_dir>/enrollment.json`` with mode 0600, poll ``GET
+/v1/devices/{id}/desired-state`` with ``If-None-Match``, ``PUT .../reported-state``) and the order
+of an update: signed metadata first (``agent.updates.signed``: the desired state's length and sha256
+must match what the fleet's keys signed), then the resumable download into
+``<state_dir>/downloads/`` (``agent.updates.download``), the install (``agent.models.store``) and
+the swap with probation (``agent.models.activation``). Each phase is reported over HTTP and emitted
+on the ``EventBus``. What to do next is decided by the pure ``agent.updates.plan``.
+
+Every answer of the control plane is read against a size bound (``ResponseLimits``) and dropped
+past it (``ResponseTooLargeError``); a desired state is checked entry by entry, so an entry that
+breaks the contract is refused alone and reported while the valid ones still apply.
 
 It never stops serving: the swap loads the new version beside the old one, and any failure leaves
 the active version as it was. While the control plane is unreachable it backs off (doubling up to
@@ -18,11 +22,12 @@ randomness (``rng``) are parameters.
 from __future__ import annotations
 
 import contextlib
-import os
 import random
+import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -32,26 +37,40 @@ from pydantic import BaseModel, ConfigDict
 from pydantic import ValidationError as PydanticValidationError
 
 from agent import __version__
-from agent.activation import ModelActivator
+from agent._fs import write_file_atomic
 from agent.config import ControlPlaneConfig
 from agent.contracts.enrollment import EnrollmentRequest, EnrollmentResponse
+from agent.contracts.errors import ContractError
 from agent.contracts.events import UpdateEvent
 from agent.contracts.manifest import NAME_RE
 from agent.contracts.profile import HardwareProfile
-from agent.contracts.state import DesiredModel, DesiredState, Phase, ReportedModel, ReportedState
+from agent.contracts.state import (
+    DesiredModel,
+    DesiredState,
+    DesiredVariant,
+    Phase,
+    RefusedEntry,
+    ReportedModel,
+    ReportedState,
+    bounded_text,
+    parse_desired_state,
+)
 from agent.errors import (
     BundleError,
     ConfigError,
     DownloadError,
     ModelError,
+    ResponseTooLargeError,
     StoreError,
     UpdateError,
     VerificationError,
 )
 from agent.events import EventBus
 from agent.logs import get_logger
-from agent.probation import in_flight
-from agent.store import ModelStore
+from agent.models.activation import ModelActivator
+from agent.models.bundle import merge_bundles
+from agent.models.probation import in_flight
+from agent.models.store import InstalledVersion, ModelStore
 from agent.updates.download import DownloadConfig, Downloader
 from agent.updates.plan import (
     Attempt,
@@ -63,12 +82,34 @@ from agent.updates.plan import (
 )
 from agent.updates.signed import SignedMetadata
 
-__all__ = ["Activators", "DeviceCredential", "UpdateClient"]
+__all__ = ["Activators", "DeviceCredential", "ResponseLimits", "UpdateClient"]
 
 log = get_logger(__name__)
 
 CREDENTIAL_FILE = "enrollment.json"
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+@dataclass(frozen=True)
+class ResponseLimits:
+    """How many bytes each answer of the control plane may hold; past it, the rest is not read."""
+
+    desired_state: int = 1024 * 1024  # bytes
+    enrollment: int = 64 * 1024  # bytes
+    other: int = 1024 * 1024  # bytes: reported-state acknowledgements, error bodies
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """An HTTP answer read whole, within its bound."""
+
+    status_code: int
+    headers: httpx.Headers
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
 
 
 class DeviceCredential(BaseModel):
@@ -118,6 +159,8 @@ class UpdateClient:
         retry_base_s: float | None = None,
         probation_check_s: float = 1.0,
         request_timeout_s: float = 10.0,
+        response_limits: ResponseLimits | None = None,
+        max_variants: int = 1,
     ) -> None:
         if not config.url:
             raise ConfigError("control_plane.url is not set: the update client needs it")
@@ -125,6 +168,7 @@ class UpdateClient:
         self._config = config
         self._state_dir = state_dir
         self._downloads = state_dir / "downloads"
+        self._max_variants = max_variants
         self._store = store
         self._activators = activators
         self._bus = bus
@@ -142,6 +186,7 @@ class UpdateClient:
         self._retry_base_s = retry_base_s if retry_base_s is not None else config.poll_interval_s
         self._max_backoff_s = max_backoff_s
         self._probation_check_s = probation_check_s
+        self._limits = response_limits or ResponseLimits()
         dl_config = download_config or DownloadConfig()
         if config.bandwidth_limit_bps and dl_config.bandwidth_limit_bps is None:
             dl_config = DownloadConfig(
@@ -160,6 +205,7 @@ class UpdateClient:
         self._credential: DeviceCredential | None = None
         self._etag: str | None = None
         self._desired: DesiredState | None = None
+        self._refused: tuple[RefusedEntry, ...] = ()
         self._online = False
         self._attempts: dict[str, Attempt] = {}
         self._rejected: dict[str, str] = {}
@@ -214,6 +260,17 @@ class UpdateClient:
             try:
                 self._ensure_enrolled()
                 desired = self._poll()
+            except ResponseTooLargeError as exc:
+                delay = self._schedule.failed()
+                log.warning(
+                    "control_plane_answer_too_large",
+                    answer=exc.what,
+                    limit=exc.limit,
+                    reason=str(exc),
+                    retry_in_s=round(delay, 1),
+                )
+                self._judge_probation()
+                return self._next(delay)
             except _UnreachableError as exc:
                 delay = self._schedule.failed()
                 if self._online or self._schedule.failures == 1:
@@ -280,7 +337,13 @@ class UpdateClient:
             profile=self._profile(),
             labels=self._labels,
         )
-        response = self._request("POST", "/v1/devices/enroll", json=body.model_dump(mode="json"))
+        response = self._request(
+            "POST",
+            "/v1/devices/enroll",
+            what="enrollment",
+            limit=self._limits.enrollment,
+            json=body.model_dump(mode="json"),
+        )
         if response.status_code != 201:
             raise _UnreachableError(
                 f"enrollment answered HTTP {response.status_code}: {_brief(response)}"
@@ -298,14 +361,7 @@ class UpdateClient:
         self._state_dir.mkdir(parents=True, exist_ok=True)
         path = self._credential_path()
         # Written 0600 from the start: the credential never exists world-readable.
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, cred.model_dump_json().encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        tmp.replace(path)
+        write_file_atomic(path, cred.model_dump_json().encode(), mode=0o600)
         log.info("device_enrolled", device_id=cred.device_id, control_plane=self._url)
         return cred
 
@@ -315,7 +371,11 @@ class UpdateClient:
         assert self._credential is not None
         headers = {"If-None-Match": self._etag} if self._etag else {}
         response = self._request(
-            "GET", f"/v1/devices/{self._credential.device_id}/desired-state", headers=headers
+            "GET",
+            f"/v1/devices/{self._credential.device_id}/desired-state",
+            what="desired state",
+            limit=self._limits.desired_state,
+            headers=headers,
         )
         if response.status_code == 304:
             return self._desired
@@ -324,9 +384,11 @@ class UpdateClient:
                 f"desired state answered HTTP {response.status_code}: {_brief(response)}"
             )
         try:
-            desired = DesiredState.model_validate_json(response.content)
-        except PydanticValidationError as exc:
-            raise _UnreachableError(f"desired state does not parse: {exc}") from exc
+            parsed = parse_desired_state(response.content)
+        except ContractError as exc:
+            raise _UnreachableError(str(exc)) from exc
+        desired = parsed.state
+        self._note_refused(parsed.refused)
         self._etag = response.headers.get("ETag")
         if self._desired is None or desired.generation != self._desired.generation:
             log.info(
@@ -337,9 +399,45 @@ class UpdateClient:
         self._desired = desired
         return desired
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _note_refused(self, refused: tuple[RefusedEntry, ...]) -> None:
+        """Entries of the desired state that break the contract: each is logged once, emitted
+        when its name is usable, and reported until the desired state no longer holds it."""
+        known = {(r.index, r.name, r.reason) for r in self._refused}
+        for entry in refused:
+            if (entry.index, entry.name, entry.reason) in known:
+                continue
+            log.warning(
+                "desired_entry_refused", index=entry.index, model=entry.name, reason=entry.reason
+            )
+            if _NAME_CHARS.issuperset(entry.name) and entry.name[:1].isalnum():
+                self._bus.emit("refused", model=entry.name, reason=entry.reason)
+        if refused != self._refused:
+            with self._report_lock:
+                self._refused = refused
+                self._report_pending = True
+
+    def _request(self, method: str, path: str, *, what: str, limit: int, **kwargs: Any) -> _Answer:
+        """One request; the answer is read up to ``limit`` bytes and refused past it."""
+        url = f"{self._url}{path}"
         try:
-            return self._http.request(method, f"{self._url}{path}", **kwargs)
+            with self._http.stream(method, url, **kwargs) as response:
+                declared = response.headers.get("Content-Length", "")
+                if declared.isdigit() and int(declared) > limit:
+                    raise ResponseTooLargeError(
+                        f"{what} answer of {declared} bytes is over the {limit}-byte bound",
+                        what=what,
+                        limit=limit,
+                    )
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > limit:
+                        raise ResponseTooLargeError(
+                            f"{what} answer is over the {limit}-byte bound; the rest was not read",
+                            what=what,
+                            limit=limit,
+                        )
+                return _Answer(response.status_code, response.headers, bytes(body))
         except httpx.HTTPError as exc:
             raise _UnreachableError(f"{type(exc).__name__}: {exc}") from exc
 
@@ -378,16 +476,29 @@ class UpdateClient:
                 self._activators.get(model.name).record()
             ):
                 continue  # a verdict on the version on probation comes first
-            self._update(model)
+            try:
+                self._update(model)
+            except Exception as exc:  # one entry failing must not skip the entries after it
+                log.exception("update_crashed", model=model.name, version=model.version)
+                self._fail(model, target_key(model), f"{type(exc).__name__}: {exc}", step="failed")
 
-    def _download_path(self, model: DesiredModel) -> Path:
-        return self._downloads / model.artifact_path.replace("/", "_")
+    def _download_path(self, model: DesiredModel | DesiredVariant) -> Path:
+        """One file directly under ``downloads/``: the contract's artifact paths have no empty,
+        ``.`` or ``..`` segment, and this refuses anything that would still land elsewhere."""
+        path = self._downloads / model.artifact_path.replace("/", "_")
+        if path.parent != self._downloads or path.name.startswith("."):
+            raise _RefusedError(f"artifact path {model.artifact_path!r} leaves downloads/")
+        return path
 
     def _prune_downloads(self, wanted: Sequence[DesiredModel]) -> None:
         """Partial downloads of targets no longer desired would only take space."""
         if not self._downloads.is_dir():
             return
-        keep = {self._download_path(m).name for m in wanted}
+        keep: set[str] = set()
+        for model in wanted:
+            for offered in self._variants_to_fetch(model):
+                with contextlib.suppress(_RefusedError):
+                    keep.add(self._download_path(offered).name)
         keep |= {f"{n}.part" for n in keep}
         for path in self._downloads.iterdir():
             if path.name not in keep:
@@ -410,37 +521,28 @@ class UpdateClient:
             variant_id=model.variant_id,
             size=model.size,
         )
+        extras: list[Path] = []
         try:
-            try:
-                signed = self._signed.target(model.artifact_path)
-            except VerificationError as exc:
-                raise _RefusedError(f"signed metadata refused: {exc}") from exc
-            refusal = check_against_signed(model, signed.length, signed.sha256)
-            if refusal is not None:
-                raise _RefusedError(refusal.reason)
-            try:
-                result = self._downloader.fetch(
-                    f"{self._url}/v1/artifacts/{model.artifact_path}",
-                    dest,
-                    length=signed.length,
-                    sha256=signed.sha256,
-                )
-            except VerificationError as exc:
-                raise _RefusedError(str(exc)) from exc
-            self._bus.emit(
-                "download_finished",
-                model=name,
-                version=version,
-                bytes=result.size,
-                transferred=result.bytes_transferred,
-                resumed_from=result.resumed_from,
-                attempts=result.attempts,
-            )
-            self._phase(name, "verifying")
-            self._bus.emit("verified", model=name, version=version, sha256=signed.sha256)
+            self._fetch_variant(model, model, dest)
+            # The other fitting variants the device measures before it serves one. One that
+            # cannot be fetched or verified is left out (logged); the first is required.
+            for offered in self._variants_to_fetch(model)[1:]:
+                extra = self._download_path(offered)
+                try:
+                    self._fetch_variant(model, offered, extra)
+                except (_RefusedError, DownloadError) as exc:
+                    log.warning(
+                        "variant_not_fetched",
+                        model=name,
+                        version=version,
+                        variant_id=offered.variant_id,
+                        reason=str(exc),
+                    )
+                    continue
+                extras.append(extra)
             self._phase(name, "installing")
             try:
-                installed = self._store.install(dest)
+                installed = self._install(dest, extras)
             except BundleError as exc:
                 raise _RefusedError(f"bundle refused at install: {exc}") from exc
             if (installed.name, installed.version) != (name, version):
@@ -472,10 +574,71 @@ class UpdateClient:
             dest.unlink(missing_ok=True)
         else:
             dest.unlink(missing_ok=True)
+            for path in extras:
+                path.unlink(missing_ok=True)
             self._attempts.pop(key, None)
             self._phase(name, "probation")
             log.info("update_swapped", model=name, version=version, from_version=from_version)
             self._judge_probation()
+
+    def _variants_to_fetch(self, model: DesiredModel) -> tuple[DesiredVariant, ...]:
+        """The offered variants this device fetches: the first alone when it does not measure,
+        else the first ``max_variants`` (best first by the variant contract)."""
+        offered = model.offered()
+        return offered[: self._max_variants] if self._max_variants > 1 else offered[:1]
+
+    def _fetch_variant(
+        self, model: DesiredModel, offered: DesiredVariant | DesiredModel, dest: Path
+    ) -> None:
+        """Download one variant's archive to ``dest`` once the signed metadata agrees with the
+        desired state; ``_RefusedError`` on any disagreement, ``DownloadError`` to retry."""
+        name, version = model.name, model.version
+        try:
+            signed = self._signed.target(offered.artifact_path)
+        except VerificationError as exc:
+            raise _RefusedError(f"signed metadata refused: {exc}") from exc
+        refusal = check_against_signed(offered, signed.length, signed.sha256)
+        if refusal is not None:
+            raise _RefusedError(refusal.reason)
+        try:
+            result = self._downloader.fetch(
+                f"{self._url}/v1/artifacts/{offered.artifact_path}",
+                dest,
+                length=signed.length,
+                sha256=signed.sha256,
+            )
+        except VerificationError as exc:
+            raise _RefusedError(str(exc)) from exc
+        self._bus.emit(
+            "download_finished",
+            model=name,
+            version=version,
+            variant_id=offered.variant_id,
+            bytes=result.size,
+            transferred=result.bytes_transferred,
+            resumed_from=result.resumed_from,
+            attempts=result.attempts,
+        )
+        self._phase(name, "verifying")
+        self._bus.emit(
+            "verified",
+            model=name,
+            version=version,
+            variant_id=offered.variant_id,
+            sha256=signed.sha256,
+        )
+
+    def _install(self, primary: Path, extras: Sequence[Path]) -> InstalledVersion:
+        """Install the primary archive, or every fetched variant merged into one version."""
+        if not extras:
+            return self._store.install(primary)
+        merged = self._downloads / f".merged-{primary.name}"
+        shutil.rmtree(merged, ignore_errors=True)
+        try:
+            merge_bundles([primary, *extras], merged)
+            return self._store.install(merged)
+        finally:
+            shutil.rmtree(merged, ignore_errors=True)
 
     def _fail(
         self,
@@ -565,7 +728,7 @@ class UpdateClient:
             if target is not False:
                 update["target_version"] = target
             if error is not False:
-                update["last_error"] = error
+                update["last_error"] = None if error is None else bounded_text(error)
             self._reported[name] = current.model_copy(update=update)
             self._refresh_reported()
             self._report_pending = True
@@ -582,6 +745,8 @@ class UpdateClient:
                     "active_version": slot.version or None,
                     "variant_id": serving.variant_id if serving else None,
                     "backend": serving.backend if serving else None,
+                    "device": bounded_text(serving.device, 64) if serving else None,
+                    "choice": bounded_text(serving.choice) if serving and serving.choice else None,
                 }
             )
 
@@ -591,6 +756,7 @@ class UpdateClient:
             agent_version=__version__,
             generation_seen=self._desired.generation if self._desired else None,
             models=tuple(self._reported[n] for n in sorted(self._reported)),
+            refused=self._refused,
             updated_at=datetime.now(timezone.utc),
         )
 
@@ -604,9 +770,13 @@ class UpdateClient:
         body = self._reported_state().model_dump(mode="json")
         try:
             response = self._request(
-                "PUT", f"/v1/devices/{self._credential.device_id}/reported-state", json=body
+                "PUT",
+                f"/v1/devices/{self._credential.device_id}/reported-state",
+                what="reported state",
+                limit=self._limits.other,
+                json=body,
             )
-        except _UnreachableError as exc:
+        except (_UnreachableError, ResponseTooLargeError) as exc:
             self._online = False
             self._report_pending = True
             log.info("report_deferred", reason=str(exc))
@@ -622,7 +792,7 @@ class _RefusedError(Exception):
     """A target, its metadata or its bundle was refused for security or integrity reasons."""
 
 
-def _brief(response: httpx.Response) -> str:
+def _brief(response: _Answer) -> str:
     return response.text[:200]
 
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from agent.contracts.state import DesiredModel, DesiredState
+from agent.contracts.state import DesiredModel, DesiredState, DesiredVariant
 
 __all__ = [
     "Attempt",
@@ -110,7 +110,9 @@ def record_failure(
     return Attempt(key, failures, now + delay * rng.uniform(0.5, 1.0), reason)
 
 
-def check_against_signed(model: DesiredModel, length: int, sha256: str) -> Refusal | None:
+def check_against_signed(
+    model: DesiredModel | DesiredVariant, length: int, sha256: str
+) -> Refusal | None:
     """The desired state is a hint; the signed metadata decides. They must agree."""
     if length != model.size or sha256 != model.sha256:
         return Refusal(

@@ -7,6 +7,9 @@ middleware, no routing, no dependencies, no database. Anything else (a miss, ano
 operator token, a wrong device, any other request) goes on to FastAPI and the route, which
 applies the same rules and fills the caches.
 
+A device's answered poll refreshes its ``last_seen_at`` through ``control_plane.presence``
+(noted in memory here, written coalesced by its thread).
+
 The answered polls are counted in the same metrics the request middleware keeps for every
 other request (``edgefleet_cp_http_requests_total``, ``..._request_seconds``) and in
 ``edgefleet_cp_desired_state_polls_total{result="not_modified",cache="hit"}``; the label sets
@@ -41,6 +44,7 @@ class FastPoll:
     def __init__(self, ctx: AppContext) -> None:
         self._credentials = ctx.credentials
         self._desired = ctx.desired
+        self._presence = ctx.presence
         metrics = ctx.metrics
         self._hits = metrics.desired_polls.labels("not_modified", "hit")
         self._requests = metrics.requests.labels(DESIRED_STATE_ROUTE, "GET", "304")
@@ -80,6 +84,8 @@ class FastPoll:
             }
         )
         await send({"type": "http.response.body", "body": b""})
+        if self._presence is not None:
+            self._presence.seen(device_id)
         self._hits.inc()
         self._requests.inc()
         self._latency.observe(time.perf_counter() - start)

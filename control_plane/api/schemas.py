@@ -12,8 +12,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from agent.contracts.accuracy import Task
 from agent.contracts.enrollment import LabelKey, LabelValue
-from agent.contracts.manifest import NAME_RE, AccuracyReport, TargetConstraints
+from agent.contracts.manifest import NAME_RE, AccuracyReport, BuildReport, TargetConstraints
 from agent.contracts.profile import HardwareProfile
 from agent.contracts.state import DesiredState, ReportedState
 from control_plane.auth import Role
@@ -27,6 +28,9 @@ __all__ = [
     "LabelsUpdate",
     "ModelCreate",
     "ModelPublic",
+    "RetryCreate",
+    "RetryPublic",
+    "SkippedVariant",
     "TokenCreate",
     "TokenCreated",
     "TokenPublic",
@@ -82,6 +86,13 @@ class ModelPublic(BaseModel):
     versions: list[VersionSummary] = []
 
 
+class SkippedVariant(BaseModel):
+    """A target the build left out (a tool failed on it, or it needs a set not uploaded)."""
+
+    id: str
+    reason: str
+
+
 class JobPublic(BaseModel):
     id: int
     model: str
@@ -94,6 +105,7 @@ class JobPublic(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    skipped: list[SkippedVariant] = []
 
 
 class VariantPublic(BaseModel):
@@ -107,6 +119,10 @@ class VariantPublic(BaseModel):
     artifact_path: str | None = Field(description="download path under /v1/artifacts/")
     sha256: str | None
     size: int | None
+    build: BuildReport | None = Field(
+        default=None,
+        description="build-host latency, weight bytes, precision per compute op, INT8 search",
+    )
 
 
 class VersionPublic(BaseModel):
@@ -118,7 +134,11 @@ class VersionPublic(BaseModel):
     source_size: int
     created_at: datetime
     created_by: str
+    task: Task | None = Field(
+        default=None, description="the accuracy gate's task (declared, or the one the build used)"
+    )
     variants: list[VariantPublic]
+    skipped: list[SkippedVariant] = []
     job: JobPublic | None
 
 
@@ -155,6 +175,18 @@ class DevicePublic(BaseModel):
 class LabelsUpdate(_Body):
     set: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=32)
     remove: list[LabelKey] = Field(default_factory=list, max_length=32)
+
+
+class RetryCreate(_Body):
+    """Offer again what a device rejected: one model, or every model it is assigned."""
+
+    model: Name | None = None
+
+
+class RetryPublic(BaseModel):
+    device_id: str
+    models: list[str] = Field(description="models offered again (their generation grew)")
+    desired: DesiredState
 
 
 class AssignmentCreate(_Body):

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+from pydantic import ValidationError as PydanticValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from agent.contracts.manifest import AccuracyReport, TargetConstraints
+from agent.contracts.manifest import AccuracyReport, BuildReport, TargetConstraints
 from agent.contracts.profile import HardwareProfile
 from agent.contracts.state import ReportedState
+from agent.logs import get_logger
 from control_plane.api.schemas import (
     DevicePublic,
     JobPublic,
     ModelPublic,
+    SkippedVariant,
     TokenPublic,
     VariantPublic,
     VersionPublic,
     VersionSummary,
 )
 from control_plane.db.models import ApiToken, BuildJob, Device, Model, ModelVersion, VariantRow
+from control_plane.jobs import skipped_variants
 from control_plane.registry import archive_path
 
 __all__ = [
@@ -28,6 +35,26 @@ __all__ = [
     "variant_public",
     "version_public",
 ]
+
+log = get_logger(__name__)
+_Stored = TypeVar("_Stored", bound=BaseModel)
+
+
+def _stored(kind: type[_Stored], doc: dict[str, Any] | None, device_id: str) -> _Stored | None:
+    """A device-reported document as stored; one written before today's bounds (or otherwise
+    unreadable) is shown as absent instead of failing every page that lists the device."""
+    if not doc:
+        return None
+    try:
+        return kind.model_validate(doc)
+    except PydanticValidationError as exc:
+        log.warning(
+            "stored_document_unreadable",
+            device_id=device_id,
+            kind=kind.__name__,
+            errors=exc.error_count(),
+        )
+        return None
 
 
 def model_public(model: Model) -> ModelPublic:
@@ -56,7 +83,20 @@ def job_public(job: BuildJob, version: ModelVersion) -> JobPublic:
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
+        skipped=_skipped(job, version),
     )
+
+
+def _skipped(job: BuildJob | None, version: ModelVersion) -> list[SkippedVariant]:
+    """What the build left out; a target that was built after all (a resumed build) is not."""
+    if job is None:
+        return []
+    built = {r.variant_id for r in version.variants}
+    return [
+        SkippedVariant(id=target, reason=reason)
+        for target, reason in sorted(skipped_variants(job.log).items())
+        if target not in built
+    ]
 
 
 def variant_public(row: VariantRow, version: ModelVersion) -> VariantPublic:
@@ -74,7 +114,29 @@ def variant_public(row: VariantRow, version: ModelVersion) -> VariantPublic:
         else None,
         sha256=row.archive_sha256,
         size=row.archive_size,
+        build=_build_report(row.spec.get("build")),
     )
+
+
+def _build_report(doc: Any) -> BuildReport | None:
+    """A variant's build report; one from an older build (none, or another shape) is absent."""
+    if not isinstance(doc, dict):
+        return None
+    try:
+        return BuildReport.model_validate(doc)
+    except PydanticValidationError:
+        return None
+
+
+def _task(version: ModelVersion) -> str | None:
+    """The declared task, else the one the build's accuracy reports name."""
+    if version.task:
+        return version.task
+    for row in version.variants:
+        accuracy = row.spec.get("accuracy")
+        if isinstance(accuracy, dict) and isinstance(accuracy.get("task"), str):
+            return str(accuracy["task"])
+    return None
 
 
 def version_public(session: Session, version: ModelVersion) -> VersionPublic:
@@ -90,7 +152,9 @@ def version_public(session: Session, version: ModelVersion) -> VersionPublic:
         source_size=version.source_size,
         created_at=version.created_at,
         created_by=version.created_by,
+        task=_task(version),  # type: ignore[arg-type]  # stored values come from TASKS
         variants=[variant_public(r, version) for r in version.variants],
+        skipped=_skipped(job, version),
         job=job_public(job, version) if job else None,
     )
 
@@ -100,8 +164,8 @@ def device_public(device: Device) -> DevicePublic:
         id=device.id,
         name=device.name,
         labels=device.labels,
-        profile=HardwareProfile.model_validate(device.profile) if device.profile else None,
-        reported=ReportedState.model_validate(device.reported) if device.reported else None,
+        profile=_stored(HardwareProfile, device.profile, device.id),
+        reported=_stored(ReportedState, device.reported, device.id),
         enrolled_at=device.enrolled_at,
         last_seen_at=device.last_seen_at,
         reported_at=device.reported_at,

@@ -2,11 +2,12 @@
 
 ``build_variants`` checks the source and the sample sets, normalizes the model (opset upgrade
 where quantization needs it, ONNX Runtime's portable offline optimizations), builds ONNX
-FP32/FP16/INT8 (static QDQ, per-channel) and OpenVINO IR FP16/INT8 (NNCF) variants, measures
-each against FP32 (accuracy gate, golden tolerances) and publishes ``out_dir`` in one rename:
+FP32/FP16/INT8 (static QDQ, accuracy-aware) and OpenVINO IR FP16/INT8 (NNCF, accuracy-aware)
+variants, measures each against FP32 with the model's task metric (accuracy gate, golden
+tolerances, build-host latency, weights) and publishes ``out_dir`` in one rename:
 ``manifest.json`` (``agent.contracts.manifest.BundleManifest``), each variant's files under
 ``<variant-id>/``, golden cases under ``golden/``. Jobs, storage and the HTTP API are the
-service's; which variant a device runs is ``control_plane.resolve``'s.
+service's; which variant a device runs is ``agent.contracts.fit``'s.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from agent._fs import file_sha256
+from agent.contracts.accuracy import TASKS, Task
 from agent.contracts.manifest import NAME_RE, BundleManifest, semver_key
 from agent.logs import get_logger
 from control_plane.builds._bundle import check_destination, staged_bundle
+from control_plane.builds._int8 import Int8Search
 from control_plane.builds._onnx import Int8Recipe, read_source
 from control_plane.builds._pipeline import TARGETS, BuildRequest, run_build
 from control_plane.builds._samples import load_samples
@@ -32,6 +35,7 @@ __all__ = [
     "BuildError",
     "BuildInputError",
     "Int8Recipe",
+    "Int8Search",
     "VariantBuildError",
     "build_variants",
 ]
@@ -52,8 +56,10 @@ def _no_progress(_fraction: float, _message: str) -> None:
 
 
 def _check_request(
-    name: str, version: str, targets: Sequence[str], budget: float
+    name: str, version: str, targets: Sequence[str], budget: float, task: str | None
 ) -> tuple[str, ...]:
+    if task is not None and task not in TASKS:
+        raise BuildInputError(f"unknown task {task!r} (known: {list(TASKS)})", field="task")
     if not re.match(NAME_RE, name):
         raise BuildInputError(f"invalid model name {name!r}", field="name")
     try:
@@ -87,25 +93,31 @@ def build_variants(
     accuracy_budget: float = 1.0,
     progress: Callable[[float, str], None] | None = None,
     targets: Sequence[str] = DEFAULT_TARGETS,
+    task: Task | None = None,
+    search: Int8Search | None = None,
 ) -> BundleManifest:
     """Build the bundle for one model version into ``out_dir`` and return its manifest.
 
     ``out_dir`` must not exist (or be empty); it appears complete or not at all.
     ``calibration``: ``.npz`` of arrays keyed by input name, N samples on axis 0 (INT8 targets
     are skipped without it). ``validation``: the same plus ``labels`` (integer class ids) for a
-    top-1 gate; without it, accuracy is agreement with FP32 on the calibration set.
+    top-1 gate; without it, accuracy is measured against FP32 on the calibration set.
     ``golden``: inputs for the on-device golden check; without it, a few calibration samples.
-    ``accuracy_budget``: points of the metric a quantized or FP16 variant may lose before it is
-    ``rejected`` (kept in the manifest with its numbers, never offered). ``progress`` is called
-    with (fraction 0..1, message) at each step. Raises ``BuildInputError`` for an unusable
-    upload, ``BuildError`` when nothing could be built.
+    ``task`` (``agent.contracts.accuracy.TASKS``) picks the gate's metric; ``None`` takes the
+    one the ONNX file declares in its metadata, else ``classification`` for a classifier
+    output and ``generic`` (relative L2) for anything else.
+    ``accuracy_budget``: points of the deciding metric a quantized or FP16 variant may lose
+    before it is ``rejected`` (kept in the manifest with its numbers, never offered).
+    ``search`` bounds the accuracy-aware INT8 searches (time per variant, steps).
+    ``progress`` is called with (fraction 0..1, message) at each step. Raises
+    ``BuildInputError`` for an unusable upload, ``BuildError`` when nothing could be built.
     """
     report = progress or _no_progress
-    wanted = _check_request(name, version, targets, accuracy_budget)
+    wanted = _check_request(name, version, targets, accuracy_budget, task)
     check_destination(out_dir)
     blog = log.bind(model=name, version=version)
     started = time.monotonic()
-    blog.info("build_started", source=str(source_onnx), targets=list(wanted))
+    blog.info("build_started", source=str(source_onnx), targets=list(wanted), task=task)
     report(0.0, "checking the source model and sample sets")
     source = read_source(source_onnx)
     cal = load_samples(calibration, source.inputs, field="calibration") if calibration else None
@@ -137,6 +149,8 @@ def build_variants(
         calibration=cal,
         validation=val,
         golden=gold,
+        task=task,
+        search=search or Int8Search(),
     )
     try:
         with (

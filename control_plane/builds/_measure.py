@@ -1,38 +1,39 @@
-"""Measuring variants against FP32: the accuracy gate and the golden tolerances.
+"""Measuring variants against FP32: the accuracy gate, golden tolerances, speed and weights.
 
-Owns the metrics and their meaning:
+The metrics and their meaning are ``agent.contracts.accuracy``'s (the same functions a device
+may use to compare a shadow version's outputs); this module runs files in their runtime and
+turns a ``TaskScore`` into the manifest's ``AccuracyReport``: a variant is accepted when the
+deciding metric's ``delta <= budget`` (points of that metric).
 
-- ``top1`` (validation set with ``labels``, classifier output ``(N, classes)``): percent of
-  samples whose arg-max is the label; ``delta`` = FP32 top-1 - variant top-1, in points.
-- ``agreement`` (no labels, classifier output): percent of samples whose arg-max equals
-  FP32's; ``delta`` = 100 - agreement.
-- ``rel_l2`` (no labels, any other output): ``100 * ||variant - fp32|| / ||fp32||`` over the
-  whole set, the worst output counted; ``delta`` = that figure.
-
-A variant is accepted when ``delta <= budget``. Golden tolerances are the measured relative
-L2 error on the golden inputs times ``HEADROOM``, never below a per-precision floor, so a
-device's own kernels (another ISA, another runtime build) have room without hiding a broken
-artifact. Running a file in its runtime is done by the runners here; deciding what to build is
-the caller's.
+Golden tolerances are the measured relative L2 error on the golden inputs times ``HEADROOM``,
+never below a per-precision floor, so a device's own kernels (another ISA, another runtime
+build) have room without hiding a broken artifact. Deciding what to build is the caller's.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from agent.contracts.accuracy import Task, TaskScore, is_classifier, rel_l2, score_task
 from agent.contracts.manifest import AccuracyReport, Precision, Tolerance
 from control_plane.builds._samples import Feeds, SampleSet
 
 __all__ = [
     "HEADROOM",
     "TOLERANCE_FLOOR",
+    "Gate",
     "Runner",
     "accuracy_report",
+    "compiled_runner",
     "is_classifier",
+    "latency_ms",
     "openvino_runner",
     "ort_runner",
     "rel_l2",
@@ -44,7 +45,6 @@ Runner = Callable[[Feeds], list[np.ndarray[Any, Any]]]
 
 HEADROOM = 3.0
 TOLERANCE_FLOOR: dict[str, float] = {"fp32": 1e-4, "fp16": 5e-3, "int8": 2e-2}
-_EPS = 1e-12
 
 
 def ort_runner(path: Path, output_names: Sequence[str]) -> Runner:
@@ -61,22 +61,29 @@ def ort_runner(path: Path, output_names: Sequence[str]) -> Runner:
 
 
 def openvino_runner(
-    xml_path: Path, output_names: Sequence[str], *, precision_hint: str | None = None
+    model: Path | Any, output_names: Sequence[str], *, precision_hint: str | None = None
 ) -> Runner:
     """An OpenVINO CPU compiled model returning outputs in ``output_names`` order.
 
-    ``precision_hint="f32"`` measures the artifact itself; ``None`` keeps the CPU plugin's
-    default, which is bf16 on CPUs with AVX512_BF16/AMX.
+    ``model`` is an IR path or an in-memory ``openvino.Model``. ``precision_hint="f32"``
+    measures the artifact itself; ``None`` keeps the CPU plugin's default, which is bf16 on
+    CPUs with AVX512_BF16/AMX.
     """
     import openvino as ov
 
     config = {} if precision_hint is None else {"INFERENCE_PRECISION_HINT": precision_hint}
-    compiled = ov.Core().compile_model(str(xml_path), "CPU", config)
+    source = str(model) if isinstance(model, Path) else model
+    compiled = ov.Core().compile_model(source, "CPU", config)
+    return compiled_runner(compiled, output_names)
+
+
+def compiled_runner(compiled: Any, output_names: Sequence[str]) -> Runner:
+    """Outputs of an OpenVINO ``CompiledModel`` in ``output_names`` order."""
     ports = []
     for name in output_names:
         port = next((p for p in compiled.outputs if name in p.get_names()), None)
         if port is None:
-            raise KeyError(f"output {name!r} not found in {xml_path.name}")
+            raise KeyError(f"output {name!r} not found in the compiled model")
         ports.append(port)
 
     def run(feeds: Feeds) -> list[np.ndarray[Any, Any]]:
@@ -98,54 +105,84 @@ def run_samples(runner: Runner, samples: SampleSet, *, batch: bool) -> list[np.n
     return [np.concatenate(chunks, axis=0) for chunks in per_output]
 
 
-def rel_l2(value: np.ndarray[Any, Any], reference: np.ndarray[Any, Any]) -> float:
-    diff = float(np.linalg.norm((value.astype(np.float64) - reference.astype(np.float64)).ravel()))
-    return diff / max(float(np.linalg.norm(reference.astype(np.float64).ravel())), _EPS)
+def latency_ms(runner: Runner, feeds: Feeds, *, budget_s: float = 2.0, max_runs: int = 20) -> float:
+    """Median milliseconds of one call on the build host: 2 warm-up calls, then at least 3 and
+    at most ``max_runs`` timed calls within about ``budget_s`` seconds."""
+    for _ in range(2):
+        runner(feeds)
+    times: list[float] = []
+    deadline = time.monotonic() + budget_s
+    while len(times) < max_runs and (len(times) < 3 or time.monotonic() < deadline):
+        start = time.perf_counter()
+        runner(feeds)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
 
 
-def is_classifier(reference: np.ndarray[Any, Any]) -> bool:
-    """A first output holding one score vector per sample: ``(N, classes)``, ``(N, 1, classes)``."""
-    per_sample = [d for d in reference.shape[1:] if d != 1]
-    return len(per_sample) == 1 and per_sample[0] > 1 and reference.dtype.kind == "f"
+@dataclass(frozen=True)
+class Gate:
+    """The accuracy gate of one build: the task, the evaluation set and its FP32 outputs.
+
+    ``score`` measures outputs (all of the set, or the samples at ``indices``) against the
+    FP32 reference; ``run`` runs a runner over the set first; ``passes`` applies the budget.
+    Accuracy-aware quantizers search with the same gate the variant is finally judged by.
+    """
+
+    task: Task
+    samples: SampleSet
+    reference: list[np.ndarray[Any, Any]]
+    budget: float
+    batch: bool
+
+    def score(
+        self, outputs: list[np.ndarray[Any, Any]], indices: Sequence[int] | None = None
+    ) -> TaskScore:
+        reference = self.reference
+        labels = self.samples.labels
+        if indices is not None:
+            pick = np.asarray(list(indices), np.int64)
+            reference = [r[pick] for r in reference]
+            labels = None if labels is None else labels[pick]
+        return score_task(self.task, reference, outputs, labels=labels)
+
+    def run(self, runner: Runner) -> TaskScore:
+        return self.score(run_samples(runner, self.samples, batch=self.batch))
+
+    def passes(self, score: TaskScore) -> bool:
+        return bool(score.delta <= self.budget + 1e-9)
 
 
-def _top1(output: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    return np.asarray(output.reshape(output.shape[0], -1).argmax(axis=1))
+_WHAT = {
+    "top1": "top-1 dropped",
+    "agreement": "agreement with FP32 dropped",
+    "box_f1": "box F1 vs FP32 dropped",
+    "mask_iou": "thresholded-map IoU vs FP32 dropped",
+    "cosine": "cosine similarity to FP32 dropped",
+    "retrieval": "top-k retrieval agreement with FP32 dropped",
+    "rel_l2": "relative L2 error vs FP32 is",
+}
 
 
-def accuracy_report(
-    reference: list[np.ndarray[Any, Any]],
-    variant: list[np.ndarray[Any, Any]],
-    *,
-    labels: np.ndarray[Any, Any] | None,
-    classifier: bool,
-    budget: float,
-) -> AccuracyReport:
-    """The variant against FP32 over the same samples, gated by ``budget``."""
-    samples = int(reference[0].shape[0])
-    if labels is not None and classifier:
-        ref = float((_top1(reference[0]) == labels).mean() * 100.0)
-        value = float((_top1(variant[0]) == labels).mean() * 100.0)
-        metric, delta, what = "top1", ref - value, "top-1 dropped"
-    elif classifier:
-        ref = 100.0
-        value = float((_top1(variant[0]) == _top1(reference[0])).mean() * 100.0)
-        metric, delta, what = "agreement", ref - value, "agreement with FP32 dropped"
-    else:
-        ref = 0.0
-        value = 100.0 * max(rel_l2(v, r) for v, r in zip(variant, reference, strict=True))
-        metric, delta, what = "rel_l2", value, "relative L2 error vs FP32 is"
-    accepted = bool(delta <= budget + 1e-9)
-    reason = None if accepted else f"{what} {delta:.2f} points, over the budget of {budget:g}"
+def accuracy_report(score: TaskScore, *, budget: float) -> AccuracyReport:
+    """The manifest's report of a ``TaskScore`` gated by ``budget`` (points of its metric)."""
+    accepted = bool(score.delta <= budget + 1e-9)
+    reason = None
+    if not accepted:
+        reason = (
+            f"{score.metric}: {_WHAT[score.metric]} {score.delta:.2f} points,"
+            f" over the budget of {budget:g}"
+        )
     return AccuracyReport(
-        metric=metric,  # type: ignore[arg-type]
-        reference=round(ref, 4),
-        value=round(value, 4),
-        delta=round(delta, 4),
-        samples=samples,
+        metric=score.metric,
+        reference=round(score.reference, 4),
+        value=round(score.value, 4),
+        delta=round(score.delta, 4),
+        samples=score.samples,
         budget=budget,
         accepted=accepted,
         reason=reason,
+        task=score.task,
+        metrics={k: round(v, 4) for k, v in score.metrics.items()},
     )
 
 

@@ -8,19 +8,22 @@ the INT8 recipe (static QDQ, per-channel). OpenVINO files are ``_openvino``'s; m
 
 from __future__ import annotations
 
+import inspect
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.contracts.accuracy import TASKS, Task
 from agent.contracts.tensors import ONNX_ELEM_TO_DATATYPE, TensorSpec
 from agent.logs import get_logger
 from control_plane.builds._samples import Feeds, SampleSet
 from control_plane.builds.errors import BuildInputError, VariantBuildError, first_line
 
 __all__ = [
+    "MAX_CONSTANT_BYTES",
     "QUANT_OPSET",
     "Int8Recipe",
     "SourceModel",
@@ -33,6 +36,7 @@ __all__ = [
 
 log = get_logger(__name__)
 
+TASK_METADATA_KEY = "task"  # ONNX metadata_props entry a model may declare its task in
 QUANT_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (``axis``) needs opset 13
 _QUANT_OPS = frozenset(
     {
@@ -46,6 +50,10 @@ _QUANT_OPS = frozenset(
     }
 )
 _STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
+MAX_CONSTANT_BYTES = 1024**3  # bytes: tensors a model may make from constants when it loads
+# Nodes whose output size follows from their constant inputs: ONNX Runtime folds them at load.
+_SHAPE_MAKERS = frozenset({"ConstantOfShape", "Expand", "Tile", "Range"})
+_WIDEST_ELEMENT = 8  # bytes: sized conservatively when the element type is not at hand
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,7 @@ class SourceModel:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     quantized: bool
+    task: Task | None = None  # declared in the file's metadata (``task``), if at all
 
 
 def _tensor_specs(values: Any, skip: set[str]) -> tuple[TensorSpec, ...]:
@@ -89,17 +98,151 @@ def is_quantized(model: Any) -> bool:
     return any(n.op_type in _QUANT_OPS or n.op_type.startswith("QLinear") for n in model.graph.node)
 
 
-def read_source(path: Path) -> SourceModel:
-    """Parse, check and load the source; ``BuildInputError`` saying what is wrong."""
+def _graphs(graph: Any) -> Iterator[Any]:
+    """A graph and every subgraph in its nodes' attributes (If, Loop, Scan bodies)."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _graphs(attr.g)
+            for sub in attr.graphs:
+                yield from _graphs(sub)
+
+
+def _count(dims: Any) -> int:
+    count = 1
+    for dim in dims:
+        count *= max(int(dim), 0)  # Python ints: no overflow
+    return count
+
+
+def _stored_elements(tensor: Any) -> int | None:
+    """How many elements a TensorProto holds in the file; None for raw bytes."""
+    for name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        values = getattr(tensor, name)
+        if len(values):
+            return len(values)
+    if len(tensor.string_data):
+        return len(tensor.string_data)
+    return None if tensor.raw_data else 0
+
+
+def _check_tensor(tensor: Any, where: str) -> None:
+    """A stored tensor declares no more than the file holds, and holds no external data."""
+    from onnx import TensorProto, helper
+
+    if tensor.data_location == TensorProto.EXTERNAL or len(tensor.external_data):
+        raise BuildInputError(f"{where}: external tensor data is not accepted", field="onnx")
+    declared = _count(tensor.dims)
+    stored = _stored_elements(tensor)
+    if stored is None:
+        try:
+            itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            itemsize = 1
+        stored = len(tensor.raw_data) // max(itemsize, 1)
+    if declared > stored:
+        raise BuildInputError(
+            f"{where}: declares {declared} elements but holds {stored}", field="onnx"
+        )
+
+
+def _constant_values(graph: Any) -> dict[str, list[int]]:
+    """Integer constants of a graph (initializers, Constant nodes), by output name."""
+    from onnx import numpy_helper
+
+    found: dict[str, list[int]] = {}
+    tensors = [(t.name, t) for t in graph.initializer]
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attr in node.attribute:
+                if attr.name == "value" and attr.HasField("t"):
+                    tensors.append((node.output[0], attr.t))
+                elif attr.name == "value_ints":
+                    found[node.output[0]] = [int(v) for v in attr.ints]
+                elif attr.name == "value_int":
+                    found[node.output[0]] = [int(attr.i)]
+    for name, tensor in tensors:
+        if _count(tensor.dims) <= 64:  # shapes and scalars; large tensors decide nothing here
+            try:
+                array = numpy_helper.to_array(tensor)
+            except Exception:  # noqa: S112 - an undecodable constant is the checker's to refuse
+                continue
+            if array.dtype.kind in "iuf":
+                found[name] = [int(v) for v in array.ravel()]
+    return found
+
+
+def check_constant_sizes(model: Any, max_bytes: int) -> None:
+    """Refuse a model whose stored tensors claim more than they hold, or whose constant-driven
+    nodes (``ConstantOfShape``, ``Expand``, ``Tile``, ``Range`` on constant inputs) or sparse
+    constants would make more than ``max_bytes`` when ONNX Runtime folds them at load."""
+    made = 0
+    for graph in _graphs(model.graph):
+        for tensor in graph.initializer:
+            _check_tensor(tensor, f"initializer {tensor.name!r}")
+        for sparse in graph.sparse_initializer:
+            made += _count(sparse.dims) * _WIDEST_ELEMENT
+        constants = _constant_values(graph)
+        for node in graph.node:
+            size = 0
+            if node.op_type == "Constant":
+                for attr in node.attribute:
+                    if attr.HasField("t"):
+                        _check_tensor(attr.t, f"node {node.name!r}")
+                    if attr.HasField("sparse_tensor"):
+                        size += _count(attr.sparse_tensor.dims) * _WIDEST_ELEMENT
+            elif node.op_type in _SHAPE_MAKERS:
+                size = _made_bytes(node, constants)
+            made += size
+            if made > max_bytes:
+                raise BuildInputError(
+                    f"node {node.name or node.op_type!r} ({node.op_type}) makes tensors of more"
+                    f" than the limit of {max_bytes} bytes from constants",
+                    field="onnx",
+                )
+    if made > max_bytes:
+        raise BuildInputError(
+            f"sparse constants unpack to more than the limit of {max_bytes} bytes", field="onnx"
+        )
+
+
+def _made_bytes(node: Any, constants: dict[str, list[int]]) -> int:
+    """Bytes a shape-making node outputs when its deciding inputs are constants (else 0: it is
+    sized at run time, by real inputs)."""
+    inputs = list(node.input)
+    if node.op_type in ("ConstantOfShape", "Expand"):
+        shape = constants.get(inputs[-1]) if inputs else None
+        return _count(shape) * _WIDEST_ELEMENT if shape is not None else 0
+    if node.op_type == "Tile" and len(inputs) == 2:
+        data, repeats = constants.get(inputs[0]), constants.get(inputs[1])
+        if repeats is None:
+            return 0
+        return max(len(data or ()), 1) * _count(repeats) * _WIDEST_ELEMENT
+    if node.op_type == "Range" and len(inputs) == 3:
+        values = [constants.get(i) for i in inputs]
+        if any(v is None or len(v) != 1 for v in values):
+            return 0
+        (start,), (limit,), (delta,) = values  # type: ignore[misc]
+        if delta == 0:
+            return 0
+        return max(-(-(limit - start) // delta), 0) * _WIDEST_ELEMENT
+    return 0
+
+
+def read_source(path: Path, *, max_constant_bytes: int = MAX_CONSTANT_BYTES) -> SourceModel:
+    """Parse, check, size and load the source; ``BuildInputError`` saying what is wrong. The
+    size check (``check_constant_sizes``) comes before ONNX Runtime allocates anything."""
     import onnx
     import onnxruntime as ort
 
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and others on garbage
         raise BuildInputError(f"not an ONNX model: {first_line(exc)}", field="onnx") from exc
     if model.ir_version <= 0 or not model.graph.node or not model.graph.output:
         raise BuildInputError("not an ONNX model: no graph in the file", field="onnx")
+    check_constant_sizes(model, max_constant_bytes)
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as exc:
@@ -113,6 +256,12 @@ def read_source(path: Path) -> SourceModel:
             f"ONNX model does not load in ONNX Runtime: {first_line(exc)}", field="onnx"
         ) from exc
     initializers = {i.name for i in model.graph.initializer}
+    declared = {p.key: p.value for p in model.metadata_props}.get(TASK_METADATA_KEY)
+    if declared is not None and declared not in TASKS:
+        raise BuildInputError(
+            f"the model declares task {declared!r} in its metadata; known tasks: {list(TASKS)}",
+            field="onnx",
+        )
     return SourceModel(
         path=path,
         opset=default_opset(model),
@@ -120,6 +269,7 @@ def read_source(path: Path) -> SourceModel:
         inputs=_tensor_specs(model.graph.input, initializers),
         outputs=_tensor_specs(model.graph.output, set()),
         quantized=is_quantized(model),
+        task=declared,  # type: ignore[arg-type]  # checked against TASKS above
     )
 
 
@@ -129,6 +279,18 @@ def _strip_unused_domains(model: Any) -> None:
     keep = [o for o in model.opset_import if o.domain in used or o.domain == "ai.onnx"]
     del model.opset_import[:]
     model.opset_import.extend(keep)
+
+
+def _name_nodes(model: Any) -> None:
+    """Give every unnamed node a unique name: quantizers exclude nodes by name."""
+    taken = {n.name for n in model.graph.node if n.name}
+    for index, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{index}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
 
 
 @dataclass(frozen=True)
@@ -182,6 +344,7 @@ def normalize(source: SourceModel, out_path: Path, work_dir: Path) -> Normalized
         if foreign:
             raise ValueError(f"optimizer wrote ops of domains {sorted(foreign)}")
         _strip_unused_domains(result)
+        _name_nodes(result)
         onnx.checker.check_model(result)
         onnx.save(result, str(out_path))
         optimized = True
@@ -190,7 +353,9 @@ def normalize(source: SourceModel, out_path: Path, work_dir: Path) -> Normalized
         )
     except Exception as exc:  # keep the unoptimized graph rather than fail
         log.warning("graph_optimize_failed", error=first_line(exc))
-        out_path.write_bytes(upgraded.read_bytes())
+        fallback = onnx.load(str(upgraded))
+        _name_nodes(fallback)
+        onnx.save(fallback, str(out_path))
     return Normalized(out_path, source.opset, opset_to, optimized)
 
 
@@ -284,13 +449,23 @@ def quantize_int8(
     batch: bool,
     recipe: Int8Recipe | None = None,
     target: str = "onnx-int8",
+    nodes_to_exclude: Sequence[str] = (),
+    calibration_cache: Path | None = None,
 ) -> None:
-    """Static INT8 quantization of ``fp32_path`` calibrated on ``calibration``."""
+    """Static INT8 quantization of ``fp32_path`` calibrated on ``calibration``.
+
+    ``nodes_to_exclude`` stay in float. ``calibration_cache`` (a JSON file; ONNX Runtime
+    1.24+) keeps the calibrated ranges: a later call with the same file and recipe skips
+    calibration, so the sensitivity pass re-quantizes in seconds.
+    """
     from onnxruntime import quantization as q
 
     recipe = recipe or Int8Recipe()
     samples = calibration.head(recipe.max_samples)
     reader = _reader(samples.chunks(recipe.chunk if batch else 1))
+    extra: dict[str, Any] = {}
+    if calibration_cache is not None and _supports_calibration_cache():
+        extra["calibration_cache_path"] = str(calibration_cache)
     started = time.monotonic()
     try:
         with warnings.catch_warnings():
@@ -305,6 +480,8 @@ def quantize_int8(
                 activation_type=getattr(q.QuantType, recipe.activation_type),
                 weight_type=getattr(q.QuantType, recipe.weight_type),
                 calibrate_method=getattr(q.CalibrationMethod, recipe.calibrate_method),
+                nodes_to_exclude=list(nodes_to_exclude),
+                **extra,
             )
     except Exception as exc:  # the quantizer raises anything
         raise VariantBuildError(
@@ -315,4 +492,12 @@ def quantize_int8(
         samples=len(samples),
         seconds=round(time.monotonic() - started, 2),
         recipe=recipe.quant_format,
+        calibration=recipe.calibrate_method,
+        excluded=len(nodes_to_exclude),
     )
+
+
+def _supports_calibration_cache() -> bool:
+    from onnxruntime import quantization as q
+
+    return "calibration_cache_path" in inspect.signature(q.quantize_static).parameters

@@ -1,8 +1,10 @@
 """One build, step by step: reference model, golden cases, each target's variant, the manifest.
 
 Owns the order of the steps, the plan of variants (including "an already-quantized source is
-kept as it is"), target constraints and provenance. Reading inputs is ``_samples``/``_onnx``'s,
-tools are ``_onnx``/``_openvino``'s, numbers are ``_measure``'s, the disk is ``_bundle``'s.
+kept as it is"), the task the gate measures, target constraints, each variant's build report
+and provenance. Reading inputs is ``_samples``/``_onnx``'s, tools are ``_onnx``/``_openvino``'s,
+the accuracy-aware INT8 searches ``_int8``'s, numbers ``_measure``'s and ``_census``'s, the
+disk ``_bundle``'s.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+from agent.contracts.accuracy import Task, is_classifier
 from agent.contracts.manifest import (
     AccuracyReport,
     ArtifactFormat,
+    BuildReport,
     BundleManifest,
     GoldenCase,
     Precision,
@@ -30,7 +34,7 @@ from agent.contracts.manifest import (
     Variant,
 )
 from agent.logs import get_logger
-from control_plane.builds import _measure, _onnx, _openvino
+from control_plane.builds import _census, _int8, _measure, _onnx, _openvino
 from control_plane.builds._bundle import file_entry, write_golden, write_manifest
 from control_plane.builds._samples import SampleSet, batchable
 from control_plane.builds.errors import (
@@ -48,6 +52,8 @@ Progress = Callable[[float, str], None]
 
 MAX_GOLDEN = 16  # golden cases kept from an uploaded golden set
 GOLDEN_FROM_SAMPLES = 4  # golden cases taken from calibration/validation when none uploaded
+DEFAULT_SEARCH = _int8.Int8Search()
+MAX_KEPT_LISTED = 50  # float operations named in a variant's build report
 # CPUs whose integer dot-product instructions make INT8 pay off; TargetConstraints.cpu_flags
 # means "all of", so this "any of" preference is documented, not enforced (docs/variants.md).
 INT8_PREFERRED_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "asimddp")
@@ -60,6 +66,11 @@ class Target:
     runtime: Runtime
     format: ArtifactFormat
     precision: Precision
+
+    @property
+    def accelerator_is_cpu(self) -> bool:
+        """Whether the build host (a CPU) is a meaningful place to time this variant."""
+        return not (self.runtime == "onnxruntime" and self.precision == "fp16")
 
 
 TARGETS: dict[str, Target] = {
@@ -85,6 +96,8 @@ class BuildRequest:
     calibration: SampleSet | None
     validation: SampleSet | None
     golden: SampleSet | None
+    task: Task | None = None  # None: the source's declared task, else inferred from outputs
+    search: _int8.Int8Search = DEFAULT_SEARCH
 
 
 def _tool_versions() -> dict[str, str]:
@@ -153,13 +166,9 @@ class _Build:
         golden = self._write_golden(golden_set, golden_ref)
         eval_set = self.request.validation or self.request.calibration or golden_set
         eval_ref = _measure.run_samples(reference, eval_set, batch=self.batch)
-        classifier = _measure.is_classifier(eval_ref[0])
-        if eval_set.labels is not None and not classifier:
-            raise BuildInputError(
-                f"labels were given but the first output {self.output_names[0]!r} is not one"
-                f" score vector per sample (shape {eval_ref[0].shape[1:]})",
-                field="validation",
-            )
+        task = self._task(eval_ref[0], labelled=eval_set.labels is not None)
+        self.log.info("task_gate", task=task, budget=self.request.budget, samples=len(eval_set))
+        gate = _measure.Gate(task, eval_set, eval_ref, self.request.budget, self.batch)
         plan = self._plan()
         variants: list[Variant] = []
         skipped: dict[str, str] = {}
@@ -172,9 +181,7 @@ class _Build:
                     reference_path=reference_path,
                     golden_set=golden_set,
                     golden_ref=golden_ref,
-                    eval_set=eval_set,
-                    eval_ref=eval_ref,
-                    classifier=classifier,
+                    gate=gate,
                 )
             except VariantBuildError as exc:
                 shutil.rmtree(self.bundle / target.id, ignore_errors=True)
@@ -200,6 +207,28 @@ class _Build:
         )
         write_manifest(self.bundle, manifest)
         return manifest
+
+    def _task(self, first_output: np.ndarray[Any, Any], *, labelled: bool) -> Task:
+        """The declared task (upload, else the source's metadata), else inferred: a classifier
+        output is ``classification``, anything else ``generic``."""
+        classifier = is_classifier(first_output)
+        task = self.request.task or self.source.task
+        if task is None:
+            task = "classification" if classifier else "generic"
+        if labelled and not (task == "classification" and classifier):
+            raise BuildInputError(
+                f"labels were given but the first output {self.output_names[0]!r} is not one"
+                f" score vector per sample (shape {first_output.shape[1:]}) of a classifier"
+                f" (task {task})",
+                field="validation",
+            )
+        if task == "classification" and not classifier:
+            raise BuildInputError(
+                f"task classification needs a first output of one score vector per sample,"
+                f" {self.output_names[0]!r} has shape {first_output.shape[1:]}",
+                field="task",
+            )
+        return task
 
     def _reference(self) -> Path:
         """The FP32 model every variant is measured against (the source if it is quantized)."""
@@ -251,34 +280,29 @@ class _Build:
         reference_path: Path,
         golden_set: SampleSet,
         golden_ref: list[np.ndarray[Any, Any]],
-        eval_set: SampleSet,
-        eval_ref: list[np.ndarray[Any, Any]],
-        classifier: bool,
+        gate: _measure.Gate,
     ) -> Variant:
         started = time.monotonic()
         folder = self.bundle / target.id
         folder.mkdir()
         entry = folder / ("model.onnx" if target.format == "onnx" else "model.xml")
-        self._make(target, reference_path, entry)
+        outcome = self._make(target, reference_path, entry, gate)
         try:
             golden_runs = []
             if target.runtime == "onnxruntime":
                 runner = _measure.ort_runner(entry, self.output_names)
+                timed = runner
             else:
-                default = _measure.openvino_runner(entry, self.output_names)
-                golden_runs.append(_measure.run_samples(default, golden_set, batch=False))
+                timed = _measure.openvino_runner(entry, self.output_names)
+                golden_runs.append(_measure.run_samples(timed, golden_set, batch=False))
                 runner = _measure.openvino_runner(entry, self.output_names, precision_hint="f32")
             golden_runs.append(_measure.run_samples(runner, golden_set, batch=False))
             accuracy: AccuracyReport | None = None
             if target.precision != "fp32" and not self.source.quantized:
-                eval_out = _measure.run_samples(runner, eval_set, batch=self.batch)
-                accuracy = _measure.accuracy_report(
-                    eval_ref,
-                    eval_out,
-                    labels=eval_set.labels,
-                    classifier=classifier,
-                    budget=self.request.budget,
-                )
+                accuracy = _measure.accuracy_report(gate.run(runner), budget=self.request.budget)
+            latency = None
+            if target.accelerator_is_cpu:
+                latency = round(_measure.latency_ms(timed, golden_set.feed(0)), 3)
         except Exception as exc:  # a runtime refusing the artifact, any type
             raise VariantBuildError(
                 f"the built file does not run in {target.runtime}: {first_line(exc)}",
@@ -288,6 +312,20 @@ class _Build:
         files = tuple(file_entry(self.bundle, p) for p in sorted(folder.iterdir()))
         status: Literal["accepted", "rejected"] = (
             "accepted" if accuracy is None or accuracy.accepted else "rejected"
+        )
+        if target.format == "onnx":
+            census = _census.onnx_census(entry)
+        else:
+            census = _census.openvino_census(entry)
+        seconds = round(time.monotonic() - started, 2)
+        build = BuildReport(
+            latency_ms=latency,
+            weight_bytes=census.weight_bytes,
+            precisions=census.precisions,
+            kept_float=outcome.kept_float[:MAX_KEPT_LISTED] if outcome else (),
+            recipe=outcome.recipe if outcome else None,
+            steps=outcome.steps if outcome else (),
+            seconds=seconds,
         )
         variant = Variant(
             id=target.id,
@@ -302,12 +340,18 @@ class _Build:
             tolerance=tolerance,
             accuracy=accuracy,
             status=status,
+            build=build,
         )
         fields: dict[str, Any] = {
             "target": target.id,
-            "seconds": round(time.monotonic() - started, 2),
+            "seconds": seconds,
             "golden_rel_l2": float(f"{measured:.3g}"),
+            "latency_ms": latency,
+            "weight_bytes": census.weight_bytes,
+            "precisions": census.precisions,
         }
+        if outcome is not None:
+            fields |= {"recipe": outcome.recipe, "kept_float": list(outcome.kept_float)}
         if accuracy is not None:
             fields |= {"metric": accuracy.metric, "value": accuracy.value, "delta": accuracy.delta}
         if status == "rejected":
@@ -316,14 +360,16 @@ class _Build:
             self.log.info("variant_built", **fields)
         return variant
 
-    def _make(self, target: Target, reference_path: Path, entry: Path) -> None:
-        """Write the target's files next to ``entry``."""
+    def _make(
+        self, target: Target, reference_path: Path, entry: Path, gate: _measure.Gate
+    ) -> _int8.Int8Outcome | None:
+        """Write the target's files next to ``entry``; INT8 searches say what they did."""
         if self.source.quantized:
             if target.runtime == "onnxruntime":
                 shutil.copyfile(self.source.path, entry)
             else:
                 _openvino.convert_ir(self.source.path, entry, target=target.id)
-            return
+            return None
         calibration = self.request.calibration
         if target.precision == "int8" and calibration is None:
             raise VariantBuildError("needs a calibration set", target=target.id)
@@ -333,12 +379,29 @@ class _Build:
             _onnx.convert_fp16(reference_path, entry)
         elif target.id == "onnx-int8":
             assert calibration is not None
-            _onnx.quantize_int8(reference_path, entry, calibration, batch=self.batch)
+            return _int8.search_onnx_int8(
+                reference_path,
+                entry,
+                calibration,
+                batch=self.batch,
+                gate=gate,
+                output_names=self.output_names,
+                work=self.work / "onnx-int8",
+                search=self.request.search,
+            )
         elif target.id == "openvino-fp16":
             _openvino.convert_ir(reference_path, entry, target=target.id)
         else:
             assert calibration is not None
-            _openvino.quantize_ir(reference_path, entry, calibration, target=target.id)
+            return _int8.search_openvino_int8(
+                reference_path,
+                entry,
+                calibration,
+                gate=gate,
+                output_names=self.output_names,
+                search=self.request.search,
+            )
+        return None
 
 
 def run_build(

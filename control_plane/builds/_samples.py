@@ -4,7 +4,9 @@ Owns the ``.npz`` conventions: one array per model input, N samples stacked on a
 ``labels`` (integer class ids) in a validation set. An array of the input's rank holds samples
 along the batch axis (sample ``i`` is ``array[i:i+1]``); an array of rank + 1 holds whole feeds
 (sample ``i`` is ``array[i]``). Every sample is checked against the input's dtype and shape.
-Running models over the samples is ``_measure``'s work.
+Before anything is decompressed, each member's ``.npy`` header is read and the arrays' shapes,
+dtypes and total bytes are checked against a bound, so a small file cannot unpack into a large
+allocation. Running models over the samples is ``_measure``'s work.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import numpy as np
 from agent.contracts.tensors import TensorSpec
 from control_plane.builds.errors import BuildInputError, first_line
 
-__all__ = ["LABELS_KEY", "Feeds", "SampleSet", "batchable", "load_samples"]
+__all__ = ["LABELS_KEY", "MAX_SAMPLE_BYTES", "Feeds", "SampleSet", "batchable", "load_samples"]
 
 LABELS_KEY = "labels"
+MAX_SAMPLE_BYTES = 1024**3  # bytes: what one sample set may unpack to, all arrays together
+_MAX_MEMBERS = 64  # arrays in one .npz (a model's inputs plus labels)
 
 Feeds = dict[str, np.ndarray[Any, Any]]
 
@@ -61,11 +65,54 @@ def batchable(inputs: tuple[TensorSpec, ...]) -> bool:
     return all(len(spec.shape) > 0 and spec.shape[0] < 0 for spec in inputs)
 
 
+def _unpacked_bytes(path: Path, *, field: str, max_bytes: int) -> int:
+    """The bytes the arrays of an ``.npz`` take once loaded, read from their ``.npy`` headers
+    (nothing is decompressed beyond them); ``BuildInputError`` past ``max_bytes``."""
+    total = 0
+    with zipfile.ZipFile(path) as archive:
+        members = archive.infolist()
+        if len(members) > _MAX_MEMBERS:
+            raise BuildInputError(
+                f"{len(members)} arrays in the file; at most {_MAX_MEMBERS}", field=field
+            )
+        for member in members:
+            with archive.open(member) as fp:
+                version = np.lib.format.read_magic(fp)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+                elif version == (2, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+                else:
+                    raise BuildInputError(
+                        f"{member.filename!r}: unsupported .npy format {version}", field=field
+                    )
+            if dtype.hasobject:
+                raise BuildInputError(
+                    f"{member.filename!r}: object arrays are refused", field=field
+                )
+            count = 1
+            for dim in shape:
+                count *= int(dim)  # Python ints: no overflow
+            total += count * dtype.itemsize
+            if total > max_bytes:
+                raise BuildInputError(
+                    f"the arrays unpack to more than the limit of {max_bytes} bytes", field=field
+                )
+    return total
+
+
 def load_samples(
-    path: Path, inputs: tuple[TensorSpec, ...], *, field: str, labelled: bool = False
+    path: Path,
+    inputs: tuple[TensorSpec, ...],
+    *,
+    field: str,
+    labelled: bool = False,
+    max_bytes: int = MAX_SAMPLE_BYTES,
 ) -> SampleSet:
-    """Read ``path`` and fit it to ``inputs``; ``BuildInputError`` naming the input at fault."""
+    """Read ``path`` and fit it to ``inputs``; ``BuildInputError`` naming the input at fault.
+    The arrays' headers are checked against ``max_bytes`` before any array is read."""
     try:
+        _unpacked_bytes(path, field=field, max_bytes=max_bytes)
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:

@@ -3,9 +3,13 @@
     edgectl serve                                   run the service (settings from EDGEFLEET_CP__*)
     edgectl login --url URL --token TOKEN           remember where and who (a 0600 file)
     edgectl models create NAME [--budget 1.0]
-    edgectl models push FILE --name N --version V [--calibration F] [--validation F] [--golden F]
-    edgectl models ls | show NAME [VERSION]
-    edgectl devices ls | show ID | label ID key=value ... key-
+    edgectl models push FILE --name N --version V [--task T] [--calibration F] [--validation F]
+                        [--golden F]
+    edgectl models ls | show NAME [VERSION] | rm NAME VERSION   (rm: a failed build only)
+    edgectl models pull NAME VERSION [--variant ID] [--out DIR]   archives for offline installs
+    edgectl jobs ls [--model M] [--status S] [--json] | show ID [--json]
+    edgectl devices ls | show ID [--json] | label ID key=value ... key- | rm ID
+    edgectl devices retry ID [MODEL]                offer again a version the device rejected
     edgectl deploy MODEL VERSION --to SELECTOR      device=<id> or key=value[,key=value]
     edgectl tokens create NAME --role viewer|operator|admin
     edgectl tuf root > root.json                    the fleet's TUF root, to provision devices
@@ -36,6 +40,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from agent._fs import file_sha256
 from control_plane.cli._client import ControlPlaneClient
 from control_plane.cli.images import images_app
 from control_plane.cli.rollout import rollout_app
@@ -54,7 +59,9 @@ models_app = typer.Typer(help="Model registry.", no_args_is_help=True)
 devices_app = typer.Typer(help="Device registry.", no_args_is_help=True)
 tokens_app = typer.Typer(help="Operator API tokens (admin).", no_args_is_help=True)
 tuf_app = typer.Typer(help="Signed metadata (TUF).", no_args_is_help=True)
+jobs_app = typer.Typer(help="Variant build jobs and their logs.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(jobs_app, name="jobs")
 app.add_typer(devices_app, name="devices")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(tuf_app, name="tuf")
@@ -107,6 +114,7 @@ def serve(
     from pydantic import ValidationError
 
     from agent.logs import configure_logging
+    from control_plane.api.limits import server_options
     from control_plane.app import create_app
     from control_plane.settings import Settings
 
@@ -125,6 +133,7 @@ def serve(
         port=port or settings.port,
         log_config=None,
         access_log=False,
+        **server_options(settings),  # header bounds in the HTTP parser (docs/security.md)
     )
 
 
@@ -185,6 +194,13 @@ def models_push(  # noqa: PLR0917 - typer maps each CLI option to a parameter
     calibration: Annotated[Path | None, typer.Option(exists=True, dir_okay=False)] = None,
     validation: Annotated[Path | None, typer.Option(exists=True, dir_okay=False)] = None,
     golden: Annotated[Path | None, typer.Option(exists=True, dir_okay=False)] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="what the accuracy gate measures: classification, detection, segmentation,"
+            " embedding or generic (default: the ONNX metadata's task, else inferred)"
+        ),
+    ] = None,
     wait: Annotated[bool, typer.Option(help="follow the build to its end")] = True,
 ) -> None:
     """Upload a version and follow its variant build."""
@@ -206,9 +222,9 @@ def models_push(  # noqa: PLR0917 - typer maps each CLI option to a parameter
             TransferSpeedColumn(),
             console=console,
         ) as progress:
-            task = progress.add_task("upload", total=total)
+            bar = progress.add_task("upload", total=total)
             result = client.upload_version(
-                name, version, files, on_bytes=lambda n: progress.advance(task, n)
+                name, version, files, task=task, on_bytes=lambda n: progress.advance(bar, n)
             )
         console.print(f"uploaded {name} {version}; build job {result['job']['id']}")
         if not wait:
@@ -220,6 +236,58 @@ def models_push(  # noqa: PLR0917 - typer maps each CLI option to a parameter
 
 
 models_app.command("upload", hidden=True)(models_push)
+
+
+@models_app.command("pull")
+def models_pull(
+    name: str,
+    version: str,
+    variant: Annotated[
+        list[str] | None, typer.Option(help="variant id (repeatable); default: every accepted one")
+    ] = None,
+    out: Annotated[Path, typer.Option(file_okay=False, help="directory to write into")] = Path(),
+) -> None:
+    """Download a version's variant archives for an offline install
+    (``edge-agent models install FILE...`` takes them as one version)."""
+    console = _console()
+    with _client() as client:
+        v = client.get_version(name, version)
+        accepted = {x["id"]: x for x in v["variants"] if x.get("artifact_path")}
+        wanted = variant or list(accepted)
+        missing = [w for w in wanted if w not in accepted]
+        if missing:
+            raise ClientError(
+                f"{name} {version} has no accepted variant {', '.join(missing)}; "
+                f"accepted: {', '.join(accepted) or 'none'}",
+                error="NotFoundError",
+            )
+        if not wanted:
+            raise ClientError(f"{name} {version} has no accepted variant", error="NotFoundError")
+        out.mkdir(parents=True, exist_ok=True)
+        total = sum(int(accepted[w]["size"] or 0) for w in wanted)
+        with Progress(
+            TextColumn("[bold]download"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=console,
+        ) as progress:
+            task = progress.add_task("download", total=total)
+            paths = []
+            for w in wanted:
+                dest = out / f"{name}-{version}-{w}.tar"
+                client.download(
+                    accepted[w]["artifact_path"], dest, on_bytes=lambda n: progress.advance(task, n)
+                )
+                if file_sha256(dest) != accepted[w]["sha256"]:
+                    dest.unlink(missing_ok=True)
+                    raise ClientError(
+                        f"{dest.name}: sha256 differs from the registry's; not kept",
+                        error="VerificationError",
+                    )
+                paths.append(dest)
+    for path in paths:
+        console.print(f"wrote {path}", highlight=False)
 
 
 @models_app.command("ls")
@@ -243,11 +311,34 @@ def models_ls() -> None:
 models_app.command("list", hidden=True)(models_ls)
 
 
+def _precision_text(build: dict[str, Any]) -> str:
+    counts = build.get("precisions") or {}
+    text = ", ".join(f"{p} {n}" for p, n in sorted(counts.items())) or "-"
+    kept = build.get("kept_float") or []
+    if kept:
+        shown = ", ".join(kept[:3]) + (f" (+{len(kept) - 3})" if len(kept) > 3 else "")
+        text += f"; float: {shown}"
+    return text
+
+
 def _print_version(v: dict[str, Any], console: Console) -> None:
-    console.print(f"[bold]{v['model']} {v['version']}[/bold]  status {v['status']}")
+    task = f"  task {v['task']}" if v.get("task") else ""
+    console.print(f"[bold]{v['model']} {v['version']}[/bold]  status {v['status']}{task}")
     if v.get("error"):
         console.print(f"error: {v['error']}")
-    table = Table("variant", "runtime", "precision", "status", "accuracy", "size", "target")
+    table = Table(
+        "variant",
+        "runtime",
+        "precision",
+        "status",
+        "decided by (vs FP32)",
+        "build-host ms",
+        "weights",
+        "compute ops",
+        "size",
+        "target",
+    )
+    steps = Table("variant", "step", "metric", "delta", "kept float", "s", title="INT8 search")
     for var in v["variants"]:
         acc = var.get("accuracy")
         acc_text = (
@@ -256,6 +347,8 @@ def _print_version(v: dict[str, Any], console: Console) -> None:
             if acc
             else "-"
         )
+        build = var.get("build") or {}
+        latency = build.get("latency_ms")
         target = var["target"]
         target_text = ",".join(
             [target["accelerator"], *target.get("arch", ()), *target.get("cpu_flags", ())]
@@ -266,9 +359,33 @@ def _print_version(v: dict[str, Any], console: Console) -> None:
             var["precision"],
             var["status"],
             acc_text,
+            f"{latency:.1f}" if latency is not None else "-",
+            str(build.get("weight_bytes") or "-"),
+            _precision_text(build),
             str(var["size"] or "-"),
             target_text,
         )
+        for step in build.get("steps") or []:
+            steps.add_row(
+                var["id"],
+                step["action"],
+                f"{step['metric']} {step['value']:.4g}",
+                f"{step['delta']:+.3g}",
+                str(step["kept_float"]),
+                f"{step['seconds']:.1f}",
+            )
+    console.print(table)
+    if steps.rows:
+        console.print(steps)
+    _print_skipped(v.get("skipped") or [], console)
+
+
+def _print_skipped(skipped: list[dict[str, Any]], console: Console) -> None:
+    if not skipped:
+        return
+    table = Table("skipped variant", "reason", title="left out by the build")
+    for s in skipped:
+        table.add_row(s["id"], s["reason"])
     console.print(table)
 
 
@@ -286,6 +403,74 @@ def models_show(name: str, version: Annotated[str | None, typer.Argument()] = No
     for v in model["versions"]:
         table.add_row(v["version"], v["status"], v["created_at"][:19])
     console.print(table)
+
+
+@models_app.command("rm")
+def models_rm(name: str, version: str) -> None:
+    """Delete a version whose build failed (its number can then be uploaded again)."""
+    with _client() as client:
+        client.delete_version(name, version)
+    _console().print(f"deleted {name} {version}")
+
+
+# -- jobs ------------------------------------------------------------------------------------
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+JsonOption = Annotated[bool, typer.Option("--json", help="print the API's JSON")]
+
+
+@jobs_app.command("ls")
+def jobs_ls(
+    model: Annotated[str | None, typer.Option(help="only this model's builds")] = None,
+    status: Annotated[str | None, typer.Option(help="queued, running, succeeded or failed")] = None,
+    limit: Annotated[int, typer.Option(help="newest N jobs")] = 50,
+    as_json: JsonOption = False,
+) -> None:
+    """List build jobs, newest first."""
+    with _client() as client:
+        jobs = client.list_jobs(model=model, status=status, limit=limit)
+    if as_json:
+        _print_json(jobs)
+        return
+    table = Table("id", "model", "version", "status", "progress", "message", "skipped", "created")
+    for j in jobs:
+        table.add_row(
+            str(j["id"]),
+            j["model"],
+            j["version"],
+            j["status"],
+            f"{j['progress']:.0%}",
+            (j["error"] or j["message"])[:80],
+            ",".join(s["id"] for s in j["skipped"]) or "-",
+            j["created_at"][:19],
+        )
+    _console().print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: int, as_json: JsonOption = False) -> None:
+    """A build job with its log lines and the variants it skipped (and why)."""
+    with _client() as client:
+        job = client.get_job(job_id)
+    if as_json:
+        _print_json(job)
+        return
+    console = _console()
+    console.print(
+        f"[bold]job {job['id']}[/bold]  {job['model']} {job['version']}  {job['status']} "
+        f"{job['progress']:.0%}  created {job['created_at'][:19]}"
+        + (f"  finished {job['finished_at'][:19]}" if job["finished_at"] else "")
+    )
+    if job["error"]:
+        console.print(f"error: {job['error']}", markup=False)
+    _print_skipped(job["skipped"], console)
+    for line in job["log"]:
+        console.print(line, markup=False)
 
 
 # -- devices ---------------------------------------------------------------------------------
@@ -319,25 +504,63 @@ devices_app.command("list", hidden=True)(devices_ls)
 
 
 @devices_app.command("show")
-def devices_show(device_id: str) -> None:
-    """A device: labels, profile summary, desired and reported state."""
+def devices_show(device_id: str, as_json: JsonOption = False) -> None:
+    """A device: labels, desired and reported state, and which variant serves each model and why
+    (the variants offered are those that fit its profile, best first)."""
     with _client() as client:
         d = client.get_device(device_id)
+    if as_json:
+        _print_json(d)
+        return
     console = _console()
     console.print(f"[bold]{d['id']}[/bold] {d['name']}  labels {d['labels']}")
     desired = d.get("desired") or {"models": [], "generation": 0}
-    table = Table("model", "desired version", "variant", "reported", "phase")
+    table = Table(
+        "model", "desired", "offered variants", "reported", "serving variant", "runs on", "phase"
+    )
     reported = {m["name"]: m for m in (d.get("reported") or {}).get("models", [])}
     for m in desired["models"]:
         r = reported.get(m["name"], {})
+        offered = [c["variant_id"] for c in m.get("candidates") or []] or [m["variant_id"]]
+        runs_on = " / ".join(x for x in (r.get("backend"), r.get("device")) if x) or "-"
         table.add_row(
             m["name"],
             m["version"],
-            m["variant_id"],
+            ", ".join(offered),
             r.get("active_version") or "-",
+            r.get("variant_id") or "-",
+            runs_on,
             r.get("phase") or "-",
         )
     console.print(table)
+    for name, r in reported.items():
+        if r.get("choice"):
+            console.print(f"{name}: {r['choice']}", highlight=False)
+        if r.get("last_error"):
+            console.print(f"{name}: last error: {r['last_error']}", highlight=False)
+
+
+@devices_app.command("rm")
+def devices_rm(device_id: str) -> None:
+    """Delete a device: its credential is refused at once (enroll again to come back)."""
+    with _client() as client:
+        client.delete_device(device_id)
+    _console().print(f"deleted device {device_id}")
+
+
+@devices_app.command("retry")
+def devices_retry(
+    device_id: str, model: Annotated[str | None, typer.Argument(help="default: every model")] = None
+) -> None:
+    """Offer again the version a device rejected (one model, or all it is assigned)."""
+    with _client() as client:
+        r = client.retry_device(device_id, model)
+    entries = {m["name"]: m for m in r["desired"]["models"]}
+    console = _console()
+    for name in r["models"]:
+        m = entries.get(name)
+        detail = f" {m['version']} (generation {m['generation']})" if m else ""
+        console.print(f"{device_id}: {name}{detail} offered again")
 
 
 def _parse_labels(items: Sequence[str]) -> tuple[dict[str, str], list[str]]:

@@ -64,18 +64,22 @@ class ControlPlaneClient:
                 f"cannot reach the control plane at {self._http.base_url}: {exc}"
             ) from exc
         if response.status_code >= 400:
-            try:
-                body = response.json()
-                error, message = str(body["error"]), str(body["message"])
-            except (ValueError, KeyError, TypeError):
-                error, message = (
-                    "ClientError",
-                    f"HTTP {response.status_code}: {response.text[:200]}",
-                )
-            raise ClientError(message, error=error, status_code=response.status_code)
+            self._raise(response)
         if response.status_code == 204 or not response.content:
             return None
         return response.json()
+
+    @staticmethod
+    def _raise(response: httpx.Response) -> None:
+        try:
+            body = response.json()
+            error, message = str(body["error"]), str(body["message"])
+        except (ValueError, KeyError, TypeError):
+            error, message = (
+                "ClientError",
+                f"HTTP {response.status_code}: {response.text[:200]}",
+            )
+        raise ClientError(message, error=error, status_code=response.status_code)
 
     def create_model(self, name: str, *, accuracy_budget: float, description: str) -> Any:
         body = {"name": name, "accuracy_budget": accuracy_budget, "description": description}
@@ -87,6 +91,31 @@ class ControlPlaneClient:
     def get_model(self, name: str) -> Any:
         return self._call("GET", f"/v1/models/{name}")
 
+    def download(
+        self, path: str, dest: Path, *, on_bytes: Callable[[int], None] | None = None
+    ) -> int:
+        """Stream ``/v1/artifacts/<path>`` into ``dest`` (replaced only when complete); the
+        number of bytes written."""
+        tmp = dest.with_name(f".{dest.name}.part")
+        written = 0
+        try:
+            with self._http.stream("GET", f"/v1/artifacts/{path}") as response:
+                if response.status_code != 200:
+                    response.read()
+                    self._raise(response)
+                with tmp.open("wb") as out:
+                    for chunk in response.iter_bytes(1 << 20):
+                        out.write(chunk)
+                        written += len(chunk)
+                        if on_bytes is not None:
+                            on_bytes(len(chunk))
+            tmp.replace(dest)
+        except httpx.HTTPError as exc:
+            raise ClientError(f"download of {path} failed: {exc}", error="ConnectError") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+        return written
+
     def get_version(self, name: str, version: str) -> Any:
         return self._call("GET", f"/v1/models/{name}/versions/{version}")
 
@@ -96,9 +125,11 @@ class ControlPlaneClient:
         version: str,
         files: dict[str, Path],
         *,
+        task: str | None = None,
         on_bytes: Callable[[int], None] | None = None,
     ) -> Any:
-        """``files``: multipart field -> path (``onnx`` and any of the sample sets)."""
+        """``files``: multipart field -> path (``onnx`` and any of the sample sets);
+        ``task``: what the accuracy gate measures (None: the server decides)."""
         report = on_bytes or (lambda _n: None)
         handles = {field: _ProgressFile(path, report) for field, path in files.items()}
         try:
@@ -106,15 +137,33 @@ class ControlPlaneClient:
                 field: (files[field].name, handle, "application/octet-stream")
                 for field, handle in handles.items()
             }
-            return self._call(
-                "POST", f"/v1/models/{name}/versions", data={"version": version}, files=parts
-            )
+            data = {"version": version} | ({"task": task} if task else {})
+            return self._call("POST", f"/v1/models/{name}/versions", data=data, files=parts)
         finally:
             for handle in handles.values():
                 handle.close()
 
     def get_job(self, job_id: int) -> Any:
         return self._call("GET", f"/v1/jobs/{job_id}")
+
+    def list_jobs(
+        self, *, model: str | None = None, status: str | None = None, limit: int = 50
+    ) -> Any:
+        params: dict[str, str | int] = {"limit": limit}
+        if model:
+            params["model"] = model
+        if status:
+            params["status"] = status
+        return self._call("GET", "/v1/jobs", params=params)
+
+    def delete_version(self, name: str, version: str) -> None:
+        self._call("DELETE", f"/v1/models/{name}/versions/{version}")
+
+    def delete_device(self, device_id: str) -> None:
+        self._call("DELETE", f"/v1/devices/{device_id}")
+
+    def retry_device(self, device_id: str, model: str | None = None) -> Any:
+        return self._call("POST", f"/v1/devices/{device_id}/retry", json={"model": model})
 
     def list_devices(self) -> Any:
         return self._call("GET", "/v1/devices")

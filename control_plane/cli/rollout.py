@@ -1,6 +1,7 @@
 """``edgectl rollout``: create, watch and steer staged rollouts over the HTTP API.
 
     edgectl rollout create MODEL VERSION --to key=value[,...] --waves 1%,10%,50%,100% --soak 30m
+                           [--report-timeout 15m] [--silent failed|skipped]
     edgectl rollout ls
     edgectl rollout status ID [--watch] [--interval 2]
     edgectl rollout pause|resume ID
@@ -111,7 +112,7 @@ def status_view(r: dict[str, Any], *, max_devices: int = 20) -> Group:
             str(d["wave"] + 1),
             "yes" if d["online"] else "no",
             f"{d['version'] or '-'}" + (" (rolled back)" if d["rolled_back"] else ""),
-            d["update"],
+            "silent" if d.get("silent") else d["update"],
             "-" if d["p99_ms"] is None else f"{d['p99_ms']:.1f}",
             "-" if d["baseline_p99_ms"] is None else f"{d['baseline_p99_ms']:.1f}",
             str(d["inferences"]),
@@ -148,6 +149,15 @@ def create(  # noqa: PLR0917 - typer maps each CLI option to a parameter
     max_p99_regression: Annotated[float, typer.Option(help="0.2 = +20% p99")] = 0.20,
     max_error_rate: Annotated[float, typer.Option(help="failed / inferences")] = 0.01,
     min_reporting: Annotated[int, typer.Option(help="devices reporting before judging")] = 3,
+    min_p99_increase_ms: Annotated[
+        float, typer.Option(help="p99 must also rise by this many ms to abort")
+    ] = 1.0,
+    report_timeout: Annotated[
+        str, typer.Option(help="after a wave's soak, silent devices are judged: 15m, 600")
+    ] = "15m",
+    silent: Annotated[
+        str, typer.Option(help="a silent device counts as: failed or skipped")
+    ] = "failed",
 ) -> None:
     """Start a staged rollout of MODEL VERSION to the devices matching --to."""
     wave_list = parse_waves(waves, parse_duration(soak))
@@ -162,6 +172,9 @@ def create(  # noqa: PLR0917 - typer maps each CLI option to a parameter
             "max_p99_regression": max_p99_regression,
             "max_error_rate": max_error_rate,
             "min_devices_reporting": min_reporting,
+            "min_p99_increase_ms": min_p99_increase_ms,
+            "report_timeout_s": parse_duration(report_timeout),
+            "silent_devices": silent,
         },
     }
     with _client() as client:

@@ -75,7 +75,11 @@ class ApiToken(Base):
 
 
 class Device(Base):
-    """An enrolled device: its credential hash, labels, last profile and last reported state."""
+    """An enrolled device: its credential hash, labels, last profile and last reported state.
+
+    ``retries`` counts the operator's explicit retries per model name (``edgectl devices
+    retry``); it feeds the generation of the device's desired-state entries.
+    """
 
     __tablename__ = "devices"
 
@@ -88,6 +92,7 @@ class Device(Base):
     enrolled_at: Mapped[datetime]
     last_seen_at: Mapped[datetime | None]
     reported_at: Mapped[datetime | None]
+    retries: Mapped[dict[str, Any] | None]
 
 
 class Model(Base):
@@ -121,6 +126,8 @@ class ModelVersion(Base):
     calibration_sha256: Mapped[str | None] = mapped_column(String(64))
     validation_sha256: Mapped[str | None] = mapped_column(String(64))
     golden_sha256: Mapped[str | None] = mapped_column(String(64))
+    # the accuracy gate's task (agent.contracts.accuracy.TASKS); None: inferred by the build
+    task: Mapped[str | None] = mapped_column(String(16))
     manifest: Mapped[dict[str, Any] | None]
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime]

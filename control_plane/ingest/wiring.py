@@ -8,7 +8,7 @@ whatever telemetry other replicas ingest, and devices learn changes at their nex
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -98,6 +98,7 @@ def fleet_telemetry(
     *,
     on_desired_changed: Callable[[Iterable[str]], None],
     clock: Callable[[], float] = time.time,
+    unsigned: Callable[[Mapping[str, tuple[int, str]]], list[str]] | None = None,
 ) -> FleetTelemetry:
     ingester: TelemetryIngester | None = None
     if settings.mqtt_host:
@@ -129,5 +130,6 @@ def fleet_telemetry(
         on_desired_changed=on_desired_changed,
         clock=clock,
         interval_s=settings.rollout_interval_s,
+        unsigned=unsigned,
     )
     return FleetTelemetry(ingester, rollouts, settings.rollout_runner)

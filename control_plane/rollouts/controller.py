@@ -7,6 +7,11 @@ the current state, a ``FleetSnapshot`` and ``now`` and returns the next state pl
 to carry out; storing state, building snapshots from ingested telemetry, changing desired
 state and sending ``rollback`` commands belong to the caller (the API layer / a scheduler).
 
+No rollout can hang: every assigned device ends a wave reporting on the new version, failed,
+or *silent* (no report ``report_timeout_s`` after its wave's soak; counted as failed or left out,
+by ``silent_devices``), and a wave in which every device is judged without enough reports aborts.
+A device missing from the snapshot (deleted from the registry) is left out of the figures.
+
 Times are controller seconds (e.g. ``time.time()`` on the control plane). A device's
 ``reported_at`` must be the time the control plane *received* its telemetry, never the
 device's own clock, so a device with a skewed clock cannot look fresh or stale.
@@ -84,13 +89,20 @@ class RolloutRules(_Frozen):
     max_failed_update_share: float = Field(default=0.05, ge=0, le=1)
     # Median over reporting devices of (p99 on the new version / p99 before, same device) - 1.
     max_p99_regression: float = Field(default=0.20, ge=0)
+    # ... and the median absolute p99 increase (ms) must exceed this too, so jitter on a fast
+    # model (0.3 -> 0.7 ms reads +133 %) never aborts a rollout on the ratio alone.
+    min_p99_increase_ms: float = Field(default=1.0, ge=0)
     max_error_rate: float = Field(default=0.01, ge=0, le=1)  # failed / inferences, new version
     # Latency and error rules are judged, and a wave promoted, only once this many devices
     # (capped at the wave's size) and this share of the assigned devices report.
     min_devices_reporting: int = Field(default=3, ge=1)
     min_reporting_share: float = Field(default=0.5, ge=0, le=1)
-    # Abort when the soak is over and too few devices have reported for this long; None: wait.
-    report_timeout_s: float | None = Field(default=None, gt=0)
+    # A device that has not reported on the new version this long after its wave's soak
+    # (seconds) is silent; None: wait for every device for ever.
+    report_timeout_s: float | None = Field(default=900.0, gt=0)
+    # What a silent device counts as: a failed update (towards max_failed_update_share), or
+    # skipped (left out of the wave's figures, so the others decide).
+    silent_devices: Literal["failed", "skipped"] = "failed"
 
 
 class RolloutSpec(_Frozen):
@@ -151,14 +163,21 @@ class AssignedDevice(_Frozen):
 
 
 class WaveHealth(_Frozen):
-    """The last evaluation, for ``edgectl rollout status``."""
+    """The last evaluation, for ``edgectl rollout status``.
+
+    ``assigned`` counts the devices judged: assigned, still registered, and not skipped as
+    silent. ``silent`` counts the silent ones under either policy (under "failed" they are in
+    ``failed_updates`` too).
+    """
 
     assigned: int = 0
     reporting: int = 0
     failed_updates: int = 0
+    silent: int = 0
     failed_update_share: float = 0.0
     error_rate: float | None = None
     p99_regression: float | None = None
+    p99_increase_ms: float | None = None  # median over reporting devices, new - previous
 
 
 class RolloutState(_Frozen):
@@ -169,6 +188,7 @@ class RolloutState(_Frozen):
     paused_at: float | None = None
     assigned: tuple[AssignedDevice, ...] = ()
     rolled_back: tuple[str, ...] = ()
+    silent: tuple[str, ...] = ()  # assigned devices judged silent at the last evaluation
     reason: str | None = None
     health: WaveHealth = WaveHealth()
 
@@ -244,8 +264,8 @@ class RolloutController:
         state, assign = self._fill_wave(state, fleet, now)
         actions += assign
         devices = fleet.by_id()
-        health = self._health(state, devices)
-        state = state.model_copy(update={"health": health})
+        health, silent = self._health(state, devices, now)
+        state = state.model_copy(update={"health": health, "silent": silent})
         reason = self._broken_rule(state, health, now)
         if reason is not None:
             aborted, more = self._abort(state, reason)
@@ -355,36 +375,59 @@ class RolloutController:
         )
         return state.model_copy(update={"assigned": state.assigned + new}), [action]
 
-    def _health(self, state: RolloutState, devices: dict[str, DeviceStatus]) -> WaveHealth:
+    def _deadline(self, state: RolloutState, a: AssignedDevice) -> float | None:
+        """When ``a`` turns silent unless it reports; None: never."""
+        timeout = state.spec.rules.report_timeout_s
+        if timeout is None:
+            return None
+        return a.assigned_at + state.spec.waves[a.wave].soak_s + timeout
+
+    def _health(
+        self, state: RolloutState, devices: dict[str, DeviceStatus], now: float
+    ) -> tuple[WaveHealth, tuple[str, ...]]:
         spec = state.spec
-        failed_updates = 0
+        failed_updates = gone = 0
         inferences = failed = 0
         ratios: list[float] = []
+        increases: list[float] = []
         reporting = 0
+        silent: list[str] = []
         for a in state.assigned:
             d = devices.get(a.device_id)
             if d is None:
+                gone += 1
                 continue
             if d.update in ("failed", "rolled_back"):
                 failed_updates += 1
                 continue
             fresh = d.reported_at is not None and d.reported_at >= a.assigned_at
             if d.version != spec.version or not fresh or d.inferences <= 0:
+                deadline = self._deadline(state, a)
+                if deadline is not None and now >= deadline:
+                    silent.append(a.device_id)
                 continue
             reporting += 1
             inferences += d.inferences
             failed += d.failed
             if d.p99_ms is not None and a.baseline_p99_ms:
                 ratios.append(d.p99_ms / a.baseline_p99_ms)
-        n = len(state.assigned)
-        return WaveHealth(
+                increases.append(d.p99_ms - a.baseline_p99_ms)
+        n = len(state.assigned) - gone
+        if spec.rules.silent_devices == "skipped":
+            n -= len(silent)
+        else:
+            failed_updates += len(silent)
+        health = WaveHealth(
             assigned=n,
             reporting=reporting,
             failed_updates=failed_updates,
+            silent=len(silent),
             failed_update_share=failed_updates / n if n else 0.0,
             error_rate=failed / inferences if inferences else None,
             p99_regression=statistics.median(ratios) - 1.0 if ratios else None,
+            p99_increase_ms=statistics.median(increases) if increases else None,
         )
+        return health, tuple(silent)
 
     def _enough_to_judge(self, state: RolloutState, health: WaveHealth) -> bool:
         needed = min(state.spec.rules.min_devices_reporting, health.assigned)
@@ -393,27 +436,54 @@ class RolloutController:
     def _broken_rule(self, state: RolloutState, health: WaveHealth, now: float) -> str | None:
         rules = state.spec.rules
         if health.failed_update_share > rules.max_failed_update_share:
-            return (
+            reason = (
                 f"failed updates {health.failed_updates}/{health.assigned} "
                 f"({health.failed_update_share:.1%}) > {rules.max_failed_update_share:.1%}"
             )
+            if health.silent and rules.silent_devices == "failed":
+                reason += (
+                    f", {health.silent} of them silent {rules.report_timeout_s:g} s after the soak"
+                )
+            return reason
         if self._enough_to_judge(state, health):
             if health.error_rate is not None and health.error_rate > rules.max_error_rate:
                 return f"error rate {health.error_rate:.2%} > {rules.max_error_rate:.2%}"
-            regression = health.p99_regression
-            if regression is not None and regression > rules.max_p99_regression:
+            regression, increase = health.p99_regression, health.p99_increase_ms
+            if (
+                regression is not None
+                and regression > rules.max_p99_regression
+                and (increase is None or increase > rules.min_p99_increase_ms)
+            ):
                 return (
-                    f"p99 latency +{regression:.1%} vs previous > +{rules.max_p99_regression:.1%}"
+                    f"p99 latency +{regression:.1%} (+{increase or 0.0:.2f} ms) vs previous "
+                    f"> +{rules.max_p99_regression:.1%} and +{rules.min_p99_increase_ms:g} ms"
                 )
-        timeout = rules.report_timeout_s
-        started = state.wave_started_at
-        if timeout is not None and started is not None and not self._reports_enough(state, health):
-            soak = state.spec.waves[state.wave].soak_s
-            if now - started >= soak + timeout:
-                return f"only {health.reporting}/{health.assigned} devices reporting after soak"
+        if (
+            health.assigned > 0
+            and self._all_judged(state, now)
+            and not self._reports_enough(state, health)
+        ):
+            return (
+                f"only {health.reporting}/{health.assigned} devices reporting "
+                f"{rules.report_timeout_s:g} s after the soak"
+            )
         return None
 
+    def _all_judged(self, state: RolloutState, now: float) -> bool:
+        """Every assigned device's report deadline has passed, and the wave's own."""
+        timeout, started = state.spec.rules.report_timeout_s, state.wave_started_at
+        if timeout is None or started is None:
+            return False
+        if now < started + state.spec.waves[state.wave].soak_s + timeout:
+            return False
+        return all(
+            (deadline := self._deadline(state, a)) is not None and now >= deadline
+            for a in state.assigned
+        )
+
     def _reports_enough(self, state: RolloutState, health: WaveHealth) -> bool:
+        if health.assigned == 0 and health.silent > 0:
+            return True  # every device was skipped as silent: nothing left to wait for
         share = math.ceil(state.spec.rules.min_reporting_share * health.assigned - 1e-9)
         return self._enough_to_judge(state, health) and health.reporting >= share
 

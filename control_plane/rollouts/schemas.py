@@ -87,8 +87,10 @@ class WaveStatus(BaseModel):
     assigned: int  # devices assigned in this wave
     reporting: int
     failed_updates: int
+    silent: int  # judged silent at the last evaluation (no report long after the soak)
     error_rate: float | None
     p99_regression: float | None
+    p99_increase_ms: float | None
     state: Literal["done", "current", "waiting"]
 
 
@@ -106,6 +108,7 @@ class RolloutDevicePublic(BaseModel):
     failed: int
     reported_at: datetime | None  # control-plane receive time
     rolled_back: bool
+    silent: bool  # no report on the new version long after its wave's soak
 
 
 class RolloutDecisionPublic(BaseModel):
@@ -177,6 +180,7 @@ def _reports(a: AssignedDevice, d: SnapshotDevice | None, version: str) -> bool:
 def _wave_status(view: RolloutView) -> list[WaveStatus]:
     state = view.state
     spec = state.spec
+    silent = set(state.silent)
     out: list[WaveStatus] = []
     for i, wave in enumerate(spec.waves):
         members = [a for a in state.assigned if a.wave == i]
@@ -189,12 +193,14 @@ def _wave_status(view: RolloutView) -> list[WaveStatus]:
         )
         inferences = failed = 0
         ratios: list[float] = []
+        increases: list[float] = []
         for a in reporting:
             s = view.devices[a.device_id].status
             inferences += s.inferences
             failed += s.failed
             if s.p99_ms is not None and a.baseline_p99_ms:
                 ratios.append(s.p99_ms / a.baseline_p99_ms)
+                increases.append(s.p99_ms - a.baseline_p99_ms)
         target = max(w.target(view.fleet_size) for w in spec.waves[: i + 1])
         if state.status == "completed" or i < state.wave:
             phase: Literal["done", "current", "waiting"] = "done"
@@ -212,8 +218,10 @@ def _wave_status(view: RolloutView) -> list[WaveStatus]:
                 assigned=len(members),
                 reporting=len(reporting),
                 failed_updates=failed_updates,
+                silent=sum(1 for a in members if a.device_id in silent),
                 error_rate=failed / inferences if inferences else None,
                 p99_regression=statistics.median(ratios) - 1.0 if ratios else None,
+                p99_increase_ms=statistics.median(increases) if increases else None,
                 state=phase,
             )
         )
@@ -222,7 +230,7 @@ def _wave_status(view: RolloutView) -> list[WaveStatus]:
 
 def rollout_public(view: RolloutView) -> RolloutPublic:
     state = view.state
-    rolled_back = set(state.rolled_back)
+    rolled_back, silent = set(state.rolled_back), set(state.silent)
     devices: list[RolloutDevicePublic] = []
     for a in state.assigned:
         d = view.devices.get(a.device_id)
@@ -242,6 +250,7 @@ def rollout_public(view: RolloutView) -> RolloutPublic:
                 failed=s.failed if s else 0,
                 reported_at=_dt(s.reported_at) if s else None,
                 rolled_back=a.device_id in rolled_back,
+                silent=a.device_id in silent,
             )
         )
     summary = rollout_summary(view.row, state)

@@ -11,6 +11,10 @@ transaction as the new state (``store``), carries out the actions:
   then a ``rollback`` command;
 - ``Promote`` / ``Abort`` / ``Complete``: a line in the decision log.
 
+``create`` refuses what could never finish: a version that is not ready, whose archives are
+not signed TUF targets (``unsigned``, the service's TUF check), or a selector that matches no
+enrolled device.
+
 Commands go out after the commit (a device that misses one still converges at its next poll).
 One lock serialises the runner and the operator routes in this process; the state row's
 revision catches a second writer elsewhere. Time enters as ``clock`` (epoch seconds).
@@ -21,7 +25,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Protocol
@@ -36,7 +40,7 @@ from control_plane.db.models import Assignment, Device, Model, ModelVersion
 from control_plane.desired import selector_matches
 from control_plane.errors import ConflictError, InvalidInputError
 from control_plane.ingest.writer import lock_for_write
-from control_plane.registry import get_version
+from control_plane.registry import archive_path, get_version
 from control_plane.rollouts import store
 from control_plane.rollouts.controller import (
     Abort,
@@ -126,6 +130,7 @@ class RolloutService:
         clock: Callable[[], float] = time.time,
         interval_s: float = 5.0,
         controller: RolloutController | None = None,
+        unsigned: Callable[[Mapping[str, tuple[int, str]]], list[str]] | None = None,
     ) -> None:
         self._sessions = sessions
         self._commands = commands
@@ -133,6 +138,7 @@ class RolloutService:
         self._clock = clock
         self.interval_s = interval_s
         self._controller = controller or RolloutController()
+        self._unsigned = unsigned
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -219,8 +225,25 @@ class RolloutService:
             row = get_version(session, model, version)
             if row.status != "ready":
                 raise ConflictError(f"{model} {version} is {row.status}, not ready")
-            if not any(v.archive_sha256 for v in row.variants):
+            archives = {
+                archive_path(model, version, v.variant_id): (v.archive_size, v.archive_sha256)
+                for v in row.variants
+                if v.archive_sha256 is not None and v.archive_size is not None
+            }
+            if not archives:
                 raise ConflictError(f"{model} {version} has no accepted variant")
+            unsigned = self._unsigned(archives) if self._unsigned is not None else []
+            if unsigned:
+                raise ConflictError(
+                    f"{model} {version}: {len(unsigned)} archive(s) are not signed TUF targets "
+                    f"yet ({', '.join(unsigned)}); devices would refuse them"
+                )
+            labels = session.scalars(select(Device.labels)).all()
+            if not any(spec.selects(dict(lab or {})) for lab in labels):
+                raise InvalidInputError(
+                    f"{_selector_text(spec.selector)} matches no enrolled device",
+                    field="selector",
+                )
             active = store.active_ids(session, model=model)
             if active:
                 raise ConflictError(
@@ -377,7 +400,8 @@ class RolloutService:
                 wave=action.wave,
                 detail=f"wave {action.wave} healthy: {h.reporting}/{h.assigned} reporting, "
                 f"p99 {_pct(h.p99_regression)}, errors "
-                f"{'n/a' if h.error_rate is None else f'{h.error_rate:.2%}'}",
+                f"{'n/a' if h.error_rate is None else f'{h.error_rate:.2%}'}"
+                + (f", {h.silent} silent" if h.silent else ""),
             )
         elif isinstance(action, Abort):
             store.record(
@@ -490,6 +514,12 @@ def _effective_version(
         if a.device_id is None and a.selector is not None and selector_matches(a.selector, labels):
             return versions_by_id.get(a.version_id)
     return None
+
+
+def _selector_text(selector: Mapping[str, str]) -> str:
+    if not selector:
+        return "{} (every device)"
+    return ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
 
 
 def _pct(value: float | None) -> str:

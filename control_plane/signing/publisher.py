@@ -2,9 +2,10 @@
 
 Owns three things the service does with ``control_plane.signing.TufRepository``: where it lives
 under the data directory (``open_repository``), publishing every downloadable bundle archive of
-the registry as a target (``publish_archives``: idempotent, called at start-up and whenever a
-build finishes), and re-signing roles before they expire (``MetadataRefresher``, a background
-thread calling ``refresh()``). Serving the files is ``control_plane.api.routes.tuf``'s job.
+the registry as a target (``publish_archives``: idempotent, called at start-up and inside every
+finishing build's transaction, so a version is ``ready`` only once its archives are signed),
+and re-signing roles before they expire (``MetadataRefresher``, a background thread calling
+``refresh()``). Serving the files is ``control_plane.api.routes.tuf``'s job.
 
 Layout under the data directory::
 
@@ -17,7 +18,7 @@ Layout under the data directory::
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from sqlalchemy import select
@@ -35,6 +36,7 @@ __all__ = [
     "publish_archives",
     "publish_registry",
     "registry_archives",
+    "unsigned_archives",
 ]
 
 log = get_logger(__name__)
@@ -78,15 +80,23 @@ def registry_archives(session: Session) -> dict[str, tuple[int, str]]:
     }
 
 
-def publish_archives(repo: TufRepository, session: Session) -> list[str]:
-    """Sign every registry archive that is not yet a target with the same length and digest;
-    returns the paths published (none: nothing re-signed)."""
+def unsigned_archives(
+    repo: TufRepository, archives: Mapping[str, tuple[int, str]]
+) -> dict[str, tuple[int, str]]:
+    """The archives of ``{path: (length, sha256)}`` that are not signed targets as given."""
     signed = repo.targets()
     missing = {}
-    for path, (length, sha256) in registry_archives(session).items():
+    for path, (length, sha256) in archives.items():
         have = signed.get(path)
         if have is None or have.length != length or have.hashes.get("sha256") != sha256:
             missing[path] = (length, sha256)
+    return missing
+
+
+def publish_archives(repo: TufRepository, session: Session) -> list[str]:
+    """Sign every registry archive that is not yet a target with the same length and digest;
+    returns the paths published (none: nothing re-signed)."""
+    missing = unsigned_archives(repo, registry_archives(session))
     if missing:
         repo.add_targets(missing)
         log.info("tuf_targets_published", paths=sorted(missing))

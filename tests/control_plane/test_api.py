@@ -15,6 +15,8 @@ from tests.control_plane.conftest import (
     SampleFiles,
     enroll,
     push_version,
+    upload_files,
+    wait_job,
     x86_profile,
 )
 
@@ -181,3 +183,34 @@ def test_profile_update_changes_resolution(client: httpx.Client) -> None:
     )
     assert r.status_code == 200
     assert r.json()["profile"]["runtimes"][1]["name"] == "openvino"
+
+
+def test_upload_declares_the_gate_task_and_an_unknown_one_is_refused(
+    client: httpx.Client, digits_path: Path, digits_sets: SampleFiles
+) -> None:
+    r = client.post("/v1/models", json={"name": "digits"}, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    bad = client.post(
+        "/v1/models/digits/versions",
+        data={"version": "1.0.0", "task": "ranking"},
+        files=upload_files(digits_path, digits_sets),
+        headers=ADMIN,
+    )
+    assert bad.status_code == 422, bad.text
+    assert bad.json()["error"] == "InvalidInputError"
+    assert "not a task" in bad.json()["message"]
+    r = client.post(
+        "/v1/models/digits/versions",
+        data={"version": "1.0.0", "task": "classification"},
+        files=upload_files(digits_path, digits_sets),
+        headers=ADMIN,
+    )
+    assert r.status_code == 202, r.text
+    assert r.json()["task"] == "classification"
+    assert wait_job(client, r.json()["job"]["id"])["status"] == "succeeded"
+    version = client.get("/v1/models/digits/versions/1.0.0", headers=ADMIN).json()
+    assert version["task"] == "classification"
+    (fp32,) = version["variants"]
+    assert fp32["build"]["weight_bytes"] > 0
+    assert fp32["build"]["precisions"] == {"fp32": 2}
+    assert fp32["build"]["latency_ms"] > 0

@@ -12,9 +12,9 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from agent.contracts.fit import resolve_variant
 from agent.contracts.manifest import Variant
 from control_plane.app import create_app
-from control_plane.resolve import resolve_variant
 from control_plane.settings import Settings
 from tests.control_plane.conftest import (
     ADMIN,

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from agent.contracts.fit import fits, resolve_variant, version_tuple
 from agent.contracts.manifest import AccuracyReport, FileEntry, TargetConstraints, Variant
 from agent.contracts.profile import CpuInfo, GpuInfo, HardwareProfile, RuntimeInfo
 from agent.contracts.tensors import TensorSpec
-from control_plane.resolve import fits, resolve_variant, version_tuple
 
 _SHA = "0" * 64
 _IO = (TensorSpec(name="x", datatype="FP32", shape=(-1, 3)),)
@@ -105,8 +105,8 @@ def test_runtime_missing_or_out_of_range() -> None:
     assert resolve_variant(ALL, profile(runtimes={})) is None
     assert resolve_variant([ORT_FP32], profile(runtimes={"onnxruntime": "1.16.3"})) is None
     capped = variant("x", runtime_max="1.20")
-    assert not fits(capped, profile(runtimes={"onnxruntime": "1.20.0"}))
-    assert fits(capped, profile(runtimes={"onnxruntime": "1.19.2"}))
+    assert fits(capped, profile(runtimes={"onnxruntime": "1.20.0"})) is not None
+    assert fits(capped, profile(runtimes={"onnxruntime": "1.19.2"})) is None
     unusable = profile().model_copy(
         update={"runtimes": (RuntimeInfo(name="onnxruntime", version="1.20", usable=False),)}
     )
@@ -117,9 +117,9 @@ def test_arch_and_cpu_flags() -> None:
     x86_only = variant("x86", arch=("x86_64",))
     needs_vnni = variant("vnni", precision="int8", cpu_flags=("avx512_vnni",))
     arm = profile(arch="aarch64", flags=("asimddp",))
-    assert not fits(x86_only, arm)
-    assert not fits(needs_vnni, arm)
-    assert fits(needs_vnni, profile(flags=("avx512f", "avx512_vnni")))
+    assert fits(x86_only, arm) is not None
+    assert fits(needs_vnni, arm) is not None
+    assert fits(needs_vnni, profile(flags=("avx512f", "avx512_vnni"))) is None
 
 
 def test_gpu_variants_and_tensorrt_compute_capability() -> None:
@@ -146,12 +146,24 @@ def test_gpu_variants_and_tensorrt_compute_capability() -> None:
     old_trt = jetson.model_copy(
         update={
             "runtimes": (
-                RuntimeInfo(name="onnxruntime", version="1.23.0"),
+                RuntimeInfo(
+                    name="onnxruntime",
+                    version="1.23.0",
+                    devices=("CUDAExecutionProvider", "CPUExecutionProvider"),
+                ),
                 RuntimeInfo(name="tensorrt", version="8.6.2"),
             )
         }
     )
-    assert resolve_variant(variants, old_trt) == ORT_FP16  # GPU fp16 through ORT
+    assert resolve_variant(variants, old_trt) == ORT_FP16  # GPU fp16 through ORT's CUDA EP
+    cpu_only_ort = old_trt.model_copy(
+        update={"runtimes": (RuntimeInfo(name="onnxruntime", version="1.23.0"),)}
+    )
+    # Without ONNX Runtime's CUDA provider the GPU variant is left out, with the reason.
+    assert fits(ORT_FP16, cpu_only_ort) == (
+        "needs ONNX Runtime's CUDA or TensorRT execution provider"
+    )
+    assert resolve_variant(variants, cpu_only_ort) == ORT_INT8
     xavier = jetson.model_copy(
         update={"gpus": (ORIN.model_copy(update={"compute_capability": "7.2"}),)}
     )

@@ -59,7 +59,8 @@ async def download_bundle(
     if isinstance(principal, DevicePrincipal):
         entry, _ = await desired_state_entry(ctx, principal.device_id)
         wanted = archive_path(name, version, variant_id)
-        if all(m.artifact_path != wanted for m in entry.state.models):
+        offered = {v.artifact_path for m in entry.state.models for v in m.offered()}
+        if wanted not in offered:
             raise ForbiddenError("this artifact is not assigned to this device")
     row = await run_in_threadpool(
         lambda: session.scalar(

@@ -1,8 +1,14 @@
 """Devices: enrollment, hardware profile, labels, desired state (ETag) and reported state.
 
 A device credential reaches only its own device's routes; operators read every device and
-(operator role and up) edit labels. The desired-state read is the hot path: a cached entry and
-a cached credential answer it, including the 304, without touching the database.
+(operator role and up) edit labels, offer a rejected version again (``retry``) and delete a
+device. The desired-state read is the hot path: a cached entry and a cached credential answer
+it, including the 304, without touching the database; a device's poll refreshes its
+``last_seen_at`` through ``control_plane.presence`` (coalesced writes).
+
+Deleting a device removes its row and its assignments and drops its cached credential and
+desired state in this process, so its credential is refused (401) from the next request on.
+Its rollout membership and ingested telemetry stay as history.
 """
 
 from __future__ import annotations
@@ -11,11 +17,12 @@ import secrets
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Response
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from agent.contracts.enrollment import EnrollmentRequest, EnrollmentResponse
 from agent.contracts.profile import HardwareProfile
 from agent.contracts.state import DesiredState, ReportedState
+from agent.contracts.telemetry import CheckUpdateCommand
 from agent.logs import get_logger
 from control_plane.api.deps import (
     Context,
@@ -28,12 +35,24 @@ from control_plane.api.deps import (
     desired_state_entry,
 )
 from control_plane.api.params import DeviceIdPath
-from control_plane.api.schemas import DevicePublic, ErrorBody, LabelsUpdate
+from control_plane.api.schemas import (
+    DevicePublic,
+    ErrorBody,
+    LabelsUpdate,
+    RetryCreate,
+    RetryPublic,
+)
 from control_plane.api.views import device_public
 from control_plane.auth import DEVICE_TOKEN_PREFIX, hash_token, new_token, tokens_equal
 from control_plane.db.models import Device
 from control_plane.desired import compute_desired_state, etag_matches
-from control_plane.errors import AuthError, ForbiddenError, InvalidInputError, NotFoundError
+from control_plane.errors import (
+    AuthError,
+    ConflictError,
+    ForbiddenError,
+    InvalidInputError,
+    NotFoundError,
+)
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
 log = get_logger(__name__)
@@ -152,6 +171,8 @@ async def get_desired_state(
     if isinstance(principal, DevicePrincipal):
         _own(principal, device_id)
     entry, hit = await desired_state_entry(ctx, device_id)
+    if isinstance(principal, DevicePrincipal) and ctx.presence is not None:
+        ctx.presence.seen(device_id)
     cache = "hit" if hit else "miss"
     headers = {"ETag": entry.etag, "Cache-Control": "no-cache"}
     if etag_matches(if_none_match, entry.etag):
@@ -180,3 +201,65 @@ def put_reported_state(
     device.reported_at = device.last_seen_at = now
     session.commit()
     return device_public(device)
+
+
+@router.post(
+    "/{device_id}/retry",
+    summary="Offer again a version the device rejected (its entries' generation grows)",
+    responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody}},
+)
+def retry(
+    device_id: DeviceIdPath,
+    body: RetryCreate,
+    session: SessionDep,
+    operator: OperatorWriter,
+    ctx: Context,
+) -> RetryPublic:
+    device = _get(session, device_id)
+    offered = [m.name for m in compute_desired_state(session, device).models]
+    if body.model is not None:
+        if body.model not in offered:
+            raise ConflictError(
+                f"device {device_id!r} is offered no version of model {body.model!r}"
+            )
+        offered = [body.model]
+    if not offered:
+        raise ConflictError(f"device {device_id!r} is offered no model to retry")
+    retries = dict(device.retries or {})
+    for name in offered:
+        retries[name] = int(retries.get(name, 0)) + 1
+    device.retries = retries
+    session.commit()
+    ctx.desired.invalidate([device_id])
+    desired = compute_desired_state(session, device)
+    if ctx.ingester is not None:  # poll now rather than at the next interval
+        ctx.ingester.publish_command(
+            device_id,
+            CheckUpdateCommand(
+                id=secrets.token_hex(8), issued_at=ctx.now(), command="check-update"
+            ),
+        )
+    log.info("retry_offered", device_id=device_id, models=offered, by=operator.name)
+    return RetryPublic(device_id=device_id, models=offered, desired=desired)
+
+
+@router.delete(
+    "/{device_id}",
+    status_code=204,
+    summary="Delete a device; its credential is refused from now on",
+    responses={404: {"model": ErrorBody}},
+)
+def delete_device(
+    device_id: DeviceIdPath, session: SessionDep, operator: OperatorWriter, ctx: Context
+) -> Response:
+    device = _get(session, device_id)
+    token_hash = device.token_hash
+    session.execute(delete(Device).where(Device.id == device_id))  # assignments cascade
+    session.commit()
+    ctx.credentials.forget_device(device_id)
+    ctx.credentials.forget(token_hash)
+    ctx.desired.invalidate([device_id])
+    if ctx.presence is not None:
+        ctx.presence.forget(device_id)
+    log.info("device_deleted", device_id=device_id, by=operator.name)
+    return Response(status_code=204)

@@ -1,7 +1,8 @@
 """The operator's web page: ``GET /`` (and ``/ui``), a server-rendered summary of the fleet.
 
 Owns one read-only HTML page (devices with their labels, presence and reported state; models,
-versions and variants with their accuracy verdicts; rollouts where the rollout tables exist),
+versions and variants with their accuracy verdicts, and the targets a build skipped with the
+reason; rollouts where the rollout tables exist),
 refreshed by a ``<meta http-equiv="refresh">`` tag, and the tiny login that feeds it. No
 JavaScript: every value is HTML-escaped on the way out, and the page carries a
 ``Content-Security-Policy`` that forbids scripts, so text a device reports (an error message, a
@@ -25,7 +26,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
-from sqlalchemy import inspect, select
+from sqlalchemy import func, inspect, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -33,8 +34,9 @@ from agent.logs import get_logger
 from control_plane.api.deps import Context, require_viewer
 from control_plane.auth import Operator
 from control_plane.context import AppContext
-from control_plane.db.models import Device, Model
+from control_plane.db.models import BuildJob, Device, Model
 from control_plane.errors import AuthError, ForbiddenError
+from control_plane.jobs import skipped_variants
 
 __all__ = ["COOKIE_NAME", "ONLINE_WINDOW", "router"]
 
@@ -272,7 +274,34 @@ def _accuracy(spec: dict[str, Any]) -> str:
     return text
 
 
-def _models_section(models: Iterable[Model]) -> str:
+def _build_cells(spec: dict[str, Any]) -> str:
+    """Build-host latency, weight bytes and compute ops per precision (and what stayed float)."""
+    build = spec.get("build")
+    if not isinstance(build, dict):
+        return "<td class=muted>-</td>" * 3
+    latency = build.get("latency_ms")
+    counts = build.get("precisions")
+    counts = counts if isinstance(counts, dict) else {}
+    ops = ", ".join(f"{_e(p)} {_e(n)}" for p, n in sorted(counts.items())) or "-"
+    kept = build.get("kept_float") if isinstance(build.get("kept_float"), list) else []
+    if kept:
+        ops += f"<br><span class=muted>float: {_e(', '.join(map(str, kept[:5])))}"
+        ops += f" (+{len(kept) - 5})" if len(kept) > 5 else ""
+        ops += "</span>"
+    return (
+        f"<td>{_e(f'{latency:.1f}' if isinstance(latency, (int, float)) else '-')}</td>"
+        f"<td>{_e(build.get('weight_bytes', '-'))}</td><td>{ops}</td>"
+    )
+
+
+def _skipped_by_version(session: Session) -> dict[int, dict[str, str]]:
+    """Per version id, the targets its latest build skipped and why (read from the job log)."""
+    newest = select(func.max(BuildJob.id)).group_by(BuildJob.version_id)
+    rows = session.execute(select(BuildJob.version_id, BuildJob.log).where(BuildJob.id.in_(newest)))
+    return {vid: skipped for vid, text in rows if (skipped := skipped_variants(text))}
+
+
+def _models_section(models: Iterable[Model], skipped: dict[int, dict[str, str]]) -> str:
     out = ["<h2>Models</h2>"]
     any_model = False
     for model in models:
@@ -286,19 +315,29 @@ def _models_section(models: Iterable[Model]) -> str:
             continue
         out.append(
             "<table><tr><th>version</th><th>status</th><th>variant</th><th>runtime</th>"
-            "<th>precision</th><th>verdict</th><th>accuracy vs FP32</th><th>size</th></tr>"
+            "<th>precision</th><th>verdict</th><th>accuracy vs FP32 (deciding metric)</th>"
+            "<th>build-host ms</th><th>weights</th><th>compute ops by precision</th>"
+            "<th>size</th></tr>"
         )
         for version in reversed(model.versions):
             variants = version.variants
+            built = {v.variant_id for v in variants}
+            left_out = sorted(
+                (target, reason)
+                for target, reason in skipped.get(version.id, {}).items()
+                if target not in built
+            )
+            rows = max(1, len(variants) + len(left_out))
             status_cls = {"ready": "ok", "failed": "bad"}.get(version.status, "warn")
+            task = f"<br><span class=muted>task {_e(version.task)}</span>" if version.task else ""
             head = (
-                f"<td rowspan={max(1, len(variants))}>{_e(version.version)}</td>"
-                f"<td rowspan={max(1, len(variants))} class={status_cls}>{_e(version.status)}"
+                f"<td rowspan={rows}>{_e(version.version)}{task}</td>"
+                f"<td rowspan={rows} class={status_cls}>{_e(version.status)}"
                 + (f"<br><span class=bad>{_e(version.error)}</span>" if version.error else "")
                 + "</td>"
             )
-            if not variants:
-                out.append(f"<tr>{head}<td colspan=6 class=muted>no variant yet</td></tr>")
+            if not variants and not left_out:
+                out.append(f"<tr>{head}<td colspan=9 class=muted>no variant yet</td></tr>")
                 continue
             for i, v in enumerate(variants):
                 verdict_cls = "ok" if v.status == "accepted" else "bad"
@@ -308,7 +347,16 @@ def _models_section(models: Iterable[Model]) -> str:
                     + f"<td><code>{_e(v.variant_id)}</code></td><td>{_e(v.runtime)}</td>"
                     f"<td>{_e(v.precision)}</td><td class={verdict_cls}>{_e(v.status)}</td>"
                     f"<td>{_accuracy(v.spec if isinstance(v.spec, dict) else {})}</td>"
+                    f"{_build_cells(v.spec if isinstance(v.spec, dict) else {})}"
                     f"<td>{_e(v.archive_size if v.archive_size is not None else '-')}</td>"
+                    "</tr>"
+                )
+            for j, (target, reason) in enumerate(left_out):
+                out.append(
+                    "<tr>"
+                    + (head if not variants and j == 0 else "")
+                    + f"<td><code>{_e(target)}</code></td><td colspan=2 class=muted>-</td>"
+                    f"<td class=warn>skipped</td><td colspan=5>{_e(reason)}</td>"
                     "</tr>"
                 )
         out.append("</table>")
@@ -400,7 +448,7 @@ def _page_body(ctx: AppContext, operator: Operator) -> str:
         sections = [
             _devices_section(devices, links, now),
             _rollouts_section(_rollouts(session)),
-            _models_section(models),
+            _models_section(models, _skipped_by_version(session)),
         ]
     online = sum(1 for d in devices if _presence(d, links.get(d.id), now)[0] == "online")
     return (

@@ -113,3 +113,17 @@ def test_onnx_header_reads_opsets_and_outputs(ppocr_path: Path, tmp_path: Path) 
     junk.write_bytes(b"\x00\x01garbage")
     assert onnx_header(junk) is None
     assert onnx_header(tmp_path / "absent.onnx") is None
+
+
+def test_read_only_feeds_run(digits_path: Path, digits: DigitsData) -> None:
+    """The local API hands over read-only views of the request body (binary tensors)."""
+    session = load_first(Artifact(digits_path), LoadOptions(), order=("openvino",))
+    try:
+        x = digits.x_test[:1].astype(np.float32)
+        view = np.frombuffer(x.tobytes(), np.float32).reshape(x.shape)
+        assert not view.flags.writeable
+        np.testing.assert_allclose(
+            session.run({"input": view})["logits"], session.run({"input": x})["logits"]
+        )
+    finally:
+        session.close()

@@ -82,7 +82,7 @@ def _restart_and_check(state: Path, model_files: dict[str, Path]) -> str:
         manifest = store.verify("digits", version, deep=True)  # complete and verified
         [case] = golden_sets(store.path("digits", version), manifest)
         served = slot.infer_versioned(case.inputs)
-        assert served[0] == version
+        assert served[0].version == version
         np.testing.assert_allclose(
             served[1]["logits"],
             expected_logits(model_files[version], case.inputs["input"]),

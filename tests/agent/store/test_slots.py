@@ -9,14 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 from agent.backends import LoadOptions
 from agent.config import BackendConfig, SwapConfig
 from agent.contracts.events import UpdateEvent
+from agent.contracts.fit import fitting
 from agent.contracts.manifest import BundleManifest, TargetConstraints, Variant
+from agent.contracts.profile import CpuInfo, HardwareProfile, RuntimeInfo
 from agent.errors import InferenceError, ModelError, ModelLoadError
 from agent.events import EventBus
-from agent.models.slots import ModelSlot, SlotRegistry, eligible_variants
+from agent.models.bundle import VariantSpec, build_bundle
+from agent.models.slots import ModelSlot, SlotRegistry, read_serving_record
 from agent.models.store import ModelStore
 from agent.samples import DigitsData
 from tests.agent.store import models
@@ -47,7 +51,7 @@ def _swaps_under_load(
         while not stop.is_set():
             attempts += 1
             try:
-                version, out = slot.infer_versioned({"input": xs[i % len(xs)][None]})
+                (version, _variant), out = slot.infer_versioned({"input": xs[i % len(xs)][None]})
                 results.append((i, version, out["logits"][0]))
             except BaseException as exc:
                 failures.append(exc)
@@ -221,7 +225,7 @@ def test_failed_resource_preserving_swap_brings_the_old_version_back(
         slot.start("1.0.0")
         with pytest.raises(ModelLoadError):
             slot.swap("3.0.0")
-        assert slot.infer_versioned({"input": golden_x})[0] == "1.0.0"
+        assert slot.infer_versioned({"input": golden_x})[0].version == "1.0.0"
         assert "paused" in [e.step for e in events]
         assert events[-1].step == "failed"
     finally:
@@ -236,7 +240,7 @@ def test_requests_wait_during_a_pause_and_time_out_with_a_reason(
         slot.infer({"input": golden_x})
     got: list[str] = []
     waiter = threading.Thread(
-        target=lambda: got.append(slot.infer_versioned({"input": golden_x})[0])
+        target=lambda: got.append(slot.infer_versioned({"input": golden_x})[0].version)
     )
     slot._pause_timeout_s = 30.0
     waiter.start()
@@ -262,7 +266,19 @@ def _variant(vid: str, runtime: str, precision: str, **target: object) -> Varian
     )
 
 
-def test_variant_rule_and_chooser_hook(store: ModelStore, bundles: dict[str, Path]) -> None:
+def _profile(*runtimes: str, flags: tuple[str, ...] = ()) -> HardwareProfile:
+    return HardwareProfile(
+        arch="x86_64",
+        os="linux",
+        python="3.11",
+        cpu=CpuInfo(cores=2, flags=flags),
+        memory_bytes=1 << 30,
+        runtimes=tuple(RuntimeInfo(name=r, version="2025.1") for r in runtimes),
+    )
+
+
+def test_slot_plans_with_the_variant_contract(store: ModelStore, tmp_path: Path) -> None:
+    """The slot's candidates and reasons are the contract's (the control plane's own rule)."""
     manifest = BundleManifest(
         name="m",
         version="1.0.0",
@@ -273,28 +289,116 @@ def test_variant_rule_and_chooser_hook(store: ModelStore, bundles: dict[str, Pat
             _variant("arm", "onnxruntime", "fp32", arch=("aarch64",)),
             _variant("vnni", "onnxruntime", "int8", cpu_flags=("avx512_vnni",)),
             _variant("trt", "tensorrt", "fp16"),
+            _variant("gpu", "onnxruntime", "fp16", accelerator="nvidia-gpu"),
         ),
     )
-    usable = {"onnxruntime": True, "openvino": True, "tensorrt": False}.__getitem__
-    order = BackendConfig(order=("onnxruntime", "openvino"))
-    chosen, reasons = eligible_variants(
-        manifest, order, usable=usable, machine="x86_64", cpu_flags=()
+    here = _profile("onnxruntime", "openvino")
+    unmeasured = BackendConfig(measure=False)
+    slot = ModelSlot("m", store, backend_config=unmeasured, profile=lambda: here)
+    plan = slot.plan(manifest, tmp_path)
+    fit = fitting(manifest.variants, here)
+    assert [v.id for v in plan.order] == [v.id for v in fit.ranked] == [
+        "ort-fp32",
+        "ov-int8",
+        "ort-int8",
+    ]
+    assert plan.left_out == fit.left_out
+    assert plan.left_out == {
+        "arm": "built for aarch64, this device is x86_64",
+        "vnni": "needs CPU flags avx512_vnni",
+        "trt": "tensorrt not usable here: not installed",
+        "gpu": "needs an NVIDIA GPU",
+    }
+    assert plan.reason.startswith("first by the variant contract's rank")
+    # Pins from the configuration narrow the field, on both sides of the wire.
+    pinned_cfg = BackendConfig(pin_precision="int8", pin_backend="openvino", measure=False)
+    pinned = ModelSlot("m", store, backend_config=pinned_cfg, profile=lambda: here)
+    assert [v.id for v in pinned.plan(manifest, tmp_path).order] == ["ov-int8"]
+    assert fitting(manifest.variants, pinned.profile()).ranked == tuple(
+        pinned.plan(manifest, tmp_path).order
     )
-    assert [v.id for v in chosen] == ["ort-fp32", "ort-int8", "ov-int8"]
-    assert any("arm: built for aarch64" in r for r in reasons)
-    assert any("vnni: CPU lacks avx512_vnni" in r for r in reasons)
-    assert any("trt: tensorrt is not usable here" in r for r in reasons)
-    pinned = BackendConfig(pin_precision="int8", pin_backend="openvino")
-    assert [
-        v.id for v in eligible_variants(manifest, pinned, usable=usable, machine="x86_64")[0]
-    ] == ["ov-int8"]
-    slot = ModelSlot("m", store, chooser=lambda _m, candidates: candidates[-1])
-    slot._usable = {"onnxruntime": True, "openvino": True, "tensorrt": False}
-    assert slot.choose(manifest).id == "ov-int8"  # the hook picks, here the last candidate
-    none_fit = ModelSlot("m", store, backend_config=BackendConfig(pin_backend="tensorrt"))
-    none_fit._usable = {"tensorrt": False}
-    with pytest.raises(ModelLoadError, match="no variant fits this device"):
-        none_fit.choose(manifest)
+    none_fit = ModelSlot(
+        "m", store, backend_config=BackendConfig(pin_backend="tensorrt"), profile=lambda: here
+    )
+    with pytest.raises(ModelLoadError, match="no variant fits this device") as info:
+        none_fit.plan(manifest, tmp_path)
+    assert "ort-fp32: backend pinned to tensorrt" in str(info.value)
+
+
+def test_slot_measures_the_fitting_variants_and_serves_the_fastest(
+    store: ModelStore,
+    model_files: dict[str, Path],
+    golden_x: np.ndarray,
+    tmp_path: Path,
+    state_dir: Path,
+) -> None:
+    """Two accepted variants: the contract's prior names the slow one first (by id), the
+    measurement serves the fast one, says why, and the decision is reused from disk."""
+    bundle = tmp_path / "bundle"
+    build_bundle(
+        bundle,
+        "digits",
+        "1.0.0",
+        [
+            VariantSpec(model_files["slow"], id="a-slow"),
+            VariantSpec(model_files["1.0.0"], id="b-fast"),
+        ],
+        golden_inputs={"input": golden_x},
+    )
+    store.install(bundle)
+    store.activate("digits", "1.0.0")
+    choices = state_dir / "choices"
+    config = BackendConfig(choice_budget_s=2.0)
+    slot = ModelSlot("digits", store, backend_config=config, state_dir=state_dir, latency_runs=2)
+    try:
+        report = slot.start("1.0.0")
+        assert report.variant_id == "b-fast"
+        assert slot.variant_id == "b-fast"
+        assert slot.choice.startswith("measured: ")
+        assert "a-slow" in slot.choice
+        assert "b-fast" in slot.choice
+        record = read_serving_record(choices, "digits")
+        assert record is not None
+        assert (record.version, record.variant_id) == ("1.0.0", "b-fast")
+        cached = sorted(p.name for p in choices.glob("*.json") if not p.name.startswith("serving"))
+        assert len(cached) == 1
+    finally:
+        slot.close()
+    # After a restart the cached decision serves at once: no second measurement.
+    again = ModelSlot("digits", store, backend_config=config, state_dir=state_dir, latency_runs=2)
+    try:
+        with capture_logs() as logs:
+            assert again.start("1.0.0").variant_id == "b-fast"
+        assert any(e["event"] == "choice_cached" for e in logs)
+        assert not any(e["event"] == "choice_made" for e in logs)
+    finally:
+        again.close()
+
+
+def test_a_chosen_variant_that_fails_to_load_falls_back_to_the_next(
+    store: ModelStore, model_files: dict[str, Path], golden_x: np.ndarray, tmp_path: Path
+) -> None:
+    bundle = tmp_path / "bundle"
+    build_bundle(
+        bundle,
+        "digits",
+        "1.0.0",
+        [
+            VariantSpec(model_files["1.0.0"], id="b-good"),
+            VariantSpec(model_files["corrupt"], id="a-corrupt"),
+        ],
+        golden_inputs={"input": golden_x},
+        reference_model=model_files["1.0.0"],
+    )
+    store.install(bundle)
+    config = BackendConfig(measure=False)
+    slot = ModelSlot("digits", store, backend_config=config, latency_runs=2)
+    try:
+        report = slot.start("1.0.0")
+        assert report.variant_id == "b-good"
+        assert slot.choice.startswith("fallback after a-corrupt: ")
+    finally:
+        slot.close()
 
 
 def test_registry_is_the_model_repository(

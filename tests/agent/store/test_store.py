@@ -40,7 +40,7 @@ def assert_intact(
 ) -> None:
     """1.0.0 still active and serving correct answers; no staging leftovers; nothing else."""
     assert store.active("digits") == "1.0.0"
-    version, out = slot.infer_versioned({"input": x})
+    (version, _variant), out = slot.infer_versioned({"input": x})
     assert version == "1.0.0"
     np.testing.assert_allclose(out["logits"], expected_logits(model_files["1.0.0"], x), rtol=1e-5)
     staging = store.root / ".staging"

@@ -260,7 +260,7 @@ class Device:
         return self.served.get(name).slot.version
 
     def infer(self, feeds: dict[str, np.ndarray[Any, Any]], name: str = "digits") -> str:
-        version, _ = self.served.get(name).slot.infer_versioned(feeds)
+        (version, _variant), _ = self.served.get(name).slot.infer_versioned(feeds)
         return version
 
     def steps(self) -> list[str]:

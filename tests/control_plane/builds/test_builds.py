@@ -18,6 +18,7 @@ from control_plane.builds import (
     DEFAULT_TARGETS,
     BuildError,
     BuildInputError,
+    Int8Search,
     build_variants,
 )
 from control_plane.errors import BuildError as ControlPlaneBuildError
@@ -200,6 +201,7 @@ def test_budget_zero_with_bad_calibration_rejects_int8_with_numbers(
         golden=None,
         accuracy_budget=0.0,
         targets=("onnx-fp32", "onnx-int8"),
+        search=Int8Search(calibration_methods=("MinMax",), max_steps=0),  # the gate, no search
     )
     int8 = manifest.variant("onnx-int8")
     assert int8.status == "rejected"

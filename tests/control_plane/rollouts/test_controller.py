@@ -153,18 +153,127 @@ def test_stale_or_old_version_reports_do_not_count() -> None:
     assert state.health.reporting == 0
 
 
-def test_report_timeout_aborts_when_devices_stay_silent() -> None:
+def test_silent_devices_count_as_failed_after_the_report_timeout() -> None:
     rules = RolloutRules(min_devices_reporting=1, report_timeout_s=30)
     devices = fleet(20)
     state, _ = CTRL.advance(
         RolloutState.new(spec(rules=rules)), FleetSnapshot(devices=tuple(devices)), 0.0
     )
     state, _ = CTRL.advance(state, FleetSnapshot(devices=tuple(devices)), 80.0)
-    assert state.status == "running"
+    assert (state.status, state.silent) == ("running", ())
     state, actions = CTRL.advance(state, FleetSnapshot(devices=tuple(devices)), 95.0)
     assert state.status == "aborted"
-    assert "0/2 devices reporting" in (state.reason or "")
+    assert (
+        state.reason == "failed updates 2/2 (100.0%) > 5.0%, 2 of them silent 30 s after the soak"
+    )
+    assert set(state.silent) == state.assigned_ids()
     assert isinstance(actions[1], Rollback)
+
+
+def test_waves_have_a_report_timeout_by_default() -> None:
+    assert RolloutRules().report_timeout_s == 900.0
+    assert RolloutRules().silent_devices == "failed"
+    devices = fleet(20)
+    state, _ = CTRL.advance(RolloutState.new(spec()), FleetSnapshot(devices=tuple(devices)), 0.0)
+    state, _ = CTRL.advance(state, FleetSnapshot(devices=tuple(devices)), 959.0)
+    assert state.status == "running"
+    state, _ = CTRL.advance(state, FleetSnapshot(devices=tuple(devices)), 960.0)
+    assert state.status == "aborted"
+
+
+def test_silent_devices_skipped_by_policy_let_the_others_decide() -> None:
+    rules = RolloutRules(min_devices_reporting=1, report_timeout_s=30, silent_devices="skipped")
+    devices = fleet(40)  # 10 %: 4 canaries
+    state, _ = CTRL.advance(
+        RolloutState.new(spec(rules=rules)), FleetSnapshot(devices=tuple(devices)), 0.0
+    )
+    canaries = sorted(state.assigned_ids())
+    quiet = set(canaries[:3])  # three never report; one does
+    talking = [d for d in devices if d.device_id not in quiet]
+
+    def snapshot(now: float) -> FleetSnapshot:
+        reported = {d.device_id: d for d in report(talking, state, now).devices}
+        return FleetSnapshot(devices=tuple(reported.get(d.device_id, d) for d in devices))
+
+    state, actions = CTRL.advance(state, snapshot(61.0), 61.0)
+    assert actions == []  # 1 of 4 reporting: not enough before the timeout
+    state, actions = CTRL.advance(state, snapshot(91.0), 91.0)
+    assert [type(a) for a in actions] == [Promote, Assign]
+    assert state.health.silent == 3
+    assert state.health.assigned == 1  # judged: the silent ones are left out
+    assert set(state.silent) == quiet
+
+    # Every device silent: nothing left to wait for, the wave is over.
+    all_quiet = RolloutState.new(spec(rules=rules))
+    all_quiet, _ = CTRL.advance(all_quiet, FleetSnapshot(devices=tuple(devices)), 0.0)
+    all_quiet, actions = CTRL.advance(all_quiet, FleetSnapshot(devices=tuple(devices)), 91.0)
+    assert isinstance(actions[0], Promote)
+
+
+def test_too_few_reports_once_every_device_is_judged_aborts() -> None:
+    # Failed updates are tolerated here, so only the backstop can end the wave.
+    rules = RolloutRules(
+        min_devices_reporting=1,
+        min_reporting_share=1.0,
+        report_timeout_s=30,
+        max_failed_update_share=1.0,
+    )
+    devices = fleet(40)
+    state, _ = CTRL.advance(
+        RolloutState.new(spec(rules=rules)), FleetSnapshot(devices=tuple(devices)), 0.0
+    )
+    failing = sorted(state.assigned_ids())[0]
+
+    def snapshot(now: float) -> FleetSnapshot:
+        out = report(devices, state, now)
+        return FleetSnapshot(
+            devices=tuple(
+                d.model_copy(update={"update": "failed"}) if d.device_id == failing else d
+                for d in out.devices
+            )
+        )
+
+    state, actions = CTRL.advance(state, snapshot(89.0), 89.0)
+    assert (state.status, actions) == ("running", [])
+    state, actions = CTRL.advance(state, snapshot(90.0), 90.0)
+    assert state.status == "aborted"
+    assert state.reason == "only 3/4 devices reporting 30 s after the soak"
+
+
+def test_deleted_devices_are_left_out_of_the_figures() -> None:
+    devices = fleet(40)
+    state, _ = CTRL.advance(RolloutState.new(spec()), FleetSnapshot(devices=tuple(devices)), 0.0)
+    gone = sorted(state.assigned_ids())[0]
+    remaining = [d for d in devices if d.device_id != gone]
+    state, actions = CTRL.advance(state, report(remaining, state, 61.0), 61.0)
+    assert state.health.assigned == 3
+    assert isinstance(actions[0], Promote)
+
+
+@pytest.mark.parametrize(
+    ("before_ms", "after_ms", "floor_ms", "aborts"),
+    [
+        (0.3, 0.7, 1.0, False),  # +133 % but +0.4 ms: jitter on a fast model
+        (0.3, 0.7, 0.0, True),  # no floor: the ratio alone decides
+        (0.3, 1.5, 1.0, True),  # +1.2 ms and +400 %
+        (10.0, 13.0, 1.0, True),  # +30 %, +3 ms
+        (10.0, 11.5, 1.0, False),  # +15 %: under the ratio whatever the floor
+        (10.0, 13.0, 5.0, False),  # +3 ms under a 5 ms floor
+    ],
+)
+def test_p99_rule_needs_both_the_ratio_and_the_absolute_floor(
+    before_ms: float, after_ms: float, floor_ms: float, aborts: bool
+) -> None:
+    rules = RolloutRules(min_devices_reporting=1, min_p99_increase_ms=floor_ms)
+    devices = [d.model_copy(update={"p99_ms": before_ms}) for d in fleet(20)]
+    state, _ = CTRL.advance(
+        RolloutState.new(spec(rules=rules)), FleetSnapshot(devices=tuple(devices)), 0.0
+    )
+    state, _ = CTRL.advance(state, report(devices, state, 10.0, p99=after_ms), 10.0)
+    assert (state.status == "aborted") == aborts, state.reason
+    assert state.health.p99_increase_ms == pytest.approx(after_ms - before_ms)
+    if aborts:
+        assert f"+{floor_ms:g} ms" in (state.reason or "")
 
 
 def test_pause_freezes_and_resume_keeps_soak() -> None:
@@ -255,8 +364,11 @@ def _ordered(waves: list[Wave]) -> tuple[Wave, ...]:
         RolloutRules,
         max_failed_update_share=st.floats(0, 1),
         max_p99_regression=st.floats(0, 2),
+        min_p99_increase_ms=st.floats(0, 5),
         max_error_rate=st.floats(0, 0.1),
         min_devices_reporting=st.integers(1, 5),
+        report_timeout_s=st.one_of(st.none(), st.floats(1, 120)),
+        silent_devices=st.sampled_from(["failed", "skipped"]),
     ),
 )
 def test_invariants(
@@ -330,3 +442,65 @@ def test_invariants(
             assert (state, actions) == (before, [])
         assert math.isfinite(state.wave)
         assert 0 <= state.wave < len(s.waves)
+
+
+# -- no rollout hangs ---------------------------------------------------------------------------
+
+behaviour_st = st.sampled_from(["reports", "reports_slow", "fails", "silent", "deleted"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    waves=st.lists(wave_st, min_size=1, max_size=4),
+    behaviours=st.lists(behaviour_st, min_size=1, max_size=30),
+    rules=st.builds(
+        RolloutRules,
+        max_failed_update_share=st.floats(0, 1),
+        max_p99_regression=st.floats(0, 2),
+        min_p99_increase_ms=st.floats(0, 5),
+        min_devices_reporting=st.integers(1, 5),
+        min_reporting_share=st.floats(0, 1),
+        report_timeout_s=st.floats(1, 120),
+        silent_devices=st.sampled_from(["failed", "skipped"]),
+    ),
+    tick_s=st.sampled_from([1.0, 7.0, 30.0]),
+)
+def test_every_rollout_ends_within_soak_plus_report_timeout_per_wave(
+    waves: list[Wave], behaviours: list[str], rules: RolloutRules, tick_s: float
+) -> None:
+    """Whatever each device does (reports, fails, stays silent, is deleted), a rollout with a
+    report timeout is completed or aborted once every wave had its soak plus the timeout."""
+    s = spec(waves=_ordered(waves), rules=rules)
+    base = {
+        f"d{i}": DeviceStatus(device_id=f"d{i}", labels={"site": "a"}, version="1.0.0", p99_ms=10.0)
+        for i in range(len(behaviours))
+    }
+    behaviour = {f"d{i}": b for i, b in enumerate(behaviours)}
+    state = RolloutState.new(s)
+    assert rules.report_timeout_s is not None
+    bound = sum(w.soak_s + rules.report_timeout_s + 2 * tick_s for w in s.waves)
+    now = 0.0
+    while now <= bound and state.status not in ("completed", "aborted"):
+        assigned = state.assigned_ids()
+        snapshot = []
+        for device_id, d in base.items():
+            kind = behaviour[device_id]
+            if device_id in assigned:
+                if kind == "deleted":
+                    continue
+                if kind in ("reports", "reports_slow"):
+                    d = d.model_copy(
+                        update={
+                            "version": s.version,
+                            "p99_ms": 10.0 if kind == "reports" else 40.0,
+                            "inferences": 50,
+                            "reported_at": now,
+                            "update": "committed",
+                        }
+                    )
+                elif kind == "fails":
+                    d = d.model_copy(update={"update": "failed", "reported_at": now})
+            snapshot.append(d)
+        state, _ = CTRL.advance(state, FleetSnapshot(devices=tuple(snapshot)), now)
+        now += tick_s
+    assert state.status in ("completed", "aborted"), (state.status, state.health, now, bound)

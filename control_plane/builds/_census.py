@@ -1,0 +1,160 @@
+"""What a built file holds: weight bytes and the precision each compute operation runs in.
+
+Owns reading ONNX and OpenVINO IR files for the variant's build report (``BuildReport``):
+which compute operations (convolutions, matrix products) read INT8 data, which kept FP16
+weights and which stayed FP32. Building and measuring are other modules'.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Census", "onnx_census", "openvino_census", "openvino_quantized_ops"]
+
+ONNX_COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+OPENVINO_COMPUTE_OPS = frozenset(
+    {"Convolution", "GroupConvolution", "ConvolutionBackpropData", "MatMul"}
+)
+# operations a quantized input passes through on its way from FakeQuantize / int8 weights
+_OPENVINO_PASS_THROUGH = frozenset(
+    {"Convert", "Reshape", "Subtract", "Multiply", "Transpose", "Unsqueeze", "Squeeze"}
+)
+_OPENVINO_INT_TYPES = frozenset({"i8", "u8", "i4", "u4"})
+
+
+@dataclass(frozen=True)
+class Census:
+    weight_bytes: int
+    precisions: dict[str, int]  # compute ops per precision: {"int8": 52, "fp32": 3}
+    float_ops: tuple[str, ...]  # names of compute ops not in INT8
+
+
+def onnx_census(path: Path) -> Census:
+    """Weight bytes (initializers) and compute-op precisions of an ONNX file.
+
+    A compute op is ``int8`` when its weight input comes from ``DequantizeLinear`` (QDQ) or it
+    is an integer op itself, ``fp16`` when its weight initializer is FP16, else ``fp32``.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    weight_bytes = 0
+    init_types = {}
+    for init in graph.initializer:
+        init_types[init.name] = init.data_type
+        size = 1
+        for dim in init.dims:
+            size *= dim
+        weight_bytes += size * _onnx_itemsize(init.data_type)
+    producers = {out: node for node in graph.node for out in node.output}
+    counts: Counter[str] = Counter()
+    float_ops = []
+    for node in graph.node:
+        if node.op_type.startswith("QLinear") or node.op_type in ("ConvInteger", "MatMulInteger"):
+            counts["int8"] += 1
+            continue
+        if node.op_type not in ONNX_COMPUTE_OPS:
+            continue
+        sources = [producers.get(i) for i in node.input]
+        # the weight input decides: an excluded node still reads a shared quantized activation
+        weight = sources[1] if len(sources) > 1 else None
+        if weight is not None and weight.op_type == "DequantizeLinear":
+            counts["int8"] += 1
+            continue
+        weight_type = next((init_types[i] for i in node.input[1:2] if i in init_types), None)
+        fed_by_cast = any(s is not None and s.op_type == "Cast" for s in sources[1:2])
+        fp16 = weight_type == onnx.TensorProto.FLOAT16 or (
+            weight_type is None and fed_by_cast and _fp16_graph(graph)
+        )
+        counts["fp16" if fp16 else "fp32"] += 1
+        float_ops.append(node.name or node.output[0])
+    return Census(weight_bytes, dict(sorted(counts.items())), tuple(float_ops))
+
+
+def _fp16_graph(graph: Any) -> bool:
+    import onnx
+
+    return any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer)
+
+
+def _onnx_itemsize(data_type: int) -> int:
+    import onnx
+
+    if data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return 0
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(data_type)
+    return int(dtype.itemsize)
+
+
+def _openvino_input_kind(output: Any, depth: int = 0) -> str:
+    """``int8`` if the value comes from FakeQuantize or integer weights, else ``fp16``/``fp32``."""
+    node = output.get_node()
+    kind = node.get_type_name()
+    if kind == "FakeQuantize":
+        return "int8"
+    if kind == "Constant":
+        element = node.get_element_type().get_type_name()
+        if element in _OPENVINO_INT_TYPES:
+            return "int8"
+        return "fp16" if element == "f16" else "fp32"
+    if kind in _OPENVINO_PASS_THROUGH and depth < 6:
+        kinds = {_openvino_input_kind(i.get_source_output(), depth + 1) for i in node.inputs()}
+        for precision in ("int8", "fp16"):
+            if precision in kinds:
+                return precision
+    return "fp32"
+
+
+def _openvino_model(model: Path | Any) -> Any:
+    if isinstance(model, Path):
+        import openvino as ov
+
+        return ov.Core().read_model(str(model))
+    return model
+
+
+def openvino_census(model: Path | Any) -> Census:
+    """Weight bytes (``.bin`` size, or constants in memory) and compute-op precisions of an IR.
+
+    A compute op is ``int8`` when an input comes from FakeQuantize or integer weights,
+    ``fp16`` when its weights are FP16 constants, else ``fp32``.
+    """
+    ov_model = _openvino_model(model)
+    counts: Counter[str] = Counter()
+    float_ops = []
+    weight_bytes = 0
+    for op in ov_model.get_ordered_ops():
+        kind = op.get_type_name()
+        if kind == "Constant":
+            weight_bytes += int(op.get_byte_size())
+            continue
+        if kind not in OPENVINO_COMPUTE_OPS:
+            continue
+        kinds = [_openvino_input_kind(i.get_source_output()) for i in op.inputs()]
+        precision = "int8" if "int8" in kinds else ("fp16" if "fp16" in kinds else "fp32")
+        counts[precision] += 1
+        if precision != "int8":
+            float_ops.append(op.get_friendly_name())
+    if isinstance(model, Path) and model.with_suffix(".bin").exists():
+        weight_bytes = model.with_suffix(".bin").stat().st_size
+    return Census(weight_bytes, dict(sorted(counts.items())), tuple(float_ops))
+
+
+def openvino_quantized_ops(model: Any) -> set[str]:
+    """Names of every operation (any type) that reads a FakeQuantize output."""
+    names = set()
+    for op in model.get_ordered_ops():
+        if op.get_type_name() in ("FakeQuantize", "Constant", "Convert", "Parameter", "Result"):
+            continue
+        for value in op.inputs():
+            source = value.get_source_output().get_node()
+            if source.get_type_name() == "Convert":
+                source = source.input_value(0).get_node()
+            if source.get_type_name() == "FakeQuantize":
+                names.add(op.get_friendly_name())
+                break
+    return names
