@@ -219,6 +219,27 @@ def test_each_board_class_serves_its_measured_variant(
     accepted = {v["id"] for v in version["variants"] if v["status"] == "accepted"}
     assert len(accepted) >= 3, version["variants"]  # the build yields several variants
 
+    # Offline: the operator pulls the archives, a technician installs them as one version.
+    pulled = tmp_path / "usb"
+    edgectl("models", "pull", "digits", "1.0.0", "--out", str(pulled))
+    archives = sorted(str(p) for p in pulled.glob("*.tar"))
+    assert len(archives) == len(accepted)
+    offline = tmp_path / "offline-device"
+    res = subprocess.run(
+        [str(BIN / "edge-agent"), "models", "install", *archives, "--state-dir", str(offline)],
+        capture_output=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr.decode()
+    listing = subprocess.run(
+        [str(BIN / "edge-agent"), "models", "list", "--json", "--state-dir", str(offline)],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    [row] = json.loads(listing.stdout)
+    assert set(row["variants"]) == accepted
+
     for name, device in devices.items():
         reported = _serving(device)
         assert reported is not None

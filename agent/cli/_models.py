@@ -233,10 +233,19 @@ def _install(args: argparse.Namespace) -> int:
 
 def _bundle_from_onnx(args: argparse.Namespace, model: Path, out_dir: Path) -> Path:
     """A one-variant bundle (ONNX Runtime FP32) of ``model``, golden outputs computed here."""
+    import re
+
+    from agent.contracts.manifest import NAME_RE, semver_key
     from agent.models.bundle import VariantSpec, build_bundle
 
     if not args.name or not args.version:
         raise ConfigError(f"{model}: an .onnx file needs --name and --version")
+    if not re.match(NAME_RE, args.name):
+        raise ConfigError(f"--name {args.name!r}: letters, digits, '.', '_', '-' (1-64)")
+    try:
+        semver_key(args.version)
+    except ValueError:
+        raise ConfigError(f"--version {args.version!r} is not a semantic version") from None
     if not model.is_file():
         raise ConfigError(f"no such file: {model}")
     golden: list[dict[str, Any]] | None = None

@@ -418,3 +418,62 @@ def test_registry_is_the_model_repository(
     with pytest.raises(ModelError, match=r"version 9\.0\.0 is not loaded"):
         registry.get("digits", "9.0.0")
     assert served.infer({"input": golden_x})["logits"].shape == (4, 10)
+
+
+def test_bad_inputs_to_the_choice_keep_the_serving_version(
+    store: ModelStore,
+    model_files: dict[str, Path],
+    golden_x: np.ndarray,
+    tmp_path: Path,
+    state_dir: Path,
+) -> None:
+    """A measurement with no time, a cached decision made for another runtime version, and a
+    version whose variants fit nowhere: each ends with a clear reason, never a dead slot."""
+    for version, model in (("1.0.0", "1.0.0"), ("2.0.0", "2.0.0")):
+        bundle = tmp_path / version
+        build_bundle(
+            bundle,
+            "digits",
+            version,
+            [
+                VariantSpec(model_files["slow"], id="a-slow"),
+                VariantSpec(model_files[model], id="b-fast"),
+            ],
+            golden_inputs={"input": golden_x},
+            reference_model=model_files[model],
+        )
+        store.install(bundle)
+    live = _profile("onnxruntime", "openvino")
+    profile = {"now": live}
+    # A chooser out of time: the contract's first variant serves, saying why.
+    hurried = BackendConfig(choice_budget_s=1e-6)
+    slot = ModelSlot(
+        "digits",
+        store,
+        backend_config=hurried,
+        state_dir=state_dir,
+        profile=lambda: profile["now"],
+        latency_runs=2,
+    )
+    try:
+        assert slot.start("1.0.0").variant_id == "a-slow"
+        assert slot.choice.startswith("first by rank: measuring failed")
+        assert "time budget spent" in slot.choice
+        slot.backend_config = BackendConfig(choice_budget_s=2.0)
+        # The runtime was upgraded: the cached decision no longer applies and is made again.
+        profile["now"] = _profile("onnxruntime", "openvino").model_copy(
+            update={"runtimes": (RuntimeInfo(name="onnxruntime", version="2099.1"),)}
+        )
+        with capture_logs() as logs:
+            slot.swap("2.0.0")
+        assert any(e["event"] == "choice_made" for e in logs)
+        # Nothing fits any more (the runtime is gone): the swap fails with every reason, the
+        # version serving before keeps serving.
+        profile["now"] = _profile("openvino")
+        with pytest.raises(ModelLoadError, match="no variant fits this device") as info:
+            slot.swap("1.0.0")
+        assert "a-slow: onnxruntime not usable here: not installed" in str(info.value)
+        assert slot.version == "2.0.0"
+        assert slot.infer_versioned({"input": golden_x})[0].version == "2.0.0"
+    finally:
+        slot.close()
