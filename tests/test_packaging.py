@@ -178,3 +178,39 @@ def test_example_agent_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = load_settings(ROOT / "deploy" / "systemd" / "agent.toml.example")
     assert settings.control_plane.tuf_root_path == Path("/etc/edge-agent/root.json")
     assert [m.name for m in settings.models] == ["detector"]
+
+
+def test_wheel_ships_the_packages_not_the_demo(tmp_path: Path) -> None:
+    """The demos live beside the packages; an install carries agent and control_plane only,
+    and the control plane imports nothing of the agent beyond the shared tier."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(root),
+        ],
+        check=True,
+        timeout=300,
+    )
+    [wheel] = tmp_path.glob("edgefleet-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/", 1)[0] for n in names if "/" in n and ".dist-info" not in n}
+    assert tops == {"agent", "control_plane"}, tops
+    shared = ("agent.contracts", "agent.logs", "agent._fs")
+    for path in (root / "control_plane").rglob("*.py"):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            words = line.split()
+            if len(words) >= 2 and words[0] in ("from", "import") and words[1].startswith("agent"):
+                assert words[1].startswith(shared), f"{path}: {line.strip()}"
