@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import os
 import subprocess
 import sys
@@ -164,11 +165,16 @@ def bench_swap(
     *,
     cuda_options: dict[str, str] | None = None,
     switch_interval_s: float | None = None,
+    graph_runner: bool = True,
+    collect: bool = False,
 ) -> dict[str, Any]:
+    """``graph_runner=False``: runs on the caller's thread (graphs captured per thread);
+    ``collect``: a full ``gc.collect()`` after each close, as the session's close once did."""
     backend = OnnxRuntimeBackend()
     options = LoadOptions(
         input_shapes={input_name: shape},
         ort_provider_options={"CUDAExecutionProvider": cuda_options or {}},
+        ort_graph_runner=graph_runner,
     )
     default_interval = sys.getswitchinterval()
     if switch_interval_s is not None:
@@ -179,6 +185,13 @@ def bench_swap(
     done = {"runs": 0, "errors": 0}
     samples: list[tuple[float, float]] = []
     stop = threading.Event()
+
+    ticks: list[float] = []
+
+    def ticker() -> None:  # how long a Python thread can be kept from running (the GIL)
+        while not stop.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.0005)
 
     def loop() -> None:
         while not stop.is_set():
@@ -193,28 +206,45 @@ def bench_swap(
             done["runs"] += 1
 
     windows: list[tuple[float, float]] = []
+    phases: list[tuple[str, float, float]] = []
     used: list[int] = []
     with NvmlReader() as nvml:
         thread = threading.Thread(target=loop, daemon=True)
         thread.start()
+        tick_thread = threading.Thread(target=ticker, daemon=True)
+        tick_thread.start()
         time.sleep(1.0)
         for _ in range(swaps):
             t_start = time.perf_counter()
             new = backend.load(artifact, options)
+            t_loaded = time.perf_counter()
             for _ in range(3):
                 new.run({input_name: frame})  # warm and capture before it serves
+            t_warm = time.perf_counter()
             old, holder["session"] = holder["session"], new
             seen = done["runs"]
             while done["runs"] < seen + 2:  # drain: the loop has moved to the new session
                 time.sleep(0.0005)
+            t_switched = time.perf_counter()
             old.close()
             del old
-            gc.collect()
+            t_closed = time.perf_counter()
+            if collect:
+                gc.collect()
+            t_end = time.perf_counter()
+            phases += [
+                ("load", t_start, t_loaded),
+                ("warm", t_loaded, t_warm),
+                ("switch", t_warm, t_switched),
+                ("close", t_switched, t_closed),
+                ("gc", t_closed, t_end),
+            ]
             windows.append((t_start, time.perf_counter()))
             used.append(nvml.memory_used_bytes())
             time.sleep(0.3)
         stop.set()
         thread.join()
+        tick_thread.join()
         holder["session"].close()
     sys.setswitchinterval(default_interval)
 
@@ -223,6 +253,19 @@ def bench_swap(
 
     during = [dt for t, dt in samples if in_swap(t)]
     steady = [dt for t, dt in samples if not in_swap(t)]
+    gaps = [b - a for a, b in itertools.pairwise(ticks) if in_swap(b)]
+    slow = sorted(during, reverse=True)[:5]
+    # Where the serving thread was held up: stalls of the ticker thread over 5 ms by swap phase.
+    stalls: dict[str, list[float]] = {}
+    for a, b in itertools.pairwise(ticks):
+        if b - a > 0.005:
+            for name, p0, p1 in phases:
+                if a < p1 and b > p0:
+                    stalls.setdefault(name, []).append(round((b - a) * 1000, 1))
+    phase_ms = {
+        name: round(float(np.median([p1 - p0 for n, p0, p1 in phases if n == name])) * 1000, 1)
+        for name in ("load", "warm", "switch", "close", "gc")
+    }
     return {
         "swaps": swaps,
         "p99_during": pct(during, 99),
@@ -235,6 +278,10 @@ def bench_swap(
         "mem_first": used[0],
         "mem_last": used[-1],
         "swap_s": float(np.median([b - a for a, b in windows])),
+        "max_tick_gap_ms": max(gaps) * 1000 if gaps else 0.0,
+        "slowest_during_ms": [round(x * 1000, 2) for x in slow],
+        "stalls_by_phase_ms": {k: sorted(v, reverse=True)[:6] for k, v in stalls.items()},
+        "phase_ms": phase_ms,
     }
 
 
@@ -244,6 +291,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/edgefleet-bench-gpu"))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--swaps", type=int, default=50)
+    parser.add_argument("--swap-only", action="store_true", help="only the swap section")
     args = parser.parse_args()
     configure_logging("warning")
     import onnxruntime as ort
@@ -260,6 +308,9 @@ def main() -> None:
     with NvmlReader() as nvml:
         gpu = nvml.read()[0].name
     print(f"GPU: {gpu}; onnxruntime {ort.__version__}; {args.rounds} interleaved rounds")
+    if args.swap_only:
+        swap_section(work, args.swaps)
+        return
     rows = []
     for batch in (1, 8):
         r32 = export_resnet50(work / f"resnet50-b{batch}.onnx", batch)
@@ -300,17 +351,21 @@ def main() -> None:
         f"{'within' if within else 'OUTSIDE'} tolerance {TOLERANCE}"
     )
 
-    r16 = work / "resnet50-b1-fp16.onnx"
+    swap_section(work, args.swaps)
+
+
+def swap_section(work: Path, swaps: int) -> None:
+    r16 = fp16_variant(
+        export_resnet50(work / "resnet50-b1.onnx", 1), work / "resnet50-b1-fp16.onnx"
+    )
     shape = (1, 3, 224, 224)
     passes = [
-        ("defaults", bench_swap(r16, "input", shape, args.swaps)),
+        ("graph runner", bench_swap(r16, "input", shape, swaps)),
+        ("caller's thread", bench_swap(r16, "input", shape, swaps, graph_runner=False)),
         (
-            "cudnn HEURISTIC",
-            bench_swap(
-                r16, "input", shape, 20, cuda_options={"cudnn_conv_algo_search": "HEURISTIC"}
-            ),
+            "caller's+gc",
+            bench_swap(r16, "input", shape, swaps, graph_runner=False, collect=True),
         ),
-        ("switch 0.5 ms", bench_swap(r16, "input", shape, 20, switch_interval_s=0.0005)),
     ]
     print()
     print("Swap on GPU: ResNet-50 fp16 b1 on the agent path, loop thread back to back; each swap =")
@@ -332,6 +387,12 @@ def main() -> None:
             f"{sw['mem_last'] / sw['mem_first']:>7.3f}"
         )
     print("goal: p99 during swap / steady p99 <= 1.2; GPU memory after last / after first swap")
+    for name, sw in passes:
+        print(
+            f"{name}: longest stall of a Python thread during swaps {sw['max_tick_gap_ms']:.1f} ms;"
+            f" slowest runs during swaps {sw['slowest_during_ms']} ms"
+        )
+        print(f"  phases (median ms) {sw['phase_ms']}; stalls > 5 ms {sw['stalls_by_phase_ms']}")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,9 @@ class LoadOptions:
     # Let idle runtime threads spin between runs: lower latency when unthrottled, a busy core
     # when not. Off by default for a robot running at a fixed rate.
     spin_wait: bool = False
+    # ONNX Runtime with CUDA graphs: run every call of a session on one thread of its own, so a
+    # graph captured by the warm-up is replayed from any thread (see docs/gpu.md).
+    ort_graph_runner: bool = True
 
 
 @dataclass(frozen=True, slots=True)

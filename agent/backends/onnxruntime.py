@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import gc
+import os
+import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -52,6 +53,8 @@ __all__ = [
 ]
 
 log = get_logger(__name__)
+
+_T = TypeVar("_T")
 
 PROVIDER_ORDER = (
     "TensorrtExecutionProvider",
@@ -250,13 +253,81 @@ class _NoGate:
 _NO_GATE = _NoGate()
 
 
+class _GraphRunner:
+    """The one thread a CUDA-graph session runs on.
+
+    ONNX Runtime's CUDA provider keeps captured graphs per thread (in its per-thread context),
+    so a session run from several threads captures once per thread, and a serving thread that
+    meets a new session after a swap captures on the hot path. Every run of a graph session is
+    handed to this thread instead: the loader's warm-up runs capture here before the switch, and
+    every later run (loop, API threads) replays. The hand-off costs two thread wake-ups.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], _Call] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=f"ort-graph-{name}", daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable[[], _T]) -> _T:
+        if threading.current_thread() is self._thread:
+            return fn()
+        call = _Call()
+        self._calls.put((fn, call))
+        call.done.acquire()
+        if call.error is not None:
+            raise call.error
+        return call.result  # type: ignore[no-any-return]
+
+    def _serve(self) -> None:
+        _serving_priority()
+        while True:
+            item = self._calls.get()
+            if item is None:
+                return
+            fn, call = item
+            try:
+                call.result = fn()
+            except BaseException as exc:
+                call.error = exc
+            call.done.release()
+
+    def stop(self) -> None:
+        self._calls.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
+
+
+def _serving_priority() -> None:
+    """A runner made by the swap's loader thread inherits its raised nice value (Linux keeps it
+    per thread): go back to the process's own, where allowed (root, or RLIMIT_NICE)."""
+    try:
+        own = os.getpriority(os.PRIO_PROCESS, 0)
+        base = os.getpriority(os.PRIO_PROCESS, os.getpid())  # the main thread's
+        if own > base:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), base)
+    except OSError as exc:
+        log.debug("graph_runner_priority_kept", reason=str(exc))
+
+
+class _Call:
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
 class OrtBoundSession(OrtSession):
     """An ONNX Runtime session whose inputs and outputs are bound to device memory.
 
     One ``_Binding`` per input signature (shapes and dtypes), at most ``MAX_BOUND_SHAPES`` kept;
     with CUDA graphs each of the first ``MAX_BOUND_SHAPES`` signatures is captured under its own
     ``gpu_graph_id`` and later ones run uncaptured. Runs are serialised by a lock: the bindings
-    hold the device buffers one run writes and the next reads.
+    hold the device buffers one run writes and the next reads. With graphs, every run goes
+    through the session's ``_GraphRunner`` thread, so graphs are captured once (by the warm-up
+    before a swap) and replayed whatever thread asks (``graph_runner=False``: on the caller's).
     """
 
     def __init__(
@@ -268,6 +339,7 @@ class OrtBoundSession(OrtSession):
         device: str = "cuda",
         device_id: int = 0,
         cuda_graph: bool = False,
+        graph_runner: bool = True,
     ) -> None:
         super().__init__(sess, name=name, precision=precision)
         import onnxruntime as ort
@@ -281,6 +353,7 @@ class OrtBoundSession(OrtSession):
         self._graphs_captured = 0
         self._run_lock = threading.Lock()
         self._gate = CAPTURE_GATE if device == "cuda" else _NO_GATE
+        self._runner = _GraphRunner(name) if cuda_graph and graph_runner else None
 
     def run(self, feeds: Feeds) -> Outputs:
         try:
@@ -291,6 +364,14 @@ class OrtBoundSession(OrtSession):
             raise
         if len(feeds) != len(arrays):
             validate_feeds(self._name, self.inputs, feeds)
+        runner = self._runner
+        if runner is not None:
+            return runner.call(lambda: self._run_bound(feeds, arrays, signature))
+        return self._run_bound(feeds, arrays, signature)
+
+    def _run_bound(
+        self, feeds: Feeds, arrays: list[np.ndarray[Any, Any]], signature: tuple[Any, ...]
+    ) -> Outputs:
         with self._run_lock:
             if self._closed:
                 raise InferenceError(f"{self._name}: session is closed")
@@ -348,7 +429,10 @@ class OrtBoundSession(OrtSession):
         with self._run_lock, self._gate.shared():  # freeing device memory is no capture-safe call
             self._bindings.clear()
             super().close()
-            gc.collect()  # ORT objects in reference cycles would keep device memory until later
+            # No full gc.collect(): it holds the GIL for tens of milliseconds on a big heap, a
+            # stall of every serving thread. The bindings are dropped explicitly above.
+        if self._runner is not None:
+            self._runner.stop()
 
 
 class OnnxRuntimeBackend:
@@ -459,6 +543,7 @@ class OnnxRuntimeBackend:
                 device=_DEVICE_PROVIDERS[first],
                 device_id=_device_id(providers, first),
                 cuda_graph=graph and first == "CUDAExecutionProvider",
+                graph_runner=options.ort_graph_runner,
             )
         else:
             plain = OrtSession(sess, name=artifact.name, precision=artifact.precision)
