@@ -20,6 +20,7 @@ from agent import __version__ as agent_version
 from agent.api.batching import Batcher, BatchPolicy, RunResult
 from agent.api.codec import InferRequest, InferResponse, RequestError
 from agent.api.metrics import InferenceMetrics
+from agent.api.shm import SharedMemoryRegistry
 from agent.backends.base import validate_feeds
 from agent.config import ApiConfig, BatchingConfig
 from agent.errors import AgentError, InferenceError, InputError, ModelError
@@ -72,6 +73,11 @@ class InferenceService:
         self._batchers: dict[str, Batcher] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self.shared_memory = SharedMemoryRegistry(
+            max_regions=self.config.shm_max_regions,
+            max_bytes=self.config.shm_max_bytes,
+            enabled=self.config.shared_memory,
+        )
 
     # -- health and metadata -------------------------------------------------------------
 
@@ -97,7 +103,8 @@ class InferenceService:
         return self.model(name, version).ready
 
     def server_metadata(self) -> dict[str, Any]:
-        return {"name": SERVER_NAME, "version": agent_version, "extensions": list(EXTENSIONS)}
+        extensions = [*EXTENSIONS, *self.shared_memory.extensions()]
+        return {"name": SERVER_NAME, "version": agent_version, "extensions": extensions}
 
     def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
         served = self.model(name, version)
@@ -137,7 +144,11 @@ class InferenceService:
                     f"model {served.name!r} version {served.version!r} is not ready"
                 )
             binary = self._check(served, request)
-            items = _batch_size(served, request) if served.max_batch_size > 0 else 1
+            items = (
+                _batch_size(served, request, self._batch_limit(served))
+                if served.max_batch_size > 0
+                else 1
+            )
             batcher = self._batcher(served)
             if batcher is not None:
                 run: Future[RunResult] = batcher.submit(served, request.inputs, items)
@@ -176,6 +187,10 @@ class InferenceService:
                     f"{served.name}: unknown output {out.name!r}; expected {sorted(known)}"
                 )
         return {out.name: out.binary for out in request.outputs}
+
+    def _batch_limit(self, served: ServedModel) -> int:
+        cfg = self.config.model_batching.get(served.name, self.config.batching)
+        return _policy(cfg, served).max_batch_size
 
     def _batcher(self, served: ServedModel) -> Batcher | None:
         if served.max_batch_size <= 0:
@@ -281,6 +296,7 @@ class InferenceService:
         for batcher in batchers:
             batcher.stop()
         self._pool.shutdown(wait=True)
+        self.shared_memory.close()
 
 
 def _policy(cfg: BatchingConfig, served: ServedModel) -> BatchPolicy:
@@ -293,15 +309,15 @@ def _policy(cfg: BatchingConfig, served: ServedModel) -> BatchPolicy:
     )
 
 
-def _batch_size(served: ServedModel, request: InferRequest) -> int:
+def _batch_size(served: ServedModel, request: InferRequest, limit: int) -> int:
+    """The request's batch size, within ``limit`` (the model's own ``max_batch_size``, lowered
+    by ``[api.model_batching.<name>] max_batch_size``)."""
     sizes = {int(a.shape[0]) for a in request.inputs.values() if a.ndim > 0}
     if len(sizes) != 1:
         raise RequestError(
             f"{served.name}: inputs must share the batch dimension (axis 0); got {sorted(sizes)}"
         )
     size = sizes.pop()
-    if size < 1 or size > served.max_batch_size:
-        raise RequestError(
-            f"{served.name}: batch of {size} where 1..{served.max_batch_size} is allowed"
-        )
+    if size < 1 or size > limit:
+        raise RequestError(f"{served.name}: batch of {size} where 1..{limit} is allowed")
     return size

@@ -42,6 +42,7 @@ from agent.contracts.manifest import (
     Tolerance,
 )
 from agent.contracts.profile import HardwareProfile
+from agent.contracts.tensors import loaded
 from agent.errors import AgentError, BundleError, ConfigError
 from agent.errors import ValidationError as ModelValidationError
 from agent.logs import get_logger
@@ -233,7 +234,7 @@ def golden_from_manifest(
         path = bundle_dir / case.file.path
         try:
             with np.load(path, allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
+                arrays = {k: loaded(npz[k]) for k in npz.files}
         except (OSError, ValueError) as exc:
             raise BundleError(
                 f"cannot read golden case {path}: {exc}", model=manifest.name
@@ -324,6 +325,11 @@ def rel_l2(
         got = out.get(name)
         if got is None or got.shape != want.shape:
             return math.inf, math.inf
+        if object in (want.dtype, got.dtype):  # BYTES: exact, or not at all
+            same = np.array_equal(got, want)
+            worst_rel = worst_rel if same else math.inf
+            worst_abs = worst_abs if same else math.inf
+            continue
         diff = got.astype(np.float64) - want.astype(np.float64)
         denom = max(float(np.linalg.norm(want.astype(np.float64))), 1e-12)
         worst_rel = max(worst_rel, float(np.linalg.norm(diff)) / denom)

@@ -18,7 +18,9 @@ __all__ = [
     "TensorSpec",
     "check_feed",
     "datatype_of",
+    "loaded",
     "numpy_dtype",
+    "storable",
 ]
 
 Datatype = Literal[
@@ -115,3 +117,23 @@ def check_feed(spec: TensorSpec, array: np.ndarray[Any, Any]) -> str | None:
         got = "x".join(str(d) for d in array.shape)
         return f"input {spec.name!r}: shape {got} where {want} is expected"
     return None
+
+
+def storable(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """``array`` as ``np.savez`` can store without pickles: BYTES tensors (object arrays of
+    ``bytes``/``str``) become fixed-width ``S`` arrays of their UTF-8 bytes."""
+    if array.dtype != object:
+        return array
+    encoded = [x.encode("utf-8") if isinstance(x, str) else bytes(x) for x in array.ravel()]
+    out: np.ndarray[Any, Any] = np.array(encoded, dtype=np.bytes_).reshape(array.shape)
+    return out
+
+
+def loaded(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """The inverse of ``storable``: ``S`` arrays back to object arrays of ``bytes`` (what the
+    runtimes and the API use for BYTES)."""
+    if array.dtype.kind != "S":
+        return array
+    out = np.empty(array.shape, dtype=object)
+    out.ravel()[:] = list(array.ravel())
+    return out

@@ -47,7 +47,7 @@ from agent.contracts.manifest import (
     Tolerance,
     Variant,
 )
-from agent.contracts.tensors import TensorSpec
+from agent.contracts.tensors import TensorSpec, loaded, storable
 from agent.errors import BundleError, ValidationError
 
 __all__ = [
@@ -175,7 +175,7 @@ def golden_sets(bundle_dir: Path, manifest: BundleManifest) -> list[GoldenSet]:
         path = bundle_dir / case.file.path
         try:
             with np.load(path, allow_pickle=False) as npz:
-                arrays = {key: npz[key] for key in npz.files}
+                arrays = {key: loaded(npz[key]) for key in npz.files}
         except (OSError, ValueError) as exc:
             raise BundleError(f"golden file {case.file.path} cannot be read: {exc}") from exc
         inputs = {k[3:]: v for k, v in arrays.items() if k.startswith("in:")}
@@ -213,6 +213,10 @@ def compare_outputs(
         got = np.asarray(outputs[name])
         if got.shape != ref.shape:
             problems.append(f"output {name!r} has shape {got.shape} where {ref.shape} is expected")
+            continue
+        if object in (ref.dtype, got.dtype):  # BYTES: exact, or not at all
+            if not np.array_equal(got, ref):
+                problems.append(f"output {name!r}: strings differ from the reference")
             continue
         diff = got.astype(np.float64) - ref.astype(np.float64)
         ref_norm = float(np.linalg.norm(ref.astype(np.float64)))
@@ -290,8 +294,8 @@ def build_bundle(
         for index, feeds in enumerate(cases):
             outputs = reference.run(feeds)
             rel = f"golden/case-{index:03d}.npz"
-            arrays = {f"in:{k}": np.asarray(v) for k, v in feeds.items()}
-            arrays.update({f"out:{k}": np.asarray(v) for k, v in outputs.items()})
+            arrays = {f"in:{k}": storable(np.asarray(v)) for k, v in feeds.items()}
+            arrays.update({f"out:{k}": storable(np.asarray(v)) for k, v in outputs.items()})
             buf = io.BytesIO()
             np.savez(buf, **arrays)  # type: ignore[arg-type]
             golden.append(GoldenCase(file=_write_file(out_dir, rel, buf.getvalue())))

@@ -18,6 +18,7 @@ import numpy as np
 
 from agent._fs import file_sha256, fsync_tree
 from agent.contracts.manifest import MANIFEST_FILE, BundleManifest, FileEntry, GoldenCase
+from agent.contracts.tensors import storable
 from control_plane.builds.errors import BuildError
 
 __all__ = ["file_entry", "staged_bundle", "write_golden", "write_manifest"]
@@ -38,7 +39,9 @@ def write_golden(
     """A golden case: ``in:<input>`` feeds of one inference call, ``out:<output>`` references."""
     path = bundle / relpath
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {f"in:{k}": v for k, v in inputs.items()} | {f"out:{k}": v for k, v in outputs.items()}
+    arrays = {f"in:{k}": storable(v) for k, v in inputs.items()} | {
+        f"out:{k}": storable(v) for k, v in outputs.items()
+    }
     with path.open("wb") as f:
         np.savez(f, **arrays)  # type: ignore[arg-type]
     return GoldenCase(file=file_entry(bundle, path))

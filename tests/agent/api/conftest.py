@@ -1,16 +1,15 @@
-"""A small real ``ModelRepository`` over ONNX Runtime sessions, and running API servers.
+"""The local API's tests run over the daemon's own repository: a real ``SlotRegistry`` of
+``ModelSlot``s serving bundles installed in a real ``ModelStore``.
 
-``OnnxRepository`` stands in for the model slots (``agent.models.slots``) with the same protocol
-(``agent.models.serving``): several models, several loaded versions each, one active version, and
-``activate`` to swap. The models are real: the digits CNN, the PP-OCR detector, and an "echo"
-graph (Identity per protocol datatype) that covers every datatype including BYTES and FP16.
+The models are real: the digits CNN (versions 1.0.0 and 2.0.0, 2.0.0 serving), the PP-OCR
+detector, and an "echo" graph (Identity per protocol datatype) that covers every datatype
+including BYTES and FP16. ``swap`` makes another installed version serve, as an update does.
 """
 
 from __future__ import annotations
 
 import gc
-import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,115 +18,47 @@ import pytest
 
 from agent.api import ApiServer, start_api
 from agent.backends import Artifact, LoadOptions, load_first
-from agent.backends.base import Session
-from agent.config import ApiConfig
-from agent.contracts.tensors import DTYPES, TensorSpec
-from agent.errors import ModelError
+from agent.config import ApiConfig, BackendConfig, BatchingConfig, SwapConfig
+from agent.contracts.tensors import DTYPES
+from agent.models.bundle import VariantSpec, build_bundle
+from agent.models.slots import ModelSlot, SlotRegistry
+from agent.models.store import ModelStore
 
 ECHO_TYPES = tuple(DTYPES)  # every protocol datatype
+DIGITS_SERVING = "2.0.0"
+# What a user would configure for these models (the PP-OCR detector's batches stay small).
+MODEL_BATCHING = {"ppocr-det": BatchingConfig(max_batch_size=4)}
 
 
-class OrtServedModel:
-    """One loaded version: an ONNX Runtime session behind the ``ServedModel`` protocol."""
-
-    backend = "onnxruntime"
-
-    def __init__(
-        self, name: str, version: str, session: Session, max_batch_size: int | None = None
-    ) -> None:
-        self.name = name
-        self.version = version
-        self.session = session
-        self.inputs: tuple[TensorSpec, ...] = session.inputs
-        self.outputs: tuple[TensorSpec, ...] = session.outputs
-        batchable = all(s.shape and s.shape[0] == -1 for s in self.inputs)
-        self.max_batch_size = (
-            max_batch_size if max_batch_size is not None else (32 if batchable else 0)
+def serve(
+    root: Path,
+    models: Mapping[str, tuple[Path, Mapping[str, np.ndarray[Any, Any]], tuple[str, ...]]],
+) -> SlotRegistry:
+    """A registry serving each model: ``name -> (onnx file, golden feeds, versions)``; every
+    version is installed, the last one serves."""
+    store = ModelStore(root)
+    registry = SlotRegistry()
+    for name, (path, golden, versions) in models.items():
+        for version in versions:
+            bundle = root.parent / f"{root.name}-bundles" / name / version
+            build_bundle(bundle, name, version, [VariantSpec(path)], golden_inputs=dict(golden))
+            store.install(bundle)
+        slot = ModelSlot(
+            name,
+            store,
+            swap_config=SwapConfig(warmup_runs=1, loader_threads=1),
+            backend_config=BackendConfig(measure=False, intra_op_threads=1),
+            load_options=LoadOptions(intra_op_threads=1),
+            latency_runs=1,
         )
-        self.calls = 0  # model executions, to tell batched runs from single ones
-        self._ready = True
-
-    @property
-    def ready(self) -> bool:
-        return self._ready
-
-    def infer(self, feeds: Mapping[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
-        self.calls += 1
-        # ONNX Runtime's Python binding takes and returns strings as ``str``; the protocol's
-        # BYTES are ``bytes`` (UTF-8 here).
-        run_feeds = {
-            name: _to_str(arr) if arr.dtype == object else arr for name, arr in feeds.items()
-        }
-        outputs = self.session.run(run_feeds)
-        return {
-            name: _to_bytes(arr) if arr.dtype == object or arr.dtype.kind == "U" else arr
-            for name, arr in outputs.items()
-        }
+        slot.start(versions[-1])
+        registry.add(slot)
+    return registry
 
 
-def _to_str(arr: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    out = np.empty(arr.shape, dtype=object)
-    out.ravel()[:] = [x.decode("utf-8") if isinstance(x, bytes) else x for x in arr.ravel()]
-    return out
-
-
-def _to_bytes(arr: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    out = np.empty(arr.shape, dtype=object)
-    out.ravel()[:] = [x.encode("utf-8") if isinstance(x, str) else x for x in arr.ravel()]
-    return out
-
-
-class OnnxRepository:
-    """Models by name, loaded versions by name, one active version per model."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._models: dict[str, dict[str, OrtServedModel]] = {}
-        self._active: dict[str, str] = {}
-
-    def load(
-        self,
-        name: str,
-        version: str,
-        path: Path,
-        *,
-        max_batch_size: int | None = None,
-        activate: bool = True,
-    ) -> OrtServedModel:
-        session = load_first(Artifact(path, name=name), LoadOptions(intra_op_threads=1))
-        served = OrtServedModel(name, version, session, max_batch_size)
-        with self._lock:
-            self._models.setdefault(name, {})[version] = served
-            if activate or name not in self._active:
-                self._active[name] = version
-        return served
-
-    def activate(self, name: str, version: str) -> None:
-        with self._lock:
-            if version not in self._models.get(name, {}):
-                raise ModelError(f"version {version!r} is not loaded", model=name)
-            self._active[name] = version
-
-    def names(self) -> Sequence[str]:
-        with self._lock:
-            return sorted(self._models)
-
-    def versions(self, name: str) -> Sequence[str]:
-        with self._lock:
-            if name not in self._models:
-                raise ModelError("unknown model", model=name)
-            return sorted(self._models[name])
-
-    def get(self, name: str, version: str | None = None) -> OrtServedModel:
-        with self._lock:
-            loaded = self._models.get(name)
-            if loaded is None:
-                raise ModelError("unknown model", model=name)
-            key = version if version is not None else self._active[name]
-            served = loaded.get(key)
-            if served is None:
-                raise ModelError(f"version {key!r} is not loaded", model=name)
-            return served
+def reference(path: Path) -> Any:
+    """An in-process session of ``path``: the outputs the API must return."""
+    return load_first(Artifact(path), LoadOptions(intra_op_threads=1))
 
 
 def echo_model(path: Path) -> Path:
@@ -189,22 +120,46 @@ def echo_feeds(rows: int = 2, seed: int = 0) -> dict[str, np.ndarray[Any, Any]]:
 
 
 @pytest.fixture(scope="session")
-def repository(digits_path: Path, ppocr_path: Path, samples_dir: Path) -> OnnxRepository:
-    repo = OnnxRepository()
-    repo.load("digits", "1", digits_path)
-    repo.load("digits", "2", digits_path, activate=True)
-    repo.load("ppocr-det", "1", ppocr_path, max_batch_size=4)
-    repo.load("echo", "1", echo_model(samples_dir / "echo-all-types.onnx"), max_batch_size=0)
-    return repo
+def repository(
+    digits_path: Path, ppocr_path: Path, samples_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SlotRegistry]:
+    from agent.samples import text_page
+
+    root = tmp_path_factory.mktemp("api-models") / "state"
+    registry = serve(
+        root,
+        {
+            "digits": (
+                digits_path,
+                {"input": np.zeros((1, 1, 8, 8), np.float32)},
+                ("1.0.0", DIGITS_SERVING),
+            ),
+            "ppocr-det": (ppocr_path, {"x": text_page(1, 0, size=64)}, ("1.0.0",)),
+            "echo": (echo_model(samples_dir / "echo-all-types.onnx"), echo_feeds(), ("1.0.0",)),
+        },
+    )
+    yield registry
+    registry.close()
 
 
 @pytest.fixture(scope="session")
-def api(
-    repository: OnnxRepository, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ApiServer]:
+def digits_reference(digits_path: Path) -> Iterator[Any]:
+    session = reference(digits_path)
+    yield session
+    session.close()
+
+
+@pytest.fixture(scope="session")
+def api(repository: SlotRegistry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
     """One server for the session: HTTP + gRPC on free loopback ports, and a Unix socket."""
     sock = tmp_path_factory.mktemp("api") / "agent.sock"
-    config = ApiConfig(http_port=0, grpc_port=0, unix_socket=sock, max_body_bytes=4 * 1024 * 1024)
+    config = ApiConfig(
+        http_port=0,
+        grpc_port=0,
+        unix_socket=sock,
+        max_body_bytes=4 * 1024 * 1024,
+        model_batching=MODEL_BATCHING,
+    )
     server = start_api(repository, config)
     yield server
     server.stop()

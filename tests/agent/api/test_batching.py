@@ -13,9 +13,10 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from agent.api import Batcher, BatchPolicy, plan_batch, start_api
-from agent.config import ApiConfig, BatchingConfig
+from agent.config import ApiConfig, BackendConfig, BatchingConfig
 from agent.errors import InferenceError
-from tests.agent.api.conftest import OnnxRepository
+from agent.models.slots import ModelSlot, SlotRegistry
+from tests.agent.api.conftest import DIGITS_SERVING, serve
 
 
 @pytest.mark.parametrize(
@@ -56,24 +57,23 @@ def _grpc_infer(url: str, x: np.ndarray[Any, Any], model: str = "digits") -> np.
 
 def _metric(url: str, name: str) -> float:
     for line in httpx.get(f"http://{url}/metrics").text.splitlines():
-        if line.startswith(f'{name}{{model="digits",version="2"}} '):
+        if line.startswith(f'{name}{{model="digits",version="{DIGITS_SERVING}"}} '):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 
 
 def test_concurrent_clients_are_batched_and_match_unbatched(
-    repository: OnnxRepository, digits: Any
+    repository: SlotRegistry, digits_reference: Any, digits: Any
 ) -> None:
     config = ApiConfig(
         http_port=0,
         grpc_port=0,
         model_batching={"digits": BatchingConfig(max_queue_delay_us=50_000, max_batch_size=16)},
     )
-    served = repository.get("digits")
     clients = 8
     # Different clients, different batch sizes (1..3 rows each), several rounds.
     requests = [digits.x_test[i * 3 : i * 3 + 1 + i % 3] for i in range(clients * 3)]
-    expected = [served.session.run({"input": x})["logits"] for x in requests]
+    expected = [digits_reference.run({"input": x})["logits"] for x in requests]
     results: dict[int, np.ndarray[Any, Any]] = {}
     errors: list[BaseException] = []
     with start_api(repository, config) as server:
@@ -107,14 +107,16 @@ def test_concurrent_clients_are_batched_and_match_unbatched(
     assert executions < answered  # some requests shared a run
 
 
-def test_bad_requests_never_join_or_stall_a_batch(repository: OnnxRepository) -> None:
+def test_bad_requests_never_join_or_stall_a_batch(
+    repository: SlotRegistry, digits_reference: Any
+) -> None:
     config = ApiConfig(
         http_port=0,
         grpc_port=0,
         model_batching={"digits": BatchingConfig(max_queue_delay_us=20_000)},
     )
     good = np.random.default_rng(1).random((2, 1, 8, 8), dtype=np.float32)
-    want = repository.get("digits").session.run({"input": good})["logits"]
+    want = digits_reference.run({"input": good})["logits"]
     outcomes: list[Any] = []
     with start_api(repository, config) as server:
         grpc_url = f"127.0.0.1:{server.grpc_port}"
@@ -159,8 +161,11 @@ def _fixed_batch_model(path: Path) -> Path:
 
 
 def test_failed_batch_is_retried_one_by_one(tmp_path: Path) -> None:
-    repo = OnnxRepository()
-    served = repo.load("one-row", "1", _fixed_batch_model(tmp_path / "one_row.onnx"))
+    model = _fixed_batch_model(tmp_path / "one_row.onnx")
+    golden = {"input": np.ones((1, 4), np.float32)}
+    registry = serve(tmp_path / "state", {"one-row": (model, golden, ("1.0.0",))})
+    served = registry.slot("one-row").current
+    assert served is not None
     batcher = Batcher("one-row", BatchPolicy(max_batch_size=8, max_queue_delay_s=5.0))
     try:
         rows = [np.full((1, 4), i, np.float32) for i in range(3)]
@@ -174,29 +179,58 @@ def test_failed_batch_is_retried_one_by_one(tmp_path: Path) -> None:
             assert result.batch_size == 1
         with pytest.raises(InferenceError):  # its own error, nobody else's
             two.result(10)
-        assert served.calls == 1 + 4  # the failed batch, then each alone
+        assert served.health().requests == 1 + 4  # the failed batch, then each alone
     finally:
         batcher.stop()
+        registry.close()
 
 
 def test_a_swap_closes_the_batch_and_each_request_keeps_its_version(
-    repository: OnnxRepository,
+    repository: SlotRegistry,
 ) -> None:
-    v1, v2 = repository.get("digits", "1"), repository.get("digits", "2")
+    serving = repository.slot("digits")
+    # The version served before, loaded beside it (as during a swap): a slot of its own.
+    before = ModelSlot(
+        "digits", serving.store, backend_config=BackendConfig(measure=False), latency_runs=1
+    )
+    before.start("1.0.0")
+    v1, v2 = before.current, serving.current
+    assert v1 is not None
+    assert v2 is not None
     batcher = Batcher("digits", BatchPolicy(max_batch_size=8, max_queue_delay_s=5.0))
     x = np.zeros((1, 1, 8, 8), np.float32)
     try:
         first = [batcher.submit(v1, {"input": x}, 1) for _ in range(2)]
         later = batcher.submit(v2, {"input": x}, 1)  # swapped meanwhile: closes v1's batch
-        assert {f.result(10).version for f in first} == {"1"}
+        assert {f.result(10).computed.version for f in first} == {"1.0.0"}
         assert first[0].result().batch_size == 2
         batcher.stop()  # nothing else will join v2's batch: close it
-        assert later.result(10).version == "2"
+        assert later.result(10).computed.version == DIGITS_SERVING
     finally:
         batcher.stop()
+        before.close()
 
 
-def test_models_without_batch_dimension_are_not_batched(api: Any) -> None:
-    echo = api.service.repository.get("echo")
-    assert echo.max_batch_size == 0
-    assert api.service._batcher(echo) is None
+def test_models_without_batch_dimension_are_not_batched(api: Any, tmp_path: Path) -> None:
+    from onnx import TensorProto, helper, save
+
+    fixed = tmp_path / "fixed.onnx"
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input"], ["out"])],
+        "fixed",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [2, 2])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    save(model, str(fixed))
+    golden = {"input": np.ones((2, 2), np.float32)}
+    registry = serve(tmp_path / "state", {"fixed": (fixed, golden, ("1.0.0",))})
+    try:
+        served = registry.slot("fixed")
+        assert served.max_batch_size == 0  # no dynamic first dimension: no batch dimension
+        assert api.service._batcher(served) is None
+    finally:
+        registry.close()
+    digits = api.service.repository.get("digits")
+    assert digits.max_batch_size == 32  # from its session: a dynamic first dimension

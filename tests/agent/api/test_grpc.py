@@ -13,7 +13,8 @@ from tritonclient.utils import InferenceServerException
 from agent.api import start_api
 from agent.api._messages import messages
 from agent.config import ApiConfig
-from tests.agent.api.conftest import ECHO_TYPES, OnnxRepository, echo_feeds
+from agent.models.slots import SlotRegistry
+from tests.agent.api.conftest import DIGITS_SERVING, ECHO_TYPES, echo_feeds
 
 
 def _inputs(feeds: dict[str, np.ndarray[Any, Any]]) -> list[grpcclient.InferInput]:
@@ -37,11 +38,13 @@ def test_health_and_metadata(client: Any) -> None:
     assert client.is_server_live()
     assert client.is_server_ready()
     assert client.is_model_ready("digits")
-    assert client.is_model_ready("digits", "1")
+    assert client.is_model_ready("digits", DIGITS_SERVING)
+    with pytest.raises(InferenceServerException, match="not loaded"):  # installed only
+        client.is_model_ready("digits", "1.0.0")
     meta = client.get_server_metadata(as_json=True)
     assert meta["name"] == "edgefleet-agent"
     model = client.get_model_metadata("digits", as_json=True)
-    assert model["versions"] == ["1", "2"]
+    assert model["versions"] == [DIGITS_SERVING]
     assert model["inputs"][0] == {
         "name": "input",
         "datatype": "FP32",
@@ -49,14 +52,16 @@ def test_health_and_metadata(client: Any) -> None:
     }
 
 
-def test_digits_match_in_process(client: Any, repository: OnnxRepository, digits: Any) -> None:
+def test_digits_match_in_process(client: Any, digits_reference: Any, digits: Any) -> None:
     x = digits.x_test[:7]
     result = client.infer("digits", _inputs({"input": x}))
-    want = repository.get("digits").session.run({"input": x})["logits"]
+    want = digits_reference.run({"input": x})["logits"]
     np.testing.assert_allclose(result.as_numpy("logits"), want, rtol=1e-5, atol=1e-5)
-    assert result.get_response().model_version == "2"
-    one = client.infer("digits", _inputs({"input": x}), model_version="1")
-    assert one.get_response().model_version == "1"
+    response = result.get_response()
+    assert response.model_version == DIGITS_SERVING
+    assert response.parameters["variant"].string_param == "onnxruntime-fp32"
+    named = client.infer("digits", _inputs({"input": x}), model_version=DIGITS_SERVING)
+    assert named.get_response().model_version == DIGITS_SERVING
 
 
 def test_every_datatype_round_trips(client: Any) -> None:
@@ -100,7 +105,7 @@ def test_typed_contents_are_accepted(grpc_url: str) -> None:
     ("model", "version", "feeds", "status", "message"),
     [
         ("nope", "", {"input": np.ones((1, 1, 8, 8), np.float32)}, "NOT_FOUND", "unknown model"),
-        ("digits", "9", {"input": np.ones((1, 1, 8, 8), np.float32)}, "NOT_FOUND", "'9'"),
+        ("digits", "9.0.0", {"input": np.ones((1, 1, 8, 8), np.float32)}, "NOT_FOUND", "9.0.0 is not loaded"),
         ("digits", "", {"x": np.ones((1, 1, 8, 8), np.float32)}, "INVALID_ARGUMENT", "unknown"),
         ("digits", "", {"input": np.ones((1, 1, 8, 7), np.float32)}, "INVALID_ARGUMENT", "shape"),
         ("digits", "", {"input": np.ones((1, 1, 8, 8), np.int64)}, "INVALID_ARGUMENT", "dtype"),
@@ -136,7 +141,7 @@ def test_raw_byte_count_that_lies(grpc_url: str) -> None:
     assert "255 bytes" in err.value.details()
 
 
-def test_oversized_message_is_refused(repository: OnnxRepository) -> None:
+def test_oversized_message_is_refused(repository: SlotRegistry) -> None:
     config = ApiConfig(http_port=0, grpc_port=0, max_body_bytes=64 * 1024)
     with start_api(repository, config) as server:
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
@@ -148,7 +153,7 @@ def test_oversized_message_is_refused(repository: OnnxRepository) -> None:
         client.close()
 
 
-def test_token_auth(repository: OnnxRepository) -> None:
+def test_token_auth(repository: SlotRegistry) -> None:
     config = ApiConfig(http_port=0, grpc_port=0, token="s3cret-token")
     with start_api(repository, config) as server:
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")

@@ -15,7 +15,8 @@ from tritonclient.utils import InferenceServerException
 
 from agent.api import ApiServer, start_api
 from agent.config import ApiConfig
-from tests.agent.api.conftest import ECHO_TYPES, OnnxRepository, echo_feeds
+from agent.models.slots import SlotRegistry
+from tests.agent.api.conftest import DIGITS_SERVING, ECHO_TYPES, echo_feeds
 
 
 def _inputs(feeds: dict[str, np.ndarray[Any, Any]], binary: bool) -> list[httpclient.InferInput]:
@@ -49,27 +50,30 @@ def _binary_request(name: str, arr: np.ndarray[Any, Any], datatype: str) -> tupl
     return head + raw, len(head)
 
 
-def test_health_and_metadata(http_url: str, repository: OnnxRepository) -> None:
+def test_health_and_metadata(http_url: str, repository: SlotRegistry) -> None:
     client = httpclient.InferenceServerClient(http_url)
     assert client.is_server_live()
     assert client.is_server_ready()
     assert client.is_model_ready("digits")
-    assert client.is_model_ready("digits", "1")
-    assert not client.is_model_ready("digits", "9")
+    assert client.is_model_ready("digits", DIGITS_SERVING)
+    assert not client.is_model_ready("digits", "9.0.0")
     meta = client.get_server_metadata()
     assert meta["name"] == "edgefleet-agent"
     assert "binary_tensor_data" in meta["extensions"]
     model = client.get_model_metadata("digits")
-    assert model["versions"] == ["1", "2"]
+    assert model["versions"] == [DIGITS_SERVING]  # loaded: the one serving
+    assert model["parameters"]["version"] == DIGITS_SERVING
+    assert model["parameters"]["variant"] == "onnxruntime-fp32"
+    assert model["parameters"]["device"] == "CPUExecutionProvider"
     assert model["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
     assert model["outputs"][0]["name"] == "logits"
-    assert client.get_model_metadata("digits", "1")["name"] == "digits"
+    assert client.get_model_metadata("digits", DIGITS_SERVING)["name"] == "digits"
     client.close()
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_digits_match_in_process(
-    http_url: str, repository: OnnxRepository, digits: Any, binary: bool
+    http_url: str, digits_reference: Any, digits: Any, binary: bool
 ) -> None:
     client = httpclient.InferenceServerClient(http_url)
     x = digits.x_test[:5]
@@ -78,35 +82,32 @@ def test_digits_match_in_process(
         _inputs({"input": x}, binary),
         outputs=[httpclient.InferRequestedOutput("logits", binary_data=binary)],
     )
-    want = repository.get("digits").session.run({"input": x})["logits"]
+    want = digits_reference.run({"input": x})["logits"]
     np.testing.assert_allclose(result.as_numpy("logits"), want, rtol=1e-5, atol=1e-5)
-    assert result.get_response()["model_version"] == "2"  # the active version
+    assert result.get_response()["model_version"] == DIGITS_SERVING  # the active version
+    assert result.get_response()["parameters"]["variant"] == "onnxruntime-fp32"
     accuracy = (result.as_numpy("logits").argmax(1) == digits.y_test[:5]).mean()
     assert accuracy >= 0.6
     client.close()
 
 
-def test_specific_version_and_active_swap(http_url: str, repository: OnnxRepository) -> None:
+def test_specific_version_and_active_swap(http_url: str, repository: SlotRegistry) -> None:
     client = httpclient.InferenceServerClient(http_url)
     x = np.zeros((1, 1, 8, 8), np.float32)
-    assert (
-        client.infer("digits", _inputs({"input": x}, True), model_version="1").get_response()[
-            "model_version"
-        ]
-        == "1"
-    )
-    repository.activate("digits", "1")
+    named = client.infer("digits", _inputs({"input": x}, True), model_version=DIGITS_SERVING)
+    assert named.get_response()["model_version"] == DIGITS_SERVING
+    with pytest.raises(InferenceServerException, match="not loaded"):  # installed, not loaded
+        client.infer("digits", _inputs({"input": x}, True), model_version="1.0.0")
+    slot = repository.slot("digits")
+    slot.swap("1.0.0")
     try:
         # No version: the active one, looked up on every request.
-        assert (
-            client.infer("digits", _inputs({"input": x}, True)).get_response()["model_version"]
-            == "1"
-        )
+        answer = client.infer("digits", _inputs({"input": x}, True)).get_response()
+        assert answer["model_version"] == "1.0.0"
     finally:
-        repository.activate("digits", "2")
-    assert (
-        client.infer("digits", _inputs({"input": x}, True)).get_response()["model_version"] == "2"
-    )
+        slot.swap(DIGITS_SERVING)
+    answer = client.infer("digits", _inputs({"input": x}, True)).get_response()
+    assert answer["model_version"] == DIGITS_SERVING
     client.close()
 
 
@@ -201,7 +202,7 @@ BAD_CASES: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
         b'{"inputs":[]}',
         {},
         404,
-        "version '9'",
+        "version 9 is not loaded",
     ),
     ("not json", "/v2/models/digits/infer", b"{nope", {}, 400, "malformed"),
     (
@@ -305,7 +306,7 @@ BAD_CASES: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
 def test_bad_requests_get_clear_errors(
     http_url: str, path: str, body: bytes, headers: dict[str, str], status: int, message: str
 ) -> None:
-    before = _metric(http_url, "nv_inference_request_success", "digits", "2")
+    before = _metric(http_url, "nv_inference_request_success", "digits", DIGITS_SERVING)
     if path:
         resp = _post(http_url, path, body, **headers)
     else:
@@ -313,7 +314,7 @@ def test_bad_requests_get_clear_errors(
     assert resp.status_code == status, resp.text
     assert message in resp.json()["error"]
     assert httpx.get(f"http://{http_url}/v2/health/ready").status_code == 200
-    assert _metric(http_url, "nv_inference_request_success", "digits", "2") == before
+    assert _metric(http_url, "nv_inference_request_success", "digits", DIGITS_SERVING) == before
 
 
 @pytest.mark.parametrize(
@@ -384,7 +385,7 @@ def test_oversized_body_is_refused(http_url: str, api: ApiServer) -> None:
 
 def test_client_disconnect_mid_body(http_url: str, api: ApiServer) -> None:
     host, port = http_url.split(":")
-    before = _metric(http_url, "nv_inference_request_failure", "digits", "2")
+    before = _metric(http_url, "nv_inference_request_failure", "digits", DIGITS_SERVING)
     for _ in range(3):
         with socket.create_connection((host, int(port)), timeout=5) as sock:
             sock.sendall(
@@ -395,7 +396,7 @@ def test_client_disconnect_mid_body(http_url: str, api: ApiServer) -> None:
     x = np.ones((1, 1, 8, 8), np.float32)
     assert client.infer("digits", _inputs({"input": x}, True)).as_numpy("logits").shape == (1, 10)
     client.close()
-    assert _metric(http_url, "nv_inference_request_failure", "digits", "2") == before
+    assert _metric(http_url, "nv_inference_request_failure", "digits", DIGITS_SERVING) == before
     assert sum(b.queued() for b in api.service._batchers.values()) == 0
 
 
@@ -434,25 +435,28 @@ def test_metrics_count_requests(http_url: str) -> None:
         "nv_inference_request_duration_us",
         "nv_inference_compute_infer_duration_us",
     ]
-    before = {n: _metric(http_url, n, "digits", "1") for n in names}
-    fail_before = _metric(http_url, "nv_inference_request_failure", "digits", "1")
+    before = {n: _metric(http_url, n, "digits", DIGITS_SERVING) for n in names}
+    fail_before = _metric(http_url, "nv_inference_request_failure", "digits", DIGITS_SERVING)
     x = np.ones((3, 1, 8, 8), np.float32)
-    client.infer("digits", _inputs({"input": x}, True), model_version="1")
+    client.infer("digits", _inputs({"input": x}, True), model_version=DIGITS_SERVING)
     with pytest.raises(InferenceServerException):
-        client.infer("digits", _inputs({"input": x[:, :, :4]}, True), model_version="1")
-    after = {n: _metric(http_url, n, "digits", "1") for n in names}
+        client.infer("digits", _inputs({"input": x[:, :, :4]}, True), model_version=DIGITS_SERVING)
+    after = {n: _metric(http_url, n, "digits", DIGITS_SERVING) for n in names}
     assert after["nv_inference_request_success"] == before["nv_inference_request_success"] + 1
     assert after["nv_inference_count"] == before["nv_inference_count"] + 3
     assert after["nv_inference_exec_count"] == before["nv_inference_exec_count"] + 1
     assert after["nv_inference_request_duration_us"] > before["nv_inference_request_duration_us"]
-    assert _metric(http_url, "nv_inference_request_failure", "digits", "1") == fail_before + 1
+    assert (
+        _metric(http_url, "nv_inference_request_failure", "digits", DIGITS_SERVING)
+        == fail_before + 1
+    )
     text = httpx.get(f"http://{http_url}/metrics").text
     assert "# TYPE nv_inference_queue_duration_us counter" in text
     assert 'model="nope"' not in text  # unknown names never become label sets
     client.close()
 
 
-def test_shared_registry_is_exposed(repository: OnnxRepository) -> None:
+def test_shared_registry_is_exposed(repository: SlotRegistry) -> None:
     from prometheus_client import CollectorRegistry, Counter
 
     registry = CollectorRegistry()
@@ -464,7 +468,7 @@ def test_shared_registry_is_exposed(repository: OnnxRepository) -> None:
     assert "# TYPE nv_inference_count counter" in text
 
 
-def test_token_auth(repository: OnnxRepository) -> None:
+def test_token_auth(repository: SlotRegistry) -> None:
     config = ApiConfig(http_port=0, grpc_port=None, token="s3cret-token")
     with start_api(repository, config) as server:
         url = f"127.0.0.1:{server.http_port}"
@@ -485,7 +489,7 @@ def test_token_auth(repository: OnnxRepository) -> None:
         client.close()
 
 
-def test_port_in_use_is_a_clear_error(repository: OnnxRepository, api: ApiServer) -> None:
+def test_port_in_use_is_a_clear_error(repository: SlotRegistry, api: ApiServer) -> None:
     from agent.api import ApiStartError
 
     with pytest.raises(ApiStartError, match="cannot listen"):
