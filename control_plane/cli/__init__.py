@@ -291,10 +291,13 @@ def models_pull(
 
 
 @models_app.command("ls")
-def models_ls() -> None:
+def models_ls(as_json: JsonOption = False) -> None:
     """List models."""
     with _client() as client:
         models = client.list_models()
+    if as_json:
+        _print_json(models)
+        return
     table = Table("name", "budget", "versions", "latest", "created")
     for m in models:
         latest = m["versions"][-1] if m["versions"] else None
@@ -477,10 +480,13 @@ def jobs_show(job_id: int, as_json: JsonOption = False) -> None:
 
 
 @devices_app.command("ls")
-def devices_ls() -> None:
+def devices_ls(as_json: JsonOption = False) -> None:
     """List devices."""
     with _client() as client:
         devices = client.list_devices()
+    if as_json:
+        _print_json(devices)
+        return
     table = Table("id", "name", "labels", "arch", "runs", "last seen")
     for d in devices:
         labels = ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items()))
@@ -662,13 +668,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except typer.Abort:
         return 1
     except Exception as exc:
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
+        if isinstance(exc, _usage_errors()):
+            exc.show()  # type: ignore[attr-defined]
+            return int(exc.exit_code)  # type: ignore[attr-defined]
         raise
     return result if isinstance(result, int) else 0
+
+
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """Usage mistakes (unknown command or option, missing argument): click's own exception
+    class, and the copy of click that newer typer releases vendor (they raise that one)."""
+    kinds: list[type[Exception]] = []
+    try:
+        import click
+
+        kinds.append(click.ClickException)
+    except ImportError:
+        pass
+    try:
+        from typer._click.exceptions import ClickException as VendoredClickException
+    except ImportError:
+        pass
+    else:
+        kinds.append(VendoredClickException)
+    return tuple(kinds)
 
 
 if __name__ == "__main__":

@@ -127,3 +127,33 @@ def test_unreachable_server(
     code, _, err = run(capsys, "devices", "ls")
     assert code == 1
     assert err.startswith("ClientError: cannot reach the control plane")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["bogus"], "No such command 'bogus'"),
+        (["models", "ls", "--jsn"], "No such option: --jsn"),
+        (["models", "push"], "Missing argument"),
+        (["devices", "show"], "Missing argument"),
+    ],
+)
+def test_usage_mistakes_are_one_line_errors(
+    cli_env: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert message in out + err
+    assert "Traceback" not in out + err
+
+
+def test_read_commands_print_json(
+    cli_env: Path, live_server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    assert run(capsys, "login", "--url", live_server, "--token", ADMIN_TOKEN)[0] == 0
+    for argv in (["models", "ls", "--json"], ["devices", "ls", "--json"]):
+        code, out, err = run(capsys, *argv)
+        assert code == 0, err
+        assert isinstance(json.loads(out), list)
