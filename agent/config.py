@@ -152,6 +152,10 @@ class ApiConfig(_Section):
     infer_threads: int = Field(default=4, ge=1)  # runs for models that are not batched
     batching: BatchingConfig = BatchingConfig()  # the default for every model
     model_batching: dict[str, BatchingConfig] = Field(default_factory=dict)  # by model name
+    # Shared-memory extensions (system /dev/shm and CUDA IPC regions); bounds over all clients.
+    shared_memory: bool = True
+    shm_max_regions: int = Field(default=64, ge=0)
+    shm_max_bytes: int = Field(default=1024 * 1024 * 1024, ge=0)  # registered, system + CUDA
 
 
 class HardwareConfig(_Section):

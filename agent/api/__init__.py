@@ -10,6 +10,7 @@ model slots. Start it with ``start_api(repository, config.api, metrics_registry)
     service      transport-independent core: lookup, checks, batching, metrics
     http_server  HTTP/REST binding (ASGI, served by uvicorn), /metrics
     grpc_server  gRPC binding (inference.GRPCInferenceService)
+    shm          shared-memory extensions: system (/dev/shm) and CUDA IPC regions
     metrics      Triton-named Prometheus counters
     server       start_api / ApiServer
 """

@@ -33,6 +33,12 @@ _NAMES = (
     "ModelInferResponse",
     "InferParameter",
     "InferTensorContents",
+    *(
+        f"{kind}SharedMemory{call}{part}"
+        for kind in ("System", "Cuda")
+        for call in ("Status", "Register", "Unregister")
+        for part in ("Request", "Response")
+    ),
 )
 _cache: dict[str, Any] = {}
 

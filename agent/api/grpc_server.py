@@ -4,7 +4,9 @@ Owns the translation between protobuf messages (built from ``grpc_service.proto`
 ``agent.api._messages``) and the service's requests, bearer-token auth through the
 ``authorization`` metadata, and the mapping of the agent's errors to gRPC status codes.
 Tensors travel as ``raw_input_contents`` / ``raw_output_contents``; typed ``contents`` are
-accepted on input too (FP16 has no typed field and must come raw).
+accepted on input too (FP16 has no typed field and must come raw), and tensors whose parameters
+name a shared-memory region are read from / written to it (``agent.api.shm``), with the
+``{System,Cuda}SharedMemory{Register,Unregister,Status}`` calls that manage the regions.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from __future__ import annotations
 import hmac
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
 
 from agent.api._messages import SERVICE_NAME, messages
+from agent.api._peer import Peer, peer_of_grpc
 from agent.api.codec import (
     InferRequest,
     RequestedOutput,
@@ -28,6 +31,14 @@ from agent.api.codec import (
     shape_size,
 )
 from agent.api.service import ApiStartError, InferenceService, ModelNotReadyError
+from agent.api.shm import (
+    Kind,
+    ShmPlan,
+    attach_inputs,
+    grpc_params,
+    place_outputs,
+    tensor_ref,
+)
 from agent.config import ApiConfig
 from agent.contracts.tensors import DTYPES, datatype_of
 from agent.errors import InferenceError, InputError, ModelError
@@ -74,15 +85,18 @@ class _Handlers:
         self.service = service
         self.m = messages()
         self._token = f"Bearer {token}" if token else None
+        self.port = 0  # set once bound: a TCP peer is found by its connection to this port
 
-    def wrap(self, fn: Callable[[Any], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+    def wrap(
+        self, fn: Callable[..., Any], *, with_context: bool = False
+    ) -> Callable[[Any, grpc.ServicerContext], Any]:
         def handler(request: Any, context: grpc.ServicerContext) -> Any:
             if self._token is not None:
                 sent = dict(context.invocation_metadata()).get("authorization", "")
                 if not hmac.compare_digest(str(sent).encode(), self._token.encode()):
                     context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
             try:
-                return fn(request)
+                return fn(request, context) if with_context else fn(request)
             except (InputError, InferenceError, ModelError) as exc:
                 code = grpc_status_of(exc)
                 if code == grpc.StatusCode.INTERNAL:
@@ -118,9 +132,15 @@ class _Handlers:
             outputs=[tensor(**t) for t in meta["outputs"]],
         )
 
-    def model_infer(self, request: Any) -> Any:
-        decoded = _decode_infer(request)
+    def model_infer(self, request: Any, context: grpc.ServicerContext) -> Any:
+        plan = ShmPlan()
+        decoded = _decode_infer(request, plan)
+        registry = self.service.shared_memory
+        peer = self._peer(context) if plan else None
+        if peer is not None:
+            attach_inputs(registry, peer, decoded, plan)
         response = self.service.infer(decoded)
+        placed = place_outputs(registry, peer, response, plan) if peer is not None else []
         out = self.m["ModelInferResponse"](
             model_name=response.model, model_version=response.version, id=response.id or ""
         )
@@ -132,25 +152,95 @@ class _Handlers:
             tensor.datatype = "BYTES" if is_bytes_array(array) else datatype_of(array.dtype)
             tensor.shape.extend(array.shape)
             out.raw_output_contents.append(encode_raw_tensor(array))
+        # Outputs in shared memory come after those with raw contents: clients pair
+        # raw_output_contents with outputs by position.
+        for entry in placed:
+            tensor = out.outputs.add()
+            tensor.name, tensor.datatype = entry["name"], entry["datatype"]
+            tensor.shape.extend(entry["shape"])
+            for key, value in entry["parameters"].items():
+                if isinstance(value, str):
+                    tensor.parameters[key].string_param = value
+                else:
+                    tensor.parameters[key].int64_param = value
         return out
 
+    # -- shared memory ---------------------------------------------------------------------
 
-def _decode_infer(request: Any) -> InferRequest:
+    def _peer(self, context: grpc.ServicerContext) -> Peer:
+        return peer_of_grpc(context.peer(), self.port)
+
+    def shm_status(self, kind: Kind) -> Callable[[Any, grpc.ServicerContext], Any]:
+        prefix = "System" if kind == "system" else "Cuda"
+        response_cls = self.m[f"{prefix}SharedMemoryStatusResponse"]
+
+        def status(request: Any, context: grpc.ServicerContext) -> Any:
+            out = response_cls()
+            for region in self.service.shared_memory.status(
+                self._peer(context), kind, request.name or None
+            ):
+                out.regions[region["name"]].CopyFrom(response_cls.RegionStatus(**region))
+            return out
+
+        return status
+
+    def shm_unregister(self, kind: Kind) -> Callable[[Any, grpc.ServicerContext], Any]:
+        prefix = "System" if kind == "system" else "Cuda"
+        response_cls = self.m[f"{prefix}SharedMemoryUnregisterResponse"]
+
+        def unregister(request: Any, context: grpc.ServicerContext) -> Any:
+            self.service.shared_memory.unregister(self._peer(context), kind, request.name or None)
+            return response_cls()
+
+        return unregister
+
+    def system_shm_register(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.service.shared_memory.register_system(
+            self._peer(context), request.name, request.key, request.offset, request.byte_size
+        )
+        return self.m["SystemSharedMemoryRegisterResponse"]()
+
+    def cuda_shm_register(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.service.shared_memory.register_cuda(
+            self._peer(context),
+            request.name,
+            bytes(request.raw_handle),
+            request.device_id,
+            request.byte_size,
+        )
+        return self.m["CudaSharedMemoryRegisterResponse"]()
+
+
+def _decode_infer(request: Any, plan: ShmPlan) -> InferRequest:
+    """The request, less its shared-memory tensors, which go into ``plan``."""
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
+    in_place = [
+        tensor_ref(t.name, grpc_params(t.parameters)) if t.parameters else None
+        for t in request.inputs
+    ]
+    carried = sum(ref is None for ref in in_place)
+    if raw and len(raw) != carried:
         raise RequestError(
-            f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs; "
-            "give one per input or none"
+            f"{len(raw)} raw_input_contents for {carried} inputs not in shared memory; "
+            "give one per such input or none"
         )
     inputs: dict[str, np.ndarray[Any, Any]] = {}
-    for index, tensor in enumerate(request.inputs):
+    index = 0
+    for tensor, ref in zip(request.inputs, in_place, strict=True):
         name, datatype, shape = tensor.name, tensor.datatype, list(tensor.shape)
-        if name in inputs:
+        if name in inputs or any(name == n for n, *_ in plan.inputs):
             raise RequestError(f"input {name!r} given twice")
-        if raw:
+        if ref is not None:
+            plan.inputs.append((name, datatype, shape, ref))
+        elif raw:
             inputs[name] = decode_raw_tensor(name, datatype, shape, raw[index])
+            index += 1
         else:
             inputs[name] = _decode_contents(name, datatype, shape, tensor)
+    for out in request.outputs:
+        ref = tensor_ref(out.name, grpc_params(out.parameters)) if out.parameters else None
+        if ref is not None:
+            plan.outputs[out.name] = ref
     outputs = tuple(RequestedOutput(o.name, True) for o in request.outputs) or None
     return InferRequest(
         model=request.model_name,
@@ -202,9 +292,11 @@ class GrpcInferenceServer:
         h = _Handlers(service, config.token)
         m = h.m
 
-        def unary(fn: Callable[[Any], Any], req: str, resp: str) -> grpc.RpcMethodHandler:
+        def unary(
+            fn: Callable[..., Any], req: str, resp: str, *, with_context: bool = False
+        ) -> grpc.RpcMethodHandler:
             return grpc.unary_unary_rpc_method_handler(
-                h.wrap(fn),
+                h.wrap(fn, with_context=with_context),
                 request_deserializer=m[req].FromString,
                 response_serializer=m[resp].SerializeToString,
             )
@@ -230,8 +322,30 @@ class GrpcInferenceServer:
                             h.model_metadata, "ModelMetadataRequest", "ModelMetadataResponse"
                         ),
                         "ModelInfer": unary(
-                            h.model_infer, "ModelInferRequest", "ModelInferResponse"
+                            h.model_infer,
+                            "ModelInferRequest",
+                            "ModelInferResponse",
+                            with_context=True,
                         ),
+                        **{
+                            f"{p}SharedMemory{call}": unary(
+                                fn,
+                                f"{p}SharedMemory{call}Request",
+                                f"{p}SharedMemory{call}Response",
+                                with_context=True,
+                            )
+                            for p, kind in (("System", "system"), ("Cuda", "cuda"))
+                            for call, fn in (
+                                ("Status", h.shm_status(cast(Kind, kind))),
+                                ("Unregister", h.shm_unregister(cast(Kind, kind))),
+                                (
+                                    "Register",
+                                    h.system_shm_register
+                                    if kind == "system"
+                                    else h.cuda_shm_register,
+                                ),
+                            )
+                        },
                     },
                 ),
             )
@@ -243,7 +357,7 @@ class GrpcInferenceServer:
             raise ApiStartError(f"cannot listen for gRPC on {address}: {exc}") from exc
         if bound == 0:
             raise ApiStartError(f"cannot listen for gRPC on {address}")
-        self.port = bound
+        self.port = h.port = bound
 
     def start(self) -> None:
         self._server.start()

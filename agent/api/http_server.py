@@ -7,7 +7,9 @@ framework: the handful of routes are matched directly, which keeps the per-reque
 the ASGI server's own (see bench/bench_api.py).
 
 Routes: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{m}[/versions/{v}]``,
-``.../ready``; ``POST .../infer``; ``GET /metrics`` (Prometheus).
+``.../ready``; ``POST .../infer``; ``GET /metrics`` (Prometheus); the shared-memory extensions'
+``/v2/{system,cuda}sharedmemory[/region/{name}]/{status,register,unregister}`` (regions and their
+checks are ``agent.api.shm``'s).
 """
 
 from __future__ import annotations
@@ -18,10 +20,21 @@ import json
 import re
 import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, cast
 
+from agent.api._peer import PEER_SCOPE_KEY, Peer, peer_of_address
 from agent.api.codec import RequestError, decode_http_request, encode_http_response
 from agent.api.service import InferenceService, ModelNotReadyError
+from agent.api.shm import (
+    CudaRegisterBody,
+    Kind,
+    SystemRegisterBody,
+    attach_inputs,
+    merge_http_response,
+    parse_body,
+    place_outputs,
+    split_http_request,
+)
 from agent.config import ApiConfig
 from agent.errors import InferenceError, InputError, ModelError
 from agent.logs import get_logger
@@ -37,6 +50,10 @@ Send = Callable[[Message], Awaitable[None]]
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?/?$")
+_SHM_ROUTE = re.compile(
+    r"^/v2/(system|cuda)sharedmemory(?:/region/([^/]+))?/(status|register|unregister)/?$"
+)
+_REGISTER_BODY_LIMIT = 64 * 1024  # bytes: a register request is a few fields
 _JSON = (b"content-type", b"application/json")
 _METRICS_TYPE = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
 
@@ -111,7 +128,7 @@ async def _route(
             if method != "POST":
                 return 405, _error("use POST for infer"), [(b"allow", b"POST")]
             body = await _read_body(headers, receive, max_body)
-            return await _infer(service, model, version, headers, body)
+            return await _infer(service, model, version, headers, body, peer=lambda: _peer(scope))
         if method not in ("GET", "HEAD"):
             return 405, _error(f"use GET for {path}"), [(b"allow", b"GET")]
         if action == "/ready":
@@ -119,6 +136,9 @@ async def _route(
                 return 200, b"", []
             return 400, _error(f"model {model!r} is not ready"), []
         return 200, _json(service.model_metadata(model, version)), []
+    shm = _SHM_ROUTE.match(path)
+    if shm is not None:
+        return await _shared_memory(service, scope, shm, headers, receive)
     if method not in ("GET", "HEAD"):
         known = path in ("/v2", "/v2/health/live", "/v2/health/ready", "/metrics")
         return (405, _error(f"use GET for {path}"), []) if known else _not_found(path)
@@ -137,19 +157,74 @@ def _not_found(path: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
     return 404, _error(f"no route {path}"), []
 
 
+def _peer(scope: Scope) -> Peer:
+    """The client process behind this request (``agent.api._peer``)."""
+    lookup = scope.get(PEER_SCOPE_KEY)
+    if lookup is not None:
+        peer: Peer = lookup()
+        return peer
+    client, server = scope.get("client"), scope.get("server")
+    if client:
+        return peer_of_address((client[0], client[1]), (server[0], server[1]) if server else None)
+    return Peer(None, "unknown peer")
+
+
+async def _shared_memory(
+    service: InferenceService,
+    scope: Scope,
+    match: re.Match[str],
+    headers: dict[bytes, bytes],
+    receive: Receive,
+) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    kind, name, action = cast(Kind, match.group(1)), match.group(2), match.group(3)
+    registry = service.shared_memory
+    if action == "status":
+        if scope["method"] not in ("GET", "HEAD"):
+            return 405, _error("use GET for status"), [(b"allow", b"GET")]
+        return 200, _json(registry.status(_peer(scope), kind, name)), []
+    if scope["method"] != "POST":
+        return 405, _error(f"use POST for {action}"), [(b"allow", b"POST")]
+    if action == "unregister":
+        registry.unregister(_peer(scope), kind, name)
+        return 200, b"", []
+    if name is None:
+        return _not_found(scope["path"])
+    body = await _read_body(headers, receive, _REGISTER_BODY_LIMIT)
+    if kind == "system":
+        sys_req: SystemRegisterBody = parse_body(SystemRegisterBody, body)
+        registry.register_system(_peer(scope), name, sys_req.key, sys_req.offset, sys_req.byte_size)
+    else:
+        cuda_req: CudaRegisterBody = parse_body(CudaRegisterBody, body)
+        registry.register_cuda(
+            _peer(scope), name, cuda_req.handle(), cuda_req.device_id, cuda_req.byte_size
+        )
+    return 200, b"", []
+
+
 async def _infer(
     service: InferenceService,
     model: str,
     version: str | None,
     headers: dict[bytes, bytes],
     body: bytes,
+    *,
+    peer: Callable[[], Peer],
 ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
     raw_len = headers.get(b"inference-header-content-length")
-    request = decode_http_request(
-        model, version, body, raw_len.decode("latin-1") if raw_len is not None else None
-    )
-    response = await asyncio.wrap_future(service.submit(request))
-    payload, json_len = encode_http_response(response)
+    header = raw_len.decode("latin-1") if raw_len is not None else None
+    split = split_http_request(body, header)
+    if split is None:
+        request = decode_http_request(model, version, body, header)
+        response = await asyncio.wrap_future(service.submit(request))
+        payload, json_len = encode_http_response(response)
+    else:
+        rest, rest_header, plan = split
+        client = peer()
+        request = decode_http_request(model, version, rest, rest_header)
+        attach_inputs(service.shared_memory, client, request, plan)
+        response = await asyncio.wrap_future(service.submit(request))
+        placed = place_outputs(service.shared_memory, client, response, plan)
+        payload, json_len = merge_http_response(*encode_http_response(response), placed)
     if json_len is None:
         return 200, payload, []
     return (

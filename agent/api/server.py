@@ -19,6 +19,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from agent.api._peer import http_protocol_with_peer
 from agent.api.grpc_server import GrpcInferenceServer
 from agent.api.http_server import build_app
 from agent.api.metrics import InferenceMetrics
@@ -151,6 +152,7 @@ def start_api(
         raise
     uv_config = uvicorn.Config(
         build_app(service, config),
+        http=http_protocol_with_peer(),  # shared-memory regions belong to the client's uid
         lifespan="off",
         proxy_headers=False,
         log_config=None,

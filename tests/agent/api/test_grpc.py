@@ -105,7 +105,13 @@ def test_typed_contents_are_accepted(grpc_url: str) -> None:
     ("model", "version", "feeds", "status", "message"),
     [
         ("nope", "", {"input": np.ones((1, 1, 8, 8), np.float32)}, "NOT_FOUND", "unknown model"),
-        ("digits", "9.0.0", {"input": np.ones((1, 1, 8, 8), np.float32)}, "NOT_FOUND", "9.0.0 is not loaded"),
+        (
+            "digits",
+            "9.0.0",
+            {"input": np.ones((1, 1, 8, 8), np.float32)},
+            "NOT_FOUND",
+            "9.0.0 is not loaded",
+        ),
         ("digits", "", {"x": np.ones((1, 1, 8, 8), np.float32)}, "INVALID_ARGUMENT", "unknown"),
         ("digits", "", {"input": np.ones((1, 1, 8, 7), np.float32)}, "INVALID_ARGUMENT", "shape"),
         ("digits", "", {"input": np.ones((1, 1, 8, 8), np.int64)}, "INVALID_ARGUMENT", "dtype"),
