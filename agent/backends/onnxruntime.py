@@ -130,8 +130,6 @@ class OrtSession:
             if self._closed:
                 raise InferenceError(f"{self._name}: session is closed") from exc
             validate_feeds(self._name, self.inputs, feeds)  # raises InputError if it can say why
-            if type(exc).__name__ == "InvalidArgument":  # the feeds break the model's shapes
-                raise InputError(f"{self._name}: {_first_line(str(exc))}") from exc
             raise InferenceError(f"{self._name}: onnxruntime run failed: {exc}") from exc
         return dict(zip(self._output_names, results, strict=True))
 
@@ -705,7 +703,3 @@ def _load_reason(exc: Exception) -> str:
     if "opset" in low:
         return f"unsupported opset ({text})"
     return f"onnxruntime cannot load the model ({text})"
-
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else text

@@ -522,7 +522,14 @@ def devices_show(device_id: str, as_json: JsonOption = False) -> None:
     console.print(f"[bold]{d['id']}[/bold] {d['name']}  labels {d['labels']}")
     desired = d.get("desired") or {"models": [], "generation": 0}
     table = Table(
-        "model", "desired", "offered variants", "reported", "serving variant", "runs on", "phase"
+        "model",
+        "desired",
+        "offered variants",
+        "generation",
+        "reported",
+        "serving variant",
+        "runs on",
+        "phase",
     )
     reported = {m["name"]: m for m in (d.get("reported") or {}).get("models", [])}
     for m in desired["models"]:
@@ -533,6 +540,7 @@ def devices_show(device_id: str, as_json: JsonOption = False) -> None:
             m["name"],
             m["version"],
             ", ".join(offered),
+            str(m.get("generation", 0)),
             r.get("active_version") or "-",
             r.get("variant_id") or "-",
             runs_on,

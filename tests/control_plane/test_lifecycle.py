@@ -252,7 +252,8 @@ def test_desired_state_generation_grows_with_assignments_retries_and_rollouts(
     assert edgectl("devices", "retry", device_id)[0] == 0  # every model it is offered
     code, out, _ = edgectl("devices", "show", device_id)
     assert code == 0
-    assert ["digits", "1.0.0", "onnx-fp32", str(entry.generation + 2), "-", "-"] in cli_rows(out)
+    row = ["digits", "1.0.0", "onnx-fp32", str(entry.generation + 2), "-", "-", "-", "-"]
+    assert row in cli_rows(out), out
 
     # A new rollout re-offers on purpose too: its entry names the rollout, generation grows.
     push_version(client, digits_path, digits_sets, version="1.1.0", create=False)

@@ -46,6 +46,9 @@ class TamperingTransport(httpx.BaseTransport):
             )
         return replaced
 
+    def close(self) -> None:
+        self.inner.close()  # its pooled connections, or they leak as unclosed sockets
+
 
 @pytest.fixture(scope="module")
 def cp(
