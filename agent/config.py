@@ -98,6 +98,8 @@ class SwapConfig(_Section):
     max_error_rate: float = Field(default=0.01, ge=0, le=1)
     max_p99_ratio: float = Field(default=1.5, ge=1)
     boot_attempts: int = Field(default=3, ge=1)
+    # Inferences (API or loop) a version must serve on probation before it may commit.
+    probation_min_inferences: int = Field(default=20, ge=0)
     warmup_runs: int = Field(default=5, ge=0)
     loader_threads: int = Field(default=1, ge=1)
 

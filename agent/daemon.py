@@ -7,15 +7,24 @@ in its own thread when a control plane is configured, and an inference loop per 
 once that model serves. Then it tells systemd it is ready and pings the watchdog while the loops
 make progress. ``stop()`` reverses it and returns a summary of what the loops did.
 
+A loop's health is the model's health: a loop that cannot start (the source does not open, the
+model's input does not fit the frames), whose thread dies, or whose every frame of a window fails
+is reported at once (log line, ``loop_failed`` event over MQTT, reported state, the model's
+readiness on the local API, systemd ``STATUS=``), rebuilt every ``LOOP_RETRY_S`` or when another
+version serves, and while it stays dead the watchdog is not pinged. A configured model with no
+version installed says so the same way.
+
 Each part owns its behaviour; this module only wires them and owns their lifetimes.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +33,7 @@ import numpy as np
 from agent.config import AgentSettings
 from agent.contracts.events import UpdateEvent
 from agent.contracts.profile import HardwareProfile
+from agent.contracts.state import LoopHealth
 from agent.contracts.telemetry import ModelTelemetry, SlotIdentity
 from agent.contracts.tensors import TensorSpec
 from agent.errors import AgentError, ConfigError
@@ -41,12 +51,27 @@ from agent.models.probation import Limits, UpdateJournal
 from agent.models.slots import ModelSlot, SlotRegistry, load_options_from
 from agent.models.store import ModelStore
 from agent.systemd import Notifier, WatchdogPinger, watchdog_interval_s
+from agent.updates.report import LoopStatus
 
 __all__ = ["Daemon", "ServedModels"]
 
 log = get_logger(__name__)
 
 Array = np.ndarray[Any, Any]
+
+LOOP_RETRY_S = 5.0  # a failed loop is rebuilt this often (and whenever another version serves)
+NOT_INSTALLED = "configured, but no version of it is installed"
+
+
+@dataclass
+class _LoopWatch:
+    """What the daemon knows about one configured model's loop."""
+
+    status: LoopStatus | None = None
+    retry_at: float = 0.0  # monotonic seconds
+    version: str = ""  # the version serving when the loop was built
+    window: object = None  # start of the last window looked at
+    done: list[tuple[InferenceLoop, _CountingModel]] = field(default_factory=list)
 
 
 class ServedModels:
@@ -163,12 +188,15 @@ class Daemon:
         self._watchdog: WatchdogPinger | None = None
         self._progress: dict[str, int] = {}
         self._reported_windows: dict[str, object] = {}
+        self._watch: dict[str, _LoopWatch] = {m.name: _LoopWatch() for m in settings.models}
+        self._watch_lock = threading.Lock()
         self.update_client: Any = None
         self.telemetry: Any = None
 
     def start(self) -> None:
         settings = self.settings
         _check_state_dir(settings.state_dir)
+        _check_loop_config(settings)
         report = self.store.recover()
         for action in report.actions:
             log.warning("store_recovered", action=action)
@@ -189,7 +217,7 @@ class Daemon:
                 )
                 thread.start()
                 self._threads.append(thread)
-        self._start_loops()
+        self._check_loops()
         supervisor = threading.Thread(target=self._supervise, name="daemon-supervisor", daemon=True)
         supervisor.start()
         self._threads.append(supervisor)
@@ -213,6 +241,7 @@ class Daemon:
             device_name=settings.device_id,
             profile=self._profile,
             max_variants=settings.backends.max_candidates if settings.backends.measure else 1,
+            loop_health=self.loop_health,
         )
         thread = threading.Thread(
             target=self.update_client.run, args=(self._stop,), name="update-client", daemon=True
@@ -251,6 +280,12 @@ class Daemon:
         self.bus.subscribe(client.publish_event)
         client.start()
         self.telemetry = client
+        # A loop that failed before MQTT came up (at start-up, before enrollment) is said now.
+        for name, status in self.loop_health().items():
+            if status.health == "failed":
+                slot = self.served.get(name).slot if name in self.served.names() else None
+                version = (slot.version or None) if slot is not None else None
+                self.bus.emit("loop_failed", model=name, version=version, reason=status.error)
 
     def _rollback_command(self, command: Any) -> None:
         model = str(command.model)
@@ -263,10 +298,14 @@ class Daemon:
         ).start()
 
     def _rollback(self, model: str) -> None:
+        """The control plane's abort: back to the previous version, on probation or committed.
+        The activator's ``rolled_back`` event wakes the update client, which reports it."""
         try:
-            self.served.get(model).rollback("requested by the control plane")
+            version = self.served.get(model).rollback("requested by the control plane")
         except AgentError as exc:
             log.error("rollback_command_failed", model=model, reason=str(exc))
+            return
+        log.info("rollback_command_done", model=model, version=version)
 
     def _slot_identities(self) -> list[SlotIdentity]:
         out = []
@@ -325,28 +364,112 @@ class Daemon:
 
     def _supervise(self) -> None:
         while not self._stop.wait(self._supervise_s):
-            self._start_loops()
+            try:
+                self._check_loops()
+            except Exception:  # the supervisor must outlive any bug in one check
+                log.exception("loop_check_crashed")
 
-    def _start_loops(self) -> None:
+    def _check_loops(self) -> None:
+        """Start, watch and rebuild each configured model's loop; keep its health current."""
+        now = time.monotonic()
         for model in self.settings.models:
-            if model.name in self._loops or model.name not in self.served.names():
+            if self._stop.is_set():
+                return
+            name = model.name
+            watch = self._watch[name]
+            slot = self.served.get(name).slot if name in self.served.names() else None
+            if slot is None or slot.current is None:
+                installed = bool(self.store.versions(name)) if slot is None else True
+                why = NOT_INSTALLED if not installed else "no version of it serves"
+                self._set_health(name, "not_installed", why)
                 continue
-            slot = self.served.get(model.name).slot
-            if not slot.ready:
+            entry = self._loops.get(name)
+            if entry is not None:
+                loop, _counting = entry
+                if loop.state == "stopped" and not self._stop.is_set():
+                    error = loop.error
+                    why = f"{type(error).__name__}: {error}" if error else "the loop ended"
+                    self._retire_loop(name)
+                    self._set_health(name, "failed", f"loop stopped: {why}")
+                    watch.retry_at = now + LOOP_RETRY_S
+                    continue
+                window = loop.latest
+                if window is not None and window.window_start != watch.window:
+                    watch.window = window.window_start
+                    if window.count == 0 and window.failed > 0:
+                        why = f"every frame of the last window failed: {loop.last_failure}"
+                        self._set_health(name, "failed", why)
+                        watch.retry_at = now + LOOP_RETRY_S
+                    elif window.count > 0:
+                        self._set_health(name, "running", None)
+                failed = watch.status is not None and watch.status.health == "failed"
+                if failed and (slot.version != watch.version or now >= watch.retry_at):
+                    self._retire_loop(name)  # rebuilt below: another version, or a retry
+                else:
+                    continue
+            if now < watch.retry_at:
                 continue
-            counting = _CountingModel(slot)
-            loop = InferenceLoop(
-                counting,
-                self._source(slot),
-                name=model.name,
-                rate_hz=self.settings.loop.rate_hz,
-                drop_policy=self.settings.loop.drop_policy,
-                window_s=self.settings.loop.window_s,
-            )
-            self._progress[model.name] = 0  # no inference has returned yet
-            loop.start()
-            self._loops[model.name] = (loop, counting)
-            log.info("loop_attached", model=model.name, version=slot.version)
+            try:
+                self._start_loop(name, slot)
+            except Exception as exc:  # a source that does not open, frames that do not fit
+                self._set_health(name, "failed", f"loop cannot start: {type(exc).__name__}: {exc}")
+                watch.retry_at = now + LOOP_RETRY_S
+                watch.version = slot.version
+
+    def _start_loop(self, name: str, slot: ModelSlot) -> None:
+        counting = _CountingModel(slot)
+        loop = InferenceLoop(
+            counting,
+            self._source(slot),
+            name=name,
+            rate_hz=self.settings.loop.rate_hz,
+            drop_policy=self.settings.loop.drop_policy,
+            window_s=self.settings.loop.window_s,
+        )
+        watch = self._watch[name]
+        watch.version = slot.version
+        self._progress[name] = 0  # no inference has returned yet
+        loop.start()
+        self._loops[name] = (loop, counting)
+        if watch.status is None or watch.status.health != "failed":
+            self._set_health(name, "running", None)  # a failed one stays so until frames pass
+        log.info("loop_attached", model=name, version=slot.version)
+
+    def _retire_loop(self, name: str) -> None:
+        loop, counting = self._loops.pop(name)
+        loop.stop()
+        self._watch[name].done.append((loop, counting))
+
+    def _set_health(self, name: str, health: LoopHealth, why: str | None) -> None:
+        """Record a loop's health; on a change, say so everywhere at once."""
+        status = LoopStatus(health, why)
+        watch = self._watch[name]
+        with self._watch_lock:
+            before = watch.status
+            if before == status:
+                return
+            watch.status = status
+        slot = self.served.get(name).slot if name in self.served.names() else None
+        version = slot.version or None if slot is not None else None
+        if slot is not None:
+            slot.problem = why if health == "failed" else None
+        if health == "failed":
+            log.error("loop_failed", model=name, version=version, reason=why)
+            if before is None or before.health != "failed":
+                self.bus.emit("loop_failed", model=name, version=version, reason=why)
+        elif health == "not_installed":
+            log.warning("loop_not_running", model=name, reason=why)
+        elif before is not None and before.health == "failed":
+            log.info("loop_recovered", model=name, version=version)
+            self.bus.emit("loop_recovered", model=name, version=version)
+        self._notifier.status(self.status_line())
+        if self.update_client is not None:
+            self.update_client.notify_changed()
+
+    def loop_health(self) -> dict[str, LoopStatus]:
+        """Each configured model's loop health (for the reported state)."""
+        with self._watch_lock:
+            return {n: w.status for n, w in self._watch.items() if w.status is not None}
 
     def _source(self, slot: ModelSlot) -> FrameSource:
         config = self.settings.loop
@@ -361,10 +484,11 @@ class Daemon:
         return VideoSource(config.source_path, repeat=True)
 
     def healthy(self) -> bool:
-        """For the watchdog: every loop finished an inference since the last check (a paused
-        loop counts as healthy). A hung runtime call leaves its loop "running" but makes no
-        progress: the pings stop and systemd restarts the agent."""
-        ok = True
+        """For the watchdog: no loop is failed, and every loop finished an inference since the
+        last check (a paused loop counts as healthy). A hung runtime call leaves its loop
+        "running" but makes no progress, a dead loop stays failed: the pings stop and systemd
+        restarts the agent."""
+        ok = not any(status.health == "failed" for status in self.loop_health().values())
         for name, (loop, counting) in list(self._loops.items()):
             attempts = counting.attempts
             if loop.state == "paused":
@@ -384,7 +508,13 @@ class Daemon:
                 parts.append(f"{name}: not loaded")
             else:
                 parts.append(f"{name} {current.version} on {current.backend}")
-        return "serving " + ", ".join(parts) if parts else "serving no model yet"
+        text = "serving " + ", ".join(parts) if parts else "serving no model yet"
+        problems = [
+            f"{name}: {status.error}"
+            for name, status in sorted(self.loop_health().items())
+            if status.health != "running" and status.error
+        ]
+        return text + ("; " + "; ".join(problems) if problems else "")
 
     def _on_event(self, event: UpdateEvent) -> None:
         if event.step in ("swapped", "committed", "rolled_back", "activated"):
@@ -404,15 +534,22 @@ class Daemon:
         if self.update_client is not None:
             self.update_client.check_now()  # wake it so it sees the stop
         summary: dict[str, Any] = {"device_id": self.settings.device_id, "loops": {}}
-        for name, (loop, counting) in self._loops.items():
-            loop.stop()
-            stats = loop.join(timeout=10)
-            summary["loops"][name] = {
-                "count": stats.total_count if stats else 0,
-                "failed": stats.total_failed if stats else 0,
-                "dropped": stats.total_dropped if stats else 0,
-                "by_version": dict(counting.by_version),
-            }
+        for name, watch in self._watch.items():
+            ran = [*watch.done, *([self._loops[name]] if name in self._loops else [])]
+            if not ran:
+                continue
+            totals: dict[str, Any] = {"count": 0, "failed": 0, "dropped": 0, "by_version": {}}
+            for loop, counting in ran:
+                loop.stop()
+                with contextlib.suppress(Exception):  # a crashed loop was reported already
+                    loop.join(timeout=10)
+                stats = loop.latest
+                totals["count"] += stats.total_count if stats else 0
+                totals["failed"] += stats.total_failed if stats else 0
+                totals["dropped"] += stats.total_dropped if stats else 0
+                for version, n in counting.by_version.items():
+                    totals["by_version"][version] = totals["by_version"].get(version, 0) + n
+            summary["loops"][name] = totals
         for thread in self._threads:
             thread.join(timeout=30)
         if self._watchdog is not None:
@@ -441,6 +578,16 @@ def _check_state_dir(path: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"state directory {path} is not usable: {exc.strerror or exc}") from exc
+
+
+def _check_loop_config(settings: AgentSettings) -> None:
+    """A loop source the daemon can never run is a configuration error (exit 78); a source
+    that exists but fails (a camera unplugged, a file gone) is reported while running."""
+    config = settings.loop
+    if not settings.models or config.source in ("synthetic", "camera"):
+        return
+    if config.source == "callback" or config.source_path is None:
+        raise ConfigError(f"loop.source = {config.source!r} cannot run in the daemon")
 
 
 def _profile_reader(settings: AgentSettings) -> Callable[[], HardwareProfile]:

@@ -358,6 +358,7 @@ class InferenceLoop:
         self._fail_suppressed = 0
         self._fail_streak = 0
         self._fail_streak_mark = -1
+        self._last_exc: Exception | None = None  # the latest frame's error, for health reports
 
     # -- control, from any thread --------------------------------------------------------
 
@@ -407,6 +408,17 @@ class InferenceLoop:
         self._thread = threading.Thread(target=self._run_in_thread, name=f"loop-{self.name}")
         self._thread.daemon = True
         self._thread.start()
+
+    @property
+    def last_failure(self) -> str | None:
+        """The latest failed frame's error (read, preprocessing, inference or sink)."""
+        exc = self._last_exc
+        return None if exc is None else f"{type(exc).__name__}: {exc}"
+
+    @property
+    def error(self) -> BaseException | None:
+        """What ended the loop's thread, if it crashed (``join()`` re-raises it)."""
+        return self._error
 
     def join(self, timeout: float | None = None) -> WindowStats | None:
         if self._thread is not None:
@@ -720,6 +732,7 @@ class InferenceLoop:
 
     def _failed(self, exc: Exception, t_ns: int, successes: int) -> None:
         """Count toward back-off and log at most once a second, with how many were not logged."""
+        self._last_exc = exc
         if successes == self._fail_streak_mark:
             self._fail_streak += 1
         else:

@@ -1,4 +1,5 @@
-"""Update lifecycle events: every step of an install, swap, probation and rollback.
+"""Update lifecycle events: every step of an install, swap, probation and rollback, and the
+health of each model's inference loop (``loop_failed`` with the reason, ``loop_recovered``).
 
 Emitted in-process through ``agent.events.EventBus``; published over MQTT (``/events``, QoS 1)
 and reported over HTTP by later stages. ``seq`` is per-device and monotonic so receivers can
@@ -32,6 +33,8 @@ EventStep = Literal[
     "activated",
     "removed",
     "paused",
+    "loop_failed",
+    "loop_recovered",
 ]
 
 

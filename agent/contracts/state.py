@@ -29,6 +29,7 @@ __all__ = [
     "DesiredModel",
     "DesiredState",
     "DesiredVariant",
+    "LoopHealth",
     "ModelName",
     "ParsedDesiredState",
     "Phase",
@@ -60,6 +61,10 @@ Phase = Literal[
     "rolled_back",
     "failed",
 ]
+
+# The configured inference loop of a model: running, failed (cannot start, died, or every frame
+# of its last window failed; ``loop_error`` says why), or no version installed to run.
+LoopHealth = Literal["running", "failed", "not_installed"]
 
 
 def _semver(value: str) -> str:
@@ -186,6 +191,9 @@ class ReportedModel(_Frozen):
     phase: Phase = "idle"
     target_version: Version | None = None
     last_error: Text | None = None
+    detail: Text | None = None  # what the phase waits for (probation short of inferences)
+    loop: LoopHealth | None = None  # None: no inference loop is configured for this model
+    loop_error: Text | None = None
 
 
 class ReportedState(_Frozen):

@@ -28,7 +28,9 @@ from agent.models.probation import (
     UpdateJournal,
     UpdateRecord,
     Verdict,
+    awaiting_evidence,
     begin,
+    begin_rollback,
     failed,
     finish_rollback,
     judge,
@@ -128,8 +130,16 @@ class ModelActivator:
             current = self.slot.version or self.store.active(self.name)
             if current == version:
                 raise StoreError(f"{self.name} {version} is already serving")
+            previous = self.journal.load(self.name)
+            if previous is not None and awaiting_evidence(previous, now=self._now()):
+                # Its window passed with too few inferences to judge; the operator wants
+                # another version now, so it ends here instead of blocking the update.
+                reason = f"superseded by {version} before it served enough inferences"
+                previous = mark_committed(previous, now=self._now(), reason=reason)
+                self.journal.save(previous)
+                log.info("probation_superseded", model=self.name, version=current, by=version)
             record = begin(
-                self.journal.load(self.name),
+                previous,
                 model=self.name,
                 from_version=current,
                 to_version=version,
@@ -194,20 +204,45 @@ class ModelActivator:
                 self.store.gc(self.name)
             elif verdict.action == "rollback":
                 assert verdict.reason is not None
-                self._roll_back(record, verdict.reason)
+                self._roll_back(start_rollback(record, reason=verdict.reason, now=now))
             return verdict
 
-    def rollback(self, reason: str = "requested") -> None:
-        """Roll back the version on probation now (an operator's or the control plane's call)."""
+    def awaiting_evidence(self) -> bool:
+        """On probation past its window, waiting only for enough inferences to judge."""
+        return awaiting_evidence(self.journal.load(self.name), now=self._now())
+
+    def rollback(self, reason: str = "requested") -> str:
+        """Go back to the previous version now (an operator's or the control plane's abort):
+        the version on probation, or a committed one while the store still names the version
+        it replaced. Returns the version serving afterwards; ``StoreError`` when there is
+        nothing to go back to or a swap is in flight."""
         with self._lock:
             record = self.journal.load(self.name)
-            if record is None or record.phase != "probation":
-                raise StoreError(f"{self.name}: no version is on probation")
-            self._roll_back(record, reason)
+            if record is not None and record.phase == "probation":
+                if record.from_version is None:
+                    raise StoreError(f"{self.name}: no previous version to roll back to")
+                self._roll_back(start_rollback(record, reason=reason, now=self._now()))
+                return self.slot.version
+            pointer = self.store.pointer(self.name)
+            serving = self.slot.version or (pointer.version if pointer else "")
+            previous = pointer.previous if pointer is not None else None
+            if not serving or previous is None or not self.store.has(self.name, previous):
+                raise StoreError(f"{self.name}: no previous version to roll back to")
+            self._roll_back(
+                begin_rollback(
+                    record,
+                    model=self.name,
+                    serving=serving,
+                    previous=previous,
+                    reason=reason,
+                    now=self._now(),
+                )
+            )
+            return self.slot.version
 
-    def _roll_back(self, record: UpdateRecord, reason: str) -> None:
-        now = self._now()
-        record = start_rollback(record, reason=reason, now=now)
+    def _roll_back(self, record: UpdateRecord) -> None:
+        """Carry out a journaled ``rolling_back`` record: serve ``from_version`` again."""
+        reason = record.reason or "rolled back"
         self.journal.save(record)
         old = record.from_version
         if old is not None:

@@ -6,6 +6,10 @@ Phases (``UpdateRecord.phase``)::
     idle --begin--> swapping --swapped--> probation --judge: commit--> committed
                        |                      |--judge: rollback--> rolling_back --> rolled_back
                        +--failed--> failed    +--crash loop at boot--> rolling_back
+    committed --begin_rollback (an operator's abort)--> rolling_back --> rolled_back
+
+A version commits only after serving ``Limits.min_inferences``; past its window without them it
+waits (and says why), and another desired version may supersede it (``awaiting_evidence``).
 
 The functions here take the record, the health figures and ``now`` (wall-clock seconds, since
 deadlines must survive a restart) and return a new record or a decision; they touch nothing.
@@ -47,7 +51,9 @@ __all__ = [
     "UpdatePhase",
     "UpdateRecord",
     "Verdict",
+    "awaiting_evidence",
     "begin",
+    "begin_rollback",
     "failed",
     "finish_rollback",
     "in_flight",
@@ -96,6 +102,8 @@ class Limits:
     min_requests: int = 20  # fewer than this and error rate / p99 are not judged
     # A p99 rise smaller than this is scheduler noise, whatever the ratio (sub-ms models).
     p99_slack_s: float = 0.002
+    # A version that served fewer inferences (API or loop) may not commit: no evidence either way.
+    min_inferences: int = 20
 
     @classmethod
     def from_config(
@@ -108,6 +116,7 @@ class Limits:
             boot_attempts=config.boot_attempts,
             min_requests=min_requests,
             p99_slack_s=p99_slack_s,
+            min_inferences=config.probation_min_inferences,
         )
 
 
@@ -126,6 +135,8 @@ class Health:
 
 @dataclass(frozen=True)
 class Verdict:
+    """``reason``: why it rolls back, or why a version whose window has passed still waits."""
+
     action: Literal["wait", "commit", "rollback"]
     reason: str | None = None
 
@@ -208,7 +219,9 @@ def failed(record: UpdateRecord, *, reason: str, now: float) -> UpdateRecord:
 
 def judge(record: UpdateRecord, health: Health, *, now: float, limits: Limits) -> Verdict:
     """Probation verdict: roll back on too many errors or a p99 beyond the bound relative to
-    the previous version, commit once the window has passed, otherwise wait."""
+    the previous version, commit once the window has passed and the version served at least
+    ``limits.min_inferences`` inferences, otherwise wait (with the reason once only the
+    evidence is missing)."""
     _expect(record, "probation")
     if health.requests >= limits.min_requests:
         if health.error_rate > limits.max_error_rate:
@@ -230,20 +243,65 @@ def judge(record: UpdateRecord, health: Health, *, now: float, limits: Limits) -
                 f"version's {base * 1e3:.2f} ms (limit {limits.max_p99_ratio:g}x)",
             )
     if record.probation_until is None or now >= record.probation_until:
+        if health.requests < limits.min_inferences:
+            return Verdict(
+                "wait",
+                f"{record.to_version} served {health.requests} of the {limits.min_inferences} "
+                "inferences it needs before it may commit",
+            )
         return Verdict("commit")
     return Verdict("wait")
 
 
-def mark_committed(record: UpdateRecord, *, now: float) -> UpdateRecord:
+def awaiting_evidence(record: UpdateRecord | None, *, now: float) -> bool:
+    """On probation with its window passed: only the minimum of inferences keeps it there, so
+    another desired version may supersede it (``mark_committed`` with a reason) instead of
+    waiting for traffic that may never come."""
+    return (
+        record is not None
+        and record.phase == "probation"
+        and (record.probation_until is None or now >= record.probation_until)
+    )
+
+
+def mark_committed(record: UpdateRecord, *, now: float, reason: str | None = None) -> UpdateRecord:
     _expect(record, "probation")
     return record.model_copy(
-        update={"phase": "committed", "boots": 0, "reason": None, "updated_at": now}
+        update={"phase": "committed", "boots": 0, "reason": reason, "updated_at": now}
     )
 
 
 def start_rollback(record: UpdateRecord, *, reason: str, now: float) -> UpdateRecord:
     _expect(record, "probation")
     return record.model_copy(update={"phase": "rolling_back", "reason": reason, "updated_at": now})
+
+
+def begin_rollback(
+    record: UpdateRecord | None,
+    *,
+    model: str,
+    serving: str,
+    previous: str,
+    reason: str,
+    now: float,
+) -> UpdateRecord:
+    """An operator's rollback of a committed (or hand-activated) version: back to ``previous``.
+    Refused while a swap or another rollback is in flight; a version on probation goes through
+    ``start_rollback`` instead."""
+    if in_flight(record):
+        assert record is not None
+        if record.phase == "probation":
+            return start_rollback(record, reason=reason, now=now)
+        raise StoreError(f"{model}: an update to {record.to_version} is in phase {record.phase}")
+    return UpdateRecord(
+        model=model,
+        phase="rolling_back",
+        from_version=previous,
+        to_version=serving,
+        started_at=now,
+        reason=reason,
+        updated_at=now,
+    )
 
 
 def finish_rollback(record: UpdateRecord, *, now: float) -> UpdateRecord:

@@ -290,12 +290,15 @@ class ModelSlot:
         self.max_batch_size = 0
         self.inputs: tuple[TensorSpec, ...] = ()
         self.outputs: tuple[TensorSpec, ...] = ()
+        # Why this model is not healthy although a version serves (its inference loop failed):
+        # set by the daemon; readiness (``/v2/health/ready``) says no while it is set.
+        self.problem: str | None = None
 
     # --- serving -----------------------------------------------------------------------------
 
     @property
     def ready(self) -> bool:
-        return self._current is not None
+        return self._current is not None and self.problem is None
 
     @property
     def current(self) -> LoadedVersion | None:

@@ -7,7 +7,11 @@ of an update: signed metadata first (``agent.updates.signed``: the desired state
 must match what the fleet's keys signed), then the resumable download into
 ``<state_dir>/downloads/`` (``agent.updates.download``), the install (``agent.models.store``) and
 the swap with probation (``agent.models.activation``). Each phase is reported over HTTP and emitted
-on the ``EventBus``. What to do next is decided by the pure ``agent.updates.plan``.
+on the ``EventBus``. What to do next is decided by the pure ``agent.updates.plan``; what to report
+by the pure ``agent.updates.report``, from what serves, the update journal and what this client
+knows (its step in progress, the versions it refuses and why). Reports go out from this client's
+own thread only: event-bus subscribers (a swap's loader thread, a rollback commanded over MQTT)
+record and wake it, and a swap runs on a helper thread while this thread reports its steps.
 
 Every answer of the control plane is read against a size bound (``ResponseLimits``) and dropped
 past it (``ResponseTooLargeError``); a desired state is checked entry by entry, so an entry that
@@ -26,11 +30,11 @@ import random
 import shutil
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import httpx
 from pydantic import BaseModel, ConfigDict
@@ -50,9 +54,7 @@ from agent.contracts.state import (
     DesiredVariant,
     Phase,
     RefusedEntry,
-    ReportedModel,
     ReportedState,
-    bounded_text,
     parse_desired_state,
 )
 from agent.errors import (
@@ -69,7 +71,7 @@ from agent.events import EventBus
 from agent.logs import get_logger
 from agent.models.activation import ModelActivator
 from agent.models.bundle import merge_bundles
-from agent.models.probation import in_flight
+from agent.models.probation import UpdateRecord, in_flight
 from agent.models.store import InstalledVersion, ModelStore
 from agent.updates.download import DownloadConfig, Downloader
 from agent.updates.plan import (
@@ -80,6 +82,14 @@ from agent.updates.plan import (
     record_failure,
     target_key,
 )
+from agent.updates.report import (
+    LoopStatus,
+    ModelFacts,
+    Progress,
+    Rejection,
+    Serving,
+    reported_model,
+)
 from agent.updates.signed import SignedMetadata
 
 __all__ = ["Activators", "DeviceCredential", "ResponseLimits", "UpdateClient"]
@@ -87,6 +97,7 @@ __all__ = ["Activators", "DeviceCredential", "ResponseLimits", "UpdateClient"]
 log = get_logger(__name__)
 
 CREDENTIAL_FILE = "enrollment.json"
+_T = TypeVar("_T")
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
@@ -161,6 +172,7 @@ class UpdateClient:
         request_timeout_s: float = 10.0,
         response_limits: ResponseLimits | None = None,
         max_variants: int = 1,
+        loop_health: Callable[[], Mapping[str, LoopStatus]] | None = None,
     ) -> None:
         if not config.url:
             raise ConfigError("control_plane.url is not set: the update client needs it")
@@ -208,14 +220,22 @@ class UpdateClient:
         self._refused: tuple[RefusedEntry, ...] = ()
         self._online = False
         self._attempts: dict[str, Attempt] = {}
-        self._rejected: dict[str, str] = {}
-        self._reported: dict[str, ReportedModel] = {}
-        self._updating: dict[str, str] = {}  # model -> version being carried through
-        self._report_pending = False
-        self._nudge = threading.Event()
-        self._lock = threading.RLock()  # one cycle at a time
-        # Reported state: also updated from the slot's loader thread (bus events) mid-swap.
+        # model -> (version, generation of the desired entry it was rejected under), and why
+        self._rejected: dict[str, tuple[str, int]] = {}
+        self._rejected_why: dict[str, str] = {}
+        self._refusals_logged: set[tuple[str, str, int]] = set()
+        self._failures: dict[str, Rejection] = {}  # the last failed attempt, retried later
+        self._journal_seen: dict[str, float] = {}  # journal records already turned into facts
+        self._waiting: dict[str, str] = {}  # why a version on probation cannot commit yet
+        self._loop_health = loop_health or dict
+        # Facts recorded from other threads (bus subscribers) under this lock; read by this one.
         self._report_lock = threading.RLock()
+        self._progress: dict[str, Progress] = {}  # model -> the step carried out now
+        self._last_sent: dict[str, Any] | None = None
+        self._report_pending = False
+        self._wake = threading.Event()
+        self._poll_requested = False
+        self._lock = threading.RLock()  # one cycle at a time
         self._unsubscribe = bus.subscribe(self._on_event)
 
     # --- public ------------------------------------------------------------------------------
@@ -229,24 +249,42 @@ class UpdateClient:
         return self._desired
 
     def reported(self) -> ReportedState:
-        """What this device would report now."""
-        with self._report_lock:
-            return self._reported_state()
+        """What this device would report now: ``agent.updates.report`` over the current facts."""
+        return self._reported_state()
 
     def check_now(self) -> None:
         """Poll at once instead of waiting for the interval (the MQTT ``check-update`` nudge)."""
-        self._nudge.set()
+        self._poll_requested = True
+        self._wake.set()
+
+    def notify_changed(self) -> None:
+        """Something a report depends on changed (what serves, a loop's health): report it
+        from this client's thread soon. Safe from any thread; does no I/O."""
+        self._wake.set()
 
     def run(self, stop: threading.Event) -> None:
-        """Tick until ``stop`` is set; sleeps between ticks wake early on ``check_now()``."""
+        """Tick until ``stop`` is set. Between ticks it wakes early on ``check_now()`` (a poll)
+        and on ``notify_changed()`` or a bus event that changes what serves (a report)."""
         while not stop.is_set():
             try:
                 delay = self.tick()
             except Exception:  # the update thread must outlive any bug in one cycle
                 log.exception("update_cycle_crashed")
                 delay = self._schedule.failed()
-            self._nudge.wait(delay)
-            self._nudge.clear()
+            deadline = self._monotonic() + delay
+            while not stop.is_set() and not self._poll_requested:
+                left = deadline - self._monotonic()
+                if left <= 0 or not self._wake.wait(left):
+                    break
+                self._wake.clear()
+                if stop.is_set() or self._poll_requested:
+                    break
+                try:
+                    with self._lock:
+                        self._report()
+                except Exception:
+                    log.exception("report_crashed")
+            self._poll_requested = False
 
     def close(self) -> None:
         self._unsubscribe()
@@ -288,10 +326,7 @@ class UpdateClient:
             if desired is not None:
                 self._apply(desired)
             self._judge_probation()
-            with self._report_lock:
-                self._refresh_reported()
-            if self._report_pending:
-                self._send_report()
+            self._report()
             return self._next(delay)
 
     # --- enrollment ----------------------------------------------------------------------------
@@ -411,10 +446,7 @@ class UpdateClient:
             )
             if _NAME_CHARS.issuperset(entry.name) and entry.name[:1].isalnum():
                 self._bus.emit("refused", model=entry.name, reason=entry.reason)
-        if refused != self._refused:
-            with self._report_lock:
-                self._refused = refused
-                self._report_pending = True
+        self._refused = refused
 
     def _request(self, method: str, path: str, *, what: str, limit: int, **kwargs: Any) -> _Answer:
         """One request; the answer is read up to ``limit`` bytes and refused past it."""
@@ -450,16 +482,30 @@ class UpdateClient:
                 return version
         return None
 
-    def _apply(self, desired: DesiredState) -> None:
+    def _sync_journal(self) -> None:
+        """A journal that says an update failed or was rolled back (by probation, a command,
+        boot recovery, a technician, or before this process started) makes that version
+        rejected under the desired entry as it is now."""
+        if self._desired is None:
+            return  # rejected under a generation only once the desired state is known
         for name in self._activators.names():
             record = self._activators.get(name).record()
             if (
-                record is not None
-                and record.phase in ("failed", "rolled_back")
-                and record.to_version
-                and name not in self._rejected
+                record is None
+                or record.phase not in ("failed", "rolled_back")
+                or not record.to_version
+                or self._journal_seen.get(name) == record.updated_at
             ):
-                self._rejected[name] = record.to_version
+                continue
+            self._journal_seen[name] = record.updated_at
+            if record.to_version != self._serving(name):
+                why = record.reason or record.phase
+                if record.phase == "rolled_back":
+                    why = f"rolled back: {why}"
+                self._reject(name, record.to_version, self._desired, why)
+
+    def _apply(self, desired: DesiredState) -> None:
+        self._sync_journal()
         decisions = plan(
             desired,
             serving={m.name: self._serving(m.name) for m in desired.models},
@@ -470,17 +516,52 @@ class UpdateClient:
         self._prune_downloads(desired.models)
         for decision in decisions:
             model = decision.model
+            if decision.action == "rejected":
+                self._log_refusal(model)
+                continue
             if decision.action != "update":
                 continue
-            if model.name in self._activators.names() and in_flight(
-                self._activators.get(model.name).record()
-            ):
-                continue  # a verdict on the version on probation comes first
+            if model.name in self._activators.names():
+                activator = self._activators.get(model.name)
+                if in_flight(activator.record()) and not activator.awaiting_evidence():
+                    continue  # a verdict on the version on probation comes first
+            if self._rejected.get(model.name, ("",))[0] == model.version:
+                log.info(
+                    "rejected_version_offered_again",
+                    model=model.name,
+                    version=model.version,
+                    generation=model.generation,
+                )
+                del self._rejected[model.name]
+                self._rejected_why.pop(model.name, None)
             try:
                 self._update(model)
             except Exception as exc:  # one entry failing must not skip the entries after it
                 log.exception("update_crashed", model=model.name, version=model.version)
                 self._fail(model, target_key(model), f"{type(exc).__name__}: {exc}", step="failed")
+
+    def _reject(self, name: str, version: str, desired: DesiredState | None, why: str) -> None:
+        """Refuse ``version`` of ``name`` until its desired entry's generation changes."""
+        entry = next((m for m in desired.models if m.name == name), None) if desired else None
+        generation = entry.generation if entry is not None and entry.version == version else -1
+        self._rejected[name] = (version, generation)
+        self._rejected_why[name] = why if why.startswith("rejected: ") else f"rejected: {why}"
+
+    def _log_refusal(self, model: DesiredModel) -> None:
+        """Say once per (version, generation) that this version is refused and why; the report
+        says it for as long as it is refused (``agent.updates.report``)."""
+        key = (model.name, model.version, model.generation)
+        if key in self._refusals_logged:
+            return
+        self._refusals_logged.add(key)
+        log.warning(
+            "rejected_version_refused",
+            model=model.name,
+            version=model.version,
+            generation=model.generation,
+            reason=self._rejected_why.get(model.name, "rejected on this device"),
+            retry="edgectl devices retry, or a new rollout of this version",
+        )
 
     def _download_path(self, model: DesiredModel | DesiredVariant) -> Path:
         """One file directly under ``downloads/``: the contract's artifact paths have no empty,
@@ -510,9 +591,8 @@ class UpdateClient:
         key = target_key(model)
         dest = self._download_path(model)
         from_version = self._serving(name)
-        self._updating[name] = version
         log.info("update_started", model=name, version=version, from_version=from_version)
-        self._phase(name, "downloading", target=version, error=None)
+        self._step(name, version, "downloading")
         self._bus.emit(
             "download_started",
             model=name,
@@ -540,7 +620,7 @@ class UpdateClient:
                     )
                     continue
                 extras.append(extra)
-            self._phase(name, "installing")
+            self._step(name, version, "installing")
             try:
                 installed = self._install(dest, extras)
             except BundleError as exc:
@@ -553,8 +633,9 @@ class UpdateClient:
                     f"{model.artifact_path} holds {installed.name} {installed.version}, "
                     f"not {name} {version}"
                 )
-            self._phase(name, "loading")
-            self._activators.get(name).update(version)
+            self._step(name, version, "loading")
+            activator = self._activators.get(name)
+            self._while_reporting(name, lambda: activator.update(version))
         except _RefusedError as exc:
             for path in (dest, dest.with_name(dest.name + ".part")):
                 path.unlink(missing_ok=True)
@@ -566,19 +647,21 @@ class UpdateClient:
             self._fail(model, key, str(exc), step="failed")
         except ModelError as exc:
             # The version does not load or validate here: the activator removed it and the old
-            # version kept serving. Not retried until the desired version changes.
-            self._rejected[name] = version
-            self._updating.pop(name, None)
-            self._phase(name, "failed", error=str(exc))
-            self._send_report()
+            # version kept serving. Not retried until the entry is offered again on purpose.
+            self._reject(name, version, self._desired, str(exc))
+            self._clear_step(name)
+            log.warning("update_rejected", model=name, version=version, reason=str(exc))
+            self._report()
             dest.unlink(missing_ok=True)
         else:
             dest.unlink(missing_ok=True)
             for path in extras:
                 path.unlink(missing_ok=True)
             self._attempts.pop(key, None)
-            self._phase(name, "probation")
+            self._failures.pop(name, None)
+            self._clear_step(name)
             log.info("update_swapped", model=name, version=version, from_version=from_version)
+            self._report()
             self._judge_probation()
 
     def _variants_to_fetch(self, model: DesiredModel) -> tuple[DesiredVariant, ...]:
@@ -619,7 +702,7 @@ class UpdateClient:
             resumed_from=result.resumed_from,
             attempts=result.attempts,
         )
-        self._phase(name, "verifying")
+        self._step(name, version, "verifying")
         self._bus.emit(
             "verified",
             model=name,
@@ -658,7 +741,8 @@ class UpdateClient:
             rng=self._rng,
         )
         self._attempts[key] = attempt
-        self._updating.pop(model.name, None)
+        self._clear_step(model.name)
+        self._failures[model.name] = Rejection(model.version, reason, retried=True)
         log.warning(
             "update_not_applied",
             model=model.name,
@@ -670,8 +754,7 @@ class UpdateClient:
         self._bus.emit(
             step, model=model.name, version=model.version, reason=reason, failures=attempt.failures
         )
-        self._phase(model.name, "failed", error=reason)
-        self._send_report()
+        self._report()
 
     # --- probation -----------------------------------------------------------------------------
 
@@ -686,18 +769,18 @@ class UpdateClient:
     def _judge_probation(self) -> None:
         for name in self._in_probation():
             activator = self._activators.get(name)
-            record = activator.record()
             verdict = activator.check()
-            if verdict is None or verdict.action == "wait":
+            if verdict is None:
                 continue
-            self._updating.pop(name, None)
-            if verdict.action == "commit":
-                self._phase(name, "committed", error=None)
-            else:
-                if record is not None and record.to_version:
-                    self._rejected[name] = record.to_version
-                self._phase(name, "rolled_back", error=verdict.reason)
-            self._send_report()
+            if verdict.action == "wait":
+                if verdict.reason and self._waiting.get(name) != verdict.reason:
+                    if name not in self._waiting:
+                        log.warning("probation_waiting", model=name, reason=verdict.reason)
+                    self._waiting[name] = verdict.reason
+                continue
+            self._waiting.pop(name, None)
+            self._sync_journal()  # a rollback rejects the version it left
+            self._report()
 
     def _next(self, delay: float) -> float:
         if self._in_probation():
@@ -707,67 +790,125 @@ class UpdateClient:
     # --- reporting -----------------------------------------------------------------------------
 
     def _on_event(self, event: UpdateEvent) -> None:
-        if self._updating.get(event.model) != event.version:
-            return
-        if event.step == "loaded":
-            self._phase(event.model, "validating")
-        elif event.step == "validated":
-            self._phase(event.model, "swapping")
-
-    def _phase(
-        self,
-        name: str,
-        phase: Phase,
-        *,
-        target: str | Literal[False] | None = False,
-        error: str | Literal[False] | None = False,
-    ) -> None:
+        """Record what a bus event says and wake this client's thread; never any I/O here (it
+        runs on the emitter's thread: a swap's loader, a rollback command, the store)."""
         with self._report_lock:
-            current = self._reported.get(name) or ReportedModel(name=name)
-            update: dict[str, Any] = {"phase": phase}
-            if target is not False:
-                update["target_version"] = target
-            if error is not False:
-                update["last_error"] = None if error is None else bounded_text(error)
-            self._reported[name] = current.model_copy(update=update)
-            self._refresh_reported()
-            self._report_pending = True
-            if self._online:
-                self._send_report()
+            progress = self._progress.get(event.model)
+            if progress is not None and progress.version == event.version:
+                if event.step == "loaded":
+                    self._progress[event.model] = Progress(event.version, "validating")
+                elif event.step == "validated":
+                    self._progress[event.model] = Progress(event.version, "swapping")
+        if event.step in _REPORTED_STEPS:
+            self._wake.set()
 
-    def _refresh_reported(self) -> None:
-        for name in self._activators.names():
-            slot = self._activators.get(name).slot
-            current = self._reported.get(name) or ReportedModel(name=name)
-            serving = slot.current
-            self._reported[name] = current.model_copy(
-                update={
-                    "active_version": slot.version or None,
-                    "variant_id": serving.variant_id if serving else None,
-                    "backend": serving.backend if serving else None,
-                    "device": bounded_text(serving.device, 64) if serving else None,
-                    "choice": bounded_text(serving.choice) if serving and serving.choice else None,
-                }
-            )
+    def _step(self, name: str, version: str, phase: Phase) -> None:
+        """This client now carries ``version`` of ``name`` through ``phase``; reported at once."""
+        with self._report_lock:
+            self._progress[name] = Progress(version, phase)
+        self._report()
+
+    def _clear_step(self, name: str) -> None:
+        with self._report_lock:
+            self._progress.pop(name, None)
+
+    def _while_reporting(self, name: str, work: Callable[[], _T]) -> _T:
+        """Run ``work`` (a swap: seconds of loading, warming and validating) on a helper thread
+        while this thread sends the reports its steps call for: the swap's own threads never
+        wait on the network."""
+        result: list[_T] = []
+        error: list[BaseException] = []
+        done = threading.Event()
+
+        def target() -> None:
+            try:
+                result.append(work())
+            except BaseException as exc:  # handed to the caller below
+                error.append(exc)
+            finally:
+                done.set()
+                self._wake.set()
+
+        threading.Thread(target=target, name=f"update-{name}", daemon=True).start()
+        while not done.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            if not done.is_set():
+                self._report()
+        if error:
+            raise error[0]
+        return result[0]
+
+    def _facts(self, name: str) -> ModelFacts:
+        record: UpdateRecord | None = None
+        serving: Serving | None = None
+        if name in self._activators.names():
+            activator = self._activators.get(name)
+            record = activator.record()
+            current = activator.slot.current
+            if current is not None:
+                serving = Serving(
+                    version=current.version,
+                    variant_id=current.variant_id,
+                    backend=current.backend,
+                    device=current.device,
+                    choice=current.choice or None,
+                )
+        entry = (
+            next((m for m in self._desired.models if m.name == name), None)
+            if (self._desired)
+            else None
+        )
+        rejection: Rejection | None = None
+        rejected = self._rejected.get(name)
+        if entry is not None and rejected == (entry.version, entry.generation):
+            rejection = Rejection(entry.version, self._rejected_why.get(name, "rejected"))
+        elif name in self._failures:
+            rejection = self._failures[name]
+        with self._report_lock:
+            progress = self._progress.get(name)
+        return ModelFacts(
+            name=name,
+            serving=serving,
+            record=record,
+            desired=entry.version if entry is not None else None,
+            progress=progress,
+            rejection=rejection,
+            waiting=self._waiting.get(name),
+            loop=self._loop_health().get(name),
+        )
 
     def _reported_state(self) -> ReportedState:
+        names = set(self._activators.names()) | set(self._loop_health())
+        if self._desired is not None:
+            names |= {m.name for m in self._desired.models}
+        with self._report_lock:
+            names |= set(self._progress)
         return ReportedState(
             device_id=self._credential.device_id if self._credential else "",
             agent_version=__version__,
             generation_seen=self._desired.generation if self._desired else None,
-            models=tuple(self._reported[n] for n in sorted(self._reported)),
+            models=tuple(reported_model(self._facts(n)) for n in sorted(names)),
             refused=self._refused,
             updated_at=datetime.now(timezone.utc),
         )
 
-    def _send_report(self) -> None:
-        with self._report_lock:
-            self._send_report_locked()
-
-    def _send_report_locked(self) -> None:
+    def _report(self) -> None:
+        """Send the reported state when it differs from the last one the control plane took,
+        or when the last send failed; while the control plane is away, on the next good poll.
+        Only this client's thread calls it. The PUT carries the whole state, so a repeat is
+        harmless."""
         if self._credential is None:
             return
-        body = self._reported_state().model_dump(mode="json")
+        self._sync_journal()
+        state = self._reported_state()
+        body = state.model_dump(mode="json")
+        key = {k: v for k, v in body.items() if k != "updated_at"}
+        if key == self._last_sent and not self._report_pending:
+            return
+        self._report_pending = True
+        if not self._online:
+            return
         try:
             response = self._request(
                 "PUT",
@@ -778,14 +919,19 @@ class UpdateClient:
             )
         except (_UnreachableError, ResponseTooLargeError) as exc:
             self._online = False
-            self._report_pending = True
             log.info("report_deferred", reason=str(exc))
             return
         if response.status_code >= 400:
-            self._report_pending = True
             log.warning("report_refused", status=response.status_code, body=_brief(response))
             return
+        self._last_sent = key
         self._report_pending = False
+
+
+# Steps after which what serves (or how an update ended) may have changed: worth a report.
+_REPORTED_STEPS = frozenset(
+    {"swapped", "committed", "rolled_back", "failed", "activated", "removed", "paused"}
+)
 
 
 class _RefusedError(Exception):

@@ -65,14 +65,16 @@ def plan(
     desired: DesiredState,
     *,
     serving: Mapping[str, str | None],
-    rejected: Mapping[str, str],
+    rejected: Mapping[str, tuple[str, int]],
     attempts: Mapping[str, Attempt],
     now: float,
 ) -> list[Decision]:
     """One decision per desired model, in the desired state's order.
 
     ``serving``: model name -> version serving now (None when nothing serves); ``rejected``:
-    model name -> the version this device rejected last (load, validation or probation);
+    model name -> (version, entry generation) this device rejected last (load, validation or
+    probation): that version is refused while the entry's generation is the same, and tried
+    again once the control plane offers it on purpose (a new generation);
     ``attempts``: failed attempts by ``target_key``; ``now``: monotonic seconds.
     """
     decisions: list[Decision] = []
@@ -80,7 +82,7 @@ def plan(
         if serving.get(model.name) == model.version:
             decisions.append(Decision(model, "up_to_date"))
             continue
-        if rejected.get(model.name) == model.version:
+        if rejected.get(model.name) == (model.version, model.generation):
             decisions.append(
                 Decision(model, "rejected", f"{model.version} was rejected on this device")
             )

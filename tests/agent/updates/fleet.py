@@ -211,6 +211,8 @@ class Device:
         bandwidth_limit_bps: int | None = None,
         http: httpx.Client | None = None,
         poll_interval_s: float = 30.0,
+        min_inferences: int = 0,
+        loop_health: Callable[[], Any] | None = None,
     ) -> None:
         self.state_dir = state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -226,7 +228,7 @@ class Device:
                 bandwidth_limit_bps=bandwidth_limit_bps,
                 labels={"site": "lab"},
             ),
-            swap=SwapConfig(probation_s=0, warmup_runs=1),
+            swap=SwapConfig(probation_s=0, warmup_runs=1, probation_min_inferences=min_inferences),
         )
         self.events: list[UpdateEvent] = []
         self.bus = EventBus(name)
@@ -248,6 +250,7 @@ class Device:
             monotonic=self.clock.monotonic,
             sleep=self.clock.sleep,
             rng=__import__("random").Random(7),
+            loop_health=loop_health,
         )
 
     @property

@@ -19,7 +19,9 @@ import httpx
 import numpy as np
 import pytest
 from sqlalchemy import select
+from structlog.testing import capture_logs
 
+from agent.config import BackendConfig
 from agent.samples import DigitsData
 from agent.updates.download import DownloadConfig
 from control_plane.db.models import Model, ModelVersion, VariantRow
@@ -133,14 +135,22 @@ def test_polls_desired_state_with_etag(fleet: Fleet, tmp_path: Path) -> None:
 
 
 def test_update_v1_to_v2_end_to_end_reports_every_phase(fleet: Fleet, tmp_path: Path) -> None:
+    """Every step the client carries the version through is reported, in order, and each
+    report is consistent with what served when it was made. The slot's own steps (validating,
+    swapping) go out from the client's thread as it sees them: a swap faster than a report may
+    fold them into the next one, and the loader thread never waits on the network."""
     phases: list[str] = []
+    reports: list[dict[str, Any]] = []
 
     def record(request: httpx.Request) -> None:
         if request.method == "PUT" and request.url.path.endswith("/reported-state"):
             import json
 
             body = json.loads(request.content)
-            phases.extend(m["phase"] for m in body["models"] if m["name"] == "digits")
+            for m in body["models"]:
+                if m["name"] == "digits":
+                    phases.append(m["phase"])
+                    reports.append(m)
 
     http = httpx.Client(timeout=10, event_hooks={"request": [record]})
     d = Device(fleet.cp, tmp_path / "state", http=http)
@@ -148,23 +158,33 @@ def test_update_v1_to_v2_end_to_end_reports_every_phase(fleet: Fleet, tmp_path: 
         _at_v1(fleet, d)
         fleet.cp.deploy("digits", "2.0.0", d.device_id)
         phases.clear()
+        reports.clear()
         d.events.clear()
         with Traffic(d, fleet.feeds) as traffic:
             d.client.tick()
         assert d.serving() == "2.0.0"
         assert traffic.failures == []
         assert traffic.by_version.get("1.0.0", 0) > 0
-        for wanted in (
+        order = [
             "downloading",
             "verifying",
             "installing",
             "loading",
             "validating",
             "swapping",
+            "probation",
             "committed",
-        ):
+        ]
+        for wanted in ("downloading", "verifying", "installing", "loading", "committed"):
             assert wanted in phases, (wanted, phases)
+        ranks = [order.index(p) for p in phases]
+        assert ranks == sorted(ranks), phases
         assert phases[-1] == "committed"
+        for m in reports:
+            if order.index(m["phase"]) < order.index("swapping"):
+                assert (m["active_version"], m["target_version"]) == ("1.0.0", "2.0.0"), m
+            elif m["phase"] in ("probation", "committed"):
+                assert m["active_version"] == "2.0.0", m
         steps = d.steps()
         order = [
             "download_started",
@@ -472,3 +492,39 @@ def test_disk_that_fills_mid_download_keeps_serving_and_resumes(
         assert finished.details["resumed_from"] == kept
     finally:
         d.close()
+
+
+def test_a_rejected_version_is_offered_again_on_purpose_and_applied_once_fixed(
+    fleet: Fleet, device: Device
+) -> None:
+    """The device cannot run 2.0.0 (its configuration pins a runtime the version has no
+    variant for): rejected, reported as such, never retried while the desired state is the
+    same. Once the device is fixed, the operator's retry (a new generation) offers it again and
+    it is applied."""
+    _at_v1(fleet, device)
+    slot = device.served.get("digits").slot
+    slot.backend_config = BackendConfig(pin_backend="openvino")
+    fleet.cp.deploy("digits", "2.0.0", device.device_id)
+    device.client.tick()
+    assert device.serving() == "1.0.0"
+    reported = _reported(fleet, device)
+    assert reported["phase"] == "failed"
+    assert reported["last_error"].startswith("rejected: ")
+    assert "no variant fits this device" in reported["last_error"]
+    assert "backend pinned to openvino" in reported["last_error"]
+    with capture_logs() as logs:
+        device.clock.advance(60)
+        device.client.tick()  # the same desired state: refused, not tried
+    assert not [e for e in logs if e["event"] == "update_started"]
+    assert device.serving() == "1.0.0"
+
+    slot.backend_config = BackendConfig()  # fixed on the device
+    with fleet.cp.admin() as admin:
+        r = admin.post(f"/v1/devices/{device.device_id}/retry", json={"model": "digits"})
+        assert r.status_code in (200, 201), r.text
+    with capture_logs() as logs:
+        device.clock.advance(60)
+        device.client.tick()
+    assert any(e["event"] == "rejected_version_offered_again" for e in logs)
+    assert device.serving() == "2.0.0"
+    assert device.infer(fleet.feeds) == "2.0.0"

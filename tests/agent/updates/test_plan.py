@@ -36,7 +36,7 @@ def test_each_desired_model_gets_one_decision() -> None:
     decisions = plan(
         _desired(fresh, same, bad),
         serving={"a": "1.0.0", "b": "2.0.0", "c": "1.0.0"},
-        rejected={"c": "2.0.0"},
+        rejected={"c": ("2.0.0", 0)},
         attempts={},
         now=0.0,
     )
@@ -46,6 +46,19 @@ def test_each_desired_model_gets_one_decision() -> None:
         ("c", "rejected"),
     ]
     assert decisions[2].reason == "2.0.0 was rejected on this device"
+
+
+
+def test_a_rejected_version_is_tried_again_only_when_offered_on_purpose() -> None:
+    """An unchanged entry never retries a rejected version; a new generation (a new rollout,
+    an operator's ``edgectl devices retry``) does."""
+    rejected = {"digits": ("2.0.0", 7)}
+    same = _model().model_copy(update={"generation": 7})
+    again = _model().model_copy(update={"generation": 8})
+    other = _model(version="2.1.0").model_copy(update={"generation": 7})
+    for entry, action in ((same, "rejected"), (again, "update"), (other, "update")):
+        [decision] = plan(_desired(entry), serving={}, rejected=rejected, attempts={}, now=0.0)
+        assert decision.action == action, entry
 
 
 def test_a_failed_target_waits_for_its_retry_time_and_a_new_digest_does_not() -> None:
