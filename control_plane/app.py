@@ -1,8 +1,10 @@
 """The FastAPI application factory: ``create_app(settings)``.
 
-Owns wiring: database (migrated at start with Alembic), artifact store, build worker, caches,
-metrics, routes and error handlers. The variant builds come from ``control_plane.builds``
-unless a ``build_variants`` callable is passed (the tests' fast FP32-only build, for one).
+Owns wiring: database (migrated at start with Alembic), artifact store and TUF repository
+(local or S3-compatible, ``control_plane.storage``), build worker (PostgreSQL: a leased queue
+shared by replicas), caches, metrics, routes and error handlers. The variant builds come
+from ``control_plane.builds`` unless a ``build_variants`` callable is passed (the tests'
+fast FP32-only build, for one).
 """
 
 from __future__ import annotations
@@ -32,23 +34,24 @@ from control_plane.api.routes import (
 )
 from control_plane.api.routes import rollouts as rollout_routes
 from control_plane.api.routes import web as web_page
-from control_plane.artifacts import ArtifactStore, LocalArtifactStore
+from control_plane.artifacts import ArtifactStore
 from control_plane.context import AppContext
+from control_plane.coordination import is_postgres, replica_name
 from control_plane.db.engine import make_engine, make_sessionmaker, upgrade_database
 from control_plane.desired import CredentialCache, DesiredStateCache
 from control_plane.ingest.wiring import IngestCollector, fleet_telemetry
-from control_plane.jobs import BuildWorker
+from control_plane.jobs import BuildWorker, JobLeases
 from control_plane.metrics import Metrics, RequestMetricsMiddleware
 from control_plane.presence import LastSeenRecorder
 from control_plane.registry import BuildVariants
 from control_plane.settings import Settings
 from control_plane.signing.publisher import (
     MetadataRefresher,
-    open_repository,
     publish_archives,
     publish_registry,
     unsigned_archives,
 )
+from control_plane.storage import artifact_store, tuf_repository
 
 __all__ = ["create_app"]
 
@@ -59,10 +62,13 @@ def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _default_builder() -> BuildVariants:
-    from control_plane.builds import build_variants
+def _default_builder(settings: Settings) -> BuildVariants:
+    import functools
 
-    builder: BuildVariants = build_variants
+    from control_plane.builds import Int8Search, build_variants
+
+    search = Int8Search(seconds=settings.build_int8_search_s)
+    builder: BuildVariants = functools.partial(build_variants, search=search)
     return builder
 
 
@@ -77,11 +83,12 @@ def create_app(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.resolved_database_url())
     sessions = make_sessionmaker(engine)
-    store = store or LocalArtifactStore(settings.data_dir / "artifacts")
+    store = store or artifact_store(settings)
     metrics = Metrics()
     desired = DesiredStateCache(ttl_s=settings.desired_state_cache_ttl_s)
+    replica = replica_name(settings.replica_id)
 
-    signed = open_repository(settings.data_dir, settings.tuf_root_key_dir)
+    signed = tuf_repository(settings, engine)
     presence = (
         LastSeenRecorder(sessions, interval_s=settings.last_seen_write_s, now=now)
         if settings.last_seen_write_s is not None
@@ -97,12 +104,18 @@ def create_app(
     worker = BuildWorker(
         sessions=sessions,
         store=store,
-        build_variants=build_variants or _default_builder(),
+        build_variants=build_variants or _default_builder(settings),
         work_dir=settings.data_dir / "builds",
         workers=settings.build_workers,
         on_finished=on_finished,
         sign=sign,
         now=now,
+        # PostgreSQL: the job rows are a queue shared by every replica, with leases
+        leases=JobLeases(
+            owner=replica, lease_s=settings.build_lease_s, poll_s=settings.build_poll_s
+        )
+        if is_postgres(engine)
+        else None,
     )
     telemetry = fleet_telemetry(
         settings,
@@ -111,6 +124,7 @@ def create_app(
         on_desired_changed=desired.invalidate,
         clock=lambda: now().timestamp(),
         unsigned=lambda archives: sorted(unsigned_archives(signed, archives)),
+        replica=replica,
     )
     metrics.registry.register(IngestCollector(telemetry.ingester, telemetry.rollouts))
     ctx = AppContext(
@@ -142,6 +156,8 @@ def create_app(
             "control_plane_started",
             database=engine.url.get_backend_name(),
             data_dir=str(settings.data_dir),
+            object_store=settings.object_store,
+            replica=replica,
         )
         try:
             yield

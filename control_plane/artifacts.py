@@ -2,8 +2,10 @@
 
 Owns where blobs live and how they are read back in byte ranges; which blob belongs to what
 (and who may read it) is the registry's and the API's business. ``ArtifactStore`` is the
-interface; ``LocalArtifactStore`` keeps blobs under ``<root>/sha256/ab/cd/<digest>``. An
-S3-compatible store implements the same five methods.
+interface; ``LocalArtifactStore`` keeps blobs under ``<root>/sha256/ab/cd/<digest>``;
+``control_plane.s3.S3ArtifactStore`` implements the same five methods on an S3-compatible store.
+``NamedFiles`` is the second, smaller interface: a handful of named files (TUF metadata and
+keys), in a local directory (``DirectoryFiles``) or under an object-store prefix.
 
 Also owns the pure parsing of an HTTP ``Range`` header against a blob size.
 """
@@ -19,14 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from agent._fs import file_sha256, fsync_dir
+from agent._fs import file_sha256, fsync_dir, write_file_atomic
 from control_plane.errors import NotFoundError, RangeNotSatisfiableError, StorageError
 
 __all__ = [
     "ArtifactRef",
     "ArtifactStore",
     "ByteRange",
+    "DirectoryFiles",
     "LocalArtifactStore",
+    "NamedFiles",
+    "digest_path",
     "parse_range",
     "sha256_file",
 ]
@@ -74,6 +79,25 @@ class ArtifactStore(Protocol):
         ...
 
 
+class NamedFiles(Protocol):
+    """Small files by name (no slashes), each written whole and atomically."""
+
+    def read(self, name: str) -> bytes:
+        """Raises ``NotFoundError`` for a missing file."""
+        ...
+
+    def write(self, name: str, data: bytes) -> None: ...
+
+    def exists(self, name: str) -> bool: ...
+
+
+def digest_path(sha256: str) -> str:
+    """``sha256/ab/cd/<digest>``: where a blob lives under a store's root."""
+    if not _DIGEST.match(sha256):
+        raise NotFoundError(f"not a sha256 digest: {sha256!r}")
+    return f"sha256/{sha256[:2]}/{sha256[2:4]}/{sha256}"
+
+
 def sha256_file(path: Path) -> ArtifactRef:
     size = path.stat().st_size
     return ArtifactRef(file_sha256(path, chunk=CHUNK), size)
@@ -88,9 +112,7 @@ class LocalArtifactStore:
         (root / "tmp").mkdir(parents=True, exist_ok=True)
 
     def _path(self, sha256: str) -> Path:
-        if not _DIGEST.match(sha256):
-            raise NotFoundError(f"not a sha256 digest: {sha256!r}")
-        return self.root / "sha256" / sha256[:2] / sha256[2:4] / sha256
+        return self.root / digest_path(sha256)
 
     def put_file(self, source: Path) -> ArtifactRef:
         ref = sha256_file(source)
@@ -142,6 +164,40 @@ class LocalArtifactStore:
     def count(self) -> int:
         """How many blobs are stored (tests check that a refused upload stored nothing)."""
         return sum(1 for p in (self.root / "sha256").rglob("*") if p.is_file())
+
+
+class DirectoryFiles:
+    """Named files in one local directory, written atomically with a mode (keys: 0600)."""
+
+    def __init__(self, directory: Path, *, mode: int = 0o644) -> None:
+        self.directory = directory
+        self._mode = mode
+
+    def _path(self, name: str) -> Path:
+        if not name or "/" in name or name.startswith("."):
+            raise NotFoundError(f"not a file name: {name!r}")
+        return self.directory / name
+
+    def read(self, name: str) -> bytes:
+        try:
+            return self._path(name).read_bytes()
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"no file {name!r}") from exc
+        except OSError as exc:
+            raise StorageError(f"cannot read {name!r}: {exc}") from exc
+
+    def write(self, name: str, data: bytes) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            write_file_atomic(self._path(name), data, mode=self._mode)
+        except OSError as exc:
+            raise StorageError(f"cannot write {name!r}: {exc}") from exc
+
+    def exists(self, name: str) -> bool:
+        try:
+            return self._path(name).is_file()
+        except NotFoundError:
+            return False
 
 
 def _chunks(path: Path, start: int, length: int) -> Iterator[bytes]:

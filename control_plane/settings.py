@@ -6,7 +6,9 @@ the environment. The two secrets have no defaults and refuse placeholder values.
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -48,10 +50,17 @@ class Settings(BaseSettings):
     # Default: a SQLite file under data_dir; PostgreSQL: postgresql+psycopg://user@host/db
     database_url: str = ""
     bootstrap_token: SecretStr  # devices present it once to enroll
+    # Bounds of the settings' bootstrap token (docs/security.md): how many enrollments it may
+    # make in all (None: no bound) and until when (None: no expiry; must carry a zone). It binds
+    # no labels: what its devices ask for waits for an operator's approval.
+    bootstrap_token_max_uses: int | None = Field(default=None, ge=0)
+    bootstrap_token_expires_at: datetime | None = None
     admin_token: SecretStr  # bootstraps the first operator tokens
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
     build_workers: int = Field(default=1, ge=1, le=16)
+    # seconds: time bound of each accuracy-aware INT8 search (per variant; docs/variants.md)
+    build_int8_search_s: float = Field(default=600.0, ge=0)
     max_upload_bytes: int = Field(default=2 * 1024**3, ge=1024)  # bytes, per file
     # Request bounds (docs/security.md), applied before anything is parsed. Bytes.
     max_header_bytes: int = Field(default=16 * 1024, ge=1024)  # the whole header block
@@ -84,7 +93,24 @@ class Settings(BaseSettings):
     # seconds: a device's latest-state row is rewritten at most this often (write-behind)
     telemetry_state_write_s: float = Field(default=5.0, ge=0)
     rollout_interval_s: float = Field(default=5.0, gt=0)  # seconds between controller ticks
-    rollout_runner: bool = True  # run the controller here (one replica of several runs it)
+    rollout_runner: bool = True  # may run the controller here (replicas elect one: below)
+    # Several replicas (docs/deployment.md). replica_id: how this process names itself in job
+    # leases and the runner's lease row; empty: <hostname>-<pid>-<random>.
+    replica_id: str = Field(default="", max_length=64)
+    build_lease_s: float = Field(default=60.0, ge=1)  # seconds a build's lease lasts unrenewed
+    build_poll_s: float = Field(default=2.0, gt=0)  # seconds between looks for queued builds
+    rollout_lease_s: float = Field(default=6.0, ge=1)  # seconds the runner's lease lasts
+    # MQTT 5 shared subscription group for telemetry and events; None: every replica gets all
+    mqtt_shared_group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    # Where artifacts, bundles and TUF metadata live: a local directory or an S3-compatible store
+    object_store: Literal["local", "s3"] = "local"
+    s3_bucket: str | None = None
+    s3_prefix: str = ""  # every key starts with it, e.g. "edgefleet/"
+    s3_endpoint_url: str | None = None  # None: AWS; MinIO, Ceph RGW: their URL
+    s3_region: str | None = None
+    s3_access_key_id: str | None = None  # None (both): boto3's default credential chain
+    s3_secret_access_key: SecretStr | None = None
+    s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
 
     @field_validator("bootstrap_token", "admin_token")
     @classmethod
@@ -99,10 +125,25 @@ class Settings(BaseSettings):
             raise ValueError(f"must be at least {MIN_SECRET_LENGTH} characters")
         return value
 
+    @field_validator("bootstrap_token_expires_at")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("needs a time zone, e.g. 2030-01-01T00:00:00Z")
+        return value
+
     @model_validator(mode="after")
     def _distinct_secrets(self) -> Settings:
         if self.bootstrap_token.get_secret_value() == self.admin_token.get_secret_value():
             raise ValueError("bootstrap_token and admin_token must differ")
+        return self
+
+    @model_validator(mode="after")
+    def _s3_complete(self) -> Settings:
+        if self.object_store == "s3" and not self.s3_bucket:
+            raise ValueError("object_store 's3' needs s3_bucket")
+        if self.s3_prefix and not self.s3_prefix.endswith("/"):
+            raise ValueError("s3_prefix must end with '/'")
         return self
 
     def resolved_database_url(self) -> str:

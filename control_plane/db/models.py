@@ -28,8 +28,10 @@ __all__ = [
     "ApiToken",
     "Assignment",
     "Base",
+    "BootstrapToken",
     "BuildJob",
     "Device",
+    "Lease",
     "Model",
     "ModelVersion",
     "UTCDateTime",
@@ -72,13 +74,39 @@ class ApiToken(Base):
     created_at: Mapped[datetime]
     created_by: Mapped[str] = mapped_column(String(64))
     revoked_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]  # set for every stored token (migration 0006)
+
+
+class BootstrapToken(Base):
+    """An enrollment token: the labels it binds, how often and until when it may enroll.
+
+    Only the sha256 is kept. The settings' bootstrap token gets a row of its own at its first
+    use (``created_by`` = ``settings``), so its uses are counted like any other token's.
+    """
+
+    __tablename__ = "bootstrap_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    labels: Mapped[dict[str, Any]]
+    max_uses: Mapped[int | None] = mapped_column(Integer)  # None: no bound (settings token only)
+    uses: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    expires_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    created_by: Mapped[str] = mapped_column(String(64))
+    revoked_at: Mapped[datetime | None]
 
 
 class Device(Base):
     """An enrolled device: its credential hash, labels, last profile and last reported state.
 
-    ``retries`` counts the operator's explicit retries per model name (``edgectl devices
-    retry``); it feeds the generation of the device's desired-state entries.
+    ``labels`` select assignments; they come from the operator or from the bootstrap token the
+    device enrolled with. ``requested_labels`` are what the device asked for at enrollment: they
+    select nothing until an operator approves them. ``retries`` counts the operator's explicit
+    retries per model name (``edgectl devices retry``); it feeds the generation of the device's
+    desired-state entries. A credential rotation keeps the old credential's hash in
+    ``previous_token_hash`` until the device uses its new one or ``credential_rotate_by`` passes.
     """
 
     __tablename__ = "devices"
@@ -93,6 +121,11 @@ class Device(Base):
     last_seen_at: Mapped[datetime | None]
     reported_at: Mapped[datetime | None]
     retries: Mapped[dict[str, Any] | None]
+    requested_labels: Mapped[dict[str, Any] | None]
+    bootstrap_token_id: Mapped[int | None] = mapped_column(Integer)
+    previous_token_hash: Mapped[str | None] = mapped_column(String(64), index=True)
+    credential_rotate_by: Mapped[datetime | None]
+    credential_revoked_at: Mapped[datetime | None]
 
 
 class Model(Base):
@@ -170,7 +203,8 @@ class BuildJob(Base):
     version_id: Mapped[int] = mapped_column(
         ForeignKey("model_versions.id", ondelete="CASCADE"), index=True
     )
-    status: Mapped[str] = mapped_column(String(16))  # queued | running | succeeded | failed
+    # queued | running | succeeded | failed
+    status: Mapped[str] = mapped_column(String(16), index=True)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     message: Mapped[str] = mapped_column(Text, default="")
     log: Mapped[str] = mapped_column(Text, default="")
@@ -178,6 +212,10 @@ class BuildJob(Base):
     created_at: Mapped[datetime]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # PostgreSQL job queue (control_plane/jobs.py): who runs it and until when, unless renewed
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Assignment(Base):
@@ -194,3 +232,14 @@ class Assignment(Base):
     selector: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime]
     created_by: Mapped[str] = mapped_column(String(64))
+
+
+class Lease(Base):
+    """A named role one replica holds until ``expires_at`` unless it renews (the rollout runner)."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[datetime]
+    acquired_at: Mapped[datetime]

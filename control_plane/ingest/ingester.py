@@ -65,6 +65,20 @@ class MqttLink:
     keepalive_s: int = 30
     # MQTT 5 session expiry: the broker queues QoS 1 events while the service restarts.
     session_expiry_s: int = 3600
+    # MQTT 5 shared subscription group for telemetry and events: replicas in one group split
+    # them (each message goes to one of them); None: this replica gets every message.
+    shared_group: str | None = None
+
+    def subscriptions(self) -> list[tuple[str, int]]:
+        """State goes to every replica (retained, rare, ordered); telemetry and events are
+        split across the group when there is one."""
+        prefix = self.topic_prefix
+        share = f"$share/{self.shared_group}/" if self.shared_group else ""
+        return [
+            (f"{prefix}/+/state", 1),
+            (f"{share}{prefix}/+/telemetry", 1),
+            (f"{share}{prefix}/+/events", 1),
+        ]
 
 
 @dataclass(frozen=True)
@@ -305,9 +319,13 @@ class TelemetryIngester:
             log.error("ingest_connect_refused", reason=str(reason_code))
             return
         self._connected.set()
-        prefix = self.link.topic_prefix
-        client.subscribe([(f"{prefix}/+/{kind}", 1) for kind in ("state", "telemetry", "events")])
-        log.info("ingest_connected", host=self.link.host, session=bool(flags.session_present))
+        client.subscribe(self.link.subscriptions())
+        log.info(
+            "ingest_connected",
+            host=self.link.host,
+            session=bool(flags.session_present),
+            shared_group=self.link.shared_group,
+        )
 
     def _on_subscribe(
         self,

@@ -16,13 +16,16 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from control_plane.coordination import RoleLease, is_postgres, replica_name
 from control_plane.ingest.fleet import FleetLimits
 from control_plane.ingest.ingester import IngestOptions, MqttLink, TelemetryIngester
 from control_plane.ingest.writer import Retention
 from control_plane.rollouts.service import RolloutService
 from control_plane.settings import Settings
 
-__all__ = ["FleetTelemetry", "IngestCollector", "fleet_telemetry"]
+__all__ = ["RUNNER_ROLE", "FleetTelemetry", "IngestCollector", "fleet_telemetry"]
+
+RUNNER_ROLE = "rollout-runner"  # the lease row of the one replica that runs the controller
 
 _COUNTERS = (
     ("received", "MQTT messages received"),
@@ -71,6 +74,11 @@ class IngestCollector(Collector):
             "rollout ticks that raised",
             value=self._rollouts.tick_failures,
         )
+        yield GaugeMetricFamily(
+            "edgefleet_cp_rollout_leader",
+            "1 while this replica runs the rollout controller",
+            value=int(self._rollouts.leading and self._rollouts.running),
+        )
 
 
 @dataclass
@@ -99,6 +107,7 @@ def fleet_telemetry(
     on_desired_changed: Callable[[Iterable[str]], None],
     clock: Callable[[], float] = time.time,
     unsigned: Callable[[Mapping[str, tuple[int, str]]], list[str]] | None = None,
+    replica: str = "",
 ) -> FleetTelemetry:
     ingester: TelemetryIngester | None = None
     if settings.mqtt_host:
@@ -113,6 +122,7 @@ def fleet_telemetry(
                 client_id=settings.mqtt_client_id,
                 topic_prefix=settings.mqtt_topic_prefix,
                 session_expiry_s=settings.mqtt_session_expiry_s,
+                shared_group=settings.mqtt_shared_group,
             ),
             engine,
             options=IngestOptions(
@@ -131,5 +141,11 @@ def fleet_telemetry(
         clock=clock,
         interval_s=settings.rollout_interval_s,
         unsigned=unsigned,
+        # One runner across replicas on PostgreSQL (docs/rollouts.md); SQLite: this process.
+        lease=RoleLease(
+            engine, RUNNER_ROLE, holder=replica_name(replica), ttl_s=settings.rollout_lease_s
+        )
+        if is_postgres(engine)
+        else None,
     )
     return FleetTelemetry(ingester, rollouts, settings.rollout_runner)

@@ -17,7 +17,13 @@ enrolled device.
 
 Commands go out after the commit (a device that misses one still converges at its next poll).
 One lock serialises the runner and the operator routes in this process; the state row's
-revision catches a second writer elsewhere. Time enters as ``clock`` (epoch seconds).
+revision catches a second writer elsewhere. With several replicas on PostgreSQL, the runner
+ticks only in the replica holding the ``rollout-runner`` lease (``lease``,
+``control_plane.coordination.RoleLease``); the others renew-or-take it every third of its
+lifetime, so a dead runner is replaced within about ``1.33 x lease`` seconds. Every decision
+is idempotent: the new state and its actions commit together against the revision read, so a
+former leader that wakes up late loses the revision check instead of acting twice. Time
+enters as ``clock`` (epoch seconds).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from agent.contracts.manifest import semver_key
 from agent.contracts.telemetry import CheckUpdateCommand, RollbackCommand
 from agent.logs import get_logger
+from control_plane.coordination import RoleLease
 from control_plane.db.models import Assignment, Device, Model, ModelVersion
 from control_plane.desired import selector_matches
 from control_plane.errors import ConflictError, InvalidInputError
@@ -131,8 +138,12 @@ class RolloutService:
         interval_s: float = 5.0,
         controller: RolloutController | None = None,
         unsigned: Callable[[Mapping[str, tuple[int, str]]], list[str]] | None = None,
+        lease: RoleLease | None = None,
+        wall: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sessions = sessions
+        self._lease = lease
+        self._wall = wall
         self._commands = commands
         self._on_desired_changed = on_desired_changed
         self._clock = clock
@@ -144,6 +155,7 @@ class RolloutService:
         self._thread: threading.Thread | None = None
         self.ticks = 0
         self.tick_failures = 0
+        self.takeovers = 0  # times this replica became the runner
 
     # -- the runner ------------------------------------------------------------------------
 
@@ -159,9 +171,38 @@ class RolloutService:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self._lease is not None:
+            self._lease.release()  # a clean stop hands the runner over at once
+
+    @property
+    def running(self) -> bool:
+        """Whether the runner thread was started here."""
+        return self._thread is not None
+
+    @property
+    def leading(self) -> bool:
+        """Whether this replica runs the controller now (always, without a lease)."""
+        return self._lease is None or self._lease.held
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        # With a lease, wake every third of it to renew (or take it over); tick only while
+        # holding it: at once on taking it, then every interval_s.
+        lease = self._lease
+        wake = self.interval_s if lease is None else min(self.interval_s, lease.ttl_s / 3)
+        next_tick = self._wall() + self.interval_s if lease is None else 0.0
+        first = lease is not None
+        while not self._stop.wait(0 if first else wake):
+            first = False
+            if lease is not None:
+                was_leading = lease.held
+                if not lease.hold():
+                    continue
+                if not was_leading:
+                    self.takeovers += 1
+                    next_tick = 0.0
+            if self._wall() < next_tick - wake / 10:  # a wake-up a hair early still ticks
+                continue
+            next_tick = self._wall() + self.interval_s
             try:
                 self.tick()
             except Exception:  # keep running: the next tick retries from the stored state

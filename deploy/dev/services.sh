@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Starts the local Mosquitto and PostgreSQL that the test suite talks to, if they are not running.
+# Starts the local Mosquitto and PostgreSQL that the test suite talks to, if they are not running,
+# and installs HAProxy (Debian package) when it is missing.
 # Idempotent; prints what it did. Used by `make test` and `make demo`.
 set -u
 port_open() { python3 - "$1" <<'PY'
@@ -29,5 +30,14 @@ elif command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
   wait_port 5432 && echo "postgresql: started" || echo "postgresql: failed to start" >&2
 else
   echo "postgresql: not installed (apt-get install postgresql); postgres tests will fail" >&2
+fi
+# HAProxy balances several `edgectl serve` replicas in the scale-out tests and the fleet bench.
+if command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ]; then
+  echo "haproxy: installed"
+elif command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get install -y -q haproxy >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q haproxy >/dev/null 2>&1; }) \
+    && echo "haproxy: installed (apt-get)" || echo "haproxy: apt-get install haproxy failed" >&2
+else
+  echo "haproxy: not installed (apt-get install haproxy); load-balancer tests will fail" >&2
 fi
 exit 0

@@ -50,10 +50,9 @@ async def metadata_file(filename: MetadataFile, ctx: Context) -> Response:
     repo = _repository(ctx)
     if not _FILE.match(filename):
         raise NotFoundError(f"no metadata file {filename!r}")
-    path = repo.metadata_dir / filename
     try:
-        data = await run_in_threadpool(path.read_bytes)
-    except FileNotFoundError as exc:
+        data = await run_in_threadpool(repo.metadata_bytes, filename)
+    except NotFoundError as exc:
         raise NotFoundError(f"no metadata file {filename!r}") from exc
     # Versioned files never change; timestamp.json must never come from a cache.
     cache = "no-store" if filename == "timestamp.json" else "public, max-age=31536000, immutable"
