@@ -16,7 +16,7 @@ from agent.api import Batcher, BatchPolicy, plan_batch, start_api
 from agent.config import ApiConfig, BackendConfig, BatchingConfig
 from agent.errors import InferenceError
 from agent.models.slots import ModelSlot, SlotRegistry
-from tests.agent.api.conftest import DIGITS_SERVING, serve
+from tests.agent.api.conftest import DIGITS_SERVING, ECHO_TYPES, echo_feeds, serve
 
 
 @pytest.mark.parametrize(
@@ -234,3 +234,57 @@ def test_models_without_batch_dimension_are_not_batched(api: Any, tmp_path: Path
         registry.close()
     digits = api.service.repository.get("digits")
     assert digits.max_batch_size == 32  # from its session: a dynamic first dimension
+
+
+def test_batching_turned_off_for_one_model_runs_each_request_alone(
+    repository: SlotRegistry,
+) -> None:
+    # The echo graph has a batch dimension; a user turns batching off for it alone.
+    config = ApiConfig(
+        http_port=0,
+        grpc_port=0,
+        batching=BatchingConfig(max_queue_delay_us=50_000),
+        model_batching={"echo": BatchingConfig(enabled=False)},
+    )
+    echo = repository.slot("echo").current
+    assert echo is not None
+    assert echo.max_batch_size == 32  # from its session: it could be batched
+    feeds = echo_feeds(rows=2, seed=5)
+    clients = 4
+    results: list[dict[str, np.ndarray[Any, Any]]] = []
+    errors: list[BaseException] = []
+    before = echo.health().requests
+    with start_api(repository, config) as server:
+
+        def call() -> None:
+            client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+            try:
+                items = []
+                for name, arr in feeds.items():
+                    datatype = (
+                        "BYTES" if arr.dtype == object else grpcclient.np_to_triton_dtype(arr.dtype)
+                    )
+                    item = grpcclient.InferInput(name, list(arr.shape), datatype)
+                    item.set_data_from_numpy(arr)
+                    items.append(item)
+                result = client.infer("echo", items)
+                results.append(
+                    {f"in_{t.lower()}": result.as_numpy(f"out_{t.lower()}") for t in ECHO_TYPES}
+                )
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                client.close()
+
+        threads = [threading.Thread(target=call) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert "echo" not in server.service._batchers
+    assert not errors, errors
+    assert len(results) == clients
+    for got in results:
+        for name, want in feeds.items():
+            np.testing.assert_array_equal(got[name], want)
+    assert echo.health().requests == before + clients  # one run per request, none shared
