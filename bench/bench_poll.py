@@ -203,16 +203,22 @@ async def prepare(server: Server, devices: int, work: Path) -> list[Poll]:
         if job["status"] != "succeeded":
             raise RuntimeError(f"build failed: {job['error']}")
         sem = asyncio.Semaphore(20)
+        # the label that selects the assignment comes with the bootstrap token
+        r = await admin.post(
+            "/v1/bootstrap-tokens",
+            json={"name": "bench", "labels": {"site": "bench"}, "max_uses": devices},
+        )
+        r.raise_for_status()
+        bench_token = r.json()["token"]
 
         async def enroll(i: int) -> tuple[str, str]:
             async with sem:
                 r = await admin.post(
                     "/v1/devices/enroll",
                     json={
-                        "bootstrap_token": BOOTSTRAP_TOKEN,
+                        "bootstrap_token": bench_token,
                         "name": f"robot-{i}",
                         "profile": profile(),
-                        "labels": {"site": "bench"},
                     },
                 )
                 r.raise_for_status()

@@ -25,6 +25,7 @@ from control_plane.api.limits import RequestLimits, RequestLimitsMiddleware
 from control_plane.api.routes import (
     artifacts,
     assignments,
+    bootstrap_tokens,
     devices,
     health,
     jobs,
@@ -180,6 +181,7 @@ def create_app(
     install_error_handlers(app)
     for module in (health, tokens, models, jobs, devices, assignments, artifacts, tuf):
         app.include_router(module.router)
+    app.include_router(bootstrap_tokens.router)
     app.include_router(rollout_routes.router)
     app.include_router(web_page.router)  # the operator page at / and /ui
     # header and body bounds, before any route parses (inside the metrics: refusals are counted)

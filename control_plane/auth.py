@@ -1,8 +1,9 @@
-"""Credentials: operator API tokens with roles and per-device tokens, kept only as hashes.
+"""Credentials: operator API tokens, bootstrap tokens and device credentials, kept as hashes.
 
 Tokens are 32 random bytes (URL-safe base64) with a prefix saying what they are for; the
 database holds their sha256, which is enough for random secrets (no password stretching needed).
-Which route needs which principal is decided in ``control_plane.api.deps``.
+Which route needs which principal is decided in ``control_plane.api.deps``; the bounds of each
+kind (expiry, uses, rotation) in the routes that issue them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 __all__ = [
+    "BOOTSTRAP_TOKEN_PREFIX",
     "DEVICE_TOKEN_PREFIX",
     "OPERATOR_TOKEN_PREFIX",
     "ROLES",
@@ -29,6 +31,7 @@ Role = Literal["viewer", "operator", "admin"]
 ROLES: tuple[Role, ...] = ("viewer", "operator", "admin")
 OPERATOR_TOKEN_PREFIX = "efo_"  # noqa: S105 - a prefix, not a secret
 DEVICE_TOKEN_PREFIX = "efd_"  # noqa: S105 - a prefix, not a secret
+BOOTSTRAP_TOKEN_PREFIX = "efb_"  # noqa: S105 - a prefix, not a secret
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@
     |   +-- ConflictError       409   it exists already (a model name, a version)
     |   +-- AuthError           401   missing, unknown or forged credential
     |   +-- ForbiddenError      403   the credential may not do this
+    |   |   +-- CsrfError       403   a web form that this page did not send
     |   +-- RangeNotSatisfiableError 416
     |   +-- PayloadTooLargeError 413 a body (or one file of it) over its bound (carries ``limit``)
     |   +-- HeadersTooLargeError 431 request headers over their bound
@@ -29,6 +30,7 @@ __all__ = [
     "ConfigError",
     "ConflictError",
     "ControlPlaneError",
+    "CsrfError",
     "ForbiddenError",
     "HeadersTooLargeError",
     "InvalidInputError",
@@ -99,6 +101,10 @@ class ForbiddenError(RequestError):
     """A valid credential that may not do this."""
 
     status_code = 403
+
+
+class CsrfError(ForbiddenError):
+    """A form post to the web page without this page's anti-forgery token, or cross-site."""
 
 
 class RangeNotSatisfiableError(RequestError):

@@ -6,6 +6,7 @@ the environment. The two secrets have no defaults and refuse placeholder values.
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
@@ -49,6 +50,11 @@ class Settings(BaseSettings):
     # Default: a SQLite file under data_dir; PostgreSQL: postgresql+psycopg://user@host/db
     database_url: str = ""
     bootstrap_token: SecretStr  # devices present it once to enroll
+    # Bounds of the settings' bootstrap token (docs/security.md): how many enrollments it may
+    # make in all (None: no bound) and until when (None: no expiry; must carry a zone). It binds
+    # no labels: what its devices ask for waits for an operator's approval.
+    bootstrap_token_max_uses: int | None = Field(default=None, ge=0)
+    bootstrap_token_expires_at: datetime | None = None
     admin_token: SecretStr  # bootstraps the first operator tokens
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
@@ -117,6 +123,13 @@ class Settings(BaseSettings):
             )
         if len(raw) < MIN_SECRET_LENGTH:
             raise ValueError(f"must be at least {MIN_SECRET_LENGTH} characters")
+        return value
+
+    @field_validator("bootstrap_token_expires_at")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("needs a time zone, e.g. 2030-01-01T00:00:00Z")
         return value
 
     @model_validator(mode="after")

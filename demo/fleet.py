@@ -385,17 +385,22 @@ class DemoRun:
         return path
 
     def provision(self, name: str, labels: dict[str, str], state_dir: Path) -> str:
-        """Enroll a device as a factory would: the control plane's id and credential go into
-        the agent's state directory, so the agent runs (and publishes telemetry) under that id
-        from its first second. Returns the id."""
+        """Enroll a device as a factory would: a one-use bootstrap token that carries the
+        device's labels (labels a device asserts itself select nothing), then the control
+        plane's id and credential go into the agent's state directory, so the agent runs (and
+        publishes telemetry) under that id from its first second. Returns the id."""
         from agent.hardware import detect_profile
         from agent.updates.client import CREDENTIAL_FILE, DeviceCredential
 
+        token = self._call(
+            "POST",
+            "/v1/bootstrap-tokens",
+            json={"name": name, "labels": labels, "max_uses": 1, "expires_in_s": 600},
+        )
         body = {
-            "bootstrap_token": self.bootstrap_token,
+            "bootstrap_token": token["token"],
             "name": name,
             "profile": detect_profile().model_dump(mode="json"),
-            "labels": labels,
         }
         answer = self._call("POST", "/v1/devices/enroll", json=body)
         credential = DeviceCredential(

@@ -21,13 +21,15 @@ import pytest
 
 from agent.samples import DigitsData
 from tests.agent.store import models
-from tests.agent.updates.fleet import ADMIN_TOKEN, BOOTSTRAP_TOKEN, ControlPlane
+from tests.agent.updates.fleet import ADMIN_TOKEN, ControlPlane
 
 BIN = Path(sys.executable).parent
 AGENTS = ("robot-a", "robot-b")
 
 
-def _agent_config(path: Path, name: str, state_dir: Path, cp_url: str, root: Path) -> Path:
+def _agent_config(
+    path: Path, name: str, state_dir: Path, cp_url: str, root: Path, token: str
+) -> Path:
     path.write_text(
         f"""
 device_id = "{name}"
@@ -51,12 +53,9 @@ enabled = false
 
 [control_plane]
 url = "{cp_url}"
-bootstrap_token = "{BOOTSTRAP_TOKEN}"
+bootstrap_token = "{token}"
 tuf_root_path = "{root}"
 poll_interval_s = 0.3
-
-[control_plane.labels]
-fleet = "e2e"
 """,
         encoding="utf-8",
     )
@@ -124,11 +123,19 @@ def test_two_agents_swap_to_v2_with_no_dropped_inference(
     root.write_bytes(edgectl("tuf", "root"))  # provisioning: the fleet's root of trust
     assert json.loads(root.read_bytes())["signed"]["_type"] == "root"
 
+    # The devices' label comes with their bootstrap token, which enrolls exactly this fleet.
+    created = edgectl(
+        "bootstrap-tokens", "create", "e2e", "--label", "fleet=e2e", "--uses", str(len(AGENTS))
+    )
+    token = created.decode().split()[-1]
+
     procs: dict[str, subprocess.Popen[bytes]] = {}
     logs = contextlib.ExitStack()
     try:
         for name in AGENTS:
-            config = _agent_config(tmp_path / f"{name}.toml", name, tmp_path / name, cp.url, root)
+            config = _agent_config(
+                tmp_path / f"{name}.toml", name, tmp_path / name, cp.url, root, token
+            )
             procs[name] = subprocess.Popen(
                 [str(BIN / "edge-agent"), "daemon", "--config", str(config)],
                 stdout=subprocess.PIPE,

@@ -81,7 +81,9 @@ def serve(tmp_path: Path) -> Iterator[str]:
             proc.wait()
 
 
-def _config(tmp_path: Path, name: str, root: Path, url: str, tuf_root: Path, port: int) -> Path:
+def _config(
+    tmp_path: Path, name: str, root: Path, url: str, tuf_root: Path, port: int, token: str
+) -> Path:
     path = tmp_path / f"{name}.toml"
     path.write_text(
         f"""
@@ -113,12 +115,11 @@ grpc_port = 0
 
 [control_plane]
 url = "{url}"
-bootstrap_token = "{BOOTSTRAP_TOKEN}"
+bootstrap_token = "{token}"
 tuf_root_path = "{tuf_root}"
 poll_interval_s = 0.5
 
 [control_plane.labels]
-fleet = "boards"
 board = "{name}"
 """,
         encoding="utf-8",
@@ -163,11 +164,22 @@ def test_each_board_class_serves_its_measured_variant(
         str(cal),
     )
     ports = {name: free_port() for name in DEVICES}
+    # fleet=boards comes with the bootstrap token; board=<name> is only the device's request
+    created = edgectl(
+        "bootstrap-tokens",
+        "create",
+        "boards",
+        "--label",
+        "fleet=boards",
+        "--uses",
+        str(len(DEVICES)),
+    )
+    token = created.decode().split()[-1]
     procs: dict[str, subprocess.Popen[bytes]] = {}
     logs = contextlib.ExitStack()
     try:
         for name, root in DEVICES.items():
-            config = _config(tmp_path, name, root, serve, tuf_root, ports[name])
+            config = _config(tmp_path, name, root, serve, tuf_root, ports[name], token)
             procs[name] = subprocess.Popen(
                 [str(BIN / "edge-agent"), "daemon", "--config", str(config)],
                 stdout=subprocess.DEVNULL,

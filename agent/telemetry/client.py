@@ -1,12 +1,19 @@
 """The agent's MQTT link: birth and last will, periodic telemetry, update events, commands.
 
 Owns the connection (paho-mqtt 2.x, MQTT 5, optional TLS with client certificates, username and
-password), reconnecting with jittered exponential backoff on a fresh client each time, and
-delivery from the on-disk ``Spool``: every outgoing event and telemetry message is spooled
-first and removed only when delivered (events: PUBACK; telemetry, QoS 0: written to the
-socket), so nothing queued is lost across broker outages or agent restarts. What the telemetry
-says comes from providers handed in (window statistics, system metrics, slot identities); what
-a command does is up to the handlers registered with ``on_command``.
+password) under the device id as client id, reconnecting with jittered exponential backoff on a
+fresh client each time, and delivery from the on-disk ``Spool``: every outgoing event and
+telemetry message is spooled first and removed only when delivered (events: PUBACK; telemetry,
+QoS 0: written to the socket), so nothing queued is lost across broker outages or agent
+restarts. What the telemetry says comes from providers handed in (window statistics, system
+metrics, slot identities); what a command does is up to the handlers registered with
+``on_command``.
+
+Identity: the fleet's broker binds the client id to the certificate (``use_identity_as_username``
+with ``use_username_as_clientid``, docs/security.md), so a client certificate must name this
+device (its subject CN is the device id); one that names another device is refused before any
+connect (``mqtt_tls_setup_failed``) and read again at the next attempt, so a corrected
+certificate is picked up without a restart.
 
 Threads: a network thread runs the paho loop, publishes and dispatches commands (handlers run
 on it and must not block); a timer thread produces telemetry; ``publish_event`` may be called
@@ -51,7 +58,7 @@ from agent.errors import ConfigError, TelemetryError
 from agent.logs import get_logger
 from agent.telemetry.spool import MessageKind, Spool
 
-__all__ = ["CommandHandler", "TelemetryClient", "TelemetryCounters"]
+__all__ = ["CommandHandler", "TelemetryClient", "TelemetryCounters", "certificate_identity"]
 
 log = get_logger(__name__)
 CommandHandler = Callable[[Command], None]
@@ -79,6 +86,23 @@ class TelemetryCounters:
 
 def _utc_now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def certificate_identity(path: Path) -> str | None:
+    """The subject CN of the PEM certificate at ``path`` (its first one): the identity the
+    broker gives a client that presents it. ``ConfigError`` when it cannot be read."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"mqtt.tls_cert {path} is not a readable PEM certificate: {exc}") from exc
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not names:
+        return None
+    value = names[0].value
+    return value if isinstance(value, str) else value.decode("utf-8", "replace")
 
 
 class TelemetryClient:
@@ -380,6 +404,13 @@ class TelemetryClient:
         cfg = self._config
         if cfg.username is not None:
             client.username_pw_set(cfg.username, cfg.password)
+        if cfg.tls_cert is not None:
+            named = certificate_identity(cfg.tls_cert)
+            if named != self._device_id:
+                raise ConfigError(
+                    f"mqtt.tls_cert {cfg.tls_cert} names {named!r}, not this device "
+                    f"{self._device_id!r}: the broker would bind the connection to {named!r}"
+                )
         if cfg.tls_ca is not None or cfg.tls_cert is not None:
             try:
                 client.tls_set(

@@ -43,7 +43,13 @@ from pydantic import ValidationError as PydanticValidationError
 from agent import __version__
 from agent._fs import write_file_atomic
 from agent.config import ControlPlaneConfig
-from agent.contracts.enrollment import EnrollmentRequest, EnrollmentResponse
+from agent.contracts.enrollment import (
+    CREDENTIAL_HEADER,
+    ROTATE,
+    CredentialResponse,
+    EnrollmentRequest,
+    EnrollmentResponse,
+)
 from agent.contracts.errors import ContractError
 from agent.contracts.events import UpdateEvent
 from agent.contracts.manifest import NAME_RE
@@ -393,12 +399,48 @@ class UpdateClient:
             credential=answer.credential,
             enrolled_at=datetime.now(timezone.utc),
         )
-        self._state_dir.mkdir(parents=True, exist_ok=True)
-        path = self._credential_path()
-        # Written 0600 from the start: the credential never exists world-readable.
-        write_file_atomic(path, cred.model_dump_json().encode(), mode=0o600)
+        self._save_credential(cred)
         log.info("device_enrolled", device_id=cred.device_id, control_plane=self._url)
         return cred
+
+    def _save_credential(self, cred: DeviceCredential) -> None:
+        self._state_dir.mkdir(parents=True, exist_ok=True)
+        # Written 0600 from the start: the credential never exists world-readable.
+        write_file_atomic(self._credential_path(), cred.model_dump_json().encode(), mode=0o600)
+
+    def _rotate_credential(self) -> None:
+        """The control plane asked for a new credential (``Edgefleet-Credential: rotate``):
+        fetch it with the current one, keep it on disk, then use it. The old one stays valid
+        on the control plane until the new one is first used, so a crash or a lost answer
+        here is harmless: the next poll asks again and the old credential fetches again."""
+        assert self._credential is not None
+        old = self._credential
+        response = self._request(
+            "POST",
+            f"/v1/devices/{old.device_id}/credential",
+            what="credential",
+            limit=self._limits.enrollment,
+        )
+        if response.status_code != 200:
+            log.warning(
+                "credential_rotation_failed",
+                status=response.status_code,
+                reason=_brief(response),
+            )
+            return
+        try:
+            answer = CredentialResponse.model_validate_json(response.content)
+        except PydanticValidationError as exc:
+            log.warning("credential_rotation_failed", reason=f"answer does not parse: {exc}")
+            return
+        if answer.device_id != old.device_id:
+            log.warning("credential_rotation_failed", reason="answer names another device")
+            return
+        cred = old.model_copy(update={"credential": answer.credential})
+        self._save_credential(cred)  # on disk before first use: never lose the new one
+        self._credential = cred
+        self._http.headers["Authorization"] = f"Bearer {cred.credential}"
+        log.info("credential_rotated", device_id=cred.device_id)
 
     # --- desired state -------------------------------------------------------------------------
 
@@ -412,6 +454,8 @@ class UpdateClient:
             limit=self._limits.desired_state,
             headers=headers,
         )
+        if response.status_code in (200, 304) and response.headers.get(CREDENTIAL_HEADER) == ROTATE:
+            self._rotate_credential()
         if response.status_code == 304:
             return self._desired
         if response.status_code != 200:

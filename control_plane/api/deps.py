@@ -4,6 +4,13 @@ Principals: ``CurrentOperator`` (any operator token, viewer and up), ``OperatorW
 (operator and up), ``Admin``; ``CurrentDevice`` (a device credential); ``DeviceOrViewer`` for
 what both may read. The admin token from the settings is an admin; other operator tokens and
 device credentials are looked up by their sha256.
+
+Refused (401): an operator token that is revoked or past its ``expires_at``; a device credential
+that is revoked, or whose rotation deadline (``credential_rotate_by``) passed before the device
+fetched its new one. While a rotation is pending, the old credential still works and the
+principal says so (``DevicePrincipal.rotate``), so the desired-state answer can carry the hint;
+such a credential is never put in the credential cache, so no poll skips the hint. The first
+request with the new credential ends the rotation (the old one is refused from then on).
 """
 
 from __future__ import annotations
@@ -14,10 +21,11 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from agent.logs import get_logger
 from control_plane.auth import (
     DEVICE_TOKEN_PREFIX,
     Operator,
@@ -43,6 +51,7 @@ __all__ = [
     "desired_state_entry",
 ]
 
+log = get_logger(__name__)
 _bearer = HTTPBearer(auto_error=False, description="operator API token or device credential")
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
@@ -65,7 +74,13 @@ SessionDep = Annotated[Session, Depends(get_session)]
 
 @dataclass(frozen=True)
 class DevicePrincipal:
+    """A device, by its credential. ``rotate``: an operator asked for a new credential and this
+    one may fetch it (``POST /v1/devices/{id}/credential``); ``previous``: this is the credential
+    an unfinished rotation replaced (the device has not used the new one yet)."""
+
     device_id: str
+    rotate: bool = False
+    previous: bool = False
 
 
 def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
@@ -85,24 +100,50 @@ def _lookup_operator(ctx: AppContext, token: str) -> Operator:
         )
         if row is None:
             raise AuthError("unknown or revoked API token")
+        if row.expires_at is not None and row.expires_at <= ctx.now():
+            raise AuthError(f"API token {row.name!r} expired at {row.expires_at.isoformat()}")
         role: Role = row.role  # type: ignore[assignment]
         return Operator(name=row.name, role=role)
 
 
-def _lookup_device(ctx: AppContext, token_hash: str) -> str:
+def _lookup_device(ctx: AppContext, token_hash: str) -> DevicePrincipal:
     with ctx.sessions() as session:
-        device_id = session.scalar(select(Device.id).where(Device.token_hash == token_hash))
-    if device_id is None:
-        raise AuthError("unknown device credential")
+        device = session.scalar(
+            select(Device).where(
+                or_(Device.token_hash == token_hash, Device.previous_token_hash == token_hash)
+            )
+        )
+        if device is None:
+            raise AuthError("unknown device credential")
+        if device.credential_revoked_at is not None:
+            raise AuthError("device credential revoked")
+        deadline = device.credential_rotate_by
+        fetched = device.previous_token_hash is not None  # the new credential went out
+        if deadline is not None and deadline <= ctx.now() and device.token_hash != token_hash:
+            raise AuthError(f"device credential rotated: refused since {deadline.isoformat()}")
+        if device.previous_token_hash == token_hash:
+            return DevicePrincipal(device.id, rotate=True, previous=True)
+        if deadline is not None and not fetched:
+            if deadline <= ctx.now():
+                raise AuthError(
+                    "device credential expired: its rotation was due by " + deadline.isoformat()
+                )
+            return DevicePrincipal(device.id, rotate=True)  # rotation asked, not fetched yet
+        if fetched:  # the first request with the new credential ends the rotation
+            device.previous_token_hash = None
+            device.credential_rotate_by = None
+            session.commit()
+            log.info("credential_rotated", device_id=device.id)
+        device_id = device.id
     ctx.credentials.put(token_hash, device_id)
-    return device_id
+    return DevicePrincipal(device_id)
 
 
 async def _device(ctx: AppContext, token: str) -> DevicePrincipal:
     token_hash = hash_token(token)
     device_id = ctx.credentials.get(token_hash)
     if device_id is None:
-        device_id = await run_in_threadpool(_lookup_device, ctx, token_hash)
+        return await run_in_threadpool(_lookup_device, ctx, token_hash)
     return DevicePrincipal(device_id)
 
 

@@ -22,9 +22,15 @@ from control_plane.auth import Role
 __all__ = [
     "AssignmentCreate",
     "AssignmentPublic",
+    "BootstrapTokenCreate",
+    "BootstrapTokenCreated",
+    "BootstrapTokenPublic",
+    "CredentialRotate",
+    "CredentialStatus",
     "DevicePublic",
     "ErrorBody",
     "JobPublic",
+    "LabelsApprove",
     "LabelsUpdate",
     "ModelCreate",
     "ModelPublic",
@@ -142,9 +148,15 @@ class VersionPublic(BaseModel):
     job: JobPublic | None
 
 
+DAY_S = 24 * 3600
+
+
 class TokenCreate(_Body):
     name: Name
     role: Role = "viewer"
+    expires_in_s: int = Field(
+        default=90 * DAY_S, ge=1, le=366 * DAY_S, description="seconds until the token expires"
+    )
 
 
 class TokenPublic(BaseModel):
@@ -154,16 +166,59 @@ class TokenPublic(BaseModel):
     created_at: datetime
     created_by: str
     revoked: bool
+    expires_at: datetime | None
 
 
 class TokenCreated(TokenPublic):
     token: str = Field(description="shown only once")
 
 
+class BootstrapTokenCreate(_Body):
+    """An enrollment token: how many devices may enroll with it, until when, with what labels."""
+
+    name: Name
+    labels: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="given to every device that enrolls with it; they select assignments",
+    )
+    max_uses: int = Field(default=1, ge=1, le=100_000, description="enrollments it may make")
+    expires_in_s: int = Field(
+        default=DAY_S, ge=1, le=90 * DAY_S, description="seconds until the token expires"
+    )
+
+
+class BootstrapTokenPublic(BaseModel):
+    id: int
+    name: str
+    labels: dict[str, str]
+    max_uses: int | None = Field(description="None: no bound (the settings' token by default)")
+    uses: int
+    expires_at: datetime | None
+    created_at: datetime
+    created_by: str
+    revoked: bool
+
+
+class BootstrapTokenCreated(BootstrapTokenPublic):
+    token: str = Field(description="shown only once")
+
+
+CredentialStatus = Literal["active", "rotating", "revoked"]
+
+
 class DevicePublic(BaseModel):
     id: str
     name: str
-    labels: dict[str, str]
+    labels: dict[str, str] = Field(description="labels that select assignments")
+    requested_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="what the device asked for at enrollment; selects nothing until approved",
+    )
+    credential: CredentialStatus = "active"
+    credential_rotate_by: datetime | None = Field(
+        default=None, description="a pending rotation: the old credential is refused after it"
+    )
     profile: HardwareProfile | None
     reported: ReportedState | None
     enrolled_at: datetime
@@ -175,6 +230,21 @@ class DevicePublic(BaseModel):
 class LabelsUpdate(_Body):
     set: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=32)
     remove: list[LabelKey] = Field(default_factory=list, max_length=32)
+
+
+class LabelsApprove(_Body):
+    """Approve requested labels (they then select assignments): these keys, or all of them."""
+
+    keys: list[LabelKey] | None = Field(default=None, max_length=32)
+
+
+class CredentialRotate(_Body):
+    grace_s: int = Field(
+        default=7 * DAY_S,
+        ge=1,
+        le=90 * DAY_S,
+        description="seconds the device has to fetch its new credential with the old one",
+    )
 
 
 class RetryCreate(_Body):

@@ -14,6 +14,8 @@ from agent.contracts.profile import HardwareProfile
 from agent.contracts.state import ReportedState
 from agent.logs import get_logger
 from control_plane.api.schemas import (
+    BootstrapTokenPublic,
+    CredentialStatus,
     DevicePublic,
     JobPublic,
     ModelPublic,
@@ -23,11 +25,21 @@ from control_plane.api.schemas import (
     VersionPublic,
     VersionSummary,
 )
-from control_plane.db.models import ApiToken, BuildJob, Device, Model, ModelVersion, VariantRow
+from control_plane.db.models import (
+    ApiToken,
+    BootstrapToken,
+    BuildJob,
+    Device,
+    Model,
+    ModelVersion,
+    VariantRow,
+)
 from control_plane.jobs import skipped_variants
 from control_plane.registry import archive_path
 
 __all__ = [
+    "bootstrap_token_public",
+    "credential_status",
     "device_public",
     "job_public",
     "model_public",
@@ -159,11 +171,20 @@ def version_public(session: Session, version: ModelVersion) -> VersionPublic:
     )
 
 
+def credential_status(device: Device) -> CredentialStatus:
+    if device.credential_revoked_at is not None:
+        return "revoked"
+    return "rotating" if device.credential_rotate_by is not None else "active"
+
+
 def device_public(device: Device) -> DevicePublic:
     return DevicePublic(
         id=device.id,
         name=device.name,
         labels=device.labels,
+        requested_labels=device.requested_labels or {},
+        credential=credential_status(device),
+        credential_rotate_by=device.credential_rotate_by,
         profile=_stored(HardwareProfile, device.profile, device.id),
         reported=_stored(ReportedState, device.reported, device.id),
         enrolled_at=device.enrolled_at,
@@ -177,6 +198,21 @@ def token_public(row: ApiToken) -> TokenPublic:
         id=row.id,
         name=row.name,
         role=row.role,  # type: ignore[arg-type]
+        created_at=row.created_at,
+        created_by=row.created_by,
+        revoked=row.revoked_at is not None,
+        expires_at=row.expires_at,
+    )
+
+
+def bootstrap_token_public(row: BootstrapToken) -> BootstrapTokenPublic:
+    return BootstrapTokenPublic(
+        id=row.id,
+        name=row.name,
+        labels=row.labels,
+        max_uses=row.max_uses,
+        uses=row.uses,
+        expires_at=row.expires_at,
         created_at=row.created_at,
         created_by=row.created_by,
         revoked=row.revoked_at is not None,

@@ -10,8 +10,11 @@
     edgectl jobs ls [--model M] [--status S] [--json] | show ID [--json]
     edgectl devices ls | show ID [--json] | label ID key=value ... key- | rm ID
     edgectl devices retry ID [MODEL]                offer again a version the device rejected
+    edgectl devices approve ID [KEY ...]            requested labels select from now on
+    edgectl devices rotate-credential ID [--grace 7d] | revoke-credential ID
     edgectl deploy MODEL VERSION --to SELECTOR      device=<id> or key=value[,key=value]
-    edgectl tokens create NAME --role viewer|operator|admin
+    edgectl tokens create NAME --role viewer|operator|admin [--expires 90d] | ls | revoke ID
+    edgectl bootstrap-tokens create NAME [--label k=v] [--uses N] [--expires 24h] | ls | revoke ID
     edgectl tuf root > root.json                    the fleet's TUF root, to provision devices
     edgectl rollout create|ls|status|pause|resume|abort|rollback   (see cli/rollout.py)
 
@@ -42,6 +45,7 @@ from rich.table import Table
 
 from agent._fs import file_sha256
 from control_plane.cli._client import ControlPlaneClient
+from control_plane.cli.identity import bootstrap_tokens_app, parse_duration_s, tokens_app
 from control_plane.cli.images import images_app
 from control_plane.cli.rollout import rollout_app
 from control_plane.errors import ClientError, ConfigError, ControlPlaneError
@@ -57,13 +61,13 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Model registry.", no_args_is_help=True)
 devices_app = typer.Typer(help="Device registry.", no_args_is_help=True)
-tokens_app = typer.Typer(help="Operator API tokens (admin).", no_args_is_help=True)
 tuf_app = typer.Typer(help="Signed metadata (TUF).", no_args_is_help=True)
 jobs_app = typer.Typer(help="Variant build jobs and their logs.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(devices_app, name="devices")
 app.add_typer(tokens_app, name="tokens")
+app.add_typer(bootstrap_tokens_app, name="bootstrap-tokens")
 app.add_typer(tuf_app, name="tuf")
 app.add_typer(rollout_app, name="rollout")
 app.add_typer(images_app, name="images")
@@ -487,9 +491,12 @@ def devices_ls(as_json: JsonOption = False) -> None:
     if as_json:
         _print_json(devices)
         return
-    table = Table("id", "name", "labels", "arch", "runs", "last seen")
+    table = Table("id", "name", "labels", "requested", "arch", "runs", "last seen")
     for d in devices:
         labels = ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items()))
+        requested = ",".join(
+            f"{k}={v}" for k, v in sorted((d.get("requested_labels") or {}).items())
+        )
         runs = ""
         if d.get("reported"):
             runs = " ".join(
@@ -499,6 +506,7 @@ def devices_ls(as_json: JsonOption = False) -> None:
             d["id"],
             d["name"],
             labels or "-",
+            requested or "-",
             (d.get("profile") or {}).get("arch", "-"),
             runs or "-",
             (d.get("last_seen_at") or "-")[:19],
@@ -577,6 +585,46 @@ def devices_retry(
         console.print(f"{device_id}: {name}{detail} offered again")
 
 
+@devices_app.command("approve")
+def devices_approve(
+    device_id: str,
+    keys: Annotated[
+        list[str] | None, typer.Argument(help="label keys to approve (default: all requested)")
+    ] = None,
+) -> None:
+    """Approve labels the device asked for at enrollment: they select assignments from now on."""
+    with _client() as client:
+        d = client.approve_labels(device_id, keys or None)
+    _console().print(f"{d['id']} labels: {d['labels']} (still requested: {d['requested_labels']})")
+
+
+@devices_app.command("rotate-credential")
+def devices_rotate_credential(
+    device_id: str,
+    grace: Annotated[
+        str, typer.Option(help="how long the device has to fetch the new one, e.g. 7d")
+    ] = "7d",
+) -> None:
+    """Give the device a new credential: it fetches it with its current one at its next poll;
+    the current one is refused once the new one is used, or after the grace period."""
+    grace_s = parse_duration_s(grace, option="--grace")
+    with _client() as client:
+        d = client.rotate_credential(device_id, grace_s=grace_s)
+    _console().print(
+        f"{d['id']}: credential {d['credential']} (the old one is refused after "
+        f"{(d['credential_rotate_by'] or '-')[:19].replace('T', ' ')} UTC, or once the new "
+        "one is used)"
+    )
+
+
+@devices_app.command("revoke-credential")
+def devices_revoke_credential(device_id: str) -> None:
+    """Refuse the device's credential from now on (it enrolls again to come back)."""
+    with _client() as client:
+        d = client.revoke_credential(device_id)
+    _console().print(f"{d['id']}: credential {d['credential']}")
+
+
 def _parse_labels(items: Sequence[str]) -> tuple[dict[str, str], list[str]]:
     set_: dict[str, str] = {}
     remove: list[str] = []
@@ -603,7 +651,7 @@ def devices_label(
     _console().print(f"{d['id']} labels: {d['labels']}")
 
 
-# -- deploy / tokens -------------------------------------------------------------------------
+# -- deploy -------------------------------------------------------------------------------
 
 
 def _parse_selector(text: str) -> tuple[str | None, dict[str, str] | None]:
@@ -635,17 +683,6 @@ def deploy(
 
 
 app.command("assign", hidden=True)(deploy)
-
-
-@tokens_app.command("create")
-def tokens_create(
-    name: str,
-    role: Annotated[str, typer.Option(help="viewer, operator or admin")] = "viewer",
-) -> None:
-    """Create an operator API token; it is printed once."""
-    with _client() as client:
-        t = client.create_token(name, role)
-    _console().print(f"token {t['name']} ({t['role']}): {t['token']}")
 
 
 @tuf_app.command("root")

@@ -186,8 +186,45 @@ class ControlPlaneClient:
         body = {"model": model, "version": version, "device_id": device_id, "selector": selector}
         return self._call("POST", "/v1/assignments", json=body)
 
-    def create_token(self, name: str, role: str) -> Any:
-        return self._call("POST", "/v1/tokens", json={"name": name, "role": role})
+    def create_token(self, name: str, role: str, *, expires_in_s: int | None = None) -> Any:
+        body: dict[str, Any] = {"name": name, "role": role}
+        if expires_in_s is not None:
+            body["expires_in_s"] = expires_in_s
+        return self._call("POST", "/v1/tokens", json=body)
+
+    def list_tokens(self) -> Any:
+        return self._call("GET", "/v1/tokens")
+
+    def revoke_token(self, token_id: int) -> Any:
+        return self._call("DELETE", f"/v1/tokens/{token_id}")
+
+    def create_bootstrap_token(
+        self, name: str, *, labels: dict[str, str], max_uses: int, expires_in_s: int
+    ) -> Any:
+        body = {
+            "name": name,
+            "labels": labels,
+            "max_uses": max_uses,
+            "expires_in_s": expires_in_s,
+        }
+        return self._call("POST", "/v1/bootstrap-tokens", json=body)
+
+    def list_bootstrap_tokens(self) -> Any:
+        return self._call("GET", "/v1/bootstrap-tokens")
+
+    def revoke_bootstrap_token(self, token_id: int) -> Any:
+        return self._call("DELETE", f"/v1/bootstrap-tokens/{token_id}")
+
+    def approve_labels(self, device_id: str, keys: list[str] | None) -> Any:
+        body = {"keys": keys}
+        return self._call("POST", f"/v1/devices/{device_id}/labels/approve", json=body)
+
+    def rotate_credential(self, device_id: str, *, grace_s: int) -> Any:
+        body = {"grace_s": grace_s}
+        return self._call("POST", f"/v1/devices/{device_id}/rotate-credential", json=body)
+
+    def revoke_credential(self, device_id: str) -> Any:
+        return self._call("POST", f"/v1/devices/{device_id}/revoke-credential")
 
     def tuf_root(self) -> bytes:
         """The fleet's current TUF root metadata, to provision devices with."""

@@ -28,6 +28,7 @@ __all__ = [
     "ApiToken",
     "Assignment",
     "Base",
+    "BootstrapToken",
     "BuildJob",
     "Device",
     "Lease",
@@ -73,13 +74,39 @@ class ApiToken(Base):
     created_at: Mapped[datetime]
     created_by: Mapped[str] = mapped_column(String(64))
     revoked_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]  # set for every stored token (migration 0006)
+
+
+class BootstrapToken(Base):
+    """An enrollment token: the labels it binds, how often and until when it may enroll.
+
+    Only the sha256 is kept. The settings' bootstrap token gets a row of its own at its first
+    use (``created_by`` = ``settings``), so its uses are counted like any other token's.
+    """
+
+    __tablename__ = "bootstrap_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    labels: Mapped[dict[str, Any]]
+    max_uses: Mapped[int | None] = mapped_column(Integer)  # None: no bound (settings token only)
+    uses: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    expires_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    created_by: Mapped[str] = mapped_column(String(64))
+    revoked_at: Mapped[datetime | None]
 
 
 class Device(Base):
     """An enrolled device: its credential hash, labels, last profile and last reported state.
 
-    ``retries`` counts the operator's explicit retries per model name (``edgectl devices
-    retry``); it feeds the generation of the device's desired-state entries.
+    ``labels`` select assignments; they come from the operator or from the bootstrap token the
+    device enrolled with. ``requested_labels`` are what the device asked for at enrollment: they
+    select nothing until an operator approves them. ``retries`` counts the operator's explicit
+    retries per model name (``edgectl devices retry``); it feeds the generation of the device's
+    desired-state entries. A credential rotation keeps the old credential's hash in
+    ``previous_token_hash`` until the device uses its new one or ``credential_rotate_by`` passes.
     """
 
     __tablename__ = "devices"
@@ -94,6 +121,11 @@ class Device(Base):
     last_seen_at: Mapped[datetime | None]
     reported_at: Mapped[datetime | None]
     retries: Mapped[dict[str, Any] | None]
+    requested_labels: Mapped[dict[str, Any] | None]
+    bootstrap_token_id: Mapped[int | None] = mapped_column(Integer)
+    previous_token_hash: Mapped[str | None] = mapped_column(String(64), index=True)
+    credential_rotate_by: Mapped[datetime | None]
+    credential_revoked_at: Mapped[datetime | None]
 
 
 class Model(Base):

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +163,8 @@ def enroll(
     labels: dict[str, str] | None = None,
     profile: HardwareProfile | None = None,
 ) -> tuple[str, dict[str, str]]:
-    """Enroll a device; its id and its Authorization header."""
+    """Enroll a device; its id and its Authorization header. The labels it asks for are
+    approved by the admin at once, so they select assignments."""
     body = {
         "bootstrap_token": BOOTSTRAP_TOKEN,
         "name": name,
@@ -172,6 +174,12 @@ def enroll(
     r = client.post("/v1/devices/enroll", json=body)
     assert r.status_code == 201, r.text
     out = r.json()
+    if labels:
+        approved = client.post(
+            f"/v1/devices/{out['device_id']}/labels/approve", json={}, headers=ADMIN
+        )
+        assert approved.status_code == 200, approved.text
+        assert approved.json()["labels"] == labels
     return out["device_id"], {"Authorization": f"Bearer {out['credential']}"}
 
 
@@ -199,3 +207,32 @@ def live_server(app: FastAPI) -> Iterator[str]:
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=20)
+
+
+class _Forms(HTMLParser):
+    """Every ``<form>`` of a page: its action and the named inputs it carries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forms: list[tuple[str, dict[str, str]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = {k: v or "" for k, v in attrs}
+        if tag == "form":
+            self.forms.append((found.get("action", ""), {}))
+        elif tag == "input" and self.forms and "name" in found:
+            self.forms[-1][1][found["name"]] = found.get("value", "")
+
+
+def page_forms(page: str) -> list[tuple[str, dict[str, str]]]:
+    parser = _Forms()
+    parser.feed(page)
+    return parser.forms
+
+
+def form_fields(page: str, action: str) -> dict[str, str]:
+    """The hidden fields of the page's form posting to ``action`` (its anti-forgery token)."""
+    for form_action, fields in page_forms(page):
+        if form_action == action:
+            return {k: v for k, v in fields.items() if k not in ("token",)}
+    raise AssertionError(f"no form posts to {action}")

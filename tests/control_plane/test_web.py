@@ -15,13 +15,14 @@ from fastapi import FastAPI
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from agent.contracts.telemetry import DeviceTopics, ModelTelemetry, StatePayload, TelemetryPayload
-from control_plane.api.routes.web import COOKIE_NAME
+from control_plane.api.routes.web import COOKIE_NAME, CSRF_COOKIE
 from control_plane.db.models import Device
 from control_plane.settings import Settings
 from tests.control_plane.conftest import (
     ADMIN,
     SampleFiles,
     enroll,
+    form_fields,
     make_settings,
     push_version,
 )
@@ -78,8 +79,8 @@ def test_page_shows_devices_models_and_variants(
         assert variant["status"] in page
     assert "wall-screen (viewer)" in page
     # The query token became an HttpOnly cookie: the next visit needs no token in the URL.
-    cookie = r.headers["set-cookie"]
-    assert cookie.startswith(f"{COOKIE_NAME}=")
+    cookies = r.headers.get_list("set-cookie")
+    cookie = next(c for c in cookies if c.startswith(f"{COOKIE_NAME}="))
     assert "httponly" in cookie.lower()
     assert "samesite=strict" in cookie.lower()
     client.cookies.clear()  # each check below presents the token one way only
@@ -130,7 +131,8 @@ def test_refused_without_a_valid_operator_token(client: httpx.Client) -> None:
     assert no_token.status_code == 401
     assert "<form" in no_token.text  # the login form
     assert "robot-1" not in no_token.text
-    assert "set-cookie" not in no_token.headers
+    set_cookies = no_token.headers.get_list("set-cookie")
+    assert [c.split("=", 1)[0] for c in set_cookies] == [CSRF_COOKIE]  # for the form, no token
 
     forged = client.get("/ui", params={"token": "efo_not-a-real-token-at-all-000000"})
     assert forged.status_code == 401
@@ -147,13 +149,14 @@ def test_refused_without_a_valid_operator_token(client: httpx.Client) -> None:
 def test_login_form_sets_the_cookie_and_logout_clears_it(client: httpx.Client) -> None:
     enroll(client, "robot-2")
     token = _viewer_token(client)
+    csrf = form_fields(client.get("/ui").text, "/ui/login")  # the page sets the csrf cookie
 
-    bad = client.post("/ui/login", data={"token": "efo_wrong-token-0123456789abcdef"})
+    bad = client.post("/ui/login", data={**csrf, "token": "efo_wrong-token-0123456789abcdef"})
     assert bad.status_code == 401
     assert "unknown or revoked API token" in bad.text
     assert "set-cookie" not in bad.headers
 
-    good = client.post("/ui/login", data={"token": token})
+    good = client.post("/ui/login", data={**csrf, "token": token})
     assert good.status_code == 303
     assert good.headers["location"] == "/ui"
     assert f"{COOKIE_NAME}={token}" in good.headers["set-cookie"]
@@ -161,7 +164,7 @@ def test_login_form_sets_the_cookie_and_logout_clears_it(client: httpx.Client) -
     assert page.status_code == 200
     assert "robot-2" in page.text
 
-    out = client.post("/ui/logout")
+    out = client.post("/ui/logout", data=form_fields(page.text, "/ui/logout"))
     assert out.status_code == 303
     assert f'{COOKIE_NAME}=""' in out.headers["set-cookie"]
 

@@ -9,17 +9,32 @@ it, including the 304, without touching the database; a device's poll refreshes 
 Deleting a device removes its row and its assignments and drops its cached credential and
 desired state in this process, so its credential is refused (401) from the next request on.
 Its rollout membership and ingested telemetry stay as history.
+
+Enrollment takes a bootstrap token (``control_plane.bootstrap``: expiry, use count, bound
+labels). The labels a device sends are kept as ``requested_labels`` and select nothing until an
+operator approves them (``POST .../labels/approve``) or sets labels itself; the token's own
+labels select at once. Credentials: an operator revokes one (refused at once) or asks for a
+rotation; while it is pending the device's desired-state answers carry
+``Edgefleet-Credential: rotate`` and the device fetches its new credential with the old one
+(``POST .../credential``) before ``credential_rotate_by``.
 """
 
 from __future__ import annotations
 
 import secrets
+from datetime import timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Response
 from sqlalchemy import delete, select
 
-from agent.contracts.enrollment import EnrollmentRequest, EnrollmentResponse
+from agent.contracts.enrollment import (
+    CREDENTIAL_HEADER,
+    ROTATE,
+    CredentialResponse,
+    EnrollmentRequest,
+    EnrollmentResponse,
+)
 from agent.contracts.profile import HardwareProfile
 from agent.contracts.state import DesiredState, ReportedState
 from agent.contracts.telemetry import CheckUpdateCommand
@@ -36,14 +51,17 @@ from control_plane.api.deps import (
 )
 from control_plane.api.params import DeviceIdPath
 from control_plane.api.schemas import (
+    CredentialRotate,
     DevicePublic,
     ErrorBody,
+    LabelsApprove,
     LabelsUpdate,
     RetryCreate,
     RetryPublic,
 )
 from control_plane.api.views import device_public
-from control_plane.auth import DEVICE_TOKEN_PREFIX, hash_token, new_token, tokens_equal
+from control_plane.auth import DEVICE_TOKEN_PREFIX, hash_token, new_token
+from control_plane.bootstrap import redeem
 from control_plane.db.models import Device
 from control_plane.desired import compute_desired_state, etag_matches
 from control_plane.errors import (
@@ -72,26 +90,42 @@ def _get(session: SessionDep, device_id: str) -> Device:
 
 @router.post("/enroll", status_code=201, summary="Enroll a device with the bootstrap token")
 def enroll(body: EnrollmentRequest, session: SessionDep, ctx: Context) -> EnrollmentResponse:
-    if not tokens_equal(body.bootstrap_token, ctx.settings.bootstrap_token.get_secret_value()):
+    now = ctx.now()
+    try:
+        token = redeem(session, ctx.settings, body.bootstrap_token, now=now)
+    except AuthError as exc:
+        session.rollback()
         ctx.metrics.enrollments.labels("refused").inc()
-        raise AuthError("bootstrap token refused")
+        log.warning("enrollment_refused", name=body.name, reason=str(exc))
+        raise
     credential = new_token(DEVICE_TOKEN_PREFIX)
     device_id = f"dev-{secrets.token_hex(8)}"
-    now = ctx.now()
+    bound = dict(token.labels)
+    requested = {k: v for k, v in body.labels.items() if bound.get(k) != v}
     session.add(
         Device(
             id=device_id,
             name=body.name,
             token_hash=hash_token(credential),
-            labels=dict(body.labels),
+            labels=bound,
+            requested_labels=requested,
+            bootstrap_token_id=token.id,
             profile=body.profile.model_dump(mode="json"),
             enrolled_at=now,
             last_seen_at=now,
         )
     )
-    session.commit()
+    session.commit()  # the token's use and the device, together
     ctx.metrics.enrollments.labels("enrolled").inc()
-    log.info("device_enrolled", device_id=device_id, name=body.name, arch=body.profile.arch)
+    log.info(
+        "device_enrolled",
+        device_id=device_id,
+        name=body.name,
+        arch=body.profile.arch,
+        bootstrap_token=token.name,
+        labels=bound,
+        requested_labels=requested,
+    )
     return EnrollmentResponse(
         device_id=device_id,
         credential=credential,
@@ -129,9 +163,43 @@ def update_labels(
     if len(labels) > 32:
         raise InvalidInputError("a device holds at most 32 labels", field="set")
     device.labels = labels
+    # a key the operator decided is no longer a request
+    decided = set(body.set) | set(body.remove)
+    device.requested_labels = {
+        k: v for k, v in (device.requested_labels or {}).items() if k not in decided
+    }
     session.commit()
     ctx.desired.invalidate([device_id])
     log.info("labels_updated", device_id=device_id, labels=labels, by=operator.name)
+    return device_public(device)
+
+
+@router.post(
+    "/{device_id}/labels/approve",
+    summary="Approve labels the device asked for at enrollment (they then select assignments)",
+    responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody}},
+)
+def approve_labels(
+    device_id: DeviceIdPath,
+    body: LabelsApprove,
+    session: SessionDep,
+    operator: OperatorWriter,
+    ctx: Context,
+) -> DevicePublic:
+    device = _get(session, device_id)
+    requested = dict(device.requested_labels or {})
+    keys = list(requested) if body.keys is None else body.keys
+    missing = [k for k in keys if k not in requested]
+    if missing:
+        raise ConflictError(f"device {device_id!r} did not ask for label(s) {', '.join(missing)}")
+    labels = {**device.labels, **{k: requested.pop(k) for k in keys}}
+    if len(labels) > 32:
+        raise InvalidInputError("a device holds at most 32 labels", field="keys")
+    device.labels = labels
+    device.requested_labels = requested
+    session.commit()
+    ctx.desired.invalidate([device_id])
+    log.info("labels_approved", device_id=device_id, keys=keys, labels=labels, by=operator.name)
     return device_public(device)
 
 
@@ -175,6 +243,8 @@ async def get_desired_state(
         ctx.presence.seen(device_id)
     cache = "hit" if hit else "miss"
     headers = {"ETag": entry.etag, "Cache-Control": "no-cache"}
+    if isinstance(principal, DevicePrincipal) and principal.rotate:
+        headers[CREDENTIAL_HEADER] = ROTATE
     if etag_matches(if_none_match, entry.etag):
         ctx.metrics.desired_polls.labels("not_modified", cache).inc()
         return Response(status_code=304, headers=headers)
@@ -253,13 +323,100 @@ def delete_device(
     device_id: DeviceIdPath, session: SessionDep, operator: OperatorWriter, ctx: Context
 ) -> Response:
     device = _get(session, device_id)
-    token_hash = device.token_hash
+    hashes = [device.token_hash, device.previous_token_hash]
     session.execute(delete(Device).where(Device.id == device_id))  # assignments cascade
     session.commit()
     ctx.credentials.forget_device(device_id)
-    ctx.credentials.forget(token_hash)
+    for token_hash in hashes:
+        if token_hash is not None:
+            ctx.credentials.forget(token_hash)
     ctx.desired.invalidate([device_id])
     if ctx.presence is not None:
         ctx.presence.forget(device_id)
     log.info("device_deleted", device_id=device_id, by=operator.name)
     return Response(status_code=204)
+
+
+def _forget_credentials(ctx: Context, device: Device) -> None:
+    """Drop this process's cached credentials of ``device``: its next request is looked up."""
+    ctx.credentials.forget_device(device.id)
+    ctx.credentials.forget(device.token_hash)
+    if device.previous_token_hash is not None:
+        ctx.credentials.forget(device.previous_token_hash)
+
+
+@router.post(
+    "/{device_id}/rotate-credential",
+    summary="Ask the device to fetch a new credential with its current one, within grace_s",
+    responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody}},
+)
+def rotate_credential(
+    device_id: DeviceIdPath,
+    body: CredentialRotate,
+    session: SessionDep,
+    operator: OperatorWriter,
+    ctx: Context,
+) -> DevicePublic:
+    device = _get(session, device_id)
+    if device.credential_revoked_at is not None:
+        raise ConflictError(f"device {device_id!r}: its credential is revoked; enroll it again")
+    device.credential_rotate_by = ctx.now() + timedelta(seconds=body.grace_s)
+    session.commit()
+    _forget_credentials(ctx, device)
+    log.info(
+        "credential_rotation_asked",
+        device_id=device_id,
+        rotate_by=device.credential_rotate_by.isoformat(),
+        by=operator.name,
+    )
+    if ctx.ingester is not None:  # the hint rides on the next poll: ask for it now
+        ctx.ingester.publish_command(
+            device_id,
+            CheckUpdateCommand(
+                id=secrets.token_hex(8), issued_at=ctx.now(), command="check-update"
+            ),
+        )
+    return device_public(device)
+
+
+@router.post(
+    "/{device_id}/revoke-credential",
+    summary="Refuse the device's credential from now on (enroll it again to come back)",
+    responses={404: {"model": ErrorBody}},
+)
+def revoke_credential(
+    device_id: DeviceIdPath, session: SessionDep, operator: OperatorWriter, ctx: Context
+) -> DevicePublic:
+    device = _get(session, device_id)
+    if device.credential_revoked_at is None:
+        device.credential_revoked_at = ctx.now()
+        device.credential_rotate_by = None
+        session.commit()
+    _forget_credentials(ctx, device)
+    ctx.desired.invalidate([device_id])
+    log.info("credential_revoked", device_id=device_id, by=operator.name)
+    return device_public(device)
+
+
+@router.post(
+    "/{device_id}/credential",
+    summary="The device fetches its new credential with its current one (rotation pending)",
+    responses={403: {"model": ErrorBody}, 409: {"model": ErrorBody}},
+)
+def fetch_credential(
+    device_id: DeviceIdPath, session: SessionDep, principal: CurrentDevice, ctx: Context
+) -> CredentialResponse:
+    _own(principal, device_id)
+    if not principal.rotate:
+        raise ConflictError("no credential rotation is pending for this device")
+    device = _get(session, device_id)
+    credential = new_token(DEVICE_TOKEN_PREFIX)
+    replaced = device.token_hash
+    if not principal.previous:  # the first fetch: the current credential becomes the old one
+        device.previous_token_hash = replaced
+    # else a fetch again with the old credential: the answer before was lost, replace it
+    device.token_hash = hash_token(credential)
+    session.commit()
+    ctx.credentials.forget(replaced)
+    log.info("credential_issued", device_id=device_id, again=principal.previous)
+    return CredentialResponse(device_id=device_id, credential=credential)

@@ -1,6 +1,9 @@
-"""Operator API tokens: admins create, list and revoke them."""
+"""Operator API tokens: admins create, list and revoke them; each expires (``expires_in_s``,
+90 days by default, at most 366). Revoked and expired tokens are refused (401) at once."""
 
 from __future__ import annotations
+
+from datetime import timedelta
 
 from fastapi import APIRouter
 from sqlalchemy import select
@@ -20,12 +23,14 @@ def create_token(
     body: TokenCreate, session: SessionDep, admin: Admin, ctx: Context
 ) -> TokenCreated:
     token = new_token(OPERATOR_TOKEN_PREFIX)
+    now = ctx.now()
     row = ApiToken(
         name=body.name,
         role=body.role,
         token_hash=hash_token(token),
-        created_at=ctx.now(),
+        created_at=now,
         created_by=admin.name,
+        expires_at=now + timedelta(seconds=body.expires_in_s),
     )
     session.add(row)
     session.commit()

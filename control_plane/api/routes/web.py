@@ -13,17 +13,28 @@ Auth: any operator token (viewer and up), taken from the ``Authorization: Bearer
 logs, so prefer the form), or the ``edgefleet_token`` cookie that ``POST /ui/login`` (form field
 ``token``) sets (HttpOnly, SameSite=Strict). ``POST /ui/logout`` clears it. Who may do what is
 ``control_plane.api.deps``' decision; the JSON API stays the source of truth for automation.
+
+Forms and cross-site requests: every form is made by ``_form``, which adds a hidden ``csrf``
+field, the HMAC (keyed from the admin token, so every replica agrees) of a random value kept in
+the ``edgefleet_csrf`` cookie (HttpOnly, SameSite=Strict). The router's ``_csrf_guard`` checks
+every request of this router that is not a read: the field must match the cookie, a
+``Sec-Fetch-Site`` of ``cross-site`` or ``same-site`` and an ``Origin`` of another host are
+refused. A refusal is a ``CsrfError`` (403). Login is covered too (login CSRF): the cookie is
+set by the page that shows the login form, before any credential exists.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import html
+import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, Request
+from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from sqlalchemy import func, inspect, select
@@ -35,15 +46,18 @@ from control_plane.api.deps import Context, require_viewer
 from control_plane.auth import Operator
 from control_plane.context import AppContext
 from control_plane.db.models import BuildJob, Device, Model
-from control_plane.errors import AuthError, ForbiddenError
+from control_plane.errors import AuthError, CsrfError, ForbiddenError
 from control_plane.jobs import skipped_variants
 
-__all__ = ["COOKIE_NAME", "ONLINE_WINDOW", "router"]
+__all__ = ["COOKIE_NAME", "CSRF_COOKIE", "CSRF_FIELD", "ONLINE_WINDOW", "router"]
 
-router = APIRouter(tags=["web"], include_in_schema=False)
 log = get_logger(__name__)
 
 COOKIE_NAME = "edgefleet_token"
+CSRF_COOKIE = "edgefleet_csrf"
+CSRF_FIELD = "csrf"
+_CSRF_NONCE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 COOKIE_MAX_AGE_S = 12 * 3600
 REFRESH_S = 5
 # A device that reported (state, profile, telemetry) this recently counts as online.
@@ -120,18 +134,106 @@ def _html(
     return HTMLResponse(page, status_code=status_code, headers=dict(_SECURITY_HEADERS))
 
 
-def _login_page(message: str | None, *, status_code: int) -> HTMLResponse:
+# -- forms and cross-site requests -----------------------------------------------------------
+
+
+def _csrf_key(ctx: AppContext) -> bytes:
+    secret = ctx.settings.admin_token.get_secret_value().encode()
+    return hashlib.sha256(b"edgefleet-csrf\0" + secret).digest()
+
+
+def _csrf_value(ctx: AppContext, nonce: str) -> str:
+    return hmac.new(_csrf_key(ctx), nonce.encode(), hashlib.sha256).hexdigest()
+
+
+def _nonce(request: Request) -> str | None:
+    value = request.cookies.get(CSRF_COOKIE, "")
+    return value if 16 <= len(value) <= 64 and _CSRF_NONCE_CHARS.issuperset(value) else None
+
+
+@dataclass(frozen=True)
+class _Csrf:
+    """This browser's anti-forgery value for the forms of one page, and whether its cookie is
+    new (the response then sets it)."""
+
+    nonce: str
+    field: str
+    fresh: bool
+
+
+def _csrf(ctx: AppContext, request: Request) -> _Csrf:
+    nonce = _nonce(request)
+    fresh = nonce is None
+    if nonce is None:
+        nonce = secrets.token_urlsafe(24)
+    return _Csrf(nonce, _csrf_value(ctx, nonce), fresh)
+
+
+def _set_csrf_cookie(response: Response, request: Request, csrf: _Csrf) -> None:
+    if csrf.fresh:
+        response.set_cookie(
+            CSRF_COOKIE,
+            csrf.nonce,
+            max_age=COOKIE_MAX_AGE_S,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+            path="/",
+        )
+
+
+def _form(action: str, csrf: _Csrf, inner: str) -> str:
+    """Every form of the page: a POST to ``action`` carrying the anti-forgery field."""
+    return (
+        f"<form method=post action={_e(action)}>"
+        f"<input type=hidden name={CSRF_FIELD} value={_e(csrf.field)}>{inner}</form>"
+    )
+
+
+async def _csrf_guard(request: Request) -> None:
+    """Every request of this router that is not a read must come from one of its own forms."""
+    if request.method in _SAFE_METHODS:
+        return
+    fetch_site = request.headers.get("sec-fetch-site", "")
+    if fetch_site in ("cross-site", "same-site"):
+        raise CsrfError(f"refused a {fetch_site} form post")
+    origin = request.headers.get("origin")
+    if origin is not None:
+        host = request.headers.get("host", "")
+        if origin == "null" or origin.split("://", 1)[-1].rstrip("/") != host:
+            raise CsrfError("refused a form post from another origin")
+    ctx: AppContext = request.app.state.ctx
+    nonce = _nonce(request)
+    form = await request.form()
+    given = form.get(CSRF_FIELD)
+    if nonce is None or not isinstance(given, str):
+        raise CsrfError("the form carries no anti-forgery token: reload the page and try again")
+    if not hmac.compare_digest(given.encode(), _csrf_value(ctx, nonce).encode()):
+        raise CsrfError("the form's anti-forgery token does not match: reload the page")
+
+
+router = APIRouter(tags=["web"], include_in_schema=False, dependencies=[Depends(_csrf_guard)])
+
+
+def _login_page(
+    ctx: AppContext, request: Request, message: str | None, *, status_code: int
+) -> HTMLResponse:
     note = f"<p class=bad>{_e(message)}</p>" if message else ""
+    csrf = _csrf(ctx, request)
     body = (
         "<h1>edgefleet control plane</h1>"
         "<p>Sign in with an operator API token (a viewer token is enough).</p>"
         f"{note}"
-        "<form method=post action=/ui/login>"
-        "<input type=password name=token autocomplete=off size=48 required "
-        f"maxlength={MAX_TOKEN_CHARS} aria-label=token> <button type=submit>Sign in</button>"
-        "</form>"
+        + _form(
+            "/ui/login",
+            csrf,
+            "<input type=password name=token autocomplete=off size=48 required "
+            f"maxlength={MAX_TOKEN_CHARS} aria-label=token> <button type=submit>Sign in</button>",
+        )
     )
-    return _html(body, status_code=status_code, title="edgefleet: sign in")
+    response = _html(body, status_code=status_code, title="edgefleet: sign in")
+    _set_csrf_cookie(response, request, csrf)
+    return response
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -439,7 +541,7 @@ def _rollouts_section(rows: list[_RolloutRow] | None) -> str:
     )
 
 
-def _page_body(ctx: AppContext, operator: Operator) -> str:
+def _page_body(ctx: AppContext, operator: Operator, csrf: _Csrf) -> str:
     now = ctx.now()
     with ctx.sessions() as session:
         devices = session.scalars(select(Device).order_by(Device.name, Device.id)).all()
@@ -456,8 +558,9 @@ def _page_body(ctx: AppContext, operator: Operator) -> str:
         f"<span class=muted>{len(devices)} devices, {online} online &middot; "
         f"{_e(now.strftime('%Y-%m-%d %H:%M:%S'))} UTC &middot; refreshes every {REFRESH_S} s"
         f" &middot; signed in as {_e(operator.name)} ({_e(operator.role)})</span>"
-        "<form method=post action=/ui/logout><button type=submit>Sign out</button></form>"
-        "</div>" + "".join(sections)
+        + _form("/ui/logout", csrf, "<button type=submit>Sign out</button>")
+        + "</div>"
+        + "".join(sections)
     )
 
 
@@ -469,15 +572,17 @@ def _page_body(ctx: AppContext, operator: Operator) -> str:
 async def fleet_page(request: Request, ctx: Context) -> Response:
     token = _given_token(request)
     if token is None:
-        return _login_page(None, status_code=401)
+        return _login_page(ctx, request, None, status_code=401)
     try:
         operator = await _viewer(ctx, token)
     except AuthError as exc:
-        return _login_page(str(exc), status_code=401)
+        return _login_page(ctx, request, str(exc), status_code=401)
     except ForbiddenError as exc:
-        return _login_page(str(exc), status_code=403)
-    body = await run_in_threadpool(_page_body, ctx, operator)
+        return _login_page(ctx, request, str(exc), status_code=403)
+    csrf = _csrf(ctx, request)
+    body = await run_in_threadpool(_page_body, ctx, operator, csrf)
     response = _html(body, refresh_s=REFRESH_S)
+    _set_csrf_cookie(response, request, csrf)
     if request.cookies.get(COOKIE_NAME) != token:
         _set_cookie(response, request, token)
     return response
@@ -490,9 +595,9 @@ async def login(
     try:
         operator = await _viewer(ctx, token.strip())
     except AuthError as exc:
-        return _login_page(str(exc), status_code=401)
+        return _login_page(ctx, request, str(exc), status_code=401)
     except ForbiddenError as exc:
-        return _login_page(str(exc), status_code=403)
+        return _login_page(ctx, request, str(exc), status_code=403)
     log.info("web_login", operator=operator.name, role=operator.role)
     response = RedirectResponse("/ui", status_code=303)
     _set_cookie(response, request, token.strip())

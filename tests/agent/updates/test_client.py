@@ -97,7 +97,8 @@ def test_enrolls_once_with_its_profile_and_keeps_the_credential_private(
     cred_file = device.state_dir / "enrollment.json"
     assert cred_file.stat().st_mode & 0o777 == 0o600
     shown = fleet.cp.device(device.device_id)
-    assert shown["labels"] == {"site": "lab"}
+    assert shown["labels"] == {}  # what a device asks for selects nothing until approved
+    assert shown["requested_labels"] == {"site": "lab"}
     assert shown["profile"]["arch"] == os.uname().machine
     # A restart (a new client on the same state dir) keeps the identity: no second enrollment.
     again = Device(fleet.cp, device.state_dir, root=tmp_path / "robot-root.json")
