@@ -107,6 +107,10 @@ class BuildWorker:
             self._wake.set()  # the row is the queue: any replica's worker may take it
             return
         with self._lock:
+            if self._stop.is_set():
+                # shutting down: the row stays queued and the next start resumes it
+                log.info("build_deferred", job_id=job_id, reason="shutting down")
+                return
             self._futures[job_id] = self._pool.submit(self._run, job_id)
 
     def resume_unfinished(self) -> list[int]:

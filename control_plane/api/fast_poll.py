@@ -20,10 +20,12 @@ are bound once, so a hit costs no label lookup. The caches and their invalidatio
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
+from control_plane.api.links import add_links
 from control_plane.auth import DEVICE_TOKEN_PREFIX, hash_token
 from control_plane.context import AppContext
 from control_plane.desired import etag_matches
@@ -96,6 +98,12 @@ class ControlPlaneAPI(FastAPI):
     """FastAPI with the idle poll answered in front of the framework (see the module doc)."""
 
     fast_poll: FastPoll | None = None
+
+    def openapi(self) -> dict[str, Any]:
+        """The generated spec with the links between operations (``control_plane.api.links``)."""
+        if self.openapi_schema is None:
+            self.openapi_schema = add_links(super().openapi())
+        return self.openapi_schema
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         fast_poll = self.fast_poll

@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import select
 
 from control_plane.app import create_app
 from control_plane.artifacts import LocalArtifactStore
@@ -96,15 +97,25 @@ def test_unfinished_jobs_resume_after_a_restart(
             )
         )
         session.commit()
-    worker = BuildWorker(
-        sessions=sessions,
-        store=store,
-        build_variants=functools.partial(build_variants, targets=("onnx-fp32",)),
-        work_dir=settings.data_dir / "builds",
-        now=lambda: T0,
-    )
+        first_job = session.scalars(select(BuildJob)).one().id
+
+    def new_worker() -> BuildWorker:
+        return BuildWorker(
+            sessions=sessions,
+            store=store,
+            build_variants=functools.partial(build_variants, targets=("onnx-fp32",)),
+            work_dir=settings.data_dir / "builds",
+            now=lambda: T0,
+        )
+
+    # a request that queues a build while the process stops: no error, the row stays for later
+    stopping = new_worker()
+    stopping.shutdown()
+    stopping.submit(first_job)
+    worker = new_worker()
     try:
         (job_id,) = worker.resume_unfinished()
+        assert job_id == first_job
         worker.wait(job_id, timeout=60)
     finally:
         worker.shutdown()
