@@ -19,6 +19,7 @@ device's own clock, so a device with a skewed clock cannot look fresh or stale.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import statistics
@@ -239,10 +240,44 @@ class Complete(_Frozen):
 Action = Annotated[Assign | Rollback | Promote | Abort | Complete, Field(discriminator="kind")]
 
 
+@functools.lru_cache(maxsize=1 << 17)
 def wave_rank(rollout_id: str, device_id: str) -> int:
-    """The device's place in the rollout's order: stable, uniform, independent per rollout."""
+    """The device's place in the rollout's order: stable, uniform, independent per rollout.
+
+    Cached: the runner asks for the same (rollout, device) pairs on every pass."""
     digest = hashlib.sha256(f"{rollout_id}\0{device_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big")
+
+
+class _FleetView:
+    """One ``advance`` pass's look at the fleet: the selected devices and their rollout order,
+    computed once, not once per question (a pass asks for the wave's target and candidates up
+    to three times; at 10,000 devices each look costs milliseconds)."""
+
+    def __init__(self, spec: RolloutSpec, fleet: FleetSnapshot) -> None:
+        self.fleet = fleet
+        self._spec = spec
+        wanted = tuple(spec.selector.items())
+        self.selected = (
+            [d for d in fleet.devices if all(d.labels.get(k) == v for k, v in wanted)]
+            if wanted
+            else list(fleet.devices)
+        )
+        self.selected_ids = {d.device_id for d in self.selected}
+        self._ordered: list[DeviceStatus] | None = None
+
+    def size(self, assigned: Iterable[str]) -> int:
+        """Selected devices, plus assigned ones no longer selected (labels changed, gone)."""
+        return len(self.selected_ids) + sum(1 for a in assigned if a not in self.selected_ids)
+
+    def ordered(self) -> list[DeviceStatus]:
+        """Selected devices not yet on the version, in the rollout's order."""
+        if self._ordered is None:
+            spec = self._spec
+            pool = [d for d in self.selected if d.version != spec.version]
+            pool.sort(key=lambda d: (wave_rank(spec.id, d.device_id), d.device_id))
+            self._ordered = pool
+        return self._ordered
 
 
 # -- the controller --------------------------------------------------------------------------
@@ -261,7 +296,8 @@ class RolloutController:
             state = state.model_copy(
                 update={"status": "running", "wave": 0, "wave_started_at": now}
             )
-        state, assign = self._fill_wave(state, fleet, now)
+        view = _FleetView(state.spec, fleet)
+        state, assign = self._fill_wave(state, view, now)
         actions += assign
         devices = fleet.by_id()
         health, silent = self._health(state, devices, now)
@@ -270,7 +306,7 @@ class RolloutController:
         if reason is not None:
             aborted, more = self._abort(state, reason)
             return aborted, actions + more
-        if not self._wave_done(state, fleet, health, now):
+        if not self._wave_done(state, view, health, now):
             return state, actions
         spec = state.spec
         if state.wave + 1 >= len(spec.waves):
@@ -278,7 +314,7 @@ class RolloutController:
             return done, [*actions, Complete()]
         state = state.model_copy(update={"wave": state.wave + 1, "wave_started_at": now})
         actions.append(Promote(wave=state.wave))
-        state, assign = self._fill_wave(state, fleet, now)
+        state, assign = self._fill_wave(state, view, now)
         return state, actions + assign
 
     # -- operator transitions ------------------------------------------------------------
@@ -329,31 +365,32 @@ class RolloutController:
             )
         return new, actions
 
-    def _fleet_size(self, state: RolloutState, fleet: FleetSnapshot) -> int:
-        selected = {d.device_id for d in fleet.devices if state.spec.selects(d.labels)}
-        return len(selected | state.assigned_ids())
-
-    def _target(self, state: RolloutState, fleet: FleetSnapshot) -> int:
-        size = self._fleet_size(state, fleet)
+    def _target(self, state: RolloutState, view: _FleetView) -> int:
+        size = view.size(a.device_id for a in state.assigned)
         # Cumulative: a wave never covers fewer devices than the one before it.
         return max(w.target(size) for w in state.spec.waves[: state.wave + 1])
 
-    def _candidates(self, state: RolloutState, fleet: FleetSnapshot) -> list[DeviceStatus]:
-        spec, taken = state.spec, state.assigned_ids()
-        pool = [
-            d
-            for d in fleet.devices
-            if spec.selects(d.labels) and d.device_id not in taken and d.version != spec.version
-        ]
-        return sorted(pool, key=lambda d: (wave_rank(spec.id, d.device_id), d.device_id))
+    def _candidates(
+        self, state: RolloutState, view: _FleetView, limit: int | None = None
+    ) -> list[DeviceStatus]:
+        """The next devices in the rollout's order (at most ``limit``)."""
+        taken = state.assigned_ids()
+        picked: list[DeviceStatus] = []
+        for d in view.ordered():
+            if d.device_id in taken:
+                continue
+            picked.append(d)
+            if limit is not None and len(picked) >= limit:
+                break
+        return picked
 
     def _fill_wave(
-        self, state: RolloutState, fleet: FleetSnapshot, now: float
+        self, state: RolloutState, view: _FleetView, now: float
     ) -> tuple[RolloutState, list[Action]]:
-        room = self._target(state, fleet) - len(state.assigned)
+        room = self._target(state, view) - len(state.assigned)
         if room <= 0:
             return state, []
-        picked = self._candidates(state, fleet)[:room]
+        picked = self._candidates(state, view, room)
         if not picked:
             return state, []
         new = tuple(
@@ -488,12 +525,12 @@ class RolloutController:
         return self._enough_to_judge(state, health) and health.reporting >= share
 
     def _wave_done(
-        self, state: RolloutState, fleet: FleetSnapshot, health: WaveHealth, now: float
+        self, state: RolloutState, view: _FleetView, health: WaveHealth, now: float
     ) -> bool:
         started = state.wave_started_at
         if started is None or now - started < state.spec.waves[state.wave].soak_s:
             return False
-        if len(state.assigned) < self._target(state, fleet) and self._candidates(state, fleet):
+        if len(state.assigned) < self._target(state, view) and self._candidates(state, view, 1):
             return False
         return health.assigned == 0 or self._reports_enough(state, health)
 
