@@ -170,6 +170,37 @@ def test_compose_stack_refuses_to_start_without_its_secrets() -> None:
                 assert (ROOT / "deploy" / src).exists(), src
 
 
+@pytest.mark.parametrize("config", ["haproxy.cfg", "haproxy-compose.cfg"])
+def test_haproxy_configs_are_valid(config: str) -> None:
+    """The balancer configs parse with the real HAProxy (``haproxy -c``) and health-check the
+    replicas on /readyz."""
+    path = ROOT / "deploy" / "haproxy" / config
+    res = subprocess.run(
+        [shutil.which("haproxy") or "/usr/sbin/haproxy", "-c", "-f", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "option httpchk GET /readyz" in path.read_text()
+
+
+def test_compose_stack_runs_replicas_behind_haproxy() -> None:
+    import yaml
+
+    stack = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    services = stack["services"]
+    cp, lb = services["control-plane"], services["haproxy"]
+    assert cp["deploy"]["replicas"] >= 2
+    assert "ports" not in cp, "replicas publish no host port: traffic goes through haproxy"
+    assert lb["ports"] == ["8080:8080"]
+    mounted = [v.split(":", 1)[0] for v in lb["volumes"]]
+    assert mounted == ["./haproxy/haproxy-compose.cfg"]
+    assert (ROOT / "deploy" / mounted[0]).exists()
+    # the replicas share one database, never a per-replica SQLite file
+    assert cp["environment"]["EDGEFLEET_CP__DATABASE_URL"].startswith("postgresql")
+
+
 def test_example_agent_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     from agent.config import load_settings
 
