@@ -17,7 +17,13 @@ import httpx
 import psycopg
 import pytest
 
-from tests.control_plane.conftest import enroll, free_port
+from tests.control_plane.conftest import (
+    ADMIN,
+    SampleFiles,
+    enroll,
+    free_port,
+    upload_files,
+)
 from tests.control_plane.loopback import (
     haproxy,
     moto_s3,
@@ -147,3 +153,74 @@ def _exercise(url: str, ports: list[int], replicas: list[subprocess.Popen[bytes]
     assert poller.errors == 0, poller.problems[:5]
     assert poller.polls > 100
     print(f"runner fail-over {failover_s:.2f} s; {poller.polls} polls, 0 errors")
+
+
+def _job_row(dsn: str) -> tuple[str, str | None, int] | None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT status, lease_owner, attempts FROM build_jobs").fetchone()
+    return None if row is None else (row[0], row[1], row[2])
+
+
+def test_a_build_survives_the_kill_of_its_replica(
+    pg_url: str, tmp_path: Path, digits_path: Path, digits_sets: SampleFiles
+) -> None:
+    """Three replicas behind HAProxy on one PostgreSQL and one S3 store; an upload through the
+    balancer; the replica that leased its build is killed with SIGKILL mid-build. Another one
+    takes the job once its lease runs out, the build finishes once, and every variant is
+    stored once."""
+    ports = [free_port() for _ in range(3)]
+    with moto_s3() as s3:
+        replicas = [
+            start_replica(
+                tmp_path / f"replica-{i}",
+                pg_url,
+                port,
+                extra={
+                    **s3_env(s3),
+                    "EDGEFLEET_CP__REPLICA_ID": f"replica-{i}",
+                    "EDGEFLEET_CP__BUILD_LEASE_S": "3",
+                    "EDGEFLEET_CP__BUILD_POLL_S": "0.2",
+                },
+            )
+            for i, port in enumerate(ports)
+        ]
+        try:
+            for process, port in zip(replicas, ports, strict=True):
+                wait_http(f"http://127.0.0.1:{port}/readyz", timeout=60, process=process)
+            with haproxy(ports, tmp_path) as url, httpx.Client(base_url=url, timeout=60) as c:
+                assert c.post("/v1/models", json={"name": "digits"}, headers=ADMIN).is_success
+                r = c.post(
+                    "/v1/models/digits/versions",
+                    data={"version": "1.0.0"},
+                    files=upload_files(digits_path, digits_sets),
+                    headers=ADMIN,
+                )
+                assert r.status_code == 202, r.text
+                deadline = time.monotonic() + 60
+                while (row := _job_row(pg_url)) is None or row[0] != "running":
+                    assert time.monotonic() < deadline, f"the build never started: {row}"
+                    time.sleep(0.05)
+                owner = row[1]
+                assert owner is not None
+                killed = int(owner.rsplit("-", 1)[1])
+                replicas[killed].kill()  # SIGKILL mid-build: no heartbeat, no clean-up
+                replicas[killed].wait()
+                deadline = time.monotonic() + 240
+                while (row := _job_row(pg_url)) is not None and row[0] in ("queued", "running"):
+                    assert time.monotonic() < deadline, f"the build was not taken over: {row}"
+                    time.sleep(0.2)
+                assert row is not None
+                status, new_owner, attempts = row
+                assert (status, attempts) == ("succeeded", 2), row
+                assert new_owner != owner
+                version = c.get("/v1/models/digits/versions/1.0.0", headers=ADMIN).json()
+                assert version["status"] == "ready"
+                ids = [v["id"] for v in version["variants"]]
+                assert ids
+                assert len(ids) == len(set(ids)), ids
+                with psycopg.connect(pg_url, autocommit=True) as conn:
+                    (stored,) = conn.execute("SELECT count(*) FROM variants").fetchone() or (0,)
+                assert stored == len(ids)
+        finally:
+            for process in replicas:
+                stop(process)
