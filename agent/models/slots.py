@@ -275,6 +275,7 @@ class ModelSlot:
         self._gap_cond = threading.Condition(threading.Lock())
         self._gap_seq = 0
         self._gap_watch = False
+        self._gap_watchers = 0  # closes of retired versions waiting for a gap (under _gap_cond)
         self._last_request_end = float("-inf")
         self._cond = threading.Condition(threading.Lock())
         self._current: LoadedVersion | None = None
@@ -323,17 +324,19 @@ class ModelSlot:
         finally:
             current._exit()
             self._last_request_end = self._clock()
-            if self._gap_watch:
+            if self._gap_watch or self._gap_watchers:
                 with self._gap_cond:
                     self._gap_seq += 1
                     self._gap_cond.notify_all()
 
-    def _await_gap(self) -> None:
+    def _await_gap(self, *, watch: bool = False) -> None:
         """Wait (at most ``gap_wait_s``) until a serving request has just ended, so that the
-        loader's next piece of work (load, one warm-up or validation run) falls between the hot
-        loop's frames instead of on top of one. Returns at once when the slot is idle."""
+        loader's next piece of work (load, one warm-up or validation run, the close of a
+        retired version) falls between the hot loop's frames instead of on top of one. Returns
+        at once when the slot is idle. ``watch``: ask for gap signals for this wait alone (a
+        close runs after the swap that retired its version has finished watching)."""
         current = self._current
-        if not self._gap_watch or current is None:
+        if not (self._gap_watch or watch) or current is None:
             return
         with self._gap_cond:
             idle = current._inflight == 0 and (
@@ -342,7 +345,11 @@ class ModelSlot:
             if idle:
                 return
             seen = self._gap_seq
-            self._gap_cond.wait_for(lambda: self._gap_seq != seen, self._gap_wait_s)
+            self._gap_watchers += 1
+            try:
+                self._gap_cond.wait_for(lambda: self._gap_seq != seen, self._gap_wait_s)
+            finally:
+                self._gap_watchers -= 1
 
     def loaded_versions(self) -> list[str]:
         with self._cond:
@@ -791,12 +798,19 @@ class ModelSlot:
 
     def _close_off_path(self, close: Callable[[], None]) -> bool:
         """Run a retired version's close on the loader thread, not on the request thread that
-        happened to leave it last (closing and handing memory back take milliseconds)."""
+        happened to leave it last, and just after a serving request ends: closing and handing
+        memory back take milliseconds, some of them (OpenVINO's compiled model, ONNX Runtime's
+        CUDA session) with the GIL held, which would stall a frame in flight."""
         executor = self._executor
         if executor is None or not self._quiet_swap:
             return False
+
+        def between_frames() -> None:
+            self._await_gap(watch=True)
+            close()
+
         try:
-            executor.submit(close)
+            executor.submit(between_frames)
         except RuntimeError:  # shut down: the caller closes inline
             return False
         return True

@@ -297,11 +297,15 @@ def test_slot_plans_with_the_variant_contract(store: ModelStore, tmp_path: Path)
     slot = ModelSlot("m", store, backend_config=unmeasured, profile=lambda: here)
     plan = slot.plan(manifest, tmp_path)
     fit = fitting(manifest.variants, here)
-    assert [v.id for v in plan.order] == [v.id for v in fit.ranked] == [
-        "ort-fp32",
-        "ov-int8",
-        "ort-int8",
-    ]
+    assert (
+        [v.id for v in plan.order]
+        == [v.id for v in fit.ranked]
+        == [
+            "ort-fp32",
+            "ov-int8",
+            "ort-int8",
+        ]
+    )
     assert plan.left_out == fit.left_out
     assert plan.left_out == {
         "arm": "built for aarch64, this device is x86_64",
@@ -475,5 +479,45 @@ def test_bad_inputs_to_the_choice_keep_the_serving_version(
         assert "a-slow: onnxruntime not usable here: not installed" in str(info.value)
         assert slot.version == "2.0.0"
         assert slot.infer_versioned({"input": golden_x})[0].version == "2.0.0"
+    finally:
+        slot.close()
+
+
+def test_a_retired_version_closes_between_frames(
+    store: ModelStore, two_versions: ModelStore, bus: EventBus, digits: DigitsData
+) -> None:
+    """With quiet swaps, the old session is released on the loader thread just after a serving
+    request ends, not while a frame is in flight (a release can hold the GIL for milliseconds)."""
+    slot = ModelSlot(
+        "digits",
+        store,
+        swap_config=SwapConfig(warmup_runs=1, loader_threads=1),
+        bus=bus,
+        latency_runs=1,
+    )
+    x = {"input": digits.x_test[:1]}
+    try:
+        slot.start("1.0.0")
+        old = slot.current
+        assert old is not None
+        session = old._session
+        assert session is not None
+        assert old._enter()  # a request still running on 1.0.0: its close waits for it
+        slot.swap("2.0.0")
+        new = slot.current
+        assert new is not None
+        slot._gap_wait_s = 30.0  # from now on only a request's end lets the close run
+        slot.infer(x)  # a frame just ended on 2.0.0 ...
+        assert new._enter()  # ... and the next one is in flight
+        old._exit()  # 1.0.0 may close now, but a frame is running
+        time.sleep(0.3)
+        assert old.closed  # no new request may enter it
+        assert not session._closed  # type: ignore[attr-defined]  # not released mid-frame
+        new._exit()
+        slot.infer(x)  # a frame ends: a gap, and the release runs in it
+        deadline = time.monotonic() + 10
+        while not session._closed:  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline, "the retired session was never released"
+            time.sleep(0.01)
     finally:
         slot.close()
