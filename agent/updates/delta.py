@@ -1,10 +1,19 @@
 """Model deltas: a new bundle archive rebuilt from the archive this device already has.
 
-Owns the delta format and both of its ends. A delta is zstd with the base archive as a
-raw-content dictionary (``zstd --patch-from``): a fine-tuned or re-exported version of a model
-shares most of its bytes with the previous one, at the same offsets of an uncompressed ``.tar``,
-so what travels is mostly the changed tensors. ``make_delta`` builds one (the control plane,
-``control_plane.deltas``); ``apply_delta`` rebuilds the full archive on the device, streaming
+Owns the delta format and both of its ends. A delta is ``EFD1``, a method byte and one zstd
+frame, by one of two methods, the smaller of the two chosen when it is built (measured in
+``bench/bench_delta.py``):
+
+- ``patch-from``: zstd with the base archive as a raw-content dictionary (``zstd
+  --patch-from``). A re-export with some layers changed shares most of its bytes with the
+  previous version, so what travels is mostly the changed tensors.
+- ``xor-planes`` (archives of the same length: the same architecture): the base XOR the
+  target, each 4-byte word's bytes grouped into planes, zstd. A fine-tune moves every weight a
+  little: the sign, exponent and high mantissa bytes mostly stay, so their XOR planes are
+  zeros; byte-matching (``patch-from``, bsdiff) finds almost nothing to reuse there.
+
+``make_delta`` builds one (the control plane, ``control_plane.deltas``); ``apply_delta``
+rebuilds the full archive on the device, streaming
 into ``<dest>.part`` with the output bounded by and hashed against the full archive's *signed*
 length and sha256, then fsync and rename: a power cut during the rebuild leaves at most a
 ``.part`` file that the next attempt deletes, never a half archive under the final name, and the
@@ -23,10 +32,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any, Literal
 
+import numpy as np
 import zstandard
 
 from agent._fs import file_sha256, fsync_dir
@@ -41,7 +52,9 @@ __all__ = [
     "DeltaFetcher",
     "DeltaOutcome",
     "DeltaUnusableError",
+    "Method",
     "apply_delta",
+    "delta_method",
     "delta_summary",
     "make_delta",
 ]
@@ -62,11 +75,73 @@ def _window_log(base_size: int, target_size: int) -> int:
     return max(20, min(31, (need - 1).bit_length()))
 
 
-def make_delta(base: Path, target: Path, dest: Path, *, level: int = DEFAULT_LEVEL) -> int:
-    """Write the delta that turns ``base`` into ``target`` to ``dest``; returns its size."""
+MAGIC = b"EFD1"  # then one method byte, then one zstd frame
+PATCH_FROM = b"P"  # zstd with the base as a raw-content dictionary (``zstd --patch-from``)
+XOR_PLANES = b"X"  # same-length archives: base XOR target, float bytes split into planes, zstd
+Method = Literal["patch-from", "xor-planes"]
+_METHODS: dict[bytes, Method] = {PATCH_FROM: "patch-from", XOR_PLANES: "xor-planes"}
+_BLOCK = 1 << 20  # bytes of the archive per XOR block (a multiple of 4)
+
+
+def make_delta(
+    base: Path,
+    target: Path,
+    dest: Path,
+    *,
+    level: int = DEFAULT_LEVEL,
+    methods: Sequence[Method] = ("patch-from", "xor-planes"),
+) -> int:
+    """Write the delta that turns ``base`` into ``target`` to ``dest``: the smallest of
+    ``methods`` (``xor-planes`` only applies when both have the same length); returns its
+    size."""
     base_size, target_size = base.stat().st_size, target.stat().st_size
     if base_size > MAX_BASE_BYTES or target_size > MAX_BASE_BYTES:
         raise ValueError(f"archives over {MAX_BASE_BYTES} bytes are not delta-encoded")
+    built: list[Path] = []
+    try:
+        if "patch-from" in methods:
+            built.append(
+                _encode(dest, ".p", PATCH_FROM, lambda out: _patch_from(base, target, out, level))
+            )
+        if "xor-planes" in methods and base_size == target_size:
+            built.append(
+                _encode(dest, ".x", XOR_PLANES, lambda out: _xor_planes(base, target, out, level))
+            )
+        if not built:
+            raise ValueError(f"none of {list(methods)} applies to these archives")
+        best = min(built, key=lambda p: p.stat().st_size)
+        best.replace(dest)
+    finally:
+        for path in built:
+            path.unlink(missing_ok=True)
+    return dest.stat().st_size
+
+
+def delta_method(delta: Path | IO[bytes]) -> Method:
+    """Which encoding ``delta`` uses (a stream is left after the header);
+    ``DeltaUnusableError`` for a file that is no delta."""
+    if isinstance(delta, Path):
+        with delta.open("rb") as f:
+            return delta_method(f)
+    head = delta.read(len(MAGIC) + 1)
+    method = _METHODS.get(head[len(MAGIC) :]) if head[: len(MAGIC)] == MAGIC else None
+    if method is None:
+        raise DeltaUnusableError("not a model delta (unknown header)")
+    return method
+
+
+def _encode(dest: Path, suffix: str, tag: bytes, body: Callable[[IO[bytes]], None]) -> Path:
+    tmp = dest.with_name(dest.name + suffix + ".tmp")
+    with tmp.open("wb") as out:
+        out.write(MAGIC + tag)
+        body(out)
+        out.flush()
+        os.fsync(out.fileno())
+    return tmp
+
+
+def _patch_from(base: Path, target: Path, out: IO[bytes], level: int) -> None:
+    base_size, target_size = base.stat().st_size, target.stat().st_size
     dictionary = zstandard.ZstdCompressionDict(
         base.read_bytes(), dict_type=zstandard.DICT_TYPE_RAWCONTENT
     )
@@ -75,18 +150,41 @@ def make_delta(base: Path, target: Path, dest: Path, *, level: int = DEFAULT_LEV
         source_size=target_size,
         window_log=_window_log(base_size, target_size),
         enable_ldm=True,
+        write_content_size=True,
     )
     cctx = zstandard.ZstdCompressor(dict_data=dictionary, compression_params=params)
-    tmp = dest.with_name(dest.name + ".tmp")
-    try:
-        with target.open("rb") as src, tmp.open("wb") as out:
-            cctx.copy_stream(src, out, size=target_size)
-            out.flush()
-            os.fsync(out.fileno())
-        tmp.replace(dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dest.stat().st_size
+    with target.open("rb") as src:
+        cctx.copy_stream(src, out, size=target_size)
+
+
+def _xor_planes(base: Path, target: Path, out: IO[bytes], level: int) -> None:
+    """A fine-tuned tensor keeps most sign, exponent and high mantissa bits: XOR with the
+    base zeroes them, and grouping each 4-byte word's bytes into planes puts those zeros
+    together, which zstd then folds away; the low mantissa bytes stay as they are."""
+    cctx = zstandard.ZstdCompressor(level=level, write_content_size=False)
+    with (
+        base.open("rb") as old,
+        target.open("rb") as new,
+        cctx.stream_writer(out, closefd=False) as writer,
+    ):
+        while block := new.read(_BLOCK):
+            writer.write(
+                _planes(
+                    np.frombuffer(old.read(len(block)), np.uint8) ^ np.frombuffer(block, np.uint8)
+                )
+            )
+
+
+def _planes(data: np.ndarray[Any, Any]) -> bytes:
+    padded = np.zeros(-(-len(data) // 4) * 4, np.uint8)
+    padded[: len(data)] = data
+    return bytes(padded.reshape(-1, 4).T.tobytes())
+
+
+def _unplanes(data: bytes, length: int) -> np.ndarray[Any, Any]:
+    words = np.frombuffer(data, np.uint8).reshape(4, -1).T
+    out: np.ndarray[Any, Any] = words.reshape(-1)[:length]
+    return out
 
 
 def apply_delta(base: Path, delta: Path, dest: Path, *, length: int, sha256: str) -> Path:
@@ -97,18 +195,17 @@ def apply_delta(base: Path, delta: Path, dest: Path, *, length: int, sha256: str
         raise DeltaUnusableError(f"archives over {MAX_BASE_BYTES} bytes are not delta-encoded")
     part = dest.with_name(dest.name + ".part")
     part.unlink(missing_ok=True)  # what a power cut during an earlier rebuild left
-    dictionary = zstandard.ZstdCompressionDict(
-        base.read_bytes(), dict_type=zstandard.DICT_TYPE_RAWCONTENT
-    )
-    dctx = zstandard.ZstdDecompressor(
-        dict_data=dictionary, max_window_size=1 << _window_log(base.stat().st_size, length)
-    )
     digest = hashlib.sha256()
-    written = 0
     try:
         with delta.open("rb") as src, part.open("wb") as out:
-            reader = dctx.stream_reader(src, read_across_frames=False)
-            while block := reader.read(_CHUNK):
+            method = delta_method(src)
+            if method == "xor-planes" and base.stat().st_size != length:
+                raise DeltaUnusableError("an xor-planes delta needs a base of the archive's length")
+            blocks = (
+                _unpatch(base, src, length) if method == "patch-from" else _unxor(base, src, length)
+            )
+            written = 0
+            for block in blocks:
                 written += len(block)
                 if written > length:
                     raise DeltaUnusableError(
@@ -132,6 +229,45 @@ def apply_delta(base: Path, delta: Path, dest: Path, *, length: int, sha256: str
     finally:
         part.unlink(missing_ok=True)
     return dest
+
+
+def _unpatch(base: Path, src: IO[bytes], length: int) -> Iterator[bytes]:
+    dictionary = zstandard.ZstdCompressionDict(
+        base.read_bytes(), dict_type=zstandard.DICT_TYPE_RAWCONTENT
+    )
+    dctx = zstandard.ZstdDecompressor(
+        dict_data=dictionary, max_window_size=1 << _window_log(base.stat().st_size, length)
+    )
+    reader = dctx.stream_reader(src, read_across_frames=False)
+    while block := reader.read(_CHUNK):
+        yield block
+
+
+def _unxor(base: Path, src: IO[bytes], length: int) -> Iterator[bytes]:
+    reader = zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=False)
+    with base.open("rb") as old:
+        left = length
+        while left > 0:
+            size = min(_BLOCK, left)
+            want = -(-size // 4) * 4
+            data = _read_exactly(reader, want)
+            if len(data) < want:
+                raise DeltaUnusableError("the delta ends early (truncated)")
+            yield (_unplanes(data, size) ^ np.frombuffer(old.read(size), np.uint8)).tobytes()
+            left -= size
+        if reader.read(1):
+            raise DeltaUnusableError(f"the delta rebuilds more than the signed {length} bytes")
+
+
+def _read_exactly(reader: Any, n: int) -> bytes:
+    parts = []
+    while n > 0:
+        chunk = reader.read(n)
+        if not chunk:
+            break
+        parts.append(chunk)
+        n -= len(chunk)
+    return b"".join(parts)
 
 
 def delta_summary(from_version: str, delta_bytes: int, full_bytes: int) -> str:

@@ -17,7 +17,9 @@ import pytest
 from agent.updates.delta import (
     BaseArchives,
     DeltaUnusableError,
+    Method,
     apply_delta,
+    delta_method,
     delta_summary,
     make_delta,
 )
@@ -79,13 +81,46 @@ def test_truncated_and_tampered_deltas_are_refused(pair: tuple[Path, Path], tmp_
     assert not (tmp_path / "out.tar").exists()
 
 
-def test_output_beyond_the_signed_length_is_cut(pair: tuple[Path, Path], tmp_path: Path):
+@pytest.mark.parametrize("method", ["patch-from", "xor-planes"])
+def test_output_beyond_the_signed_length_is_cut(
+    pair: tuple[Path, Path], tmp_path: Path, method: Method
+) -> None:
     old, new = pair
     delta = tmp_path / "d.zst"
-    make_delta(old, new, delta)
-    with pytest.raises(DeltaUnusableError, match="more than the signed"):
+    make_delta(old, new, delta, methods=(method,))
+    assert delta_method(delta) == method
+    with pytest.raises(DeltaUnusableError, match=r"more than the signed|needs a base"):
         apply_delta(old, delta, tmp_path / "out.tar", length=1000, sha256=_sha(new))
     assert not (tmp_path / "out.tar.part").exists()
+
+
+@pytest.mark.parametrize("method", ["patch-from", "xor-planes"])
+def test_each_method_round_trips_a_fine_tune(tmp_path: Path, method: Method) -> None:
+    """Every weight moved a little (a fine-tune): xor-planes is the smaller one."""
+    rng = np.random.default_rng(1)
+    weights = rng.normal(0, 0.1, size=256 * 1024 + 3).astype(np.float32)
+    old, new = tmp_path / "old.tar", tmp_path / "new.tar"
+    old.write_bytes(b"hdr" + weights.tobytes())
+    new.write_bytes(
+        b"hdr" + (weights * (1 + rng.normal(0, 1e-3, weights.shape))).astype(np.float32).tobytes()
+    )
+    delta = tmp_path / "d.zst"
+    size = make_delta(old, new, delta, methods=(method,))
+    if method == "xor-planes":
+        assert size < new.stat().st_size * 0.6
+    out = apply_delta(old, delta, tmp_path / "out.tar", length=new.stat().st_size, sha256=_sha(new))
+    assert out.read_bytes() == new.read_bytes()
+    both = make_delta(old, new, tmp_path / "best.zst")
+    assert delta_method(tmp_path / "best.zst") == "xor-planes"
+    assert both <= size
+
+
+def test_not_a_delta_is_refused(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    old, new = pair
+    junk = tmp_path / "junk.zst"
+    junk.write_bytes(b"\x28\xb5\x2f\xfd" + b"0" * 100)
+    with pytest.raises(DeltaUnusableError, match="not a model delta"):
+        apply_delta(old, junk, tmp_path / "out.tar", length=new.stat().st_size, sha256=_sha(new))
 
 
 def test_base_archives_check_the_digest_and_prune(tmp_path: Path, pair: tuple[Path, Path]):
