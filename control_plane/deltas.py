@@ -5,10 +5,11 @@ serving version N (variant A) of a model whose desired version is M (variant B),
 looks for the signed delta ``deltas/<model>/<M>/<B>/<N>/<A>.zst``; the first device that needs
 a pair builds it (``agent.updates.delta.make_delta``: zstd with N's archive as the dictionary),
 stores the blob in the artifact store and publishes it as a TUF target of its own beside the
-full archive, under a lock per pair so devices that poll together build it once. A delta that
-is not smaller than ``max_ratio`` of the full archive, or whose build fails, is not offered
-(remembered in this process, so it is not rebuilt at every poll); the device then downloads the
-full archive as before.
+full archive, under a lock per pair so devices that poll together build it once (one that
+waits more than ``build_wait_s`` for another's build is offered the full archive this time).
+A delta that is not smaller than ``max_ratio`` of the full archive, or whose build fails, is
+not offered (remembered in this process, so it is not rebuilt at every poll); the device then
+downloads the full archive as before.
 
 The TUF targets are the index: a delta's target path names its pair, its length and sha256 are
 the blob's, so every replica sees the same deltas. ``collect`` removes the targets and blobs of
@@ -94,6 +95,7 @@ class DeltaService:
         max_ratio: float = 0.8,
         keep_s: float = 7 * 24 * 3600.0,
         collect_interval_s: float = 3600.0,
+        build_wait_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
@@ -102,6 +104,7 @@ class DeltaService:
         self._max_ratio = max_ratio
         self._keep_s = keep_s
         self._collect_interval_s = collect_interval_s
+        self._build_wait_s = build_wait_s
         self._clock = clock
         self._started = clock()
         self._last_collect = self._started
@@ -160,8 +163,15 @@ class DeltaService:
             return None
         info = self.find(path)
         if info is None:
-            with self._lock(path):
+            lock = self._lock(path)
+            # Another request builds this pair: wait a little, then offer the full archive
+            # rather than hold a worker thread for the whole build.
+            if not lock.acquire(timeout=self._build_wait_s):
+                return None
+            try:
                 info = self.find(path) or self._build(path, base, entry)
+            finally:
+                lock.release()
         if info is None:
             return None
         self._needed[path] = self._clock()
