@@ -33,12 +33,14 @@ from control_plane.api.routes import (
     tokens,
     tuf,
 )
+from control_plane.api.routes import deltas as delta_routes
 from control_plane.api.routes import rollouts as rollout_routes
 from control_plane.api.routes import web as web_page
 from control_plane.artifacts import ArtifactStore
 from control_plane.context import AppContext
 from control_plane.coordination import is_postgres, replica_name
 from control_plane.db.engine import make_engine, make_sessionmaker, upgrade_database
+from control_plane.deltas import DeltaService
 from control_plane.desired import CredentialCache, DesiredStateCache
 from control_plane.ingest.wiring import IngestCollector, fleet_telemetry
 from control_plane.jobs import BuildWorker, JobLeases
@@ -142,6 +144,15 @@ def create_app(
         ingester=telemetry.ingester,
         rollouts=telemetry.rollouts,
         presence=presence,
+        deltas=DeltaService(
+            store=store,
+            tuf=signed,
+            work_dir=settings.data_dir / "deltas",
+            max_ratio=settings.delta_max_ratio,
+            keep_s=settings.delta_keep_s,
+        )
+        if settings.deltas
+        else None,
     )
 
     @asynccontextmanager
@@ -179,6 +190,7 @@ def create_app(
     app.state.ctx = ctx
     app.fast_poll = FastPoll(ctx)  # idle polls answered in front of the framework
     install_error_handlers(app)
+    app.include_router(delta_routes.router)  # before artifacts: /v1/artifacts/deltas/...
     for module in (health, tokens, models, jobs, devices, assignments, artifacts, tuf):
         app.include_router(module.router)
     app.include_router(bootstrap_tokens.router)

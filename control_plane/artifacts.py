@@ -78,6 +78,10 @@ class ArtifactStore(Protocol):
         """Write the blob to ``dest`` (for tools that need a local file); returns ``dest``."""
         ...
 
+    def delete(self, sha256: str) -> None:
+        """Remove a blob (garbage-collected model deltas); a missing one is not an error."""
+        ...
+
 
 class NamedFiles(Protocol):
     """Small files by name (no slashes), each written whole and atomically."""
@@ -160,6 +164,12 @@ class LocalArtifactStore:
             raise NotFoundError(f"no artifact {sha256}")
         shutil.copyfile(path, dest)
         return dest
+
+    def delete(self, sha256: str) -> None:
+        try:
+            self._path(sha256).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot delete artifact {sha256}: {exc}") from exc
 
     def count(self) -> int:
         """How many blobs are stored (tests check that a refused upload stored nothing)."""

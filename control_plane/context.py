@@ -22,6 +22,7 @@ from control_plane.settings import Settings
 from control_plane.signing import TufRepository
 
 if TYPE_CHECKING:
+    from control_plane.deltas import DeltaService
     from control_plane.ingest import TelemetryIngester
     from control_plane.rollouts.service import RolloutService
 
@@ -43,3 +44,4 @@ class AppContext:
     rollouts: RolloutService | None = None
     tuf: TufRepository | None = None  # signed metadata for every artifact served
     presence: LastSeenRecorder | None = None  # None: polls do not refresh last_seen_at
+    deltas: DeltaService | None = None  # None: only full archives are offered

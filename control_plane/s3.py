@@ -137,6 +137,12 @@ class S3ArtifactStore:
             raise StorageError(f"cannot read artifact {sha256}: {exc}") from exc
         return dest
 
+    def delete(self, sha256: str) -> None:
+        try:
+            self._client.delete_object(Bucket=self.location.bucket, Key=self._key(sha256))
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(f"cannot delete artifact {sha256}: {exc}") from exc
+
     def count(self) -> int:
         """How many blobs are stored (tests check that a refused upload stored nothing)."""
         pages = self._client.get_paginator("list_objects_v2").paginate(

@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     # the root key is written at first start (move it offline afterwards).
     tuf_refresh_interval_s: float = Field(default=3600.0, gt=0)
     tuf_root_key_dir: Path | None = None
+    # Model deltas (docs/updates.md#deltas): offered when smaller than delta_max_ratio of the full
+    # archive; a delta no device needed for delta_keep_s seconds is removed.
+    deltas: bool = True
+    delta_max_ratio: float = Field(default=0.8, gt=0, le=1)
+    delta_keep_s: float = Field(default=7 * 24 * 3600.0, gt=0)
     # Telemetry ingestion and rollouts (docs/rollouts.md). mqtt_host None: no ingester, no commands.
     mqtt_host: str | None = None
     mqtt_port: int = Field(default=1883, ge=1, le=65535)

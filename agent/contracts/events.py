@@ -19,6 +19,8 @@ EventStep = Literal[
     "download_started",
     "download_finished",
     "download_failed",
+    "delta_applied",
+    "delta_refused",
     "verified",
     "refused",
     "staged",

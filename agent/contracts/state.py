@@ -26,6 +26,7 @@ __all__ = [
     "LAST_ERROR_MAX",
     "MAX_CANDIDATES",
     "MAX_MODELS",
+    "DesiredDelta",
     "DesiredModel",
     "DesiredState",
     "DesiredVariant",
@@ -134,6 +135,19 @@ class DesiredVariant(_Offered):
     size: int = Field(ge=0, le=2**53)
 
 
+class DesiredDelta(_Offered):
+    """The primary variant's archive as a delta against an archive the device already holds
+    (``agent.updates.delta``): a TUF target of its own. Optional: the full archive stays the
+    reference, and the device falls back to it whenever the delta cannot give its signed bytes."""
+
+    from_version: Version
+    from_variant_id: VariantId
+    base_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # the archive the delta applies to
+    artifact_path: ArtifactPath  # TUF target path of the delta
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0, le=2**53)
+
+
 class DesiredModel(_Offered):
     """What one model slot should run. The control plane resolved, with the variant contract
     (``agent.contracts.fit``), every variant that fits this device: the best by the contract's
@@ -155,6 +169,9 @@ class DesiredModel(_Offered):
     # tries the version again once the generation differs, never while it is unchanged.
     generation: int = Field(default=0, ge=0, le=2**63 - 1)
     candidates: tuple[DesiredVariant, ...] = Field(default=(), max_length=MAX_CANDIDATES)
+    # The primary variant as a delta from the version this device reported serving, when the
+    # control plane has one signed.
+    delta: DesiredDelta | None = None
 
     def offered(self) -> tuple[DesiredVariant, ...]:
         """The variants offered, best first (the primary one alone when no list was sent)."""

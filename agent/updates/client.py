@@ -79,6 +79,7 @@ from agent.models.activation import ModelActivator
 from agent.models.bundle import merge_bundles
 from agent.models.probation import UpdateRecord, in_flight
 from agent.models.store import InstalledVersion, ModelStore
+from agent.updates.delta import BaseArchives, DeltaFetcher, DeltaUnusableError
 from agent.updates.download import DownloadConfig, Downloader
 from agent.updates.plan import (
     Attempt,
@@ -96,7 +97,7 @@ from agent.updates.report import (
     Serving,
     reported_model,
 )
-from agent.updates.signed import SignedMetadata
+from agent.updates.signed import SignedMetadata, SignedTarget
 
 __all__ = ["Activators", "DeviceCredential", "ResponseLimits", "UpdateClient"]
 
@@ -219,6 +220,22 @@ class UpdateClient:
             f"{self._url}/tuf/",
             self._http,
             provisioned_root=config.tuf_root_path,
+        )
+        self._bases = BaseArchives(state_dir / "bases")
+        self._deltas = DeltaFetcher(
+            bases=self._bases,
+            downloads=self._downloads,
+            # A delta is an optimisation: a few quick attempts, then the full archive.
+            downloader=Downloader(
+                self._http,
+                DownloadConfig(**{**dl_config.__dict__, "max_attempts": 3, "backoff_max_s": 5.0}),
+                sleep=sleep,
+                monotonic=monotonic,
+                rng=self._rng,
+                **kwargs,
+            ),
+            signed=lambda path: _length_sha(self._signed.target(path)),
+            url_of=lambda path: f"{self._url}/v1/artifacts/{path}",
         )
         self._credential: DeviceCredential | None = None
         self._etag: str | None = None
@@ -624,6 +641,7 @@ class UpdateClient:
             for offered in self._variants_to_fetch(model):
                 with contextlib.suppress(_RefusedError):
                     keep.add(self._download_path(offered).name)
+        keep |= {d.artifact_path.replace("/", "_") for m in wanted if (d := m.delta) is not None}
         keep |= {f"{n}.part" for n in keep}
         for path in self._downloads.iterdir():
             if path.name not in keep:
@@ -698,7 +716,11 @@ class UpdateClient:
             self._report()
             dest.unlink(missing_ok=True)
         else:
-            dest.unlink(missing_ok=True)
+            if extras:
+                dest.unlink(missing_ok=True)
+            else:  # the base of the next update's delta
+                self._bases.keep(name, version, model.variant_id, dest)
+                self._bases.prune(name, self._store.versions(name))
             for path in extras:
                 path.unlink(missing_ok=True)
             self._attempts.pop(key, None)
@@ -727,6 +749,10 @@ class UpdateClient:
         refusal = check_against_signed(offered, signed.length, signed.sha256)
         if refusal is not None:
             raise _RefusedError(refusal.reason)
+        if offered is model and model.delta is not None and self._fetch_delta(model, dest):
+            self._step(name, version, "verifying")
+            self._bus.emit("verified", model=name, version=version, sha256=signed.sha256)
+            return
         try:
             result = self._downloader.fetch(
                 f"{self._url}/v1/artifacts/{offered.artifact_path}",
@@ -754,6 +780,37 @@ class UpdateClient:
             variant_id=offered.variant_id,
             sha256=signed.sha256,
         )
+
+    def _fetch_delta(self, model: DesiredModel, dest: Path) -> bool:
+        """Rebuild ``dest`` from the offered delta; False (and a ``delta_refused`` event) when
+        the full archive must be downloaded instead."""
+        assert model.delta is not None
+        try:
+            outcome = self._deltas.fetch(
+                model.name, model.delta, full_length=model.size, full_sha256=model.sha256, dest=dest
+            )
+        except DeltaUnusableError as exc:
+            log.warning("delta_refused", model=model.name, version=model.version, reason=str(exc))
+            self._bus.emit(
+                "delta_refused",
+                model=model.name,
+                version=model.version,
+                reason=str(exc),
+                from_version=model.delta.from_version,
+            )
+            return False
+        self._bus.emit(
+            "delta_applied",
+            model=model.name,
+            version=model.version,
+            from_version=outcome.from_version,
+            variant_id=model.variant_id,
+            summary=outcome.summary,
+            delta_bytes=outcome.delta_bytes,
+            full_bytes=outcome.full_bytes,
+            transferred=outcome.transferred,
+        )
+        return True
 
     def _install(self, primary: Path, extras: Sequence[Path]) -> InstalledVersion:
         """Install the primary archive, or every fetched variant merged into one version."""
@@ -980,6 +1037,10 @@ _REPORTED_STEPS = frozenset(
 
 class _RefusedError(Exception):
     """A target, its metadata or its bundle was refused for security or integrity reasons."""
+
+
+def _length_sha(target: SignedTarget) -> tuple[int, str]:
+    return target.length, target.sha256
 
 
 def _brief(response: _Answer) -> str:

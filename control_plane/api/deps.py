@@ -200,6 +200,8 @@ def _fresh_state(ctx: AppContext, device_id: str) -> CachedState:
         if device is None:
             raise NotFoundError(f"no device {device_id!r}")
         state = compute_desired_state(session, device)
+        if ctx.deltas is not None:
+            state = ctx.deltas.offer(session, device, state)
     return ctx.desired.put(state)
 
 

@@ -397,19 +397,40 @@ def _print_skipped(skipped: list[dict[str, Any]], console: Console) -> None:
 
 
 @models_app.command("show")
-def models_show(name: str, version: Annotated[str | None, typer.Argument()] = None) -> None:
-    """A model's versions, or one version's variants."""
+def models_show(
+    name: str,
+    version: Annotated[str | None, typer.Argument()] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the API's JSON")] = False,
+) -> None:
+    """A model's versions and the deltas between them, or one version's variants."""
     console = _console()
     with _client() as client:
         if version:
             _print_version(client.get_version(name, version), console)
             return
         model = client.get_model(name)
+        deltas = client.list_deltas(name)
+    if as_json:
+        _print_json({**model, "deltas": deltas})
+        return
     console.print(f"[bold]{model['name']}[/bold]  budget {model['accuracy_budget']:g}")
     table = Table("version", "status", "created")
     for v in model["versions"]:
         table.add_row(v["version"], v["status"], v["created_at"][:19])
     console.print(table)
+    if deltas:
+        table = Table("delta", "from", "to", "variant", "size", "of full", title="deltas")
+        for d in deltas:
+            whole = d.get("full_size")
+            table.add_row(
+                d["path"],
+                f"{d['from_version']} ({d['from_variant']})",
+                d["to_version"],
+                d["to_variant"],
+                f"{d['size']:,} B",
+                f"{d['size'] / whole:.1%} of {whole:,} B" if whole else "-",
+            )
+        console.print(table)
 
 
 @models_app.command("rm")

@@ -116,6 +116,9 @@ class ControlPlaneClient:
             tmp.unlink(missing_ok=True)
         return written
 
+    def list_deltas(self, name: str) -> Any:
+        return self._call("GET", f"/v1/models/{name}/deltas")
+
     def get_version(self, name: str, version: str) -> Any:
         return self._call("GET", f"/v1/models/{name}/versions/{version}")
 

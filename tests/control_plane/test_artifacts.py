@@ -27,6 +27,9 @@ def test_store_is_content_addressed(tmp_path: Path) -> None:
     out = store.copy_to(ref.sha256, tmp_path / "copy")
     assert out.read_bytes() == data
     assert not list((tmp_path / "store" / "tmp").iterdir())
+    store.delete(ref.sha256)  # a collected model delta
+    assert not store.exists(ref.sha256)
+    store.delete(ref.sha256)  # gone already: not an error
 
 
 def test_store_refuses_unknown_and_malformed_digests(tmp_path: Path) -> None:

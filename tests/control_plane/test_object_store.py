@@ -67,6 +67,10 @@ def test_blobs_are_stored_by_content_and_read_in_ranges(
         store.read_range(missing, 0, 1)
     with pytest.raises(NotFoundError):
         store.copy_to(missing, tmp_path / "nothing")
+    store.delete(ref.sha256)  # a collected model delta
+    assert not store.exists(ref.sha256)
+    store.delete(ref.sha256)  # gone already: not an error
+    assert store.count() == 0
 
 
 def test_two_replicas_share_one_tuf_repository(

@@ -52,13 +52,15 @@ def free_port() -> int:
 class ControlPlane:
     """The real control-plane app under uvicorn, stoppable and restartable on one port."""
 
-    def __init__(self, data_dir: Path, *, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, *, port: int | None = None, deltas: bool = False) -> None:
+        # deltas off unless asked: these tests judge the full archive's path
         self.settings = Settings(
             data_dir=data_dir,
             database_url=f"sqlite:///{data_dir / 'cp.db'}",
             bootstrap_token=BOOTSTRAP_TOKEN,
             admin_token=ADMIN_TOKEN,
             desired_state_cache_ttl_s=0,
+            deltas=deltas,
         )
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
