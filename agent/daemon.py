@@ -351,6 +351,7 @@ class Daemon:
                     latency_p50_ms=window.latency_p50_ms,
                     latency_p95_ms=window.latency_p95_ms,
                     latency_p99_ms=window.latency_p99_ms,
+                    latency_sketch=window.latency_sketch,
                 )
             )
         return out

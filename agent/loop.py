@@ -39,6 +39,7 @@ from agent._sources import (
     synthetic_feeds,
 )
 from agent.contracts.manifest import Preprocessing
+from agent.contracts.sketch import LatencySketch, sketch_of
 from agent.contracts.tensors import TensorSpec
 from agent.errors import AgentError, ConfigError
 from agent.logs import get_logger
@@ -120,6 +121,9 @@ class WindowStats(BaseModel):
     latency_p95_ms: float | None
     latency_p99_ms: float | None
     latency_samples: int
+    # The window's latencies as a mergeable sketch (the kept sample, each standing for its
+    # share of the window's count); None without a successful inference.
+    latency_sketch: LatencySketch | None = None
     total_count: int
     total_failed: int
     total_dropped: int
@@ -672,6 +676,11 @@ class InferenceLoop:
         sampler.kept = kept
         sampler.count = n
         p50, p95, p99 = sampler.percentiles_ms()
+        sketch = (
+            sketch_of((ns / 1e6 for ns in sampler.kept_samples()), weight=n / kept)
+            if kept and n
+            else None
+        )
         span_s = max((t_ns - self._window_start_ns) / 1e9, 1e-9)
         self._total_count += n
         self._total_failed += failed
@@ -689,6 +698,7 @@ class InferenceLoop:
             latency_p95_ms=p95,
             latency_p99_ms=p99,
             latency_samples=kept,
+            latency_sketch=sketch,
             total_count=self._total_count,
             total_failed=self._total_failed,
             total_dropped=self._total_dropped,

@@ -34,6 +34,7 @@ from control_plane.api.routes import (
     tuf,
 )
 from control_plane.api.routes import deltas as delta_routes
+from control_plane.api.routes import latency as latency_routes
 from control_plane.api.routes import rollouts as rollout_routes
 from control_plane.api.routes import web as web_page
 from control_plane.artifacts import ArtifactStore
@@ -194,6 +195,7 @@ def create_app(
     for module in (health, tokens, models, jobs, devices, assignments, artifacts, tuf):
         app.include_router(module.router)
     app.include_router(bootstrap_tokens.router)
+    app.include_router(latency_routes.router)
     app.include_router(rollout_routes.router)
     app.include_router(web_page.router)  # the operator page at / and /ui
     # header and body bounds, before any route parses (inside the metrics: refusals are counted)

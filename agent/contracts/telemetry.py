@@ -20,6 +20,7 @@ from pydantic import ValidationError as PydanticValidationError
 from agent.contracts.errors import ContractError
 from agent.contracts.events import UpdateEvent
 from agent.contracts.profile import HardwareProfile
+from agent.contracts.sketch import LatencySketch
 
 __all__ = [
     "DEFAULT_TOPIC_PREFIX",
@@ -169,6 +170,9 @@ class ModelTelemetry(_Frozen):
     latency_p50_ms: float | None = Field(default=None, ge=0)  # None when count == 0
     latency_p95_ms: float | None = Field(default=None, ge=0)
     latency_p99_ms: float | None = Field(default=None, ge=0)
+    # The window's latencies as a mergeable sketch (agent.contracts.sketch): what fleet
+    # percentiles are computed from. None from agents that do not send one.
+    latency_sketch: LatencySketch | None = None
 
 
 class GpuMetrics(_Frozen):

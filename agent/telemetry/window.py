@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from agent.contracts.sketch import sketch_of
 from agent.contracts.telemetry import ModelTelemetry
 
 __all__ = ["InferenceWindow", "percentile"]
@@ -108,6 +109,9 @@ class InferenceWindow:
                     latency_p50_ms=percentile(lat, 50) if lat else None,
                     latency_p95_ms=percentile(lat, 95) if lat else None,
                     latency_p99_ms=percentile(lat, 99) if lat else None,
+                    latency_sketch=(
+                        sketch_of(lat, weight=(win.count - win.failed) / len(lat)) if lat else None
+                    ),
                 )
             )
         return out

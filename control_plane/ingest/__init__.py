@@ -13,7 +13,12 @@ from control_plane.ingest.ingester import (
     MqttLink,
     TelemetryIngester,
 )
-from control_plane.ingest.tables import DeviceEventRow, DeviceLink, TelemetryBucket
+from control_plane.ingest.tables import (
+    DeviceEventRow,
+    DeviceLink,
+    LatencySketchBin,
+    TelemetryBucket,
+)
 from control_plane.ingest.writer import Retention, TelemetryWriter
 
 __all__ = [
@@ -23,6 +28,7 @@ __all__ = [
     "FleetState",
     "IngestCounters",
     "IngestOptions",
+    "LatencySketchBin",
     "MessageRejectedError",
     "MqttLink",
     "Retention",

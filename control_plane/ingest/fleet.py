@@ -19,12 +19,14 @@ from datetime import datetime, timezone
 from typing import Any
 
 from agent.contracts.events import UpdateEvent
+from agent.contracts.sketch import RELATIVE_ACCURACY, merge_counts
 from agent.contracts.telemetry import (
     ModelTelemetry,
     StatePayload,
     SystemMetrics,
     TelemetryPayload,
 )
+from control_plane.ingest.tables import ZERO_KEY
 
 __all__ = ["BucketDelta", "DeviceView", "FleetLimits", "FleetState", "Writes"]
 
@@ -216,6 +218,7 @@ class BucketDelta:
 
 
 BucketKey = tuple[str, str, str, int]  # device_id, model, version ("" if unknown), bucket start
+SketchKey = tuple[str, str, int]  # model, version ("" if unknown), bucket start
 
 
 @dataclass
@@ -224,12 +227,13 @@ class Writes:
 
     links: list[dict[str, Any]] = field(default_factory=list)
     buckets: list[tuple[BucketKey, BucketDelta]] = field(default_factory=list)
+    sketches: list[tuple[SketchKey, dict[int, float]]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     messages: int = 0
     link_devices: list[tuple[DeviceView, int]] = field(default_factory=list)  # view, messages
 
     def __bool__(self) -> bool:
-        return bool(self.links or self.buckets or self.events)
+        return bool(self.links or self.buckets or self.sketches or self.events)
 
 
 class FleetState:
@@ -239,6 +243,7 @@ class FleetState:
         self.limits = limits or FleetLimits()
         self.devices: dict[str, DeviceView] = {}
         self._buckets: dict[BucketKey, BucketDelta] = {}
+        self._sketches: dict[SketchKey, dict[int, float]] = {}  # the fleet's, per version
         self._events: list[dict[str, Any]] = []
         self._event_messages = 0
         self.duplicates = 0
@@ -334,6 +339,12 @@ class FleetState:
                 delta.p95_sum += (m.latency_p95_ms or 0.0) * weight
                 delta.p99_sum += m.latency_p99_ms * weight
                 delta.p99_max = max(delta.p99_max, m.latency_p99_ms)
+            sketch = m.latency_sketch
+            if sketch is not None and sketch.relative_accuracy == RELATIVE_ACCURACY:
+                bins = self._sketches.setdefault((m.name, m.version or "", start), {})
+                merge_counts(bins, sketch.as_counts())
+                if sketch.zero_count:
+                    bins[ZERO_KEY] = bins.get(ZERO_KEY, 0.0) + sketch.zero_count
             delta.last_received = received
         view.dirty = True
         view.pending += 1
@@ -397,6 +408,7 @@ class FleetState:
                 due.append(bkey)
         for bkey in due:
             out.buckets.append((bkey, self._buckets.pop(bkey)))
+        out.sketches, self._sketches = list(self._sketches.items()), {}
         out.events, self._events = self._events, []
         out.messages += self._event_messages
         self._event_messages = 0
@@ -416,6 +428,8 @@ class FleetState:
             else:
                 current.merge(delta)
                 current.written_at = float("-inf")
+        for skey, bins in writes.sketches:
+            merge_counts(self._sketches.setdefault(skey, {}), bins)
         self._events = writes.events + self._events
         self._event_messages += len(writes.events)
 

@@ -17,7 +17,9 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from control_plane.db.models import Base
 
-__all__ = ["DeviceEventRow", "DeviceLink", "TelemetryBucket"]
+__all__ = ["ZERO_KEY", "DeviceEventRow", "DeviceLink", "LatencySketchBin", "TelemetryBucket"]
+
+ZERO_KEY = -2_000_000_000  # the key under which a sketch's zero_count is stored
 
 DEVICE_ID_LEN = 128  # agent.contracts.telemetry.DEVICE_ID_PATTERN allows 128 characters
 
@@ -84,6 +86,28 @@ class TelemetryBucket(Base):
     p99_max_ms: Mapped[float] = mapped_column(Float)
     first_received_at: Mapped[datetime]
     last_received_at: Mapped[datetime]
+
+
+class LatencySketchBin(Base):
+    """The fleet's latencies for one model version over one bucket of receive time: how many
+    fell in each key of the sketch mapping (``agent.contracts.sketch``), added up over every
+    device and window, so a fleet percentile over any span is read off the summed counts (not
+    averaged from the devices' percentiles). ``ZERO_KEY`` holds the zero bucket."""
+
+    __tablename__ = "latency_sketch_bins"
+    __table_args__ = (
+        UniqueConstraint(
+            "model", "version", "bucket_start", "key", name="uq_latency_sketch_bins_key"
+        ),
+        Index("ix_latency_sketch_bins_bucket_start", "bucket_start"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(64))  # "" when the device did not say
+    bucket_start: Mapped[datetime]
+    key: Mapped[int] = mapped_column(Integer)
+    count: Mapped[float] = mapped_column(Float)
 
 
 class DeviceEventRow(Base):

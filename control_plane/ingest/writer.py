@@ -19,8 +19,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from control_plane.errors import StorageError
-from control_plane.ingest.fleet import BucketDelta, BucketKey, Writes
-from control_plane.ingest.tables import DeviceEventRow, DeviceLink, TelemetryBucket
+from control_plane.ingest.fleet import BucketDelta, BucketKey, SketchKey, Writes
+from control_plane.ingest.tables import (
+    DeviceEventRow,
+    DeviceLink,
+    LatencySketchBin,
+    TelemetryBucket,
+)
 
 __all__ = ["FlushResult", "Retention", "TelemetryWriter", "lock_for_write"]
 
@@ -91,6 +96,7 @@ _ADDITIVE = (
 LINKS = cast(Table, DeviceLink.__table__)
 BUCKETS = cast(Table, TelemetryBucket.__table__)
 EVENTS = cast(Table, DeviceEventRow.__table__)
+SKETCHES = cast(Table, LatencySketchBin.__table__)
 _LINK_COLUMNS = tuple(c.name for c in LINKS.columns if c.name != "device_id")
 
 
@@ -112,6 +118,7 @@ class TelemetryWriter:
             raise StorageError(f"telemetry ingestion supports SQLite and PostgreSQL, not {dialect}")
         self._link_upsert = self._make_link_upsert()
         self._bucket_upsert = self._make_bucket_upsert()
+        self._sketch_upsert = self._make_sketch_upsert()
 
     def _make_link_upsert(self) -> Any:
         stmt = self._insert(LINKS)
@@ -129,6 +136,14 @@ class TelemetryWriter:
         set_["last_received_at"] = ex.last_received_at
         return stmt.on_conflict_do_update(
             index_elements=["device_id", "model", "version", "bucket_start"], set_=set_
+        )
+
+    def _make_sketch_upsert(self) -> Any:
+        table = SKETCHES
+        stmt = self._insert(SKETCHES)
+        return stmt.on_conflict_do_update(
+            index_elements=["model", "version", "bucket_start", "key"],
+            set_={"count": table.c.count + stmt.excluded.count},
         )
 
     def load_links(self, limit: int) -> list[dict[str, Any]]:
@@ -163,6 +178,8 @@ class TelemetryWriter:
                     # A fixed order, so two replicas upserting the same rows cannot deadlock.
                     rows = [_bucket_row(k, d) for k, d in sorted(writes.buckets, key=_bucket_order)]
                     session.execute(self._bucket_upsert, rows)
+                if writes.sketches:
+                    session.execute(self._sketch_upsert, _sketch_rows(writes.sketches))
         except SQLAlchemyError as exc:
             raise StorageError(f"telemetry flush failed: {type(exc).__name__}: {exc}") from exc
         return FlushResult(
@@ -206,6 +223,13 @@ class TelemetryWriter:
                     now - timedelta(seconds=r.bucket_max_age_s),
                     r.bucket_max_rows,
                 )
+                self._prune(
+                    session,
+                    LatencySketchBin,
+                    LatencySketchBin.bucket_start,
+                    now - timedelta(seconds=r.bucket_max_age_s),
+                    r.bucket_max_rows,
+                )
                 events = self._prune(
                     session,
                     DeviceEventRow,
@@ -234,6 +258,24 @@ class TelemetryWriter:
 def _rowcount(result: Any) -> int:
     count = getattr(result, "rowcount", 0)  # a CursorResult for DML
     return int(count) if count and count > 0 else 0
+
+
+def _sketch_rows(sketches: Sequence[tuple[SketchKey, dict[int, float]]]) -> list[dict[str, Any]]:
+    """One row per (model, version, bucket, key), in a fixed order (no deadlock between
+    replicas adding to the same rows)."""
+    rows = [
+        {
+            "model": model,
+            "version": version,
+            "bucket_start": datetime.fromtimestamp(start, timezone.utc),
+            "key": key,
+            "count": count,
+        }
+        for (model, version, start), bins in sketches
+        for key, count in bins.items()
+    ]
+    rows.sort(key=lambda r: (r["model"], r["version"], r["bucket_start"], r["key"]))
+    return rows
 
 
 def _bucket_order(item: tuple[BucketKey, BucketDelta]) -> BucketKey:
