@@ -24,7 +24,7 @@ import os
 import secrets
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -34,7 +34,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from agent.logs import get_logger
 from control_plane.errors import StorageError
 
-__all__ = ["RoleLease", "advisory_lock", "is_postgres", "replica_name"]
+__all__ = [
+    "NotificationListener",
+    "RoleLease",
+    "advisory_lock",
+    "is_postgres",
+    "replica_name",
+]
 
 log = get_logger(__name__)
 
@@ -151,3 +157,57 @@ class RoleLease:
         if held != self.held:
             log.info("lease_taken" if held else "lease_lost", role=self.name, holder=self.holder)
         self.held = held
+
+
+class NotificationListener:
+    """``LISTEN`` on a PostgreSQL channel in a thread of its own, calling ``on_notify`` for each
+    notification: how a replica hears at once what another replica committed (the ingester's
+    stored update events, for the rollout runner). Reconnects with backoff when the database
+    goes away; a missed notification only delays the work to the next regular tick."""
+
+    def __init__(self, engine: Engine, channel: str, on_notify: Callable[[], None]) -> None:
+        if not channel.isidentifier():
+            raise ValueError(f"not a channel name: {channel!r}")
+        self._dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._channel = channel
+        self._on_notify = on_notify
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.listening = threading.Event()
+        self.received = 0
+
+    def start(self) -> NotificationListener:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(
+                target=self._run, name=f"listen-{self._channel}", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        import psycopg
+
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self._dsn, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute(f"LISTEN {self._channel}")
+                    self.listening.set()
+                    backoff = 0.5
+                    while not self._stop.is_set():
+                        for _ in conn.notifies(timeout=0.5):
+                            self.received += 1
+                            self._on_notify()
+            except psycopg.Error as exc:
+                self.listening.clear()
+                log.warning("listen_failed", channel=self._channel, error=str(exc))
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+        self.listening.clear()

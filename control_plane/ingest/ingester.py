@@ -137,6 +137,8 @@ class TelemetryIngester:
         self.options = options or IngestOptions()
         self._clock = clock
         self._writer = TelemetryWriter(engine, retention=self.options.retention)
+        # Called after a flush that stored update events (the rollout runner's nudge).
+        self.on_events_stored: Callable[[], None] | None = None
         self.fleet = FleetState(self.options.limits)
         self._queue: deque[_Message] = deque()
         self._wake = threading.Event()
@@ -440,6 +442,8 @@ class TelemetryIngester:
             self._n["flush_failures"] += 1
             log.error("ingest_flush_failed", error=str(exc), rows=len(writes.links))
             return False
+        if result.events and self.on_events_stored is not None:
+            self.on_events_stored()  # the rollout runner looks at once (update progress)
         n = self._n
         n["flushes"] += 1
         n["stored"] += writes.messages - result.duplicate_events

@@ -16,10 +16,10 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from control_plane.coordination import RoleLease, is_postgres, replica_name
+from control_plane.coordination import NotificationListener, RoleLease, is_postgres, replica_name
 from control_plane.ingest.fleet import FleetLimits
 from control_plane.ingest.ingester import IngestOptions, MqttLink, TelemetryIngester
-from control_plane.ingest.writer import Retention
+from control_plane.ingest.writer import EVENTS_CHANNEL, Retention
 from control_plane.rollouts.service import RolloutService
 from control_plane.settings import Settings
 
@@ -86,14 +86,20 @@ class FleetTelemetry:
     ingester: TelemetryIngester | None
     rollouts: RolloutService
     run_rollouts: bool
+    # PostgreSQL: update events stored by any replica's ingester wake this replica's runner
+    events: NotificationListener | None = None
 
     def start(self) -> None:
         if self.ingester is not None:
             self.ingester.start()
         if self.run_rollouts:
             self.rollouts.start()
+            if self.events is not None:
+                self.events.start()
 
     def stop(self) -> None:
+        if self.events is not None:
+            self.events.stop()
         self.rollouts.stop()
         if self.ingester is not None:
             self.ingester.stop()
@@ -148,4 +154,11 @@ def fleet_telemetry(
         if is_postgres(engine)
         else None,
     )
-    return FleetTelemetry(ingester, rollouts, settings.rollout_runner)
+    if ingester is not None:  # this replica's own stored events, without a round trip
+        ingester.on_events_stored = rollouts.nudge
+    events = (
+        NotificationListener(engine, EVENTS_CHANNEL, rollouts.nudge)
+        if is_postgres(engine)
+        else None
+    )
+    return FleetTelemetry(ingester, rollouts, settings.rollout_runner, events)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, cast
 
-from sqlalchemy import Engine, Table, delete, func, select
+from sqlalchemy import Engine, Table, delete, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,7 +27,9 @@ from control_plane.ingest.tables import (
     TelemetryBucket,
 )
 
-__all__ = ["FlushResult", "Retention", "TelemetryWriter", "lock_for_write"]
+__all__ = ["EVENTS_CHANNEL", "FlushResult", "Retention", "TelemetryWriter", "lock_for_write"]
+
+EVENTS_CHANNEL = "edgefleet_events"  # PostgreSQL NOTIFY channel: update events were stored
 
 
 def lock_for_write(session: Session) -> None:
@@ -171,6 +173,9 @@ class TelemetryWriter:
                             ),
                             events,
                         )
+                    if events and self._engine.dialect.name == "postgresql":
+                        # delivered at commit to the rollout runner, whichever replica runs it
+                        session.execute(text(f"NOTIFY {EVENTS_CHANNEL}"))
                 if writes.links:
                     links = sorted(writes.links, key=lambda r: str(r["device_id"]))
                     session.execute(self._link_upsert, links)

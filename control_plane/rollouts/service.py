@@ -127,6 +127,9 @@ def _new_id(model: str, version: str) -> str:
     return f"{base[:39]}-{secrets.token_hex(4)}"
 
 
+MIN_TICK_GAP_S = 0.25  # seconds: the fastest the runner ticks when telemetry keeps arriving
+
+
 class RolloutService:
     def __init__(
         self,
@@ -152,6 +155,9 @@ class RolloutService:
         self._unsigned = unsigned
         self._lock = threading.RLock()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by stop() and by nudge()
+        self._nudged = False
+        self.min_tick_gap_s = min(MIN_TICK_GAP_S, interval_s)
         self._thread: threading.Thread | None = None
         self.ticks = 0
         self.tick_failures = 0
@@ -166,8 +172,16 @@ class RolloutService:
         self._thread = threading.Thread(target=self._run, name="rollout-runner", daemon=True)
         self._thread.start()
 
+    def nudge(self) -> None:
+        """Device state or events were stored: tick soon (at most every ``min_tick_gap_s``)
+        instead of at the next interval, so a wave that just finished reporting is promoted
+        (or aborted) within a second, not within ``interval_s``."""
+        self._nudged = True
+        self._wake.set()
+
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -190,24 +204,49 @@ class RolloutService:
         lease = self._lease
         wake = self.interval_s if lease is None else min(self.interval_s, lease.ttl_s / 3)
         next_tick = self._wall() + self.interval_s if lease is None else 0.0
+        renew_at = float("inf") if lease is None else 0.0
+        last_tick = float("-inf")
         first = lease is not None
-        while not self._stop.wait(0 if first else wake):
+        while True:
+            if not first:
+                deadline = renew_at
+                if lease is None or lease.held:
+                    deadline = min(deadline, next_tick)
+                    if self._nudged:  # news: tick once the minimum gap since the last passed
+                        deadline = min(deadline, last_tick + self.min_tick_gap_s)
+                self._wake.wait(max(0.0, deadline - self._wall()))
+                self._wake.clear()
+            if self._stop.is_set():
+                return
             first = False
-            if lease is not None:
+            now = self._wall()
+            if lease is not None and now >= renew_at - wake / 10:
+                renew_at = now + wake
                 was_leading = lease.held
                 if not lease.hold():
+                    self._nudged = False  # another replica runs the controller
                     continue
                 if not was_leading:
                     self.takeovers += 1
                     next_tick = 0.0
-            if self._wall() < next_tick - wake / 10:  # a wake-up a hair early still ticks
+            if lease is not None and not lease.held:
+                self._nudged = False
                 continue
-            next_tick = self._wall() + self.interval_s
+            nudged = self._nudged and now >= last_tick + self.min_tick_gap_s
+            if not nudged and now < next_tick - wake / 10:  # a hair early still ticks
+                continue
+            self._nudged = False
+            last_tick = now
+            next_tick = now + self.interval_s
             try:
                 self.tick()
             except Exception:  # keep running: the next tick retries from the stored state
                 self.tick_failures += 1
                 log.exception("rollout_tick_failed")
+            # nudged ticks cost at most about a fifth of a core, however large the fleet
+            self.min_tick_gap_s = max(
+                min(MIN_TICK_GAP_S, self.interval_s), 4 * (self._wall() - now)
+            )
 
     def tick(self) -> dict[str, list[Action]]:
         """Advance every active rollout once; the actions taken, by rollout id."""
