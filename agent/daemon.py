@@ -47,7 +47,7 @@ from agent.loop import (
     VideoSource,
 )
 from agent.models.activation import ModelActivator
-from agent.models.probation import Limits, UpdateJournal
+from agent.models.probation import Limits, UpdateJournal, boot_version, rejected_versions
 from agent.models.slots import ModelSlot, SlotRegistry, load_options_from
 from agent.models.store import ModelStore
 from agent.systemd import Notifier, WatchdogPinger, watchdog_interval_s
@@ -128,6 +128,26 @@ class ServedModels:
         with self._lock:
             return sorted(self._activators)
 
+    def boot_choice(self, name: str, installed: list[str]) -> str | None:
+        """The version to serve when ``name``'s pointer is lost: by the journal's verdicts,
+        never one this device rejected while a good one is installed."""
+        try:
+            record = self.journal.load(name)
+        except AgentError as exc:
+            log.error("update_journal_unreadable", model=name, reason=str(exc))
+            record = None
+        version = boot_version(record, installed)
+        bad = rejected_versions(record)
+        log.warning(
+            "boot_version_chosen",
+            model=name,
+            version=version,
+            installed=installed,
+            rejected=sorted(bad),
+            reason="the active pointer was lost or unusable",
+        )
+        return version
+
     def boot(self) -> None:
         """Serve what the store's pointers and the journal say, for every installed model."""
         for name in self._store.names():
@@ -197,7 +217,7 @@ class Daemon:
         settings = self.settings
         _check_state_dir(settings.state_dir)
         _check_loop_config(settings)
-        report = self.store.recover()
+        report = self.store.recover(choose=self.served.boot_choice)
         for action in report.actions:
             log.warning("store_recovered", action=action)
         self.served.boot()
@@ -363,11 +383,20 @@ class Daemon:
     # --- loops -------------------------------------------------------------------------------
 
     def _supervise(self) -> None:
+        said: str | None = None
         while not self._stop.wait(self._supervise_s):
             try:
                 self._check_loops()
+                problem = self._enrollment_problem()
+                if problem != said:  # STATUS= says when the device falls off the fleet
+                    said = problem
+                    self._notifier.status(self.status_line())
             except Exception:  # the supervisor must outlive any bug in one check
                 log.exception("loop_check_crashed")
+
+    def _enrollment_problem(self) -> str | None:
+        client = self.update_client
+        return None if client is None else client.enrollment_problem
 
     def _check_loops(self) -> None:
         """Start, watch and rebuild each configured model's loop; keep its health current."""
@@ -514,6 +543,9 @@ class Daemon:
             for name, status in sorted(self.loop_health().items())
             if status.health != "running" and status.error
         ]
+        enrollment = self._enrollment_problem()
+        if enrollment is not None:
+            problems.insert(0, f"not enrolled: {enrollment}")
         return text + ("; " + "; ".join(problems) if problems else "")
 
     def _on_event(self, event: UpdateEvent) -> None:

@@ -19,6 +19,7 @@ EventStep = Literal[
     "download_started",
     "download_finished",
     "download_failed",
+    "retrying",
     "verified",
     "refused",
     "staged",
