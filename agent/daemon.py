@@ -37,7 +37,7 @@ from agent.contracts.state import LoopHealth
 from agent.contracts.telemetry import ModelTelemetry, SlotIdentity
 from agent.contracts.tensors import TensorSpec
 from agent.errors import AgentError, ConfigError
-from agent.events import EventBus
+from agent.events import EventBus, EventSequence
 from agent.logs import get_logger
 from agent.loop import (
     FrameSource,
@@ -181,6 +181,9 @@ class _CountingModel:
         return outputs
 
 
+EARLY_EVENTS = 1024  # events kept from before MQTT runs
+
+
 class Daemon:
     """The running agent. ``start()``, then ``wait(stop)`` or ``stop()``."""
 
@@ -193,10 +196,17 @@ class Daemon:
         supervise_s: float = 0.1,
     ) -> None:
         self.settings = settings
-        self.bus = EventBus(settings.device_id)
+        # Event numbers outlive restarts: the control plane confirms stored events by number.
+        self.bus = EventBus(
+            settings.device_id, sequence=EventSequence(settings.state_dir / "events.seq")
+        )
         self.store = ModelStore(
             settings.state_dir, keep_versions=settings.swap.keep_versions, bus=self.bus
         )
+        # Events from before MQTT runs (boot, the first update while enrolling) wait here and
+        # go out when it starts: none is lost for starting early.
+        self._early_events: collections.deque[UpdateEvent] = collections.deque(maxlen=EARLY_EVENTS)
+        self._stop_buffering = self.bus.subscribe(self._early_events.append)
         self._profile = profile or _profile_reader(settings)
         self.served = ServedModels(settings, self.store, self.bus, profile=self._profile)
         self._notifier = notifier or Notifier()
@@ -294,12 +304,26 @@ class Daemon:
             system_metrics=SystemMetricsCollector().collect,
             slots=self._slot_identities,
             profile=self._hardware_profile(),
+            # With a control plane, events leave the spool only once it confirms it stored them.
+            confirm_events_after_s=(
+                self.settings.mqtt.event_resend_s if self.update_client is not None else None
+            ),
         )
         client.on_command("check-update", lambda _cmd: self.check_now())
         client.on_command("rollback", self._rollback_command)
         self.bus.subscribe(client.publish_event)
+        self._stop_buffering()
+        for event in list(self._early_events):  # one may also have reached the client: a
+            # duplicate (same seq and ts) is dropped by receivers
+            try:
+                client.publish_event(event.model_copy(update={"device_id": device_id}))
+            except AgentError as exc:
+                log.warning("early_event_not_sent", step=event.step, reason=str(exc))
+        self._early_events.clear()
         client.start()
         self.telemetry = client
+        if self.update_client is not None:
+            self.update_client.event_acks = client
         # A loop that failed before MQTT came up (at start-up, before enrollment) is said now.
         for name, status in self.loop_health().items():
             if status.health == "failed":

@@ -51,7 +51,12 @@ from agent.contracts.enrollment import (
     EnrollmentResponse,
 )
 from agent.contracts.errors import ContractError
-from agent.contracts.events import UpdateEvent
+from agent.contracts.events import (
+    EVENTS_SINCE_HEADER,
+    EVENTS_STORED_HEADER,
+    UpdateEvent,
+    parse_stored,
+)
 from agent.contracts.manifest import NAME_RE
 from agent.contracts.profile import HardwareProfile
 from agent.contracts.state import (
@@ -101,7 +106,7 @@ from agent.updates.report import (
 )
 from agent.updates.signed import SignedMetadata
 
-__all__ = ["Activators", "DeviceCredential", "ResponseLimits", "UpdateClient"]
+__all__ = ["Activators", "DeviceCredential", "EventAcks", "ResponseLimits", "UpdateClient"]
 
 log = get_logger(__name__)
 
@@ -150,6 +155,14 @@ class Activators(Protocol):
     def get(self, name: str) -> ModelActivator: ...
 
     def names(self) -> Sequence[str]: ...
+
+
+class EventAcks(Protocol):
+    """The spool's side of the end-to-end confirmation of events (the telemetry client)."""
+
+    def pending_event_seq(self) -> int | None: ...
+
+    def confirm_events(self, seqs: Sequence[int]) -> int: ...
 
 
 class _UnreachableError(Exception):
@@ -225,6 +238,8 @@ class UpdateClient:
         )
         self._credential: DeviceCredential | None = None
         self._enrollment_problem: str | None = None
+        # Set by the daemon once MQTT runs: each poll asks which spooled events were stored.
+        self.event_acks: EventAcks | None = None
         self._etag: str | None = None
         self._desired: DesiredState | None = None
         self._refused: tuple[RefusedEntry, ...] = ()
@@ -486,6 +501,10 @@ class UpdateClient:
     def _poll(self) -> DesiredState | None:
         assert self._credential is not None
         headers = {"If-None-Match": self._etag} if self._etag else {}
+        acks = self.event_acks
+        since = acks.pending_event_seq() if acks is not None else None
+        if since is not None:
+            headers[EVENTS_SINCE_HEADER] = str(since)
         response = self._request(
             "GET",
             f"/v1/devices/{self._credential.device_id}/desired-state",
@@ -493,6 +512,10 @@ class UpdateClient:
             limit=self._limits.desired_state,
             headers=headers,
         )
+        if acks is not None and since is not None and response.status_code in (200, 304):
+            stored = parse_stored(response.headers.get(EVENTS_STORED_HEADER))
+            if stored:
+                acks.confirm_events(stored)
         if response.status_code in (200, 304) and response.headers.get(CREDENTIAL_HEADER) == ROTATE:
             self._rotate_credential()
         if response.status_code == 304:
