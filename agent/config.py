@@ -123,6 +123,9 @@ class MqttConfig(_Section):
     port: int = 1883
     topic_prefix: str = "edgefleet/v1"
     telemetry_interval_s: float = Field(default=10.0, gt=0)
+    # With a control plane: an event stays spooled until the control plane confirms it stored
+    # it (on the desired-state poll), and is sent again when that takes longer than this.
+    event_resend_s: float = Field(default=120.0, gt=0)
     spool_max_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     tls_ca: Path | None = None
     tls_cert: Path | None = None

@@ -37,7 +37,7 @@ from agent.contracts.state import LoopHealth
 from agent.contracts.telemetry import ModelTelemetry, SlotIdentity
 from agent.contracts.tensors import TensorSpec
 from agent.errors import AgentError, ConfigError
-from agent.events import EventBus
+from agent.events import EventBus, EventSequence
 from agent.logs import get_logger
 from agent.loop import (
     FrameSource,
@@ -47,7 +47,7 @@ from agent.loop import (
     VideoSource,
 )
 from agent.models.activation import ModelActivator
-from agent.models.probation import Limits, UpdateJournal
+from agent.models.probation import Limits, UpdateJournal, boot_version, rejected_versions
 from agent.models.slots import ModelSlot, SlotRegistry, load_options_from
 from agent.models.store import ModelStore
 from agent.systemd import Notifier, WatchdogPinger, watchdog_interval_s
@@ -128,6 +128,26 @@ class ServedModels:
         with self._lock:
             return sorted(self._activators)
 
+    def boot_choice(self, name: str, installed: list[str]) -> str | None:
+        """The version to serve when ``name``'s pointer is lost: by the journal's verdicts,
+        never one this device rejected while a good one is installed."""
+        try:
+            record = self.journal.load(name)
+        except AgentError as exc:
+            log.error("update_journal_unreadable", model=name, reason=str(exc))
+            record = None
+        version = boot_version(record, installed)
+        bad = rejected_versions(record)
+        log.warning(
+            "boot_version_chosen",
+            model=name,
+            version=version,
+            installed=installed,
+            rejected=sorted(bad),
+            reason="the active pointer was lost or unusable",
+        )
+        return version
+
     def boot(self) -> None:
         """Serve what the store's pointers and the journal say, for every installed model."""
         for name in self._store.names():
@@ -161,6 +181,9 @@ class _CountingModel:
         return outputs
 
 
+EARLY_EVENTS = 1024  # events kept from before MQTT runs
+
+
 class Daemon:
     """The running agent. ``start()``, then ``wait(stop)`` or ``stop()``."""
 
@@ -173,10 +196,17 @@ class Daemon:
         supervise_s: float = 0.1,
     ) -> None:
         self.settings = settings
-        self.bus = EventBus(settings.device_id)
+        # Event numbers outlive restarts: the control plane confirms stored events by number.
+        self.bus = EventBus(
+            settings.device_id, sequence=EventSequence(settings.state_dir / "events.seq")
+        )
         self.store = ModelStore(
             settings.state_dir, keep_versions=settings.swap.keep_versions, bus=self.bus
         )
+        # Events from before MQTT runs (boot, the first update while enrolling) wait here and
+        # go out when it starts: none is lost for starting early.
+        self._early_events: collections.deque[UpdateEvent] = collections.deque(maxlen=EARLY_EVENTS)
+        self._stop_buffering = self.bus.subscribe(self._early_events.append)
         self._profile = profile or _profile_reader(settings)
         self.served = ServedModels(settings, self.store, self.bus, profile=self._profile)
         self._notifier = notifier or Notifier()
@@ -197,7 +227,7 @@ class Daemon:
         settings = self.settings
         _check_state_dir(settings.state_dir)
         _check_loop_config(settings)
-        report = self.store.recover()
+        report = self.store.recover(choose=self.served.boot_choice)
         for action in report.actions:
             log.warning("store_recovered", action=action)
         self.served.boot()
@@ -274,12 +304,26 @@ class Daemon:
             system_metrics=SystemMetricsCollector().collect,
             slots=self._slot_identities,
             profile=self._hardware_profile(),
+            # With a control plane, events leave the spool only once it confirms it stored them.
+            confirm_events_after_s=(
+                self.settings.mqtt.event_resend_s if self.update_client is not None else None
+            ),
         )
         client.on_command("check-update", lambda _cmd: self.check_now())
         client.on_command("rollback", self._rollback_command)
         self.bus.subscribe(client.publish_event)
+        self._stop_buffering()
+        for event in list(self._early_events):  # one may also have reached the client: a
+            # duplicate (same seq and ts) is dropped by receivers
+            try:
+                client.publish_event(event.model_copy(update={"device_id": device_id}))
+            except AgentError as exc:
+                log.warning("early_event_not_sent", step=event.step, reason=str(exc))
+        self._early_events.clear()
         client.start()
         self.telemetry = client
+        if self.update_client is not None:
+            self.update_client.event_acks = client
         # A loop that failed before MQTT came up (at start-up, before enrollment) is said now.
         for name, status in self.loop_health().items():
             if status.health == "failed":
@@ -364,11 +408,20 @@ class Daemon:
     # --- loops -------------------------------------------------------------------------------
 
     def _supervise(self) -> None:
+        said: str | None = None
         while not self._stop.wait(self._supervise_s):
             try:
                 self._check_loops()
+                problem = self._enrollment_problem()
+                if problem != said:  # STATUS= says when the device falls off the fleet
+                    said = problem
+                    self._notifier.status(self.status_line())
             except Exception:  # the supervisor must outlive any bug in one check
                 log.exception("loop_check_crashed")
+
+    def _enrollment_problem(self) -> str | None:
+        client = self.update_client
+        return None if client is None else client.enrollment_problem
 
     def _check_loops(self) -> None:
         """Start, watch and rebuild each configured model's loop; keep its health current."""
@@ -515,6 +568,9 @@ class Daemon:
             for name, status in sorted(self.loop_health().items())
             if status.health != "running" and status.error
         ]
+        enrollment = self._enrollment_problem()
+        if enrollment is not None:
+            problems.insert(0, f"not enrolled: {enrollment}")
         return text + ("; " + "; ".join(problems) if problems else "")
 
     def _on_event(self, event: UpdateEvent) -> None:

@@ -12,7 +12,10 @@
     |   +-- BackendUnavailableError   runtime not installed or not usable here (carries ``reason``)
     +-- StoreError               the on-disk model store (install, activate, disk full)
     +-- UpdateError              the update client (download, verification, control plane)
-    |   +-- DownloadError
+    |   +-- DownloadError        the server's answer for this artifact is wrong (HTTP 404, ...)
+    |   |   +-- TransientError   network or control plane away: retried, not the version's fault
+    |   +-- LocalIOError         this device's disk failed (out of space, I/O error): retried
+    |   +-- EnrollmentError      not enrolled and cannot enroll (corrupt credential, no token)
     |   +-- VerificationError
     |   +-- ResponseTooLargeError  an answer of the control plane past its size bound
     +-- TelemetryError           MQTT and the spool
@@ -29,13 +32,16 @@ __all__ = [
     "BundleError",
     "ConfigError",
     "DownloadError",
+    "EnrollmentError",
     "InferenceError",
     "InputError",
+    "LocalIOError",
     "ModelError",
     "ModelLoadError",
     "ResponseTooLargeError",
     "StoreError",
     "TelemetryError",
+    "TransientError",
     "UpdateError",
     "ValidationError",
     "VerificationError",
@@ -101,6 +107,33 @@ class UpdateError(AgentError):
 
 class DownloadError(UpdateError):
     """An artifact download failed."""
+
+
+class TransientError(DownloadError):
+    """The network or the control plane failed for a while (connection refused or reset, a
+    timeout, HTTP 5xx): retried later, and never counted as a failure of the version."""
+
+
+class LocalIOError(UpdateError):
+    """This device's own disk failed while the update client wrote (TUF metadata, a partial
+    download): out of space (``out_of_space``), a read-only file system, an I/O error. What was
+    already downloaded stays for resume; not a failure of the version."""
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+    @property
+    def out_of_space(self) -> bool:
+        import errno as _errno
+
+        return self.errno in (_errno.ENOSPC, _errno.EDQUOT, _errno.EFBIG)
+
+
+class EnrollmentError(UpdateError):
+    """The device holds no usable credential and cannot enroll (its ``enrollment.json`` is
+    corrupt and no bootstrap token is configured, or none was ever): it keeps serving what is
+    installed and says so until an operator fixes it."""
 
 
 class VerificationError(UpdateError):

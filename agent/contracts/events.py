@@ -13,7 +13,41 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["EventStep", "UpdateEvent"]
+__all__ = [
+    "EVENTS_SINCE_HEADER",
+    "EVENTS_STORED_HEADER",
+    "MAX_STORED_LISTED",
+    "EventStep",
+    "UpdateEvent",
+    "parse_stored",
+]
+
+# End-to-end confirmation of events, on the desired-state poll: the device names the lowest
+# sequence number it still holds (``EVENTS_SINCE_HEADER``); the answer lists the sequence
+# numbers from there on that the control plane has stored (``EVENTS_STORED_HEADER``, comma
+# separated, ascending, at most ``MAX_STORED_LISTED``). The device drops exactly those.
+EVENTS_SINCE_HEADER = "Edgefleet-Events-Since"
+EVENTS_STORED_HEADER = "Edgefleet-Events-Stored"
+MAX_STORED_LISTED = 256
+_MAX_SEQ = 2**63 - 1
+
+
+def parse_stored(value: str | None) -> tuple[int, ...]:
+    """The sequence numbers in an ``EVENTS_STORED_HEADER`` value; anything malformed or past
+    the bound is left out (a device never drops an event on a guess)."""
+    if not value or len(value) > MAX_STORED_LISTED * 21:
+        return ()
+    out: list[int] = []
+    for raw in value.split(",")[:MAX_STORED_LISTED]:
+        part = raw.strip()
+        if not part.isdigit() or len(part) > 19:
+            return ()
+        seq = int(part)
+        if seq > _MAX_SEQ:
+            return ()
+        out.append(seq)
+    return tuple(out)
+
 
 EventStep = Literal[
     "download_started",
@@ -21,6 +55,7 @@ EventStep = Literal[
     "download_failed",
     "delta_applied",
     "delta_refused",
+    "retrying",
     "verified",
     "refused",
     "staged",

@@ -13,7 +13,9 @@ waits (and says why), and another desired version may supersede it (``awaiting_e
 
 The functions here take the record, the health figures and ``now`` (wall-clock seconds, since
 deadlines must survive a restart) and return a new record or a decision; they touch nothing.
-``UpdateJournal`` writes records atomically to ``<state_dir>/updates/<model>.json``. The driver
+``UpdateJournal`` writes records atomically to ``<state_dir>/updates/<model>.json``, each carrying
+the verdicts of the ones before (``UpdateRecord.rejected``), and ``boot_version`` picks what to
+serve from them when the store's pointer is lost. The driver
 that loads, swaps and flips the store's pointer is ``agent.models.activation``.
 
 Ordering the driver keeps, which makes every crash point recoverable:
@@ -54,6 +56,7 @@ __all__ = [
     "awaiting_evidence",
     "begin",
     "begin_rollback",
+    "boot_version",
     "failed",
     "finish_rollback",
     "in_flight",
@@ -61,8 +64,10 @@ __all__ = [
     "mark_committed",
     "on_boot",
     "p99",
+    "rejected_versions",
     "start_rollback",
     "swapped",
+    "with_verdict",
 ]
 
 log = get_logger(__name__)
@@ -89,6 +94,63 @@ class UpdateRecord(BaseModel):
     boots: int = Field(default=0, ge=0)  # process starts since the phase began
     reason: str | None = None
     updated_at: float = 0.0
+    # Versions this device judged bad (failed, rolled back), oldest first, at most
+    # ``MAX_VERDICTS``: kept across later updates so that a start-up that lost the store's
+    # pointer never picks one of them while a good version is installed.
+    rejected: tuple[str, ...] = Field(default=(), max_length=64)
+
+
+MAX_VERDICTS = 16  # rejected versions remembered per model
+
+
+def with_verdict(record: UpdateRecord, earlier: UpdateRecord | None) -> UpdateRecord:
+    """``record`` carrying the verdicts of ``earlier`` (the journal before this write), plus its
+    own: a failed or rolled-back ``to_version`` is rejected; a version that swaps in again (an
+    operator offered it again on purpose) is not any more."""
+    rejected = list(earlier.rejected if earlier is not None else ())
+    for version in record.rejected:
+        if version not in rejected:
+            rejected.append(version)
+    to = record.to_version
+    if to is not None:
+        if record.phase in ("failed", "rolled_back"):
+            if to in rejected:
+                rejected.remove(to)
+            rejected.append(to)
+        elif record.phase == "swapping" and to in rejected:
+            rejected.remove(to)
+    out = tuple(rejected[-MAX_VERDICTS:])
+    return record if out == record.rejected else record.model_copy(update={"rejected": out})
+
+
+def rejected_versions(record: UpdateRecord | None) -> frozenset[str]:
+    """Every version the journal says this device judged bad, the latest verdict included."""
+    if record is None:
+        return frozenset()
+    out = set(record.rejected)
+    if record.phase in ("failed", "rolled_back") and record.to_version is not None:
+        out.add(record.to_version)
+    return frozenset(out)
+
+
+def boot_version(record: UpdateRecord | None, installed: Sequence[str]) -> str | None:
+    """Which installed version to serve when the store's pointer is lost or unusable, from the
+    journal's verdicts alone. ``installed`` is oldest first (semantic-version order).
+
+    The version the journal last called good comes first: the one committed, or the one an
+    update was going back to (``from_version`` of a failed, rolled-back or interrupted update:
+    a version on probation is not proven). Else the newest installed version not rejected. Only
+    when every installed version is rejected is the newest served (and the report says it was
+    judged bad)."""
+    if not installed:
+        return None
+    bad = rejected_versions(record)
+    if record is not None:
+        proven = record.to_version if record.phase == "committed" else record.from_version
+        if record.phase != "idle" and proven in installed and proven not in bad:
+            return proven
+    good = [v for v in installed if v not in bad]
+    return good[-1] if good else installed[-1]
 
 
 @dataclass(frozen=True)
@@ -394,6 +456,7 @@ class UpdateJournal:
     def save(self, record: UpdateRecord) -> None:
         from agent.models.store import write_file_atomic
 
+        record = with_verdict(record, self.load(record.model))
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             write_file_atomic(self.path(record.model), record.model_dump_json().encode())

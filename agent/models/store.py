@@ -539,9 +539,17 @@ class ModelStore:
 
     # --- start-up recovery -------------------------------------------------------------------
 
-    def recover(self, *, deep: bool = True) -> RecoveryReport:
+    def recover(
+        self, *, deep: bool = True, choose: Callable[[str, list[str]], str | None] | None = None
+    ) -> RecoveryReport:
         """Wipe ``.staging`` and temp files, discard versions that do not verify, repair
-        pointers to something missing. Logs every action; safe to run at every start."""
+        pointers to something missing. Logs every action; safe to run at every start.
+
+        ``choose(name, good_versions)`` (oldest first) picks the version a lost, corrupt or
+        dangling pointer is repaired to (the daemon asks the update journal's verdicts, so a
+        version judged bad is never picked while a good one is installed); with it, a model
+        whose pointer is missing while versions are installed gets one too. Without it the
+        previous version, else the newest, is picked."""
         report = RecoveryReport()
         with self._locked():
             staging = self.root / STAGING
@@ -553,12 +561,19 @@ class ModelStore:
                     log.warning("store_staging_discarded", path=str(leftover))
                 fsync_dir(staging)
             for name in self.names():
-                self._recover_model(name, report, deep=deep)
+                self._recover_model(name, report, deep=deep, choose=choose)
         if report.clean:
             log.info("store_recovery_clean", root=str(self.root))
         return report
 
-    def _recover_model(self, name: str, report: RecoveryReport, *, deep: bool) -> None:
+    def _recover_model(
+        self,
+        name: str,
+        report: RecoveryReport,
+        *,
+        deep: bool,
+        choose: Callable[[str, list[str]], str | None] | None,
+    ) -> None:
         model_dir = self.root / name
         for entry in model_dir.iterdir():
             if entry.name.startswith(".") and entry.name.endswith(".tmp"):
@@ -584,7 +599,7 @@ class ModelStore:
             corrupt = False
         except StoreError:
             pointer, corrupt = None, True
-        if pointer is None and not corrupt:
+        if pointer is None and not corrupt and (choose is None or not good):
             return
         fixed_version: str | None = None
         fixed_previous: str | None = None
@@ -592,6 +607,8 @@ class ModelStore:
             if pointer.previous is None or pointer.previous in good:
                 return
             fixed_version = pointer.version
+        elif choose is not None and good:
+            fixed_version = choose(name, good)
         elif pointer is not None and pointer.previous in good:
             fixed_version = pointer.previous
         elif good:

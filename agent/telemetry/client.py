@@ -3,11 +3,12 @@
 Owns the connection (paho-mqtt 2.x, MQTT 5, optional TLS with client certificates, username and
 password) under the device id as client id, reconnecting with jittered exponential backoff on a
 fresh client each time, and delivery from the on-disk ``Spool``: every outgoing event and
-telemetry message is spooled first and removed only when delivered (events: PUBACK; telemetry,
-QoS 0: written to the socket), so nothing queued is lost across broker outages or agent
-restarts. What the telemetry says comes from providers handed in (window statistics, system
-metrics, slot identities); what a command does is up to the handlers registered with
-``on_command``.
+telemetry message is spooled first and removed only when delivered (events: PUBACK, or with
+``confirm_events_after_s`` only once the control plane confirms it stored them, resent when that
+takes longer; telemetry, QoS 0: written to the socket), so nothing queued is lost across broker
+outages, a broker that loses its sessions, or agent restarts. What the telemetry says comes from
+providers handed in (window statistics, system metrics, slot identities); what a command does is
+up to the handlers registered with ``on_command``.
 
 Identity: the fleet's broker binds the client id to the certificate (``use_identity_as_username``
 with ``use_username_as_clientid``, docs/security.md), so a client certificate must name this
@@ -74,6 +75,7 @@ class TelemetryCounters:
     connect_failures: int = 0
     disconnects: int = 0
     events_delivered: int = 0
+    events_resent: int = 0  # sent again: the control plane did not confirm them in time
     events_refused_by_broker: int = 0
     telemetry_produced: int = 0
     telemetry_delivered: int = 0
@@ -129,6 +131,8 @@ class TelemetryClient:
         clock: Callable[[], datetime] = _utc_now,
         rng: random.Random | None = None,
         reconnect_wait: Callable[[float], object] | None = None,
+        confirm_events_after_s: float | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         if config.host is None:
             raise ConfigError("mqtt.host is not set: telemetry is disabled")
@@ -162,6 +166,11 @@ class TelemetryClient:
         self._stop = threading.Event()
         self._reconnect_wait = reconnect_wait or self._stop.wait
         self.spool = Spool(state_dir / "spool", max_bytes=config.spool_max_bytes)
+        # None: an event leaves the spool at PUBACK. Else it stays until the control plane
+        # confirms it stored it (``confirm_events``), and goes again after this many seconds.
+        self._confirm_after_s = confirm_events_after_s
+        self._wall = wall
+        self._rewind = False  # events go out again: drain from the start of the spool
 
         self._handlers: dict[str, CommandHandler] = {}
         self._seen_ids: deque[str] = deque(maxlen=_SEEN_COMMAND_IDS)
@@ -229,7 +238,33 @@ class TelemetryClient:
             raise TelemetryError(
                 f"event for device {event.device_id!r} on {self._device_id!r}'s link"
             )
-        self.spool.enqueue("event", self.topics.events, event.model_dump_json().encode(), qos=1)
+        self.spool.enqueue(
+            "event", self.topics.events, event.model_dump_json().encode(), qos=1, seq=event.seq
+        )
+
+    def pending_event_seq(self) -> int | None:
+        """The lowest sequence number of an event the control plane has not confirmed yet."""
+        return self.spool.lowest_unconfirmed_seq() if self._confirm_after_s is not None else None
+
+    def confirm_events(self, seqs: Sequence[int]) -> int:
+        """The control plane stored these events: they leave the spool. Returns how many."""
+        removed = self.spool.confirm(seqs)
+        if removed:
+            log.debug("events_confirmed", count=removed)
+        return removed
+
+    def _resend_unconfirmed(self) -> None:
+        if self._confirm_after_s is None:
+            return
+        again = self.spool.resend_unconfirmed(sent_before=self._wall() - self._confirm_after_s)
+        if again:
+            self._count("events_resent", again)
+            self._rewind = True
+            log.warning(
+                "events_resent",
+                count=again,
+                reason=f"not confirmed stored by the control plane in {self._confirm_after_s} s",
+            )
 
     def submit_telemetry(self) -> TelemetryPayload:
         """Build one telemetry message from the providers and spool it (the timer calls this)."""
@@ -309,6 +344,10 @@ class TelemetryClient:
                 self.submit_telemetry()
             except Exception:
                 log.exception("telemetry_submit_failed")
+            try:
+                self._resend_unconfirmed()
+            except TelemetryError:
+                log.exception("event_resend_failed")
 
     def _run_network(self) -> None:
         attempt = 0
@@ -490,9 +529,15 @@ class TelemetryClient:
             log.error("mqtt_publish_refused", spool_id=spool_id, kind=kind, reason=str(reason_code))
         else:
             self._count("events_delivered" if kind == "event" else "telemetry_delivered")
+            if kind == "event" and self._confirm_after_s is not None:
+                self.spool.mark_sent(spool_id, now=self._wall())  # kept until confirmed
+                return
         self.spool.ack(spool_id)
 
     def _drain(self, client: mqtt.Client) -> None:
+        if self._rewind:
+            self._rewind = False
+            self._cursor = 0
         room = self._window - len(self._inflight)
         if room <= 0:
             return

@@ -19,7 +19,15 @@ fsync policy: an event's insert commits with ``synchronous=FULL`` (the WAL is fs
 commit with ``synchronous=NORMAL`` (no fsync; made durable by the next event commit or WAL
 checkpoint): a power cut may lose the last seconds of telemetry or replay an acked message,
 never lose an event. Delivery is therefore at least once; receivers drop duplicates by
-``(device_id, seq)``. A database file that SQLite cannot open is renamed aside
+``(device_id, seq)``.
+
+End-to-end confirmation (when the client asks for it): an event the broker acknowledged is only
+marked sent (``mark_sent``); it leaves the spool when the control plane says it stored its
+sequence number (``confirm``), and goes out again when that has not happened in time
+(``resend_unconfirmed``). Events are matched by their sequence number (``enqueue(seq=...)``),
+which the daemon's ``agent.events.EventSequence`` keeps unique across restarts.
+
+A database file that SQLite cannot open is renamed aside
 (``spool.db.corrupt-<n>``), never deleted, and a fresh spool is started.
 """
 
@@ -28,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -47,7 +56,9 @@ CREATE TABLE IF NOT EXISTS messages (
     topic   TEXT    NOT NULL,
     payload BLOB    NOT NULL,
     qos     INTEGER NOT NULL,
-    size    INTEGER NOT NULL
+    size    INTEGER NOT NULL,
+    seq     INTEGER,
+    sent_at REAL
 );
 CREATE INDEX IF NOT EXISTS messages_kind_id ON messages (kind, id);
 """
@@ -120,6 +131,10 @@ class Spool:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
+            columns = {r[1] for r in db.execute("PRAGMA table_info(messages)").fetchall()}
+            for column, kind in (("seq", "INTEGER"), ("sent_at", "REAL")):
+                if column not in columns:  # a spool written by an earlier agent
+                    db.execute(f"ALTER TABLE messages ADD COLUMN {column} {kind}")
             db.execute("SELECT COUNT(*) FROM messages").fetchone()
         except sqlite3.Error:
             db.close()
@@ -153,8 +168,17 @@ class Spool:
 
     # -- queue operations --------------------------------------------------------------------
 
-    def enqueue(self, kind: MessageKind, topic: str, payload: bytes, *, qos: int) -> int | None:
-        """Append a message; return its id, or None for telemetry that did not fit.
+    def enqueue(
+        self,
+        kind: MessageKind,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int,
+        seq: int | None = None,
+    ) -> int | None:
+        """Append a message; return its id, or None for telemetry that did not fit. ``seq`` is
+        an event's sequence number, by which the control plane confirms it stored it.
 
         Raises ``TelemetryError`` when an event would take the spool past ``hard_max_bytes``
         (nothing is written then) or the disk write fails.
@@ -174,8 +198,9 @@ class Spool:
                 self._db.execute(f"PRAGMA synchronous={'FULL' if kind == 'event' else 'NORMAL'}")
                 self._db.execute("BEGIN IMMEDIATE")
                 cur = self._db.execute(
-                    "INSERT INTO messages (kind, topic, payload, qos, size) VALUES (?, ?, ?, ?, ?)",
-                    (kind, topic, payload, qos, size),
+                    "INSERT INTO messages (kind, topic, payload, qos, size, seq) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (kind, topic, payload, qos, size, seq),
                 )
                 new_id = int(cur.lastrowid or 0)
                 bytes_now = self._bytes + size
@@ -208,12 +233,13 @@ class Spool:
             return new_id if kept else None
 
     def peek(self, *, after_id: int = 0, limit: int = 100) -> list[SpooledMessage]:
-        """The oldest ``limit`` messages with an id above ``after_id``, in order."""
+        """The oldest ``limit`` messages with an id above ``after_id`` and not sent (awaiting
+        the control plane's confirmation), in order."""
         with self._lock:
             try:
                 rows = self._db.execute(
                     "SELECT id, kind, topic, payload, qos FROM messages WHERE id > ? "
-                    "ORDER BY id LIMIT ?",
+                    "AND sent_at IS NULL ORDER BY id LIMIT ?",
                     (after_id, limit),
                 ).fetchall()
             except sqlite3.Error as exc:
@@ -239,6 +265,71 @@ class Spool:
             self._count -= 1
             self._acked += 1
             return True
+
+    # -- end-to-end confirmation of events -----------------------------------------------------
+
+    def mark_sent(self, message_id: int, *, now: float) -> None:
+        """The broker took this event (PUBACK); it stays until the control plane confirms it
+        stored it (``confirm``), and goes again if that takes too long (``resend_unconfirmed``)."""
+        with self._lock:
+            try:
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.execute("UPDATE messages SET sent_at = ? WHERE id = ?", (now, message_id))
+            except sqlite3.Error as exc:
+                raise TelemetryError(f"spool write failed: {exc}") from exc
+
+    def confirm(self, seqs: Iterable[int]) -> int:
+        """Remove the events whose sequence numbers the control plane says it stored; returns
+        how many were removed."""
+        wanted = sorted(set(seqs))
+        removed = size = 0
+        with self._lock:
+            try:
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.execute("BEGIN IMMEDIATE")
+                for seq in wanted:
+                    row = self._db.execute(
+                        "SELECT id, size FROM messages WHERE kind = 'event' AND seq = ?", (seq,)
+                    ).fetchone()
+                    if row is None:
+                        continue
+                    self._db.execute("DELETE FROM messages WHERE id = ?", (row[0],))
+                    size += int(row[1])
+                    removed += 1
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise TelemetryError(f"spool write failed: {exc}") from exc
+            self._bytes -= size
+            self._event_bytes -= size
+            self._count -= removed
+            self._acked += removed
+        return removed
+
+    def resend_unconfirmed(self, *, sent_before: float) -> int:
+        """Events sent before ``sent_before`` and still not confirmed go out again; returns how
+        many (receivers drop duplicates by device and sequence number)."""
+        with self._lock:
+            try:
+                cur = self._db.execute(
+                    "UPDATE messages SET sent_at = NULL WHERE kind = 'event' "
+                    "AND sent_at IS NOT NULL AND sent_at < ?",
+                    (sent_before,),
+                )
+            except sqlite3.Error as exc:
+                raise TelemetryError(f"spool write failed: {exc}") from exc
+            return int(cur.rowcount or 0)
+
+    def lowest_unconfirmed_seq(self) -> int | None:
+        """The lowest sequence number of an event still waiting for confirmation, or None."""
+        with self._lock:
+            try:
+                row = self._db.execute(
+                    "SELECT MIN(seq) FROM messages WHERE kind = 'event' AND seq IS NOT NULL"
+                ).fetchone()
+            except sqlite3.Error as exc:
+                raise TelemetryError(f"spool read failed: {exc}") from exc
+        return int(row[0]) if row and row[0] is not None else None
 
     def _rollback(self) -> None:
         with contextlib.suppress(sqlite3.Error):  # no transaction was open

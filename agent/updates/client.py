@@ -51,7 +51,12 @@ from agent.contracts.enrollment import (
     EnrollmentResponse,
 )
 from agent.contracts.errors import ContractError
-from agent.contracts.events import UpdateEvent
+from agent.contracts.events import (
+    EVENTS_SINCE_HEADER,
+    EVENTS_STORED_HEADER,
+    UpdateEvent,
+    parse_stored,
+)
 from agent.contracts.manifest import NAME_RE
 from agent.contracts.profile import HardwareProfile
 from agent.contracts.state import (
@@ -67,10 +72,12 @@ from agent.errors import (
     BundleError,
     ConfigError,
     DownloadError,
+    EnrollmentError,
+    LocalIOError,
     ModelError,
     ResponseTooLargeError,
     StoreError,
-    UpdateError,
+    TransientError,
     VerificationError,
 )
 from agent.events import EventBus
@@ -90,6 +97,7 @@ from agent.updates.plan import (
     target_key,
 )
 from agent.updates.report import (
+    FailureClass,
     LoopStatus,
     ModelFacts,
     Progress,
@@ -99,7 +107,7 @@ from agent.updates.report import (
 )
 from agent.updates.signed import SignedMetadata, SignedTarget
 
-__all__ = ["Activators", "DeviceCredential", "ResponseLimits", "UpdateClient"]
+__all__ = ["Activators", "DeviceCredential", "EventAcks", "ResponseLimits", "UpdateClient"]
 
 log = get_logger(__name__)
 
@@ -148,6 +156,14 @@ class Activators(Protocol):
     def get(self, name: str) -> ModelActivator: ...
 
     def names(self) -> Sequence[str]: ...
+
+
+class EventAcks(Protocol):
+    """The spool's side of the end-to-end confirmation of events (the telemetry client)."""
+
+    def pending_event_seq(self) -> int | None: ...
+
+    def confirm_events(self, seqs: Sequence[int]) -> int: ...
 
 
 class _UnreachableError(Exception):
@@ -238,6 +254,9 @@ class UpdateClient:
             url_of=lambda path: f"{self._url}/v1/artifacts/{path}",
         )
         self._credential: DeviceCredential | None = None
+        self._enrollment_problem: str | None = None
+        # Set by the daemon once MQTT runs: each poll asks which spooled events were stored.
+        self.event_acks: EventAcks | None = None
         self._etag: str | None = None
         self._desired: DesiredState | None = None
         self._refused: tuple[RefusedEntry, ...] = ()
@@ -266,6 +285,11 @@ class UpdateClient:
     @property
     def credential(self) -> DeviceCredential | None:
         return self._credential
+
+    @property
+    def enrollment_problem(self) -> str | None:
+        """Why this device is not on the fleet (no usable credential, cannot enroll), or None."""
+        return self._enrollment_problem
 
     @property
     def desired(self) -> DesiredState | None:
@@ -321,6 +345,14 @@ class UpdateClient:
             try:
                 self._ensure_enrolled()
                 desired = self._poll()
+            except EnrollmentError as exc:
+                # Off the fleet until an operator acts: keep serving, say so once per cause,
+                # and look again (a restored file or a new token) at the longest backoff.
+                if self._enrollment_problem != str(exc):
+                    log.error("device_not_enrolled", reason=str(exc), serving="unchanged")
+                self._enrollment_problem = str(exc)
+                self._judge_probation()
+                return self._next(self._max_backoff_s)
             except ResponseTooLargeError as exc:
                 delay = self._schedule.failed()
                 log.warning(
@@ -345,6 +377,7 @@ class UpdateClient:
                 self._judge_probation()
                 return self._next(delay)
             self._online = True
+            self._enrollment_problem = None
             delay = self._schedule.succeeded()
             if desired is not None:
                 self._apply(desired)
@@ -363,17 +396,38 @@ class UpdateClient:
             self._http.headers["Authorization"] = f"Bearer {self._credential.credential}"
 
     def _load_credential(self) -> DeviceCredential | None:
+        """The saved credential, or None when there is none to use. A file that does not parse
+        (truncated, corrupt) is set aside as ``enrollment.json.corrupt`` when a bootstrap token
+        can enroll the device again; without one it stays and ``EnrollmentError`` says why."""
         path = self._credential_path()
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise UpdateError(f"cannot read the device credential {path}: {exc}") from exc
+            raise EnrollmentError(f"cannot read the device credential {path}: {exc}") from exc
         try:
             cred = DeviceCredential.model_validate_json(data)
         except PydanticValidationError as exc:
-            raise UpdateError(f"the device credential {path} is corrupt: {exc}") from exc
+            problem = f"the device credential {path} is corrupt ({exc.error_count()} errors)"
+            if not self._config.bootstrap_token:
+                raise EnrollmentError(
+                    f"{problem} and control_plane.bootstrap_token is not set: restore the "
+                    "file or configure a bootstrap token to enroll again"
+                ) from exc
+            aside = path.with_name(path.name + ".corrupt")
+            try:
+                path.replace(aside)
+            except OSError as move_exc:
+                raise EnrollmentError(f"{problem}; cannot set it aside: {move_exc}") from exc
+            log.error(
+                "credential_corrupt",
+                path=str(path),
+                kept_as=str(aside),
+                bytes=len(data),
+                action="enrolling again with the bootstrap token",
+            )
+            return None
         if cred.control_plane_url != self._url:
             log.warning(
                 "credential_for_other_control_plane",
@@ -385,7 +439,7 @@ class UpdateClient:
     def _enroll(self) -> DeviceCredential:
         token = self._config.bootstrap_token
         if not token:
-            raise ConfigError(
+            raise EnrollmentError(
                 "not enrolled and control_plane.bootstrap_token is not set: the device cannot "
                 "join the fleet"
             )
@@ -464,6 +518,10 @@ class UpdateClient:
     def _poll(self) -> DesiredState | None:
         assert self._credential is not None
         headers = {"If-None-Match": self._etag} if self._etag else {}
+        acks = self.event_acks
+        since = acks.pending_event_seq() if acks is not None else None
+        if since is not None:
+            headers[EVENTS_SINCE_HEADER] = str(since)
         response = self._request(
             "GET",
             f"/v1/devices/{self._credential.device_id}/desired-state",
@@ -471,6 +529,10 @@ class UpdateClient:
             limit=self._limits.desired_state,
             headers=headers,
         )
+        if acks is not None and since is not None and response.status_code in (200, 304):
+            stored = parse_stored(response.headers.get(EVENTS_STORED_HEADER))
+            if stored:
+                acks.confirm_events(stored)
         if response.status_code in (200, 304) and response.headers.get(CREDENTIAL_HEADER) == ROTATE:
             self._rotate_credential()
         if response.status_code == 304:
@@ -672,7 +734,7 @@ class UpdateClient:
                 extra = self._download_path(offered)
                 try:
                     self._fetch_variant(model, offered, extra)
-                except (_RefusedError, DownloadError) as exc:
+                except (_RefusedError, DownloadError, LocalIOError) as exc:
                     log.warning(
                         "variant_not_fetched",
                         model=name,
@@ -702,6 +764,13 @@ class UpdateClient:
             for path in (dest, dest.with_name(dest.name + ".part")):
                 path.unlink(missing_ok=True)
             self._fail(model, key, f"refused: {exc}", step="refused")
+        except TransientError as exc:
+            # The network or the control plane away: not the version's fault. Partial bytes
+            # stay on disk and the next attempt resumes where this one stopped.
+            self._fail(model, key, str(exc), step="retrying", failure_class="transient")
+        except LocalIOError as exc:
+            # This device's disk (out of space, an I/O error): its own class, partial kept.
+            self._fail(model, key, str(exc), step="retrying", failure_class="local_io")
         except DownloadError as exc:
             # Partial bytes stay on disk: the next attempt resumes where this one stopped.
             self._fail(model, key, str(exc), step="download_failed")
@@ -830,8 +899,12 @@ class UpdateClient:
         key: str,
         reason: str,
         *,
-        step: Literal["refused", "download_failed", "failed"],
+        step: Literal["refused", "download_failed", "failed", "retrying"],
+        failure_class: FailureClass = "version",
     ) -> None:
+        """An attempt at ``model`` ended without a swap: retried after a backoff. ``step`` is the
+        event; ``failure_class`` says whose fault it was (``version``: counted against the version
+        by a rollout; ``transient`` and ``local_io``: the network or this device's disk, not)."""
         attempt = record_failure(
             self._attempts.get(key),
             key,
@@ -843,17 +916,25 @@ class UpdateClient:
         )
         self._attempts[key] = attempt
         self._clear_step(model.name)
-        self._failures[model.name] = Rejection(model.version, reason, retried=True)
+        self._failures[model.name] = Rejection(
+            model.version, reason, retried=True, failure_class=failure_class
+        )
         log.warning(
             "update_not_applied",
             model=model.name,
             version=model.version,
             step=step,
+            failure_class=failure_class,
             reason=reason,
             failures=attempt.failures,
         )
         self._bus.emit(
-            step, model=model.name, version=model.version, reason=reason, failures=attempt.failures
+            step,
+            model=model.name,
+            version=model.version,
+            reason=reason,
+            failures=attempt.failures,
+            failure_class=failure_class,
         )
         self._report()
 

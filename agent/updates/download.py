@@ -3,13 +3,18 @@
 Owns one file transfer: stream to ``<dest>.part`` in fixed-size chunks, resume with HTTP Range
 from wherever an earlier attempt (or an earlier process, before a reboot) stopped, enforce the
 expected length and sha256 while streaming, check free space first, retry transient failures with
-exponential backoff and full jitter, and cap bandwidth if asked. The expected length and digest
+exponential backoff and full jitter, and cap bandwidth if asked. Failures keep their class: the
+network away after every retry is a ``TransientError``, the device's own disk (out of space, an
+I/O error) a ``LocalIOError`` with the partial file kept for resume, a wrong answer for this
+artifact a ``DownloadError``, a digest or length that breaks the signed metadata a
+``VerificationError``. The expected length and digest
 come from signed metadata (``agent.updates.signed``); this module trusts only them, never the
 server's headers. Deciding *what* to download is the update client's job.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -24,7 +29,7 @@ from pathlib import Path
 import httpx
 
 from agent._fs import fsync_dir
-from agent.errors import DownloadError, VerificationError
+from agent.errors import DownloadError, LocalIOError, TransientError, VerificationError
 from agent.logs import get_logger
 
 __all__ = ["DownloadConfig", "DownloadResult", "Downloader"]
@@ -91,7 +96,10 @@ class Downloader:
     ) -> DownloadResult:
         """Download ``url`` to ``dest`` (atomically renamed from ``dest.part`` when verified)."""
         with _ONE_AT_A_TIME:
-            return self._fetch(url, dest, length=length, sha256=sha256, headers=headers or {})
+            try:
+                return self._fetch(url, dest, length=length, sha256=sha256, headers=headers or {})
+            except OSError as exc:  # the device's own disk: its own failure class
+                raise LocalIOError(f"cannot write {dest}: {exc}", errno=exc.errno) from exc
 
     def _fetch(
         self, url: str, dest: Path, *, length: int, sha256: str, headers: dict[str, str]
@@ -109,7 +117,7 @@ class Downloader:
                 break
             except _RetryableError as exc:
                 if attempt >= self._config.max_attempts:
-                    raise DownloadError(
+                    raise TransientError(
                         f"{url}: giving up after {attempt} attempts ({exc}); "
                         f"{progress.have} of {length} bytes kept for resume"
                     ) from exc
@@ -162,9 +170,10 @@ class Downloader:
         free = self._disk_free(directory)
         want = needed + self._config.free_space_margin_bytes
         if free < want:
-            raise DownloadError(
+            raise LocalIOError(
                 f"not enough free space in {directory}: need {want} bytes "
-                f"({needed} + {self._config.free_space_margin_bytes} margin), {free} free"
+                f"({needed} + {self._config.free_space_margin_bytes} margin), {free} free",
+                errno=errno.ENOSPC,
             )
 
     def _backoff(self, attempt: int) -> float:
@@ -234,13 +243,18 @@ class Downloader:
             try:
                 _write_all(fd, chunk)
             except OSError as exc:
-                os.ftruncate(fd, progress.have)  # drop a half-written chunk; keep the rest
-                if exc.errno == errno.ENOSPC:
-                    raise DownloadError(
-                        f"disk full while downloading {url}: {progress.have} of {length} "
-                        "bytes kept for resume"
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, progress.have)  # drop a half-written chunk; keep the rest
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    raise LocalIOError(
+                        f"out of space while downloading {url}: {progress.have} of {length} "
+                        "bytes kept for resume",
+                        errno=exc.errno,
                     ) from exc
-                raise DownloadError(f"cannot write {url} to disk: {exc}") from exc
+                raise LocalIOError(
+                    f"cannot write {url} to disk: {exc}; {progress.have} bytes kept for resume",
+                    errno=exc.errno,
+                ) from exc
             progress.digest.update(chunk)
             progress.have += len(chunk)
             progress.received += len(chunk)

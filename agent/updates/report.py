@@ -19,11 +19,20 @@ sends the result; this module only decides.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from agent.contracts.state import LoopHealth, Phase, ReportedModel, bounded_text
 from agent.models.probation import UpdateRecord
 
-__all__ = ["LoopStatus", "ModelFacts", "Progress", "Rejection", "Serving", "reported_model"]
+__all__ = [
+    "FailureClass",
+    "LoopStatus",
+    "ModelFacts",
+    "Progress",
+    "Rejection",
+    "Serving",
+    "reported_model",
+]
 
 # The steps the update client carries a version through before the journal takes over.
 PROGRESS_PHASES: tuple[Phase, ...] = (
@@ -55,6 +64,12 @@ class Progress:
     phase: Phase
 
 
+# Whose fault a failed attempt was: the version's (a rollout counts it against the version), the
+# network's or the control plane's for a while (``transient``), or this device's disk
+# (``local_io``: out of space, an I/O error). The last two are retried and never counted.
+FailureClass = Literal["version", "transient", "local_io"]
+
+
 @dataclass(frozen=True)
 class Rejection:
     """A version this device refuses (it failed to load or validate, or was rolled back) while
@@ -64,6 +79,7 @@ class Rejection:
     version: str
     reason: str
     retried: bool = False
+    failure_class: FailureClass = "version"
 
 
 @dataclass(frozen=True)
@@ -128,6 +144,10 @@ def _phase(facts: ModelFacts, active: str | None) -> _Decided:
             return "swapping", back, None, None
     desired, rejection = facts.desired, facts.rejection
     if rejection is not None and desired is not None and rejection.version == desired != active:
+        if rejection.retried and rejection.failure_class != "version":
+            # Still on its way: the phase stays where it stopped, the error says why and whose.
+            why = f"{rejection.failure_class}: {rejection.reason}"
+            return "downloading", desired, why, "retrying"
         if rejection.retried:
             return "failed", desired, rejection.reason, None
         # Refused for as long as its entry keeps this generation: say so, and how it ended.

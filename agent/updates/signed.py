@@ -10,10 +10,15 @@ question: the signed length and sha256 of a target path. Fetching the target its
 The first root comes from provisioning (``control_plane.tuf_root_path`` in the config); after
 that the updater's own cached root (``metadata_dir/root.json``) is the anchor, so root
 rotations signed by the old root are followed.
+
+Failures keep their class: a refusal of the metadata is a ``VerificationError``; the network or
+the control plane away is a ``TransientError``; the device's own disk failing (out of space while
+python-tuf persists metadata, an I/O error) is a ``LocalIOError``, never a refusal.
 """
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +27,7 @@ import httpx
 from tuf.api import exceptions as tuf_errors
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
-from agent.errors import DownloadError, VerificationError
+from agent.errors import LocalIOError, TransientError, VerificationError
 from agent.logs import get_logger
 
 __all__ = ["SignedMetadata", "SignedTarget"]
@@ -88,8 +93,8 @@ class SignedMetadata:
 
     def target(self, path: str) -> SignedTarget:
         """Refresh the metadata and return the signed length and sha256 of ``path``."""
-        self._dir.mkdir(parents=True, exist_ok=True)
         try:
+            self._dir.mkdir(parents=True, exist_ok=True)
             # ngclient's Updater is meant for one refresh: a new one each time.
             updater = Updater(
                 str(self._dir),
@@ -106,8 +111,15 @@ class SignedMetadata:
                 f"signed metadata refused ({type(exc).__name__}): {exc}"
             ) from exc
         except tuf_errors.DownloadError as exc:
-            raise DownloadError(f"cannot fetch signed metadata: {exc}") from exc
-        except (OSError, ValueError) as exc:
+            raise TransientError(f"cannot fetch signed metadata: {exc}") from exc
+        except OSError as exc:
+            # The device's own disk (full, read-only, failing) while python-tuf reads or
+            # persists metadata: nothing was refused, the metadata is unknown.
+            what = "out of space" if exc.errno == errno.ENOSPC else "local I/O error"
+            raise LocalIOError(
+                f"{what} writing signed metadata under {self._dir}: {exc}", errno=exc.errno
+            ) from exc
+        except ValueError as exc:
             raise VerificationError(f"local TUF metadata unusable: {exc}") from exc
         if info is None:
             raise VerificationError(f"{path} is not a signed target of this fleet")

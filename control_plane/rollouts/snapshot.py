@@ -4,7 +4,10 @@ Owns how ingested data becomes the controller's ``DeviceStatus``: labels from th
 registry; online, active version, p99 and inference counts from the ingester's
 ``device_links`` rows (rolled up over its health window); the update phase from the latest
 update event for the model (or, without one, the HTTP-reported state) received *after* the
-device was assigned. Every time is the control plane's receive time.
+device was assigned. A device none of whose variants fits (by ``agent.contracts.fit``, as the
+desired state decides) is ``failed``: it is never offered the version, so it can never serve it.
+A ``retrying`` event (a transient or local I/O failure on the device) is still ``updating``.
+Every time is the control plane's receive time.
 """
 
 from __future__ import annotations
@@ -17,7 +20,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from control_plane.db.models import Device
+from agent.contracts.errors import ContractError
+from agent.contracts.fit import fitting
+from agent.contracts.manifest import Variant
+from agent.contracts.profile import HardwareProfile
+from control_plane.db.models import Device, Model, ModelVersion
 from control_plane.ingest.tables import DeviceLink
 from control_plane.rollouts.controller import DeviceStatus, FleetSnapshot, RolloutSpec
 from control_plane.rollouts.controller import UpdatePhase as _Phase
@@ -69,6 +76,31 @@ class SnapshotDevice:
     p99_window_ms: float | None  # the latest window's p99 (status is the health-window median)
 
 
+def _variants(session: Session, spec: RolloutSpec) -> list[Variant] | None:
+    """The built variants of the rollout's version, or None when they cannot be read."""
+    version = session.execute(
+        select(ModelVersion)
+        .join(Model, Model.id == ModelVersion.model_id)
+        .where(Model.name == spec.model, ModelVersion.version == spec.version)
+    ).scalar_one_or_none()
+    if version is None or version.status != "ready":
+        return None
+    try:
+        return [Variant.model_validate(r.spec) for r in version.variants if r.archive_sha256]
+    except (ValueError, ContractError):
+        return None
+
+
+def _nothing_fits(variants: list[Variant] | None, profile: Any) -> bool:
+    if variants is None or not profile:
+        return False
+    try:
+        device = HardwareProfile.model_validate(profile)
+    except (ValueError, ContractError):
+        return False
+    return not fitting(variants, device).ranked
+
+
 def _reported(device_reported: Mapping[str, Any] | None, model: str) -> Mapping[str, Any] | None:
     for m in (device_reported or {}).get("models", ()):
         if isinstance(m, Mapping) and m.get("name") == model:
@@ -86,8 +118,9 @@ def build_snapshot(
     """Devices the rollout selects or already assigned (minus ``exclude``), as the controller
     wants them, and the same entries by id with the extras for the status view."""
     devices = session.execute(
-        select(Device.id, Device.labels, Device.reported, Device.reported_at)
+        select(Device.id, Device.labels, Device.reported, Device.reported_at, Device.profile)
     ).all()
+    variants = _variants(session, spec)
     wanted = {
         d.id: d
         for d in devices
@@ -122,6 +155,14 @@ def build_snapshot(
         since = assigned_at.get(device_id)
         event = (link.updates or {}).get(spec.model) if link else None
         phase = update_phase(event, spec.version, since)
+        if (
+            since is not None
+            and phase not in ("failed", "rolled_back", "committed")
+            and _nothing_fits(variants, d.profile)
+        ):
+            # The desired state offers this device nothing of the version (no variant fits
+            # its profile): it can never serve it, so it failed for its wave.
+            phase = "failed"
         if phase == "pending" and event is None and reported is not None and since is not None:
             reported_at = _ts(d.reported_at)
             if reported_at is not None and reported_at >= since:

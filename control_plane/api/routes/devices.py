@@ -27,6 +27,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Response
 from sqlalchemy import delete, select
+from starlette.concurrency import run_in_threadpool
 
 from agent.contracts.enrollment import (
     CREDENTIAL_HEADER,
@@ -35,6 +36,7 @@ from agent.contracts.enrollment import (
     EnrollmentRequest,
     EnrollmentResponse,
 )
+from agent.contracts.events import EVENTS_STORED_HEADER, MAX_STORED_LISTED
 from agent.contracts.profile import HardwareProfile
 from agent.contracts.state import DesiredState, ReportedState
 from agent.contracts.telemetry import CheckUpdateCommand
@@ -62,6 +64,7 @@ from control_plane.api.schemas import (
 from control_plane.api.views import device_public
 from control_plane.auth import DEVICE_TOKEN_PREFIX, hash_token, new_token
 from control_plane.bootstrap import redeem
+from control_plane.context import AppContext
 from control_plane.db.models import Device
 from control_plane.desired import compute_desired_state, etag_matches
 from control_plane.errors import (
@@ -71,6 +74,7 @@ from control_plane.errors import (
     InvalidInputError,
     NotFoundError,
 )
+from control_plane.ingest.tables import DeviceEventRow
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
 log = get_logger(__name__)
@@ -235,6 +239,7 @@ async def get_desired_state(
     principal: DeviceOrViewer,
     ctx: Context,
     if_none_match: Annotated[str | None, Header(max_length=1024)] = None,
+    edgefleet_events_since: Annotated[int | None, Header(ge=0, le=2**63 - 1)] = None,
 ) -> Response:
     if isinstance(principal, DevicePrincipal):
         _own(principal, device_id)
@@ -245,11 +250,27 @@ async def get_desired_state(
     headers = {"ETag": entry.etag, "Cache-Control": "no-cache"}
     if isinstance(principal, DevicePrincipal) and principal.rotate:
         headers[CREDENTIAL_HEADER] = ROTATE
+    if isinstance(principal, DevicePrincipal) and edgefleet_events_since is not None:
+        # End-to-end confirmation: which of the device's events from there on are stored.
+        stored = await run_in_threadpool(_stored_events, ctx, device_id, edgefleet_events_since)
+        headers[EVENTS_STORED_HEADER] = ",".join(str(seq) for seq in stored)
     if etag_matches(if_none_match, entry.etag):
         ctx.metrics.desired_polls.labels("not_modified", cache).inc()
         return Response(status_code=304, headers=headers)
     ctx.metrics.desired_polls.labels("sent", cache).inc()
     return Response(entry.body, media_type="application/json", headers=headers)
+
+
+def _stored_events(ctx: AppContext, device_id: str, since: int) -> list[int]:
+    """The sequence numbers of ``device_id``'s stored events from ``since`` on (bounded)."""
+    with ctx.sessions() as session:
+        rows = session.execute(
+            select(DeviceEventRow.seq)
+            .where(DeviceEventRow.device_id == device_id, DeviceEventRow.seq >= since)
+            .order_by(DeviceEventRow.seq)
+            .limit(MAX_STORED_LISTED)
+        ).all()
+    return sorted({int(r.seq) for r in rows})
 
 
 @router.put("/{device_id}/reported-state", summary="The device reports what it runs")

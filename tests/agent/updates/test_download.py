@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agent.errors import DownloadError, VerificationError
+from agent.errors import DownloadError, LocalIOError, TransientError, VerificationError
 from agent.updates.download import DownloadConfig, Downloader
 
 from .conftest import FileServer
@@ -106,7 +106,7 @@ def test_truncated_artifact_gives_up_cleanly(
     path, data, sha = artifact
     (file_server.root / path).write_bytes(data[:-1000])
     dest = tmp_path / "model.tar"
-    with pytest.raises(DownloadError, match="giving up after 3 attempts"):
+    with pytest.raises(TransientError, match="giving up after 3 attempts"):
         _downloader(client, max_attempts=3).fetch(
             f"{file_server.url}/{path}", dest, length=SIZE, sha256=sha
         )
@@ -204,8 +204,9 @@ def test_free_space_is_checked_before_starting(
 ) -> None:
     path, _, sha = artifact
     d = Downloader(client, DownloadConfig(free_space_margin_bytes=1024), disk_free=lambda _p: SIZE)
-    with pytest.raises(DownloadError, match="not enough free space"):
+    with pytest.raises(LocalIOError, match="not enough free space") as info:
         d.fetch(f"{file_server.url}/{path}", tmp_path / "m.tar", length=SIZE, sha256=sha)
+    assert info.value.out_of_space
     assert file_server.faults.requests == []
 
 
@@ -232,7 +233,7 @@ def test_disk_full_mid_download_keeps_what_fits(
         disk_free=lambda _p: 1 << 40,
     )  # the filesystem lies about its space
     dest = tiny_fs / "m.tar"
-    with pytest.raises(DownloadError, match="disk full while downloading"):
+    with pytest.raises(LocalIOError, match="out of space while downloading"):
         d.fetch(f"{file_server.url}/{path}", dest, length=SIZE, sha256=sha)
     part = dest.with_name("m.tar.part")
     assert 0 < part.stat().st_size <= 1024 * 1024  # what fit, nothing beyond

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agent.errors import DownloadError, VerificationError
+from agent.errors import TransientError, VerificationError
 from agent.updates.signed import SignedMetadata
 from control_plane.signing import ExpiryPolicy, SigningError, TufRepository
 
@@ -106,7 +106,7 @@ def test_endless_metadata_is_cut_off(
     tmp_path: Path, file_server: FileServer, repo: TufRepository, client: httpx.Client
 ) -> None:
     file_server.faults.endless.add("tuf/timestamp.json")
-    with pytest.raises(DownloadError, match="cannot fetch signed metadata"):
+    with pytest.raises(TransientError, match="cannot fetch signed metadata"):
         _device(tmp_path, file_server, repo, client).target("a.tar")
     assert file_server.faults.bytes_sent < 10 * 1024 * 1024
 
