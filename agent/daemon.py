@@ -240,9 +240,17 @@ class Daemon:
             registry,
             system=SystemMetricsCollector().collect,
             loops=self._loop_readings,
+            spool=self._spool_reading,
             subscribe=self.bus.subscribe,
         )
         return registry
+
+    def _spool_reading(self) -> tuple[int, int, int] | None:
+        client = self.telemetry
+        if client is None:
+            return None
+        spool = client.spool
+        return len(spool), spool.bytes, self.settings.mqtt.spool_max_bytes
 
     def _loop_readings(self) -> list[tuple[str, dict[str, int], dict[str, float | None], float]]:
         out = []

@@ -1,7 +1,7 @@
 """The daemon's own Prometheus collectors, served with the API's ``nv_inference_*`` families on
 the local ``/metrics`` (``agent.api.metrics``; names and labels in docs/inference-api.md).
 
-Owns three collectors, all read at scrape time or fed by the event bus, so nothing on the
+Owns four collectors, all read at scrape time or fed by the event bus, so nothing on the
 inference path waits for them:
 
 - ``SystemCollector``: Triton's process and GPU names, ``nv_cpu_utilization`` (0..1),
@@ -11,6 +11,8 @@ inference path waits for them:
   (watts). A value the board does not expose is left out, never written as 0.
 - ``LoopCollector``: each inference loop's frames by result (``ok``, ``failed``, ``dropped``)
   and its last window's latency quantiles and throughput.
+- ``SpoolCollector``: the MQTT spool's messages and bytes against its bound (an agent that
+  cannot reach the broker fills it).
 - ``UpdateEventMetrics``: a subscriber of the event bus counting update steps, swaps, rollbacks
   and probations, and whether a model is on probation now.
 """
@@ -33,6 +35,8 @@ __all__ = [
     "AGENT_METRICS",
     "LoopCollector",
     "LoopReading",
+    "SpoolCollector",
+    "SpoolReading",
     "SystemCollector",
     "UpdateEventMetrics",
     "register_daemon_metrics",
@@ -57,8 +61,13 @@ AGENT_METRICS: dict[str, str] = {
     "edge_agent_rollbacks_total": "counter",
     "edge_agent_probations_total": "counter",
     "edge_agent_probation_active": "gauge",
+    "edge_agent_spool_messages": "gauge",
+    "edge_agent_spool_bytes": "gauge",
+    "edge_agent_spool_max_bytes": "gauge",
 }
 
+# (messages, bytes, max bytes) of the telemetry spool; None before MQTT is started
+SpoolReading = tuple[int, int, int] | None
 # (model, totals {ok, failed, dropped}, latency quantile ms {0.5, 0.95, 0.99}, throughput Hz)
 LoopReading = tuple[str, dict[str, int], dict[str, float | None], float]
 
@@ -155,6 +164,32 @@ class LoopCollector(Collector):
         yield throughput
 
 
+class SpoolCollector(Collector):
+    """The telemetry spool's fill level; nothing is yielded before MQTT is started."""
+
+    def __init__(self, reading: Callable[[], SpoolReading]) -> None:
+        self._reading = reading
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            reading = self._reading()
+        except Exception as exc:
+            log.warning("spool_metrics_failed", error=str(exc))
+            return
+        if reading is None:
+            return
+        messages, size, bound = reading
+        yield GaugeMetricFamily(
+            "edge_agent_spool_messages", "Messages waiting in the MQTT spool", value=messages
+        )
+        yield GaugeMetricFamily(
+            "edge_agent_spool_bytes", "Bytes waiting in the MQTT spool", value=size
+        )
+        yield GaugeMetricFamily(
+            "edge_agent_spool_max_bytes", "The MQTT spool's bound, bytes", value=bound
+        )
+
+
 class UpdateEventMetrics:
     """Counts the event bus's update steps; subscribe ``on_event`` to an ``EventBus``."""
 
@@ -217,11 +252,13 @@ def register_daemon_metrics(
     *,
     system: Callable[[], SystemMetrics],
     loops: Callable[[], Iterable[LoopReading]],
+    spool: Callable[[], SpoolReading] = lambda: None,
     subscribe: Callable[[Callable[[UpdateEvent], None]], Any],
 ) -> UpdateEventMetrics:
-    """Register the three collectors in ``registry`` and subscribe the event counter."""
+    """Register the collectors in ``registry`` and subscribe the event counter."""
     registry.register(SystemCollector(system))
     registry.register(LoopCollector(loops))
+    registry.register(SpoolCollector(spool))
     events = UpdateEventMetrics(registry)
     subscribe(events.on_event)
     return events

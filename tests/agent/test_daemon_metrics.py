@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 
 from agent.api.metrics import COUNTERS, GAUGES, SUMMARIES
 from agent.events import EventBus
@@ -41,6 +42,7 @@ def _families(text: str) -> set[str]:
     return {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
 
 
+@pytest.mark.broker
 def test_daemon_metrics_scraped(tmp_path: Path, digits_path: Path, digits: DigitsData) -> None:
     state_dir = tmp_path / "state"
     bundle = tmp_path / "bundle"
@@ -56,6 +58,8 @@ def test_daemon_metrics_scraped(tmp_path: Path, digits_path: Path, digits: Digit
         '[[models]]\nname = "digits"\n'
         f"[api]\nhttp_port = {port}\ngrpc_port = 0\n"
         "[loop]\nrate_hz = 50\nwindow_s = 0.5\n[swap]\nwarmup_runs = 1\n"
+        '[mqtt]\nhost = "127.0.0.1"\nport = 1883\nspool_max_bytes = 1048576\n'
+        f'topic_prefix = "metrics-test-{port}"\n'
     )
     log = (tmp_path / "daemon.log").open("w")
     proc = subprocess.Popen(
@@ -121,6 +125,8 @@ def test_daemon_metrics_scraped(tmp_path: Path, digits_path: Path, digits: Digit
     assert value("edge_agent_loop_frames_total", model="digits", result="ok") > 0
     assert value("edge_agent_loop_latency_ms", model="digits", quantile="0.99") > 0
     assert value("edge_agent_loop_throughput_hz", model="digits") > 0
+    assert value("edge_agent_spool_max_bytes") == 1048576
+    assert value("edge_agent_spool_bytes") >= 0
 
 
 def test_update_events_count_swaps_rollbacks_and_probations() -> None:
