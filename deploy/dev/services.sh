@@ -49,4 +49,14 @@ elif command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
 else
   echo "promtool: not installed (apt-get install prometheus); the rules test checks structure only" >&2
 fi
+# Chromium (Debian's package) for the browser tests of the fleet page (Playwright drives it at
+# /usr/bin/chromium; `playwright install` is never needed).
+if [ -x /usr/bin/chromium ]; then
+  echo "chromium: installed"
+elif command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; }) \
+    && echo "chromium: installed (apt-get)" || echo "chromium: apt-get install chromium failed" >&2
+else
+  echo "chromium: not installed (apt-get install chromium); the browser tests are skipped" >&2
+fi
 exit 0
