@@ -234,7 +234,7 @@ class Daemon:
         if settings.api.enabled:
             from agent.api.server import start_api
 
-            self._api = start_api(self.served.registry, settings.api)
+            self._api = start_api(self.served.registry, settings.api, self._metrics_registry())
         if settings.control_plane.url:
             self._start_update_client()
         if settings.mqtt.host:
@@ -257,6 +257,45 @@ class Daemon:
         if interval is not None:
             self._watchdog = WatchdogPinger(self._notifier, interval, self.healthy).start()
         log.info("daemon_started", models=list(self.served.names()))
+
+    def _metrics_registry(self) -> Any:
+        """The daemon's collectors (process, GPU, loops, update events) for ``/metrics``."""
+        from prometheus_client import CollectorRegistry
+
+        from agent.observability import register_daemon_metrics
+        from agent.telemetry import SystemMetricsCollector
+
+        registry = CollectorRegistry()
+        register_daemon_metrics(
+            registry,
+            system=SystemMetricsCollector().collect,
+            loops=self._loop_readings,
+            spool=self._spool_reading,
+            subscribe=self.bus.subscribe,
+        )
+        return registry
+
+    def _spool_reading(self) -> tuple[int, int, int] | None:
+        client = self.telemetry
+        if client is None:
+            return None
+        spool = client.spool
+        return len(spool), spool.bytes, self.settings.mqtt.spool_max_bytes
+
+    def _loop_readings(self) -> list[tuple[str, dict[str, int], dict[str, float | None], float]]:
+        out = []
+        for name, (loop, _counting) in list(self._loops.items()):
+            w = loop.latest
+            if w is None:
+                continue
+            totals = {"ok": w.total_count, "failed": w.total_failed, "dropped": w.total_dropped}
+            quantiles = {
+                "0.5": w.latency_p50_ms,
+                "0.95": w.latency_p95_ms,
+                "0.99": w.latency_p99_ms,
+            }
+            out.append((name, totals, quantiles, w.throughput_hz))
+        return out
 
     def _start_update_client(self) -> None:
         from agent.updates.client import UpdateClient

@@ -43,6 +43,7 @@ from control_plane.coordination import is_postgres, replica_name
 from control_plane.db.engine import make_engine, make_sessionmaker, upgrade_database
 from control_plane.deltas import DeltaService
 from control_plane.desired import CredentialCache, DesiredStateCache
+from control_plane.fleet_metrics import FleetCollector
 from control_plane.ingest.wiring import IngestCollector, fleet_telemetry
 from control_plane.jobs import BuildWorker, JobLeases
 from control_plane.metrics import Metrics, RequestMetricsMiddleware
@@ -131,6 +132,7 @@ def create_app(
         replica=replica,
     )
     metrics.registry.register(IngestCollector(telemetry.ingester, telemetry.rollouts))
+    metrics.registry.register(FleetCollector(sessions, now=now))
     ctx = AppContext(
         settings=settings,
         engine=engine,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from control_plane.builds._onnx import MAX_CONSTANT_BYTES, read_source
+from control_plane.builds._onnx import MAX_CONSTANT_BYTES, check_classifier_output, read_source
 from control_plane.builds._samples import MAX_SAMPLE_BYTES, load_samples
 from control_plane.errors import InvalidInputError
 
@@ -26,12 +26,15 @@ def check_upload(
     calibration: Path | None = None,
     validation: Path | None = None,
     golden: Path | None = None,
+    task: str | None = None,
     max_sample_bytes: int = MAX_SAMPLE_BYTES,
     max_constant_bytes: int = MAX_CONSTANT_BYTES,
 ) -> bool:
-    """Raise ``InvalidInputError`` if the build would refuse these inputs; return whether the
-    model is already quantized (QDQ nodes: it is kept as it is)."""
+    """Raise ``InvalidInputError`` if the build would refuse these inputs (``task``: the
+    upload's, None: the model's metadata or inferred); return whether the model is already
+    quantized (QDQ nodes: it is kept as it is)."""
     field = "onnx"
+    has_labels = False
     try:
         source = read_source(onnx, max_constant_bytes=max_constant_bytes)
         if calibration is None and validation is None and golden is None:
@@ -45,13 +48,15 @@ def check_upload(
             ("golden", golden, False),
         ):
             if path is not None:
-                load_samples(
+                samples = load_samples(
                     path,
                     source.inputs,
                     field=field,
                     labelled=labelled,
                     max_bytes=max_sample_bytes,
                 )
+                has_labels = has_labels or samples.labels is not None
+        check_classifier_output(source, task=task, labelled=has_labels)
     except MemoryError:
         raise InvalidInputError(
             "checking it needs more memory than one upload check may use", field=field

@@ -149,6 +149,7 @@ class InferenceService:
                 if served.max_batch_size > 0
                 else 1
             )
+            input_s = self._clock() - started
             batcher = self._batcher(served)
             if batcher is not None:
                 run: Future[RunResult] = batcher.submit(served, request.inputs, items)
@@ -157,6 +158,7 @@ class InferenceService:
         except Exception:
             self.metrics.failure(served.name, served.version, request_s=self._clock() - started)
             raise
+        self.metrics.started(served.name, served.version)
         done: Future[InferResponse] = Future()
         run.add_done_callback(
             lambda fut: self._finish(
@@ -167,6 +169,7 @@ class InferenceService:
                 binary=binary,
                 items=items,
                 started=started,
+                input_s=input_s,
             )
         )
         return done
@@ -231,6 +234,7 @@ class InferenceService:
         binary: dict[str, bool],
         items: int,
         started: float,
+        input_s: float = 0.0,
     ) -> None:
         try:
             self._complete(
@@ -241,11 +245,14 @@ class InferenceService:
                 binary=binary,
                 items=items,
                 started=started,
+                input_s=input_s,
             )
         except Exception as exc:  # a callback must resolve the caller's future, always
             log.exception("inference_finish_failed", model=request.model)
             if not done.done():
                 done.set_exception(InferenceError(f"{request.model}: {exc}"))
+        finally:
+            self.metrics.finished(*label)
 
     def _complete(
         self,
@@ -257,6 +264,7 @@ class InferenceService:
         binary: dict[str, bool],
         items: int,
         started: float,
+        input_s: float = 0.0,
     ) -> None:
         exc = run.exception()
         if exc is not None:
@@ -267,7 +275,9 @@ class InferenceService:
             done.set_exception(exc)
             return
         result = run.result()
+        output_start = self._clock()
         outputs = {name: result.outputs[name] for name in binary}
+        output_s = self._clock() - output_start
         self.metrics.success(
             request.model,
             result.computed.version,
@@ -276,6 +286,8 @@ class InferenceService:
             request_s=self._clock() - started,
             queue_s=result.queue_s,
             compute_s=result.compute_s,
+            input_s=input_s,
+            output_s=output_s,
         )
         done.set_result(
             InferResponse(

@@ -27,6 +27,7 @@ __all__ = [
     "QUANT_OPSET",
     "Int8Recipe",
     "SourceModel",
+    "check_classifier_output",
     "convert_fp16",
     "is_quantized",
     "normalize",
@@ -255,6 +256,7 @@ def read_source(path: Path, *, max_constant_bytes: int = MAX_CONSTANT_BYTES) -> 
         raise BuildInputError(
             f"ONNX model does not load in ONNX Runtime: {first_line(exc)}", field="onnx"
         ) from exc
+    _check_tensor_outputs(model)
     initializers = {i.name for i in model.graph.initializer}
     declared = {p.key: p.value for p in model.metadata_props}.get(TASK_METADATA_KEY)
     if declared is not None and declared not in TASKS:
@@ -270,6 +272,62 @@ def read_source(path: Path, *, max_constant_bytes: int = MAX_CONSTANT_BYTES) -> 
         outputs=_tensor_specs(model.graph.output, set()),
         quantized=is_quantized(model),
         task=declared,  # type: ignore[arg-type]  # checked against TASKS above
+    )
+
+
+ZIPMAP_FIX = "export with zipmap=False (options={id(model): {'zipmap': False}})"
+SCORES_FIRST_FIX = (
+    "put the score output first: with skl2onnx, export with zipmap=False "
+    "(options={id(model): {'zipmap': False}}) and drop the label output before saving: "
+    "del onx.graph.output[0]"
+)
+
+
+def _check_tensor_outputs(model: Any) -> None:
+    """Every output must be a tensor; a ZipMap (skl2onnx's default classifier output, a
+    sequence of maps) is refused with the export option that avoids it."""
+    for value in model.graph.output:
+        if value.type.HasField("tensor_type"):
+            continue
+        kind = value.type.WhichOneof("value") or "untyped value"
+        if any(n.op_type == "ZipMap" for n in model.graph.node):
+            raise BuildInputError(
+                f"output {value.name!r} is a ZipMap (a sequence of maps), not a tensor: "
+                + ZIPMAP_FIX,
+                field="onnx",
+            )
+        raise BuildInputError(
+            f"output {value.name!r} is a {kind.removesuffix('_type')}, not a tensor: "
+            "export the model with tensor outputs only",
+            field="onnx",
+        )
+
+
+def check_classifier_output(source: SourceModel, *, task: str | None, labelled: bool) -> None:
+    """What the build's task choice refuses, decided from the declared output (before a
+    version is recorded): labels or task ``classification`` need a first output of one float
+    score vector per sample. Unknown (symbolic) sizes pass; the build checks them on data."""
+    task = task or source.task
+    if not labelled and task != "classification":
+        return
+    first = source.outputs[0]
+    if labelled and task not in (None, "classification"):
+        raise BuildInputError(
+            f"labels were given for task {task}: labels are for classifiers only "
+            "(drop them, or upload with task classification)",
+            field="validation",
+        )
+    per_sample = [d for d in first.shape[1:] if d != 1]
+    is_float = first.datatype in ("FP16", "FP32", "FP64", "BF16")
+    shape_ok = not first.shape or (len(per_sample) == 1 and per_sample[0] != 0)
+    if is_float and shape_ok:
+        return
+    why = "labels were given" if labelled else "task classification"
+    shape = "x".join("N" if d < 0 else str(d) for d in first.shape)
+    raise BuildInputError(
+        f"{why}, but the first output {first.name!r} ({first.datatype} {shape}) is not one "
+        f"score vector per sample: {SCORES_FIRST_FIX}",
+        field="validation" if labelled else "task",
     )
 
 

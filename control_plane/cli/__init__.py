@@ -1,11 +1,14 @@
 """``edgectl``: the operator's command line (typer + rich) over the control plane's HTTP API.
 
-    edgectl serve                                   run the service (settings from EDGEFLEET_CP__*)
-    edgectl login --url URL --token TOKEN           remember where and who (a 0600 file)
+    edgectl serve                                   run the service (settings from EDGEFLEET_CP__*;
+                                                    none set on a loopback bind: a local control
+                                                    plane with generated tokens)
+    edgectl login --url URL [--token TOKEN]         remember where and who (a 0600 file); without
+                                                    --token: from stdin, or a hidden prompt
     edgectl models create NAME [--budget 1.0]
     edgectl models push FILE --name N --version V [--task T] [--calibration F] [--validation F]
                         [--golden F]
-    edgectl models ls | show NAME [VERSION] | rm NAME VERSION   (rm: a failed build only)
+    edgectl models ls | show NAME [VERSION] [--json] | rm NAME VERSION   (rm: failed builds)
     edgectl models pull NAME VERSION [--variant ID] [--out DIR]   archives for offline installs
     edgectl jobs ls [--model M] [--status S] [--json] | show ID [--json]
     edgectl devices ls | show ID [--json] | label ID key=value ... key- | rm ID
@@ -18,15 +21,21 @@
     edgectl tuf root > root.json                    the fleet's TUF root, to provision devices
     edgectl rollout create|ls|status|pause|resume|abort|rollback   (see cli/rollout.py)
 
-``main`` catches ``ControlPlaneError``, prints ``Name: message`` and exits 1.
+One error path (``main``): every failure prints ``Name: message`` on stderr and exits non-zero
+(1; usage mistakes 2; Ctrl-C 130); ``edgectl --debug ...`` adds the traceback. Read commands
+take ``--json`` (the API's JSON); tables show sizes in decimal units and times with their age.
+Shell completion: ``edgectl --install-completion`` (bash, zsh, fish, PowerShell).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import secrets
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -45,6 +54,7 @@ from rich.table import Table
 
 from agent._fs import file_sha256
 from control_plane.cli._client import ControlPlaneClient
+from control_plane.cli._format import human_size, human_time
 from control_plane.cli.identity import bootstrap_tokens_app, parse_duration_s, tokens_app
 from control_plane.cli.images import images_app
 from control_plane.cli.rollout import rollout_app
@@ -55,6 +65,8 @@ __all__ = ["app", "main"]
 CONFIG_ENV = "EDGECTL_CONFIG"
 URL_ENV, TOKEN_ENV = "EDGEFLEET_URL", "EDGEFLEET_TOKEN"
 JOB_POLL_INTERVAL_S = 0.5
+LOCAL_TOKENS_DIR = "local-tokens"  # under the data directory: admin, bootstrap (0600 each)
+_debug = False
 
 app = typer.Typer(
     help="Operate an edgefleet control plane.", no_args_is_help=True, pretty_exceptions_enable=False
@@ -71,6 +83,17 @@ app.add_typer(bootstrap_tokens_app, name="bootstrap-tokens")
 app.add_typer(tuf_app, name="tuf")
 app.add_typer(rollout_app, name="rollout")
 app.add_typer(images_app, name="images")
+
+
+@app.callback()
+def _root(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="print the traceback of a failure too")
+    ] = False,
+) -> None:
+    """Operate an edgefleet control plane."""
+    global _debug  # noqa: PLW0603 - one flag for main()'s error path
+    _debug = debug
 
 
 def _console() -> Console:
@@ -117,36 +140,133 @@ def serve(
     import uvicorn
     from pydantic import ValidationError
 
-    from agent.logs import configure_logging
+    from agent.logs import configure_logging, get_logger
     from control_plane.api.limits import server_options
     from control_plane.app import create_app
     from control_plane.settings import Settings
 
+    local_tokens: Path | None = None
     try:
         settings = Settings()  # type: ignore[call-arg]  # required fields come from the env
     except ValidationError as exc:
-        problems = "; ".join(
-            f"EDGEFLEET_CP__{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}"
-            for e in exc.errors()
-        )
-        raise ConfigError(problems) from exc
+        local = _local_settings(exc, host)
+        if local is None:
+            problems = "; ".join(
+                f"EDGEFLEET_CP__{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}"
+                for e in exc.errors()
+            )
+            raise ConfigError(problems) from exc
+        settings, local_tokens = local
     configure_logging(settings.log_level)
+    bind_host, bind_port = host or settings.host, port or settings.port
+    url = f"http://{_url_host(bind_host)}:{bind_port}"
+    get_logger(__name__).info("control_plane_starting", url=url, page=f"{url}/ui")
+    if local_tokens is not None:
+        _print_local_welcome(url, local_tokens)
     uvicorn.run(
         create_app(settings),
-        host=host or settings.host,
-        port=port or settings.port,
+        host=bind_host,
+        port=bind_port,
         log_config=None,
         access_log=False,
         **server_options(settings),  # header bounds in the HTTP parser (docs/security.md)
     )
 
 
+_TOKEN_ENVS = ("EDGEFLEET_CP__ADMIN_TOKEN", "EDGEFLEET_CP__BOOTSTRAP_TOKEN")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::"):  # noqa: S104 - only formats a URL
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def _local_settings(exc: Exception, host: str | None) -> tuple[Any, Path] | None:
+    """With neither token set and a loopback bind: settings with tokens generated (once) into
+    ``<data_dir>/local-tokens/{admin,bootstrap}`` (mode 0600), and that directory; else None."""
+    from pydantic import ValidationError
+
+    from control_plane.settings import Settings
+
+    if any(os.environ.get(name) for name in _TOKEN_ENVS):
+        return None
+    assert isinstance(exc, ValidationError)
+    missing = {str(e["loc"][0]) for e in exc.errors() if e["type"] == "missing"}
+    others = [e for e in exc.errors() if e["type"] != "missing"]
+    if others or not missing <= {"admin_token", "bootstrap_token"}:
+        return None
+    data_dir = Path(os.environ.get("EDGEFLEET_CP__DATA_DIR") or "edgefleet-data")
+    bind = host or os.environ.get("EDGEFLEET_CP__HOST") or "127.0.0.1"
+    if not _is_loopback(bind):
+        raise ConfigError(
+            f"binding {bind} needs tokens: set EDGEFLEET_CP__ADMIN_TOKEN and "
+            "EDGEFLEET_CP__BOOTSTRAP_TOKEN (or bind 127.0.0.1 for a local control plane "
+            "with generated tokens)"
+        )
+    folder = data_dir / LOCAL_TOKENS_DIR
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tokens = {}
+    for role, prefix in (("admin", "efa_"), ("bootstrap", "efb_")):
+        path = folder / role
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(prefix + secrets.token_urlsafe(32) + "\n")
+        tokens[role] = path.read_text().strip()
+    settings = Settings(
+        admin_token=tokens["admin"],  # type: ignore[arg-type]  # pydantic makes the SecretStr
+        bootstrap_token=tokens["bootstrap"],  # type: ignore[arg-type]
+    )
+    return settings, folder
+
+
+def _print_local_welcome(url: str, folder: Path) -> None:
+    admin = folder / "admin"
+    console = Console(highlight=False, stderr=True)
+    console.print(
+        f"""
+[bold]edgefleet control plane[/bold] (local: tokens generated into {folder}/, mode 0600)
+
+    {url}/ui
+    log in on the page with the admin token: cat {admin}
+
+next, in another shell:
+    edgectl login --url {url} < {admin}
+    edgectl models push model.onnx --name my-model --version 1.0.0 --calibration calib.npz
+    edgectl tuf root > root.json          # provision devices with it
+    bootstrap token for devices: {folder / "bootstrap"}
+""",
+        markup=True,
+        soft_wrap=True,
+    )
+
+
 @app.command()
 def login(
     url: Annotated[str, typer.Option(help="control plane URL, e.g. http://127.0.0.1:8080")],
-    token: Annotated[str, typer.Option(help="operator API token", prompt=True, hide_input=True)],
+    token: Annotated[
+        str | None,
+        typer.Option(help="operator API token (default: read from stdin, or a hidden prompt)"),
+    ] = None,
 ) -> None:
     """Check URL and token, then remember them (file mode 0600)."""
+    if token is None:
+        if sys.stdin is not None and not sys.stdin.isatty():
+            token = sys.stdin.readline(4096).strip()
+        else:
+            token = str(typer.prompt("token", hide_input=True)).strip()
+    if not token:
+        raise ConfigError("no token: give --token, pipe it on stdin, or type it at the prompt")
     with ControlPlaneClient(url, token) as client:
         client.whoami_check()
     path = _config_path()
@@ -219,6 +339,7 @@ def models_push(  # noqa: PLR0917 - typer maps each CLI option to a parameter
     total = sum(p.stat().st_size for p in files.values())
     console = _console()
     with _client() as client:
+        _ensure_model(client, name, console)
         with Progress(
             TextColumn("[bold]upload"),
             BarColumn(),
@@ -240,6 +361,21 @@ def models_push(  # noqa: PLR0917 - typer maps each CLI option to a parameter
 
 
 models_app.command("upload", hidden=True)(models_push)
+
+
+def _ensure_model(client: ControlPlaneClient, name: str, console: Console) -> None:
+    """``push`` to a model that does not exist yet creates it (default accuracy budget;
+    ``models create NAME --budget B`` first for another)."""
+    try:
+        client.get_model(name)
+    except ClientError as exc:
+        if exc.error != "NotFoundError":
+            raise
+        model = client.create_model(name, accuracy_budget=1.0, description="")
+        console.print(
+            f"created model {model['name']} (accuracy budget {model['accuracy_budget']:g} "
+            "points; `edgectl models create` first for another)"
+        )
 
 
 @models_app.command("pull")
@@ -310,7 +446,7 @@ def models_ls(as_json: JsonOption = False) -> None:
             f"{m['accuracy_budget']:g}",
             str(len(m["versions"])),
             f"{latest['version']} ({latest['status']})" if latest else "-",
-            m["created_at"][:19],
+            human_time(m["created_at"]),
         )
     _console().print(table)
 
@@ -367,9 +503,9 @@ def _print_version(v: dict[str, Any], console: Console) -> None:
             var["status"],
             acc_text,
             f"{latency:.1f}" if latency is not None else "-",
-            str(build.get("weight_bytes") or "-"),
+            human_size(build.get("weight_bytes")),
             _precision_text(build),
-            str(var["size"] or "-"),
+            human_size(var["size"]),
             target_text,
         )
         for step in build.get("steps") or []:
@@ -398,15 +534,17 @@ def _print_skipped(skipped: list[dict[str, Any]], console: Console) -> None:
 
 @models_app.command("show")
 def models_show(
-    name: str,
-    version: Annotated[str | None, typer.Argument()] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print the API's JSON")] = False,
+    name: str, version: Annotated[str | None, typer.Argument()] = None, as_json: JsonOption = False
 ) -> None:
     """A model's versions and the deltas between them, or one version's variants."""
     console = _console()
     with _client() as client:
         if version:
-            _print_version(client.get_version(name, version), console)
+            v = client.get_version(name, version)
+            if as_json:
+                _print_json(v)
+            else:
+                _print_version(v, console)
             return
         model = client.get_model(name)
         deltas = client.list_deltas(name)
@@ -416,7 +554,7 @@ def models_show(
     console.print(f"[bold]{model['name']}[/bold]  budget {model['accuracy_budget']:g}")
     table = Table("version", "status", "created")
     for v in model["versions"]:
-        table.add_row(v["version"], v["status"], v["created_at"][:19])
+        table.add_row(v["version"], v["status"], human_time(v["created_at"]))
     console.print(table)
     if deltas:
         table = Table("delta", "from", "to", "variant", "size", "of full", title="deltas")
@@ -475,7 +613,7 @@ def jobs_ls(
             f"{j['progress']:.0%}",
             (j["error"] or j["message"])[:80],
             ",".join(s["id"] for s in j["skipped"]) or "-",
-            j["created_at"][:19],
+            human_time(j["created_at"]),
         )
     _console().print(table)
 
@@ -530,7 +668,7 @@ def devices_ls(as_json: JsonOption = False) -> None:
             requested or "-",
             (d.get("profile") or {}).get("arch", "-"),
             runs or "-",
-            (d.get("last_seen_at") or "-")[:19],
+            human_time(d.get("last_seen_at"), never="never"),
         )
     _console().print(table)
 
@@ -723,22 +861,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             prog_name="edgectl",
             standalone_mode=False,
         )
-    except ControlPlaneError as exc:
-        name = exc.error if isinstance(exc, ClientError) else type(exc).__name__
-        print(f"{name}: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
     except typer.Exit as exc:
         return int(exc.exit_code or 0)
     except typer.Abort:
+        print("Aborted", file=sys.stderr)
         return 1
     except Exception as exc:
         if isinstance(exc, _usage_errors()):
             exc.show()  # type: ignore[attr-defined]
             return int(exc.exit_code)  # type: ignore[attr-defined]
-        raise
+        return _report(exc)
     return result if isinstance(result, int) else 0
+
+
+def _report(exc: BaseException) -> int:
+    """The one error path: ``Name: message`` on stderr (the traceback too with ``--debug``)."""
+    if _debug:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    if isinstance(exc, ClientError):
+        name = exc.error
+    elif isinstance(exc, ControlPlaneError):
+        name = type(exc).__name__
+    else:
+        name = type(exc).__name__
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else "(no message)"
+    print(f"{name}: {message}", file=sys.stderr)
+    if not _debug and not isinstance(exc, ControlPlaneError):
+        print("(edgectl --debug ... prints the traceback)", file=sys.stderr)
+    return 1
 
 
 def _usage_errors() -> tuple[type[Exception], ...]:

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from control_plane.cli._client import ControlPlaneClient
+from control_plane.cli._format import human_time
 from control_plane.errors import ConfigError
 
 __all__ = ["bootstrap_tokens_app", "parse_duration_s", "tokens_app"]
@@ -66,7 +67,7 @@ def parse_label_items(items: Sequence[str]) -> dict[str, str]:
 
 
 def _when(value: str | None) -> str:
-    return value[:19].replace("T", " ") if value else "never"
+    return human_time(value, never="never")
 
 
 # -- operator API tokens ---------------------------------------------------------------------
@@ -83,7 +84,7 @@ def tokens_create(
     with _client() as client:
         t = client.create_token(name, role, expires_in_s=expires_in_s)
     _console().print(
-        f"token {t['name']} ({t['role']}, expires {_when(t['expires_at'])} UTC): {t['token']}"
+        f"token {t['name']} ({t['role']}, expires {_when(t['expires_at'])}): {t['token']}"
     )
 
 
@@ -136,7 +137,7 @@ def bootstrap_tokens_create(
     shown = ",".join(f"{k}={v}" for k, v in sorted(t["labels"].items())) or "no labels"
     _console().print(
         f"bootstrap token {t['name']} ({shown}; {t['max_uses']} uses; "
-        f"expires {_when(t['expires_at'])} UTC): {t['token']}"
+        f"expires {_when(t['expires_at'])}): {t['token']}"
     )
 
 

@@ -2,8 +2,8 @@
 
     edgectl rollout create MODEL VERSION --to key=value[,...] --waves 1%,10%,50%,100% --soak 30m
                            [--report-timeout 15m] [--silent failed|skipped]
-    edgectl rollout ls
-    edgectl rollout status ID [--watch] [--interval 2]
+    edgectl rollout ls [--json]
+    edgectl rollout status ID [--watch] [--interval 2] [--json]
     edgectl rollout pause|resume ID
     edgectl rollout abort|rollback ID [--reason TEXT]
 
@@ -12,7 +12,9 @@ The decisions are the control plane's; this module only formats them.
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 import time
 from typing import Annotated, Any
 
@@ -30,6 +32,12 @@ __all__ = ["parse_duration", "parse_waves", "rollout_app", "status_view"]
 rollout_app = typer.Typer(help="Staged rollouts.", no_args_is_help=True)
 _TERMINAL = ("aborted", "completed")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smh]?)$")
+JsonOption = Annotated[bool, typer.Option("--json", help="print the API's JSON")]
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    sys.stdout.flush()
 
 
 def _client() -> ControlPlaneClient:
@@ -183,10 +191,13 @@ def create(  # noqa: PLR0917 - typer maps each CLI option to a parameter
 
 
 @rollout_app.command("ls")
-def ls() -> None:
+def ls(as_json: JsonOption = False) -> None:
     """List rollouts, newest first."""
     with _client() as client:
         rows = client._call("GET", "/v1/rollouts")
+    if as_json:
+        _print_json(rows)
+        return
     table = Table("id", "model", "version", "status", "wave", "assigned", "reason")
     for r in rows:
         table.add_row(
@@ -206,11 +217,15 @@ def status(
     rollout_id: str,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="refresh until it ends")] = False,
     interval: Annotated[float, typer.Option(help="seconds between refreshes")] = 2.0,
+    as_json: JsonOption = False,
 ) -> None:
     """Show a rollout per wave and per device, with the decisions and their reasons."""
     console = _console()
     with _client() as client:
         r = client._call("GET", f"/v1/rollouts/{rollout_id}")
+        if as_json:
+            _print_json(r)
+            return
         if not watch:
             console.print(status_view(r))
             return

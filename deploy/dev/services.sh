@@ -40,4 +40,23 @@ elif command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
 else
   echo "haproxy: not installed (apt-get install haproxy); load-balancer tests will fail" >&2
 fi
+# promtool (Debian's prometheus package) checks the alert rules under deploy/prometheus/.
+if command -v promtool >/dev/null 2>&1; then
+  echo "promtool: installed"
+elif command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1; }) \
+    && echo "promtool: installed (apt-get install prometheus)" || echo "promtool: apt-get install prometheus failed" >&2
+else
+  echo "promtool: not installed (apt-get install prometheus); the rules test checks structure only" >&2
+fi
+# Chromium (Debian's package) for the browser tests of the fleet page (Playwright drives it at
+# /usr/bin/chromium; `playwright install` is never needed).
+if [ -x /usr/bin/chromium ]; then
+  echo "chromium: installed"
+elif command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; }) \
+    && echo "chromium: installed (apt-get)" || echo "chromium: apt-get install chromium failed" >&2
+else
+  echo "chromium: not installed (apt-get install chromium); the browser tests are skipped" >&2
+fi
 exit 0

@@ -157,3 +157,180 @@ def test_read_commands_print_json(
         code, out, err = run(capsys, *argv)
         assert code == 0, err
         assert isinstance(json.loads(out), list)
+
+
+def test_every_failure_is_one_line_unless_debug(
+    cli_env: Path, live_server: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A failure that is no ControlPlaneError (here the config file cannot be written) takes
+    the same path: ``Name: message``, exit 1, the traceback only with ``--debug``."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    import os
+
+    os.environ["EDGECTL_CONFIG"] = str(blocker / "edgectl.json")
+    try:
+        code, out, err = run(capsys, "login", "--url", live_server, "--token", ADMIN_TOKEN)
+        assert code == 1
+        assert err.splitlines()[0].startswith(("FileExistsError: ", "NotADirectoryError: "))
+        assert "Traceback" not in out + err
+        code, _, err = run(capsys, "--debug", "login", "--url", live_server, "--token", ADMIN_TOKEN)
+        assert code == 1
+        assert "Traceback (most recent call last)" in err
+    finally:
+        os.environ["EDGECTL_CONFIG"] = str(cli_env)
+
+
+def test_login_reads_the_token_from_stdin(
+    cli_env: Path,
+    live_server: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(ADMIN_TOKEN + "\n"))
+    code, out, err = run(capsys, "login", "--url", live_server)
+    assert code == 0, err
+    assert ADMIN_TOKEN not in out + err
+    assert ADMIN_TOKEN in cli_env.read_text()
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    code, _, err = run(capsys, "login", "--url", live_server)
+    assert (code, err.split(":")[0]) == (1, "ConfigError")
+
+
+def test_onboarding_errors_say_the_fix_before_a_version_is_used(
+    cli_env: Path, live_server: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """skl2onnx's default export (ZipMap), then its zipmap=False export with labels (the first
+    output is the label, not the scores): both refused at push, with the fix, synchronously;
+    the fixed model then takes the same version number. Push creates the model when needed."""
+    import numpy as np
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = load_iris(return_X_y=True)
+    x = x.astype(np.float32)
+    model = LogisticRegression(max_iter=500).fit(x, y)
+    zipmap, plain = tmp_path / "zipmap.onnx", tmp_path / "plain.onnx"
+    zipmap.write_bytes(to_onnx(model, x[:1]).SerializeToString())
+    plain_model = to_onnx(model, x[:1], options={id(model): {"zipmap": False}})
+    plain.write_bytes(plain_model.SerializeToString())
+    fixed = tmp_path / "scores.onnx"
+    del plain_model.graph.output[0]  # what the message says to do
+    fixed.write_bytes(plain_model.SerializeToString())
+    val = tmp_path / "val.npz"
+    np.savez(val, X=x[::3], labels=y[::3])
+    assert run(capsys, "login", "--url", live_server, "--token", ADMIN_TOKEN)[0] == 0
+
+    def push(path: Path) -> tuple[int, str, str]:
+        return run(
+            capsys,
+            "models",
+            "push",
+            str(path),
+            "--name",
+            "iris",
+            "--version",
+            "1.0.0",
+            "--validation",
+            str(val),
+            "--no-wait",
+        )
+
+    code, out, err = push(zipmap)
+    assert code == 1
+    assert "created model iris" in out
+    assert err.startswith("BuildInputError: onnx: output 'output_probability' is a ZipMap")
+    assert "export with zipmap=False (options={id(model): {'zipmap': False}})" in err
+    code, _, err = push(plain)
+    assert code == 1
+    assert err.startswith(
+        "BuildInputError: validation: labels were given, but the first output 'label'"
+    )
+    assert "del onx.graph.output[0]" in err
+    code, out, err = push(fixed)
+    assert code == 0, err
+    assert "uploaded iris 1.0.0" in out
+    assert "created model" not in out
+
+
+def test_more_read_commands_print_json(
+    cli_env: Path, live_server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    assert run(capsys, "login", "--url", live_server, "--token", ADMIN_TOKEN)[0] == 0
+    assert run(capsys, "models", "create", "m")[0] == 0
+    for argv, kind in (
+        (["models", "show", "m", "--json"], dict),
+        (["rollout", "ls", "--json"], list),
+        (["jobs", "ls", "--json"], list),
+        (["tokens", "ls", "--json"], list),
+        (["bootstrap-tokens", "ls", "--json"], list),
+    ):
+        code, out, err = run(capsys, *argv)
+        assert code == 0, (argv, err)
+        assert isinstance(json.loads(out), kind), argv
+
+
+def test_serve_without_tokens_on_loopback_is_a_local_control_plane(tmp_path: Path) -> None:
+    """`edgectl serve` with no tokens set: tokens generated into 0600 files, the URL and the
+    next commands printed; `edgectl login < file` then works. A public bind is refused."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.control_plane.conftest import free_port
+    from tests.control_plane.loopback import stop, wait_http
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGEFLEET", "EDGECTL"))}
+    env |= {"EDGECTL_CONFIG": str(tmp_path / "edgectl.json"), "COLUMNS": "200"}
+    edgectl = [sys.executable, "-m", "control_plane.cli"]
+    refused = subprocess.run(
+        [*edgectl, "serve", "--host", "0.0.0.0"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("ConfigError: binding 0.0.0.0 needs tokens")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = (tmp_path / "serve.log").open("w")
+    process = subprocess.Popen(
+        [*edgectl, "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_http(url + "/healthz", process=process)
+        folder = tmp_path / "edgefleet-data" / "local-tokens"
+        for name in ("admin", "bootstrap"):
+            assert stat.S_IMODE((folder / name).stat().st_mode) == 0o600
+        text = (tmp_path / "serve.log").read_text()
+        assert f'"url": "{url}"' in text  # the start log line
+        assert f"{url}/ui" in text
+        assert f"edgectl login --url {url} < edgefleet-data/local-tokens/admin" in text
+        with (folder / "admin").open() as stdin:
+            done = subprocess.run(
+                [*edgectl, "login", "--url", url],
+                stdin=stdin,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        assert done.returncode == 0, done.stderr
+        listed = subprocess.run(
+            [*edgectl, "models", "ls", "--json"], env=env, capture_output=True, text=True
+        )
+        assert (listed.returncode, listed.stdout.strip()) == (0, "[]")
+    finally:
+        stop(process)
+        log.close()

@@ -449,6 +449,7 @@ def test_skipped_variants_are_shown_with_their_reason(
     assert row[:4] == [str(job["id"]), "digits", "1.0.0", "succeeded"]
     assert row[6] == "onnx-int8"
 
-    page = client.get("/ui", headers=ADMIN).text
+    page = client.get("/ui/models", headers=ADMIN).text
     rows = table_rows(page)
-    assert ["onnx-int8", "-", "skipped", "needs a calibration set"] in rows, rows
+    skipped = ["onnx-int8", "-", "-", "skipped", "needs a calibration set"]
+    assert any(r[i : i + 5] == skipped for r in rows for i in range(len(r))), rows

@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
+import markupsafe
 import paho.mqtt.client as mqtt
 import pytest
 from fastapi import FastAPI
@@ -65,7 +66,8 @@ def test_page_shows_devices_models_and_variants(
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/html")
     page = r.text
-    assert 'http-equiv="refresh"' in page
+    assert '<script src="/ui/static/live.js" defer></script>' in page  # live updates
+    assert "data-poll" in page
     assert "robot-7" in page
     assert device_id in page
     assert "site=lyon" in page
@@ -74,6 +76,7 @@ def test_page_shows_devices_models_and_variants(
     assert "committed" in page
     assert "digits" in page
     assert "1.0.0" in page
+    page = client.get("/ui/models", headers=_cookie(token)).text
     for variant in version["variants"]:
         assert variant["id"] in page
         assert variant["status"] in page
@@ -115,7 +118,7 @@ def test_accuracy_numbers_of_a_quantized_variant(
         row.status = "rejected"
         session.commit()
 
-    page = client.get("/ui", headers=ADMIN).text
+    page = client.get("/ui/models", headers=ADMIN).text
 
     assert "top1 96.30" in page
     assert "+1.85" in page
@@ -192,12 +195,15 @@ def test_html_in_device_data_is_escaped(client: httpx.Client, app: FastAPI) -> N
 
     assert r.status_code == 200
     page = r.text
-    assert "<script" not in page
+    assert page.count("<script") == 1  # live.js, from this origin; nothing inline
     assert "<img" not in page
     assert "<b>key</b>" not in page
-    assert html.escape(attack) in page
+    assert str(markupsafe.escape(attack)) in page  # Jinja2's autoescape (" as &#34;)
     assert "&lt;b&gt;key&lt;/b&gt;" in page
-    assert "script-src" not in r.headers["content-security-policy"]  # no script may run
+    device_page = client.get(f"/ui/devices/{device_id}", headers=ADMIN).text
+    assert device_page.count("<script") == 1
+    assert str(markupsafe.escape(attack)) in device_page
+    assert "script-src 'self';" in r.headers["content-security-policy"]  # no inline script
     assert "default-src 'none'" in r.headers["content-security-policy"]
 
 
@@ -283,7 +289,7 @@ class TestWithTelemetryAndRollouts:
             device.loop_stop()
 
         assert "digits: p50 0.42 ms, p99 1.23 ms" in page
-        assert "<td class=ok>online</td>" in page
+        assert '<td class="ok">online</td>' in page
         assert "<h2>Rollouts</h2>" in page
         assert "digits-canary" in page
         assert "wave 1 of 2" in page

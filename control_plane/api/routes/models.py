@@ -175,6 +175,7 @@ def _store_version(
             calibration=staged.calibration,
             validation=staged.validation,
             golden=staged.golden,
+            task=staged.task,
             max_sample_bytes=settings.max_sample_set_bytes,
             max_constant_bytes=settings.max_model_constant_bytes,
         )

@@ -1,53 +1,67 @@
-"""The operator's web page: ``GET /`` (and ``/ui``), a server-rendered summary of the fleet.
+"""The operator's web page: ``/ui``, server-rendered from Jinja2 templates (autoescape on).
 
-Owns one read-only HTML page (devices with their labels, presence and reported state; models,
-versions and variants with their accuracy verdicts, and the targets a build skipped with the
-reason; rollouts where the rollout tables exist),
-refreshed by a ``<meta http-equiv="refresh">`` tag, and the tiny login that feeds it. No
-JavaScript: every value is HTML-escaped on the way out, and the page carries a
-``Content-Security-Policy`` that forbids scripts, so text a device reports (an error message, a
-label) cannot run in an operator's browser.
+Pages: the device list (``/ui``: filters by text, presence, label and model; 50 a page), a
+device (``/ui/devices/{id}``: what serves and why, latency and error charts from the stored
+telemetry buckets, versions over time and events), the rollouts (``/ui/rollouts``) and one
+rollout (``/ui/rollouts/{id}``: waves, per-device state, the p99 delta chart, the abort reason,
+and pause, resume, abort and per-device retry for the operator role), and the models
+(``/ui/models``: every variant with its gate metric). Charts are inline SVG drawn on the server.
+
+Live updates: htmx-style polling. ``/ui/static/live.js`` (the only script, same origin, allowed
+by the ``Content-Security-Policy``) refetches the page every 5 s and swaps in each element
+marked ``data-poll``; forms and the rest of the page stay. Without JavaScript the page is
+complete and a reload shows the news.
+
+Every value reaches HTML through the templates' autoescaping, and the page forbids inline
+scripts, so text a device reports (an error message, a label) cannot run in an operator's
+browser.
 
 Auth: any operator token (viewer and up), taken from the ``Authorization: Bearer`` header, a
 ``?token=`` query parameter (for ``curl`` or a bookmark; the token then appears in URLs and
 logs, so prefer the form), or the ``edgefleet_token`` cookie that ``POST /ui/login`` (form field
-``token``) sets (HttpOnly, SameSite=Strict). ``POST /ui/logout`` clears it. Who may do what is
-``control_plane.api.deps``' decision; the JSON API stays the source of truth for automation.
+``token``) sets (HttpOnly, SameSite=Strict). ``POST /ui/logout`` clears it. Actions need the
+operator role (``ForbiddenError`` otherwise).
 
-Forms and cross-site requests: every form is made by ``_form``, which adds a hidden ``csrf``
-field, the HMAC (keyed from the admin token, so every replica agrees) of a random value kept in
-the ``edgefleet_csrf`` cookie (HttpOnly, SameSite=Strict). The router's ``_csrf_guard`` checks
-every request of this router that is not a read: the field must match the cookie, a
-``Sec-Fetch-Site`` of ``cross-site`` or ``same-site`` and an ``Origin`` of another host are
-refused. A refusal is a ``CsrfError`` (403). Login is covered too (login CSRF): the cookie is
-set by the page that shows the login form, before any credential exists.
+Forms and cross-site requests: every form carries a hidden ``csrf`` field, the HMAC (keyed
+from the admin token, so every replica agrees) of a random value kept in the ``edgefleet_csrf``
+cookie (HttpOnly, SameSite=Strict). The router's ``_csrf_guard`` checks every request of this
+router that is not a read: the field must match the cookie, a ``Sec-Fetch-Site`` of
+``cross-site`` or ``same-site`` and an ``Origin`` of another host are refused. A refusal is a
+``CsrfError`` (403). Login is covered too (login CSRF): the cookie is set by the page that
+shows the login form, before any credential exists.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import html
 import secrets
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from importlib.resources import files
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, Form, Request
+import jinja2
+from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
-from sqlalchemy import func, inspect, select
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from agent.logs import get_logger
+from control_plane.api import web_data
 from control_plane.api.deps import Context, require_viewer
 from control_plane.auth import Operator
 from control_plane.context import AppContext
-from control_plane.db.models import BuildJob, Device, Model
-from control_plane.errors import AuthError, CsrfError, ForbiddenError
-from control_plane.jobs import skipped_variants
+from control_plane.db.models import Device
+from control_plane.errors import (
+    AuthError,
+    ConflictError,
+    CsrfError,
+    ForbiddenError,
+    NotFoundError,
+    RequestError,
+    UnavailableError,
+)
 
 __all__ = ["COOKIE_NAME", "CSRF_COOKIE", "CSRF_FIELD", "ONLINE_WINDOW", "router"]
 
@@ -59,17 +73,19 @@ CSRF_FIELD = "csrf"
 _CSRF_NONCE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 COOKIE_MAX_AGE_S = 12 * 3600
-REFRESH_S = 5
-# A device that reported (state, profile, telemetry) this recently counts as online.
-ONLINE_WINDOW = timedelta(seconds=90)
+REFRESH_S = 5  # live.js polls this often
+ONLINE_WINDOW = web_data.ONLINE_WINDOW  # heard from this recently: online
 MAX_TOKEN_CHARS = 512
 _SECURITY_HEADERS = {
     "Content-Security-Policy": (
-        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
+        "default-src 'none'; style-src 'unsafe-inline'; script-src 'self'; "
+        "connect-src 'self'; form-action 'self'; "
         "frame-ancestors 'none'; base-uri 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # same-origin: a browser then sends its real Origin on our own form posts (under
+    # no-referrer Chromium sends "Origin: null", which the CSRF guard refuses), none elsewhere
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 
@@ -81,13 +97,24 @@ table{border-collapse:collapse;font-size:.85rem;background:#fff}
 th,td{border:1px solid #d0d7de;padding:.25rem .5rem;text-align:left;vertical-align:top}
 th{background:#f0f3f6}.muted{color:#656d76}.ok{color:#1a7f37}.bad{color:#cf222e}
 .warn{color:#9a6700}code{font-size:.8rem}form{display:inline}
-.bar{display:flex;gap:1rem;align-items:baseline}
+.bar{display:flex;gap:1rem;align-items:baseline;flex-wrap:wrap}a{color:#0969da}
+h1 a{color:inherit;text-decoration:none}.filters{margin:.4rem 0}.actions{margin:.6rem 0}
+button.danger{color:#fff;background:#cf222e;border:1px solid #a40e26}
+.chart{margin:.6rem 0}.chart svg{background:#fff;border:1px solid #d0d7de}
+.chart text{font-size:10px;fill:#656d76}.axis{stroke:#8c959f}
+.line{fill:none;stroke-width:1.5}.s0{stroke:#0969da}.s1{stroke:#bf3989}.s2{stroke:#1a7f37}
+.s3{stroke:#9a6700}rect.up{fill:#cf222e}rect.down{fill:#1a7f37}
 """
 
 
-def _e(value: object) -> str:
-    """Text for HTML (element content and quoted attributes)."""
-    return html.escape("" if value is None else str(value), quote=True)
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.PackageLoader("control_plane.api", "templates"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+_LIVE_JS = files("control_plane.api").joinpath("static/live.js").read_bytes()
 
 
 # -- auth ------------------------------------------------------------------------------------
@@ -123,13 +150,14 @@ def _set_cookie(response: Response, request: Request, token: str) -> None:
     )
 
 
-def _html(
-    body: str, *, status_code: int = 200, title: str = "edgefleet", refresh_s: int | None = None
+def _render(
+    template: str, *, status_code: int = 200, title: str = "edgefleet", **context: Any
 ) -> HTMLResponse:
-    refresh = f'<meta http-equiv="refresh" content="{refresh_s}">' if refresh_s else ""
-    page = (
-        f"<!doctype html><html lang=en><head><meta charset=utf-8>{refresh}"
-        f"<title>{_e(title)}</title><style>{_STYLE}</style></head><body>{body}</body></html>"
+    context.setdefault("operator", None)
+    context.setdefault("flash", None)
+    context.setdefault("flash_class", None)
+    page = _TEMPLATES.get_template(template).render(
+        title=title, style=_STYLE, refresh_s=REFRESH_S, **context
     )
     return HTMLResponse(page, status_code=status_code, headers=dict(_SECURITY_HEADERS))
 
@@ -182,14 +210,6 @@ def _set_csrf_cookie(response: Response, request: Request, csrf: _Csrf) -> None:
         )
 
 
-def _form(action: str, csrf: _Csrf, inner: str) -> str:
-    """Every form of the page: a POST to ``action`` carrying the anti-forgery field."""
-    return (
-        f"<form method=post action={_e(action)}>"
-        f"<input type=hidden name={CSRF_FIELD} value={_e(csrf.field)}>{inner}</form>"
-    )
-
-
 async def _csrf_guard(request: Request) -> None:
     """Every request of this router that is not a read must come from one of its own forms."""
     if request.method in _SAFE_METHODS:
@@ -218,374 +238,235 @@ router = APIRouter(tags=["web"], include_in_schema=False, dependencies=[Depends(
 def _login_page(
     ctx: AppContext, request: Request, message: str | None, *, status_code: int
 ) -> HTMLResponse:
-    note = f"<p class=bad>{_e(message)}</p>" if message else ""
     csrf = _csrf(ctx, request)
-    body = (
-        "<h1>edgefleet control plane</h1>"
-        "<p>Sign in with an operator API token (a viewer token is enough).</p>"
-        f"{note}"
-        + _form(
-            "/ui/login",
-            csrf,
-            "<input type=password name=token autocomplete=off size=48 required "
-            f"maxlength={MAX_TOKEN_CHARS} aria-label=token> <button type=submit>Sign in</button>",
-        )
+    response = _render(
+        "web/login.html",
+        status_code=status_code,
+        title="edgefleet: sign in",
+        csrf=csrf.field,
+        message=message,
+        max_token=MAX_TOKEN_CHARS,
     )
-    response = _html(body, status_code=status_code, title="edgefleet: sign in")
     _set_csrf_cookie(response, request, csrf)
     return response
 
 
-# -- data ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _RolloutRow:
-    id: str
-    model: str
-    version: str
-    status: str
-    progress: str
-    detail: str
-
-
-def _ago(when: datetime | None, now: datetime) -> str:
-    if when is None:
-        return "never"
-    seconds = max(0, int((now - when).total_seconds()))
-    if seconds < 120:
-        return f"{seconds} s ago"
-    if seconds < 7200:
-        return f"{seconds // 60} min ago"
-    if seconds < 172800:
-        return f"{seconds // 3600} h ago"
-    return f"{seconds // 86400} d ago"
-
-
-def _last_heard(device: Device, link: Any) -> datetime | None:
-    times = [device.last_seen_at, device.reported_at]
-    if link is not None:
-        times += [link.state_received_at, link.telemetry_received_at]
-    heard = [t for t in times if isinstance(t, datetime)]
-    return max(heard) if heard else None
-
-
-def _presence(device: Device, link: Any, now: datetime) -> tuple[str, str]:
-    """(word, css class): the MQTT birth / last will where the ingester keeps them, else
-    whether the device was heard from over HTTP within ``ONLINE_WINDOW``."""
-    if link is not None and link.status in ("online", "offline"):
-        return (str(link.status), "ok") if link.status == "online" else ("offline", "bad")
-    heard = _last_heard(device, None)
-    if heard is None:
-        return "never seen", "muted"
-    if now - heard <= ONLINE_WINDOW:
-        return "online", "ok"
-    return "offline", "bad"
-
-
-def _latency(link: Any) -> str:
-    """The latest inference window per model from the device's telemetry, where ingested."""
-    models = getattr(link, "models", None)
-    if not isinstance(models, dict) or not models:
-        return "<span class=muted>-</span>"
-    parts = []
-    for name, entry in sorted(models.items()):
-        if not isinstance(entry, dict):
-            continue
-        p50, p99 = entry.get("p50_ms"), entry.get("p99_ms")
-        if not isinstance(p50, (int, float)) or not isinstance(p99, (int, float)):
-            continue
-        parts.append(f"{_e(name)}: p50 {p50:.2f} ms, p99 {p99:.2f} ms")
-    return "<br>".join(parts) or "<span class=muted>-</span>"
-
-
-def _labels(labels: dict[str, Any]) -> str:
-    if not labels:
-        return "<span class=muted>-</span>"
-    return " ".join(f"<code>{_e(k)}={_e(v)}</code>" for k, v in sorted(labels.items()))
-
-
-_PHASE_CLASS = {"committed": "ok", "idle": "ok", "failed": "bad", "rolled_back": "bad"}
-
-
-def _reported_models(reported: dict[str, Any] | None) -> str:
-    models: Sequence[Any] = (reported or {}).get("models") or ()
-    if not models:
-        return "<span class=muted>nothing reported</span>"
-    parts = []
-    for m in models:
-        if not isinstance(m, dict):
-            continue
-        phase = str(m.get("phase") or "idle")
-        text = (
-            f"<b>{_e(m.get('name'))}</b> {_e(m.get('active_version') or '-')}"
-            f" <span class=muted>{_e(m.get('variant_id') or '')}"
-            f" {_e(m.get('backend') or '')}</span>"
-            f" <span class={_PHASE_CLASS.get(phase, 'warn')}>{_e(phase)}</span>"
-        )
-        target = m.get("target_version")
-        if target and target != m.get("active_version"):
-            text += f" &rarr; {_e(target)}"
-        if m.get("last_error"):
-            text += f"<br><span class=bad>{_e(m['last_error'])}</span>"
-        parts.append(text)
-    return "<br>".join(parts)
-
-
-def _devices_section(devices: Iterable[Device], links: dict[str, Any], now: datetime) -> str:
-    rows = []
-    for d in devices:
-        link = links.get(d.id)
-        word, cls = _presence(d, link, now)
-        reported = d.reported if isinstance(d.reported, dict) else None
-        profile = d.profile if isinstance(d.profile, dict) else {}
-        rows.append(
-            "<tr>"
-            f"<td>{_e(d.name)}<br><code class=muted>{_e(d.id)}</code></td>"
-            f"<td>{_labels(d.labels if isinstance(d.labels, dict) else {})}</td>"
-            f"<td class={cls}>{_e(word)}</td>"
-            f"<td>{_e(_ago(_last_heard(d, link), now))}</td>"
-            f"<td>{_e(profile.get('arch', '-'))}</td>"
-            f"<td>{_e((reported or {}).get('agent_version', '-'))}</td>"
-            f"<td>{_reported_models(reported)}</td>"
-            f"<td>{_latency(link)}</td>"
-            "</tr>"
-        )
-    if not rows:
-        return "<h2>Devices</h2><p class=muted>No device has enrolled yet.</p>"
-    return (
-        "<h2>Devices</h2><table><tr><th>device</th><th>labels</th><th>status</th>"
-        "<th>last seen</th><th>arch</th><th>agent</th><th>models (active version, phase)</th>"
-        "<th>latency</th></tr>" + "".join(rows) + "</table>"
-    )
-
-
-def _accuracy(spec: dict[str, Any]) -> str:
-    acc = spec.get("accuracy")
-    if not isinstance(acc, dict):
-        return "<span class=muted>reference</span>"
+async def _signed_in(
+    ctx: AppContext, request: Request
+) -> tuple[Operator | None, HTMLResponse | None, str | None]:
+    """The operator behind the request, or the login page to answer instead."""
+    token = _given_token(request)
+    if token is None:
+        return None, _login_page(ctx, request, None, status_code=401), None
     try:
-        text = (
-            f"{_e(acc.get('metric'))} {float(acc['value']):.2f} "
-            f"(&Delta; {float(acc['delta']):+.2f}, budget {float(acc['budget']):g})"
-        )
-    except (KeyError, TypeError, ValueError):
-        return "<span class=muted>-</span>"
-    if acc.get("reason"):
-        text += f"<br><span class=muted>{_e(acc['reason'])}</span>"
-    return text
+        return await _viewer(ctx, token), None, token
+    except AuthError as exc:
+        return None, _login_page(ctx, request, str(exc), status_code=401), None
+    except ForbiddenError as exc:
+        return None, _login_page(ctx, request, str(exc), status_code=403), None
 
 
-def _build_cells(spec: dict[str, Any]) -> str:
-    """Build-host latency, weight bytes and compute ops per precision (and what stayed float)."""
-    build = spec.get("build")
-    if not isinstance(build, dict):
-        return "<td class=muted>-</td>" * 3
-    latency = build.get("latency_ms")
-    counts = build.get("precisions")
-    counts = counts if isinstance(counts, dict) else {}
-    ops = ", ".join(f"{_e(p)} {_e(n)}" for p, n in sorted(counts.items())) or "-"
-    kept = build.get("kept_float") if isinstance(build.get("kept_float"), list) else []
-    if kept:
-        ops += f"<br><span class=muted>float: {_e(', '.join(map(str, kept[:5])))}"
-        ops += f" (+{len(kept) - 5})" if len(kept) > 5 else ""
-        ops += "</span>"
-    return (
-        f"<td>{_e(f'{latency:.1f}' if isinstance(latency, (int, float)) else '-')}</td>"
-        f"<td>{_e(build.get('weight_bytes', '-'))}</td><td>{ops}</td>"
-    )
+def _can_act(operator: Operator) -> bool:
+    return operator.role in ("operator", "admin")
 
 
-def _skipped_by_version(session: Session) -> dict[int, dict[str, str]]:
-    """Per version id, the targets its latest build skipped and why (read from the job log)."""
-    newest = select(func.max(BuildJob.id)).group_by(BuildJob.version_id)
-    rows = session.execute(select(BuildJob.version_id, BuildJob.log).where(BuildJob.id.in_(newest)))
-    return {vid: skipped for vid, text in rows if (skipped := skipped_variants(text))}
-
-
-def _models_section(models: Iterable[Model], skipped: dict[int, dict[str, str]]) -> str:
-    out = ["<h2>Models</h2>"]
-    any_model = False
-    for model in models:
-        any_model = True
-        out.append(
-            f"<h3>{_e(model.name)} <span class=muted>budget {model.accuracy_budget:g} points"
-            f"{' &middot; ' + _e(model.description) if model.description else ''}</span></h3>"
-        )
-        if not model.versions:
-            out.append("<p class=muted>No version uploaded.</p>")
-            continue
-        out.append(
-            "<table><tr><th>version</th><th>status</th><th>variant</th><th>runtime</th>"
-            "<th>precision</th><th>verdict</th><th>accuracy vs FP32 (deciding metric)</th>"
-            "<th>build-host ms</th><th>weights</th><th>compute ops by precision</th>"
-            "<th>size</th></tr>"
-        )
-        for version in reversed(model.versions):
-            variants = version.variants
-            built = {v.variant_id for v in variants}
-            left_out = sorted(
-                (target, reason)
-                for target, reason in skipped.get(version.id, {}).items()
-                if target not in built
-            )
-            rows = max(1, len(variants) + len(left_out))
-            status_cls = {"ready": "ok", "failed": "bad"}.get(version.status, "warn")
-            task = f"<br><span class=muted>task {_e(version.task)}</span>" if version.task else ""
-            head = (
-                f"<td rowspan={rows}>{_e(version.version)}{task}</td>"
-                f"<td rowspan={rows} class={status_cls}>{_e(version.status)}"
-                + (f"<br><span class=bad>{_e(version.error)}</span>" if version.error else "")
-                + "</td>"
-            )
-            if not variants and not left_out:
-                out.append(f"<tr>{head}<td colspan=9 class=muted>no variant yet</td></tr>")
-                continue
-            for i, v in enumerate(variants):
-                verdict_cls = "ok" if v.status == "accepted" else "bad"
-                out.append(
-                    "<tr>"
-                    + (head if i == 0 else "")
-                    + f"<td><code>{_e(v.variant_id)}</code></td><td>{_e(v.runtime)}</td>"
-                    f"<td>{_e(v.precision)}</td><td class={verdict_cls}>{_e(v.status)}</td>"
-                    f"<td>{_accuracy(v.spec if isinstance(v.spec, dict) else {})}</td>"
-                    f"{_build_cells(v.spec if isinstance(v.spec, dict) else {})}"
-                    f"<td>{_e(v.archive_size if v.archive_size is not None else '-')}</td>"
-                    "</tr>"
-                )
-            for j, (target, reason) in enumerate(left_out):
-                out.append(
-                    "<tr>"
-                    + (head if not variants and j == 0 else "")
-                    + f"<td><code>{_e(target)}</code></td><td colspan=2 class=muted>-</td>"
-                    f"<td class=warn>skipped</td><td colspan=5>{_e(reason)}</td>"
-                    "</tr>"
-                )
-        out.append("</table>")
-    if not any_model:
-        out.append("<p class=muted>No model in the registry.</p>")
-    return "".join(out)
-
-
-def _rollouts(session: Session) -> list[_RolloutRow] | None:
-    """The newest rollouts; None where this database has no rollout tables."""
+async def _page(
+    ctx: AppContext,
+    request: Request,
+    template: str,
+    build: Any,
+    *,
+    title: str,
+    status_code: int = 200,
+) -> Response:
+    """Sign-in check, then ``build(operator)`` (in a thread: it reads the database) rendered."""
+    operator, login_page, token = await _signed_in(ctx, request)
+    if operator is None:
+        assert login_page is not None
+        return login_page
+    csrf = _csrf(ctx, request)
     try:
-        from control_plane.rollouts.controller import RolloutState
-        from control_plane.rollouts.tables import RolloutRow
-    except ImportError:  # a build without the rollout service
-        return None
-    if not inspect(session.get_bind()).has_table(RolloutRow.__tablename__):
-        return None
-    rows = []
-    for r in session.scalars(select(RolloutRow).order_by(RolloutRow.created_at.desc()).limit(20)):
-        try:
-            state = RolloutState.model_validate(r.state)
-        except ValueError:
-            rows.append(_RolloutRow(r.id, r.model, r.version, r.status, "-", "unreadable state"))
-            continue
-        waves = len(state.spec.waves)
-        health = state.health
-        detail = state.reason or (
-            f"{health.reporting}/{health.assigned} reporting, "
-            f"{health.failed_updates} failed updates"
-            + (
-                f", p99 {health.p99_regression * 100:+.0f}%"
-                if health.p99_regression is not None
-                else ""
-            )
+        context = await run_in_threadpool(build, operator)
+    except NotFoundError as exc:
+        return _render(
+            "web/base.html",
+            status_code=404,
+            title=title,
+            operator=operator,
+            csrf=csrf.field,
+            flash=str(exc),
+            flash_class="bad",
         )
-        rows.append(
-            _RolloutRow(
-                id=r.id,
-                model=r.model,
-                version=r.version,
-                status=state.status,
-                progress=(
-                    f"wave {min(state.wave + 1, waves)} of {waves}, "
-                    f"{len(state.assigned)} devices assigned"
-                ),
-                detail=detail,
-            )
-        )
-    return rows
-
-
-def _links(session: Session) -> dict[str, Any]:
-    """The ingester's latest MQTT state per device id (empty where it keeps none)."""
-    try:
-        from control_plane.ingest.tables import DeviceLink
-    except ImportError:  # a build without telemetry ingestion
-        return {}
-    if not inspect(session.get_bind()).has_table(DeviceLink.__tablename__):
-        return {}
-    return {link.device_id: link for link in session.scalars(select(DeviceLink))}
-
-
-def _rollouts_section(rows: list[_RolloutRow] | None) -> str:
-    if rows is None:
-        return ""
-    if not rows:
-        return "<h2>Rollouts</h2><p class=muted>No rollout yet.</p>"
-    status_cls = {"completed": "ok", "aborted": "bad", "running": "warn", "paused": "warn"}
-    body = "".join(
-        "<tr>"
-        f"<td><code>{_e(r.id)}</code></td><td>{_e(r.model)}</td><td>{_e(r.version)}</td>"
-        f"<td class={status_cls.get(r.status, 'muted')}>{_e(r.status)}</td>"
-        f"<td>{_e(r.progress)}</td><td>{_e(r.detail)}</td>"
-        "</tr>"
-        for r in rows
+    flash = request.query_params.get("done")
+    response = _render(
+        template,
+        status_code=status_code,
+        title=title,
+        operator=operator,
+        csrf=csrf.field,
+        flash=flash[:200] if flash else None,
+        **context,
     )
-    return (
-        "<h2>Rollouts</h2><table><tr><th>rollout</th><th>model</th><th>version</th>"
-        "<th>status</th><th>progress</th><th>detail</th></tr>" + body + "</table>"
-    )
-
-
-def _page_body(ctx: AppContext, operator: Operator, csrf: _Csrf) -> str:
-    now = ctx.now()
-    with ctx.sessions() as session:
-        devices = session.scalars(select(Device).order_by(Device.name, Device.id)).all()
-        models = session.scalars(select(Model).order_by(Model.name)).all()
-        links = _links(session)
-        sections = [
-            _devices_section(devices, links, now),
-            _rollouts_section(_rollouts(session)),
-            _models_section(models, _skipped_by_version(session)),
-        ]
-    online = sum(1 for d in devices if _presence(d, links.get(d.id), now)[0] == "online")
-    return (
-        "<div class=bar><h1>edgefleet control plane</h1>"
-        f"<span class=muted>{len(devices)} devices, {online} online &middot; "
-        f"{_e(now.strftime('%Y-%m-%d %H:%M:%S'))} UTC &middot; refreshes every {REFRESH_S} s"
-        f" &middot; signed in as {_e(operator.name)} ({_e(operator.role)})</span>"
-        + _form("/ui/logout", csrf, "<button type=submit>Sign out</button>")
-        + "</div>"
-        + "".join(sections)
-    )
+    _set_csrf_cookie(response, request, csrf)
+    if token is not None and request.cookies.get(COOKIE_NAME) != token:
+        _set_cookie(response, request, token)
+    return response
 
 
 # -- routes ----------------------------------------------------------------------------------
 
 
+@router.get("/ui/static/live.js", include_in_schema=False)
+async def live_js() -> Response:
+    return Response(
+        _LIVE_JS,
+        media_type="text/javascript",
+        headers={"Cache-Control": "max-age=300", "X-Content-Type-Options": "nosniff"},
+    )
+
+
 @router.get("/", response_class=HTMLResponse)
 @router.get("/ui", response_class=HTMLResponse)
-async def fleet_page(request: Request, ctx: Context) -> Response:
+async def fleet_page(  # noqa: PLR0917 - FastAPI maps each query parameter to one
+    request: Request,
+    ctx: Context,
+    q: Annotated[str, Query(max_length=64)] = "",
+    state: Annotated[str, Query(pattern="^(|online|offline|never seen)$")] = "",
+    label: Annotated[str, Query(max_length=128)] = "",
+    model: Annotated[str, Query(max_length=64)] = "",
+    page: Annotated[int, Query(ge=1, le=100_000)] = 1,
+    per_page: Annotated[int, Query(ge=1, le=web_data.MAX_PAGE_SIZE)] = web_data.PAGE_SIZE,
+) -> Response:
+    f = web_data.DeviceFilter(q.strip(), state, label.strip(), model.strip(), page, per_page)
+
+    def build(_operator: Operator) -> dict[str, Any]:
+        now = ctx.now()
+        with ctx.sessions() as session:
+            listing = web_data.device_page(session, f, now)
+            return {
+                **listing,
+                "f": f,
+                "summary": web_data.fleet_summary(session, now),
+                "rollouts": web_data.rollout_rows(session, limit=10),
+                "now": now.strftime("%Y-%m-%d %H:%M:%S"),
+            }
+
+    return await _page(ctx, request, "web/fleet.html", build, title="edgefleet: devices")
+
+
+@router.get("/ui/devices/{device_id}", response_class=HTMLResponse)
+async def device_page(device_id: str, request: Request, ctx: Context) -> Response:
+    from control_plane.desired import compute_desired_state
+
+    def build(_operator: Operator) -> dict[str, Any]:
+        with ctx.sessions() as session:
+            device = session.get(Device, device_id[:64])
+            if device is None:
+                raise NotFoundError(f"no device {device_id[:64]!r}")
+            desired = compute_desired_state(session, device)
+            return web_data.device_detail(session, device, desired, ctx.now())
+
+    return await _page(ctx, request, "web/device.html", build, title=f"edgefleet: {device_id}")
+
+
+@router.get("/ui/rollouts", response_class=HTMLResponse)
+async def rollouts_page(request: Request, ctx: Context) -> Response:
+    def build(_operator: Operator) -> dict[str, Any]:
+        with ctx.sessions() as session:
+            return {"rollouts": web_data.rollout_rows(session, limit=200)}
+
+    return await _page(ctx, request, "web/rollouts.html", build, title="edgefleet: rollouts")
+
+
+def _rollout_service(ctx: AppContext) -> Any:
+    if ctx.rollouts is None:
+        raise UnavailableError("rollouts are not enabled on this instance")
+    return ctx.rollouts
+
+
+@router.get("/ui/rollouts/{rollout_id}", response_class=HTMLResponse)
+async def rollout_page(rollout_id: str, request: Request, ctx: Context) -> Response:
+    from control_plane.rollouts.schemas import rollout_public
+
+    def build(operator: Operator) -> dict[str, Any]:
+        view = web_data.rollout_view(rollout_public(_rollout_service(ctx).view(rollout_id[:64])))
+        return {**view, "can_act": _can_act(operator)}
+
+    return await _page(ctx, request, "web/rollout.html", build, title=f"edgefleet: {rollout_id}")
+
+
+@router.get("/ui/models", response_class=HTMLResponse)
+async def models_page(request: Request, ctx: Context) -> Response:
+    def build(_operator: Operator) -> dict[str, Any]:
+        with ctx.sessions() as session:
+            return {"models": web_data.models_view(session)}
+
+    return await _page(ctx, request, "web/models.html", build, title="edgefleet: models")
+
+
+def _act(ctx: AppContext, rollout_id: str, action: str, operator: Operator, reason: str) -> str:
+    service = _rollout_service(ctx)
+    if action == "pause":
+        service.pause(rollout_id, actor=operator.name)
+    elif action == "resume":
+        service.resume(rollout_id, actor=operator.name)
+    else:
+        service.abort(rollout_id, actor=operator.name, reason=reason or None)
+    log.info("web_rollout_action", rollout_id=rollout_id, action=action, by=operator.name)
+    return f"rollout {rollout_id}: {action} done"
+
+
+async def _operator_for_action(ctx: AppContext, request: Request) -> Operator:
     token = _given_token(request)
     if token is None:
-        return _login_page(ctx, request, None, status_code=401)
+        raise AuthError("sign in first")
+    operator = await _viewer(ctx, token)
+    if not _can_act(operator):
+        raise ForbiddenError(f"role {operator.role} may not change rollouts (operator needed)")
+    return operator
+
+
+@router.post("/ui/rollouts/{rollout_id}/{action}")
+async def rollout_action(
+    rollout_id: str,
+    action: str,
+    request: Request,
+    ctx: Context,
+    reason: Annotated[str, Form(max_length=200)] = "",
+) -> Response:
+    if action not in ("pause", "resume", "abort"):
+        raise NotFoundError(f"no action {action[:16]!r}")
+    operator = await _operator_for_action(ctx, request)
     try:
-        operator = await _viewer(ctx, token)
-    except AuthError as exc:
-        return _login_page(ctx, request, str(exc), status_code=401)
-    except ForbiddenError as exc:
-        return _login_page(ctx, request, str(exc), status_code=403)
-    csrf = _csrf(ctx, request)
-    body = await run_in_threadpool(_page_body, ctx, operator, csrf)
-    response = _html(body, refresh_s=REFRESH_S)
-    _set_csrf_cookie(response, request, csrf)
-    if request.cookies.get(COOKIE_NAME) != token:
-        _set_cookie(response, request, token)
-    return response
+        done = await run_in_threadpool(_act, ctx, rollout_id[:64], action, operator, reason)
+    except (ConflictError, RequestError) as exc:
+        if isinstance(exc, (AuthError, ForbiddenError, CsrfError)):
+            raise
+        done = f"{type(exc).__name__}: {exc}"
+    return RedirectResponse(f"/ui/rollouts/{rollout_id[:64]}?{urlencode({'done': done})}", 303)
+
+
+@router.post("/ui/rollouts/{rollout_id}/retry/{device_id}")
+async def rollout_retry(
+    rollout_id: str, device_id: str, request: Request, ctx: Context
+) -> Response:
+    from control_plane.api.routes.devices import retry
+    from control_plane.api.schemas import RetryCreate
+    from control_plane.rollouts.schemas import rollout_public
+
+    operator = await _operator_for_action(ctx, request)
+
+    def run() -> str:
+        model = rollout_public(_rollout_service(ctx).view(rollout_id[:64])).model
+        with ctx.sessions() as session:
+            retry(device_id[:64], RetryCreate(model=model), session, operator, ctx)
+        return f"{device_id[:64]}: {model} offered again"
+
+    try:
+        done = await run_in_threadpool(run)
+    except (ConflictError, NotFoundError) as exc:
+        done = f"{type(exc).__name__}: {exc}"
+    return RedirectResponse(f"/ui/rollouts/{rollout_id[:64]}?{urlencode({'done': done})}", 303)
 
 
 @router.post("/ui/login")
