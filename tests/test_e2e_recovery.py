@@ -529,6 +529,54 @@ def test_a_version_that_cannot_serve_on_the_device_aborts_its_rollout(
         agent.stop()
 
 
+def test_a_version_that_fails_its_golden_check_on_the_device_aborts_its_rollout(
+    rollout_cp: _RolloutPlane,
+    tmp_path: Path,
+    digits_path: Path,
+    cal: Path,
+    mqtt_broker: tuple[str, int],
+    prefix: str,
+) -> None:
+    """The version loads on the device but does not reproduce its golden outputs there: the
+    device reports the failure, the rollout counts it as a failed update and aborts, and the
+    device keeps serving the version it had."""
+    cp = rollout_cp
+    cp.push(digits_path, cal, name="digits", version="1.0.0")
+    cp.push(models.noisy(digits_path, tmp_path / "noisy.onnx"), cal, name="digits", version="2.0.0")
+    root = cp.root_json(tmp_path / "root.json")
+    config = agent_config(
+        tmp_path / "agent.toml",
+        tmp_path / "state",
+        cp,
+        root,
+        mqtt_broker,
+        name="golden",
+        prefix=prefix,
+    )
+    agent = Agent(config, tmp_path / "agent.log").start()
+    try:
+        device_id = _wait("enrollment", lambda: _device_ids(cp))[0]
+        cp.deploy("digits", "1.0.0", device_id)
+        _wait("1.0.0 committed", _committed(cp, device_id, "1.0.0"))
+        _start_rollout(cp, "golden", "2.0.0")
+        final = _wait(
+            "the rollout ended",
+            lambda: (s := _rollout(cp, "golden"))["status"] in ("completed", "aborted") and s,
+        )
+        assert final["status"] == "aborted", final
+        assert "failed updates 1/1" in final["reason"], final["reason"]
+        failed = [
+            e
+            for e in agent.events("update_event")
+            if e.get("step") == "failed" and e.get("version") == "2.0.0"
+        ]
+        assert failed, "the device reported no failure of 2.0.0"
+        assert "golden case" in failed[0]["reason"], failed
+        assert _reported(cp, device_id).get("active_version") == "1.0.0"
+    finally:
+        agent.stop()
+
+
 def _stored_events(cp: ControlPlane, device_id: str) -> list[tuple[int, str, str | None]]:
     from sqlalchemy import select
 

@@ -61,11 +61,17 @@ def update_phase(event: Mapping[str, Any] | None, target: str, since: float | No
     step, version = event.get("step"), event.get("version")
     if step in _FAILED_STEPS and version in (target, None):
         return "failed"
+    if step == "removed" and version == target and _rejected(event):
+        return "failed"  # the store dropping a version the device just failed comes after it
     if step == "rolled_back":
         return "rolled_back" if event.get("from_version") == target else "pending"
     if version != target:
         return "pending"
     return "committed" if step == "committed" else "updating"
+
+
+def _rejected(event: Mapping[str, Any]) -> bool:
+    return str(event.get("reason") or "").startswith("rejected")
 
 
 @dataclass(frozen=True)

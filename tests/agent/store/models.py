@@ -3,7 +3,9 @@
 - ``shifted``: the same network with ``delta`` added to every logit, so a result names its version;
 - ``slower``: the same outputs plus an input-dependent heavy branch multiplied by zero;
 - ``erroring``: fails at run time (Gather out of range) when an input pixel reaches 0.8, which
-  the digits images do, but not on golden inputs scaled below that.
+  the digits images do, but not on golden inputs scaled below that;
+- ``noisy``: the same logits plus fresh uniform noise of amplitude ``scale`` on every run, so a
+  device's golden check never reproduces what the build recorded.
 """
 
 from __future__ import annotations
@@ -92,6 +94,21 @@ def erroring(src: Path, dest: Path) -> Path:
             helper.make_node("Cast", ["err_floor"], ["err_idx"], to=TensorProto.INT64),
             helper.make_node("Gather", ["err_table", "err_idx"], ["err_pick"]),
             helper.make_node("Add", ["logits_raw", "err_pick"], ["logits"]),
+        ]
+    )
+    return _save(model, dest)
+
+
+def noisy(src: Path, dest: Path, *, scale: float = 100.0) -> Path:
+    model = _load(src)
+    _rename_output(model)
+    g = model.graph
+    g.initializer.append(numpy_helper.from_array(np.array(scale, np.float32), "noise_scale"))
+    g.node.extend(
+        [
+            helper.make_node("RandomUniformLike", ["logits_raw"], ["noise"]),
+            helper.make_node("Mul", ["noise", "noise_scale"], ["noise_scaled"]),
+            helper.make_node("Add", ["logits_raw", "noise_scaled"], ["logits"]),
         ]
     )
     return _save(model, dest)

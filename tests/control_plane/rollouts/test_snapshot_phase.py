@@ -33,6 +33,9 @@ def _event(step: str, **kw: Any) -> dict[str, Any]:
         (_event("download_started"), "updating"),
         (_event("committed"), "committed"),
         (_event("rolled_back", from_version="2.0.0"), "rolled_back"),
+        # the store drops the failed version right after the failure: still a failure
+        (_event("removed", reason="rejected: golden case 0: rel L2 0.7 > 0.0001"), "failed"),
+        (_event("removed", reason="removed"), "updating"),  # housekeeping, not a verdict
     ],
 )
 def test_only_the_versions_own_failures_count(event: dict[str, Any], phase: str) -> None:
