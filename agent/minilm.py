@@ -38,7 +38,7 @@ __all__ = [
     "minilm_weights",
 ]
 
-MINILM_VERSION = 1  # bump when the graph changes
+MINILM_VERSION = 2  # bump when the graph changes
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAME = "sentence_embedding"
 _OPSET = 17  # LayerNormalization
@@ -194,7 +194,13 @@ def _graph(weights: dict[str, Array], config: dict[str, Any]) -> Any:
     counts = node("ReduceSum", [mask3, one], "pool_count", keepdims=0)
     counts = node("Max", [counts, const("min_count", np.array(1e-9, np.float32))], "pool_count_c")
     pooled = node("Div", [summed_tokens, counts], "pooled")
-    norm = node("ReduceL2", [pooled], "pool_norm", axes=[-1], keepdims=1)  # axes: attr at 17
+    # Sqrt(ReduceSum(x^2)): ReduceSum reads its axes as an input from opset 13 on, ReduceL2
+    # only from 18, and quantizers may re-stamp the opset
+    squares = node("Mul", [pooled, pooled], "pool_sq")
+    axis_last = const("axis_last", np.array([-1], np.int64))
+    norm = node(
+        "Sqrt", [node("ReduceSum", [squares, axis_last], "pool_ss", keepdims=1)], "pool_norm"
+    )
     norm = node("Max", [norm, const("min_norm", np.array(1e-12, np.float32))], "pool_norm_c")
     node("Div", [pooled, norm], OUTPUT_NAME)
     token = helper.make_tensor_value_info
