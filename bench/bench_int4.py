@@ -4,7 +4,8 @@ Builds the bundle with ``control_plane.builds.build_variants`` (targets ``onnx-f
 ``onnx-int4`` (ONNX Runtime ``MatMulNBits``), ``openvino-fp16``, ``openvino-int4`` (NNCF
 ``compress_weights``)), gated on the 240-sentence corpus (cosine and top-10 retrieval agreement
 with FP32). For each variant prints, with ratios to its runtime's float variant (ONNX Runtime
-on the FP32 ONNX; OpenVINO on the same FP32 ONNX, read as is): weight bytes (goal <= 0.30), process RSS after load and one inference, in a fresh process
+on the FP32 ONNX; OpenVINO on the same FP32 ONNX, read as is): weight bytes (goal <= 0.30),
+process RSS after load and one inference, in a fresh process
 (goal <= 0.5), latency at sequence 128 batch 1, timed in rounds (goal <= 1.0), cosine vs FP32
 (goal >= 0.99) and top-10 retrieval agreement (goal >= 0.95).
 
@@ -177,7 +178,6 @@ def main() -> None:
         for name, ref in float_of.items():
             score = score_task("embedding", [outputs["onnx-fp32"]], [outputs[name]])
             loaded = rss[name]["rss"] - rss[name]["base"]
-            ref_loaded = rss[ref]["rss"] - rss[ref]["base"]
             variant = next((v for v in manifest.variants if v.id == name), None)
             precisions = variant.build.precisions if variant and variant.build else {}
             print(
