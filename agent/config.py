@@ -50,7 +50,7 @@ class BackendConfig(_Section):
 
     order: tuple[BackendName, ...] = ("tensorrt", "onnxruntime", "openvino")
     pin_backend: BackendName | None = None
-    pin_precision: Literal["fp32", "fp16", "int8"] | None = None
+    pin_precision: Literal["fp32", "fp16", "int8", "int4"] | None = None
     intra_op_threads: int | None = Field(default=None, ge=1)
     openvino_hint: Literal["LATENCY", "THROUGHPUT"] = "LATENCY"
     openvino_device: str = "AUTO"

@@ -74,8 +74,9 @@ DEFAULT_TOLERANCE: dict[str, Tolerance] = {
     "fp32": Tolerance(max_rel_l2=1e-3),
     "fp16": Tolerance(max_rel_l2=2e-2),
     "int8": Tolerance(max_rel_l2=1e-1),
+    "int4": Tolerance(max_rel_l2=1e-1),
 }
-_PRECISION_RANK = {"fp32": 0, "fp16": 1, "int8": 2}
+_PRECISION_RANK = {"fp32": 0, "fp16": 1, "int8": 2, "int4": 3}
 _FORMATS_BY_BACKEND: dict[str, tuple[ArtifactFormat, ...]] = {
     "onnxruntime": ("onnx",),
     "openvino": ("onnx", "openvino-ir"),

@@ -40,7 +40,7 @@ MANIFEST_FILE = "manifest.json"
 
 Runtime = Literal["onnxruntime", "openvino", "tensorrt"]
 ArtifactFormat = Literal["onnx", "openvino-ir", "tensorrt-plan"]
-Precision = Literal["fp32", "fp16", "int8"]
+Precision = Literal["fp32", "fp16", "int8", "int4"]  # int4: weight-only, activations float
 Accelerator = Literal["cpu", "nvidia-gpu", "intel-gpu", "npu"]
 
 NAME_RE = r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}$"

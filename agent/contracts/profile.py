@@ -57,7 +57,7 @@ class Pins(_Frozen):
     control plane offers only variants that match, and the device serves only those."""
 
     backend: Literal["onnxruntime", "openvino", "tensorrt"] | None = None
-    precision: Literal["fp32", "fp16", "int8"] | None = None
+    precision: Literal["fp32", "fp16", "int8", "int4"] | None = None
 
 
 class HardwareProfile(_Frozen):

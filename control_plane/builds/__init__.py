@@ -48,6 +48,8 @@ DEFAULT_TARGETS: tuple[str, ...] = (
     "onnx-int8",
     "openvino-fp16",
     "openvino-int8",
+    "onnx-int4",  # planned only for models whose weights are mostly MatMul/Gemm/Gather tables
+    "openvino-int4",
 )
 
 

@@ -22,21 +22,25 @@ OPENVINO_COMPUTE_OPS = frozenset(
 _OPENVINO_PASS_THROUGH = frozenset(
     {"Convert", "Reshape", "Subtract", "Multiply", "Transpose", "Unsqueeze", "Squeeze"}
 )
-_OPENVINO_INT_TYPES = frozenset({"i8", "u8", "i4", "u4"})
+_OPENVINO_INT_TYPES = frozenset({"i8", "u8"})
+_OPENVINO_INT4_TYPES = frozenset({"i4", "u4", "nf4"})
+_ONNX_INT4_OPS = frozenset({"MatMulNBits", "GatherBlockQuantized"})  # weight-only, 4 bits
 
 
 @dataclass(frozen=True)
 class Census:
     weight_bytes: int
     precisions: dict[str, int]  # compute ops per precision: {"int8": 52, "fp32": 3}
-    float_ops: tuple[str, ...]  # names of compute ops not in INT8
+    float_ops: tuple[str, ...]  # names of compute ops not in INT8 or INT4
 
 
 def onnx_census(path: Path) -> Census:
     """Weight bytes (initializers) and compute-op precisions of an ONNX file.
 
-    A compute op is ``int8`` when its weight input comes from ``DequantizeLinear`` (QDQ) or it
-    is an integer op itself, ``fp16`` when its weight initializer is FP16, else ``fp32``.
+    A compute op is ``int4`` when it is a 4-bit weight-only op (``MatMulNBits``,
+    ``GatherBlockQuantized``), ``int8`` when its weight input comes from ``DequantizeLinear``
+    (QDQ) or it is an integer op itself, ``fp16`` when its weight initializer is FP16, else
+    ``fp32``.
     """
     import onnx
 
@@ -54,6 +58,9 @@ def onnx_census(path: Path) -> Census:
     counts: Counter[str] = Counter()
     float_ops = []
     for node in graph.node:
+        if node.op_type in _ONNX_INT4_OPS:
+            counts["int4"] += 1
+            continue
         if node.op_type.startswith("QLinear") or node.op_type in ("ConvInteger", "MatMulInteger"):
             counts["int8"] += 1
             continue
@@ -91,7 +98,8 @@ def _onnx_itemsize(data_type: int) -> int:
 
 
 def _openvino_input_kind(output: Any, depth: int = 0) -> str:
-    """``int8`` if the value comes from FakeQuantize or integer weights, else ``fp16``/``fp32``."""
+    """``int8`` if the value comes from FakeQuantize or 8-bit weights, ``int4`` from 4-bit
+    weights, else ``fp16``/``fp32``."""
     node = output.get_node()
     kind = node.get_type_name()
     if kind == "FakeQuantize":
@@ -100,10 +108,12 @@ def _openvino_input_kind(output: Any, depth: int = 0) -> str:
         element = node.get_element_type().get_type_name()
         if element in _OPENVINO_INT_TYPES:
             return "int8"
+        if element in _OPENVINO_INT4_TYPES:
+            return "int4"
         return "fp16" if element == "f16" else "fp32"
     if kind in _OPENVINO_PASS_THROUGH and depth < 6:
         kinds = {_openvino_input_kind(i.get_source_output(), depth + 1) for i in node.inputs()}
-        for precision in ("int8", "fp16"):
+        for precision in ("int4", "int8", "fp16"):
             if precision in kinds:
                 return precision
     return "fp32"
@@ -120,8 +130,8 @@ def _openvino_model(model: Path | Any) -> Any:
 def openvino_census(model: Path | Any) -> Census:
     """Weight bytes (``.bin`` size, or constants in memory) and compute-op precisions of an IR.
 
-    A compute op is ``int8`` when an input comes from FakeQuantize or integer weights,
-    ``fp16`` when its weights are FP16 constants, else ``fp32``.
+    A compute op is ``int8`` when an input comes from FakeQuantize or 8-bit weights, ``int4``
+    from 4-bit weights, ``fp16`` when its weights are FP16 constants, else ``fp32``.
     """
     ov_model = _openvino_model(model)
     counts: Counter[str] = Counter()
@@ -135,9 +145,9 @@ def openvino_census(model: Path | Any) -> Census:
         if kind not in OPENVINO_COMPUTE_OPS:
             continue
         kinds = [_openvino_input_kind(i.get_source_output()) for i in op.inputs()]
-        precision = "int8" if "int8" in kinds else ("fp16" if "fp16" in kinds else "fp32")
+        precision = next((p for p in ("int4", "int8", "fp16") if p in kinds), "fp32")
         counts[precision] += 1
-        if precision != "int8":
+        if precision not in ("int8", "int4"):
             float_ops.append(op.get_friendly_name())
     if isinstance(model, Path) and model.with_suffix(".bin").exists():
         weight_bytes = model.with_suffix(".bin").stat().st_size

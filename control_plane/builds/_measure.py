@@ -44,7 +44,7 @@ __all__ = [
 Runner = Callable[[Feeds], list[np.ndarray[Any, Any]]]
 
 HEADROOM = 3.0
-TOLERANCE_FLOOR: dict[str, float] = {"fp32": 1e-4, "fp16": 5e-3, "int8": 2e-2}
+TOLERANCE_FLOOR: dict[str, float] = {"fp32": 1e-4, "fp16": 5e-3, "int8": 2e-2, "int4": 2e-2}
 
 
 def ort_runner(path: Path, output_names: Sequence[str]) -> Runner:

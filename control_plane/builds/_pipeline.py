@@ -34,7 +34,7 @@ from agent.contracts.manifest import (
     Variant,
 )
 from agent.logs import get_logger
-from control_plane.builds import _census, _int8, _measure, _onnx, _openvino
+from control_plane.builds import _census, _int4, _int8, _measure, _onnx, _openvino
 from control_plane.builds._bundle import file_entry, write_golden, write_manifest
 from control_plane.builds._samples import SampleSet, batchable
 from control_plane.builds.errors import (
@@ -81,6 +81,8 @@ TARGETS: dict[str, Target] = {
         Target("onnx-int8", "onnxruntime", "onnx", "int8"),
         Target("openvino-fp16", "openvino", "openvino-ir", "fp16"),
         Target("openvino-int8", "openvino", "openvino-ir", "int8"),
+        Target("onnx-int4", "onnxruntime", "onnx", "int4"),
+        Target("openvino-int4", "openvino", "openvino-ir", "int4"),
     )
 }
 
@@ -169,7 +171,7 @@ class _Build:
         task = self._task(eval_ref[0], labelled=eval_set.labels is not None)
         self.log.info("task_gate", task=task, budget=self.request.budget, samples=len(eval_set))
         gate = _measure.Gate(task, eval_set, eval_ref, self.request.budget, self.batch)
-        plan = self._plan()
+        plan = self._plan(reference_path)
         variants: list[Variant] = []
         skipped: dict[str, str] = {}
         for index, target in enumerate(plan):
@@ -261,9 +263,17 @@ class _Build:
             cases.append(write_golden(self.bundle, f"golden/{i}.npz", golden_set.feed(i), outputs))
         return tuple(cases)
 
-    def _plan(self) -> list[Target]:
+    def _plan(self, reference_path: Path) -> list[Target]:
         wanted = self.request.targets
         if not self.source.quantized:
+            int4 = [t for t in wanted if TARGETS[t].precision == "int4"]
+            if int4 and not _int4.wants_int4(reference_path):
+                matrix, total = _int4.matrix_weights(reference_path)
+                # weight-only INT4 pays where MatMul/Gemm/embedding tables hold the weights
+                self.log.info(
+                    "int4_not_planned", targets=int4, matrix_bytes=matrix, weight_bytes=total
+                )
+                wanted = tuple(t for t in wanted if t not in int4)
             return [TARGETS[t] for t in wanted]
         # A quantized source is the INT8 ONNX variant; OpenVINO reads its QDQ pairs as is.
         plan = []
@@ -391,6 +401,10 @@ class _Build:
             )
         elif target.id == "openvino-fp16":
             _openvino.convert_ir(reference_path, entry, target=target.id)
+        elif target.id == "onnx-int4":
+            _int4.quantize_onnx_int4(reference_path, entry, target=target.id)
+        elif target.id == "openvino-int4":
+            _int4.compress_ir_int4(reference_path, entry, target=target.id)
         else:
             assert calibration is not None
             return _int8.search_openvino_int8(

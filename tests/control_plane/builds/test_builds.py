@@ -96,7 +96,9 @@ def test_digits_every_variant_built_and_int8_within_a_point(
     digits_build: tuple[Path, BundleManifest, _Progress], digits: DigitsData
 ) -> None:
     _, manifest, _ = digits_build
-    assert [v.id for v in manifest.variants] == list(DEFAULT_TARGETS)
+    # a CNN holds no large matrix weights: no INT4 weight-only variant is planned for it
+    planned = [t for t in DEFAULT_TARGETS if not t.endswith("-int4")]
+    assert [v.id for v in manifest.variants] == planned
     assert all(v.status == "accepted" for v in manifest.variants)
     for variant in manifest.variants:
         if variant.precision == "fp32":
@@ -158,7 +160,7 @@ def test_digits_progress_reported_in_order(
     assert fractions == sorted(fractions)
     text = " ".join(m for _, m in calls)
     for target in DEFAULT_TARGETS:
-        assert f"building {target}" in text
+        assert (f"building {target}" in text) != target.endswith("-int4")
 
 
 def test_already_quantized_source_is_kept_as_it_is(

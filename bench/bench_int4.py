@@ -1,0 +1,204 @@
+"""INT4 weight-only variants of all-MiniLM-L6-v2 against FP32, side by side in one run.
+
+Builds the bundle with ``control_plane.builds.build_variants`` (targets ``onnx-fp32``,
+``onnx-int4`` (ONNX Runtime ``MatMulNBits``), ``openvino-fp16``, ``openvino-int4`` (NNCF
+``compress_weights``)), gated on the 240-sentence corpus (cosine and top-10 retrieval agreement
+with FP32). For each variant prints, with ratios to its runtime's float variant (ONNX Runtime
+on the FP32 ONNX; OpenVINO on the same FP32 ONNX, read as is): weight bytes (goal <= 0.30),
+process RSS after load and one inference, in a fresh process
+(goal <= 0.5), latency at sequence 128 batch 1, timed in rounds (goal <= 1.0), cosine vs FP32
+(goal >= 0.99) and top-10 retrieval agreement (goal >= 0.95).
+
+    .venv/bin/python bench/bench_int4.py [--rounds 5] [--cuda]
+
+``--cuda`` times and loads the ONNX variants with ONNX Runtime's CUDA provider (GPU machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agent import minilm
+from agent.contracts.accuracy import score_task
+from agent.logs import configure_logging
+from control_plane.builds import build_variants
+
+Run = Callable[[], Any]
+
+_RSS_SCRIPT = """
+import json, sys, psutil, numpy as np
+kind, path, providers = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+feeds = {k: np.array(v, np.int64) for k, v in json.loads(sys.stdin.read()).items()}
+proc = psutil.Process()
+if kind == "onnx":
+    import onnxruntime as ort
+    base = proc.memory_info().rss
+    sess = ort.InferenceSession(path, providers=providers)
+    sess.run(None, feeds)
+else:
+    import openvino as ov
+    core = ov.Core()
+    base = proc.memory_info().rss
+    compiled = core.compile_model(path, "CPU")
+    compiled(feeds)
+print(json.dumps({"base": base, "rss": proc.memory_info().rss}))
+"""
+
+
+def rss_after_load(
+    kind: str, path: Path, feeds: dict[str, Any], providers: list[str]
+) -> dict[str, int]:
+    """RSS of a fresh process after importing the runtime, and after loading + one inference."""
+    out = subprocess.run(
+        [sys.executable, "-c", _RSS_SCRIPT, kind, str(path), ",".join(providers)],
+        input=json.dumps({k: v.tolist() for k, v in feeds.items()}),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result: dict[str, int] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def ort_run(path: Path, feeds: dict[str, Any], providers: list[str]) -> tuple[Run, Run]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=providers)
+    return (lambda: sess.run(None, feeds)), sess
+
+
+def ov_run(path: Path, feeds: dict[str, Any]) -> tuple[Run, Any]:
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+    return (lambda: request.infer(feeds)), compiled
+
+
+def time_side_by_side(runs: dict[str, Run], rounds: int, calls: int) -> dict[str, float]:
+    for run in runs.values():
+        for _ in range(3):
+            run()
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                run()
+            samples[name].append((time.perf_counter() - start) * 1000.0 / calls)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=10)
+    parser.add_argument("--cuda", action="store_true")
+    args = parser.parse_args()
+    configure_logging(level="WARNING")
+    providers = (
+        ["CUDAExecutionProvider", "CPUExecutionProvider"] if args.cuda else ["CPUExecutionProvider"]
+    )
+    source = minilm.minilm_onnx()
+    corpus = minilm.corpus()
+    # one input of exactly 128 tokens: corpus sentences joined, truncated at 128
+    long = minilm.encode([" ".join(corpus[:40])], max_length=128)
+    assert long["input_ids"].shape == (1, 128)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        val = work / "val.npz"
+        np.savez(val, **minilm.encode(corpus))  # type: ignore[arg-type]
+        started = time.monotonic()
+        manifest = build_variants(
+            source,
+            work / "bundle",
+            name="minilm",
+            version="1.0.0",
+            calibration=None,
+            validation=val,
+            golden=None,
+            accuracy_budget=100.0,  # measure every variant; the table says what a budget would do
+            targets=("onnx-fp32", "onnx-int4", "openvino-fp16", "openvino-int4"),
+        )
+        build_s = time.monotonic() - started
+        bundle = work / "bundle"
+        paths = {v.id: bundle / v.entrypoint for v in manifest.variants}
+        paths["openvino-fp32"] = paths["onnx-fp32"]  # OpenVINO reads the FP32 ONNX as is
+        float_of = {
+            "onnx-fp32": "onnx-fp32",
+            "onnx-int4": "onnx-fp32",
+            "openvino-fp32": "openvino-fp32",
+            "openvino-int4": "openvino-fp32",
+        }
+        runs: dict[str, Run] = {}
+        outputs: dict[str, np.ndarray[Any, Any]] = {}
+        feeds_all = minilm.encode(corpus)
+        for name in float_of:
+            if name.startswith("onnx"):
+                run, sess = ort_run(paths[name], long, providers)
+                outputs[name] = sess.run(None, feeds_all)[0]
+            else:
+                run, compiled = ov_run(paths[name], long)
+                outputs[name] = compiled(feeds_all)[0]
+            runs[name] = run
+        latency = time_side_by_side(runs, args.rounds, args.calls)
+        rss = {
+            name: rss_after_load(
+                "onnx" if name.startswith("onnx") else "ir", paths[name], long, providers
+            )
+            for name in float_of
+        }
+        weights: dict[str, int] = {}
+        for v in manifest.variants:
+            if v.build is not None:
+                weights[v.id] = v.build.weight_bytes
+        weights["openvino-fp32"] = weights["onnx-fp32"]
+        print(
+            f"all-MiniLM-L6-v2, {len(corpus)} sentences; build {build_s:.1f} s;"
+            f" providers {providers[0] if args.cuda else 'CPU'}"
+        )
+        header = (
+            f"{'variant':<15}{'weights MB':>11}{'ratio':>7}{'RSS MB':>8}{'+load MB':>9}{'ratio':>7}"
+            f"{'ms s128':>9}{'ratio':>7}{'cosine':>8}{'top10':>7}  precisions"
+        )
+        print(header)
+        for name, ref in float_of.items():
+            score = score_task("embedding", [outputs["onnx-fp32"]], [outputs[name]])
+            loaded = rss[name]["rss"] - rss[name]["base"]
+            variant = next((v for v in manifest.variants if v.id == name), None)
+            precisions = variant.build.precisions if variant and variant.build else {}
+            print(
+                f"{name:<15}{weights[name] / 1e6:>11.1f}{weights[name] / weights[ref]:>7.2f}"
+                f"{rss[name]['rss'] / 1e6:>8.0f}{loaded / 1e6:>9.0f}"
+                f"{rss[name]['rss'] / rss[ref]['rss']:>7.2f}"
+                f"{latency[name]:>9.2f}{latency[name] / latency[ref]:>7.2f}"
+                f"{score.metrics['cosine'] / 100:>8.4f}{score.metrics['retrieval'] / 100:>7.3f}"
+                f"  {precisions}"
+            )
+        print(
+            "goals (INT4 / float): weights <= 0.30, RSS <= 0.5, latency <= 1.0,"
+            " cosine >= 0.99, top-10 >= 0.95"
+        )
+        for v in manifest.variants:
+            if v.accuracy is not None:
+                print(
+                    f"gate {v.id}: {v.accuracy.metric} {v.accuracy.value:.2f}"
+                    f" (delta {v.accuracy.delta:.2f} points)"
+                )
+
+
+if __name__ == "__main__":
+    main()
