@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from agent._sources import build_source, require_source_kind
 from agent.config import AgentSettings
 from agent.contracts.events import UpdateEvent
 from agent.contracts.profile import HardwareProfile
@@ -39,13 +40,7 @@ from agent.contracts.tensors import TensorSpec
 from agent.errors import AgentError, ConfigError
 from agent.events import EventBus
 from agent.logs import get_logger
-from agent.loop import (
-    FrameSource,
-    ImageFolderSource,
-    InferenceLoop,
-    SyntheticSource,
-    VideoSource,
-)
+from agent.loop import FrameSource, InferenceLoop
 from agent.models.activation import ModelActivator
 from agent.models.probation import Limits, UpdateJournal
 from agent.models.slots import ModelSlot, SlotRegistry, load_options_from
@@ -472,16 +467,7 @@ class Daemon:
             return {n: w.status for n, w in self._watch.items() if w.status is not None}
 
     def _source(self, slot: ModelSlot) -> FrameSource:
-        config = self.settings.loop
-        if config.source == "synthetic":
-            return SyntheticSource(slot.inputs, dynamic_size=1)
-        if config.source == "camera":
-            return VideoSource(config.camera_index)
-        if config.source_path is None or config.source == "callback":
-            raise ConfigError(f"loop.source = {config.source!r} cannot run in the daemon")
-        if config.source == "images":
-            return ImageFolderSource(config.source_path, repeat=True)
-        return VideoSource(config.source_path, repeat=True)
+        return build_source(self.settings.loop.source, slot.inputs, repeat=True, dynamic_size=1)
 
     def healthy(self) -> bool:
         """For the watchdog: no loop is failed, and every loop finished an inference since the
@@ -581,13 +567,16 @@ def _check_state_dir(path: Path) -> None:
 
 
 def _check_loop_config(settings: AgentSettings) -> None:
-    """A loop source the daemon can never run is a configuration error (exit 78); a source
-    that exists but fails (a camera unplugged, a file gone) is reported while running."""
-    config = settings.loop
-    if not settings.models or config.source in ("synthetic", "camera"):
+    """A loop source the daemon can never run is a configuration error (exit 78): the callback
+    kind, or a kind this build cannot use (OpenCV without GStreamer, no FFmpeg backend). A
+    source that exists but fails (no camera plugged in yet, a stream down) is reported while
+    running."""
+    source = settings.loop.source
+    if not settings.models or source.kind == "synthetic":
         return
-    if config.source == "callback" or config.source_path is None:
-        raise ConfigError(f"loop.source = {config.source!r} cannot run in the daemon")
+    if source.kind == "callback":
+        raise ConfigError("loop.source kind 'callback' cannot run in the daemon")
+    require_source_kind(source.kind, device=False)
 
 
 def _profile_reader(settings: AgentSettings) -> Callable[[], HardwareProfile]:
