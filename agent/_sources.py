@@ -413,7 +413,11 @@ class StreamSource:
     def _grab(self) -> None:
         cap = self._cap
         while not self._stop.is_set():
-            ok, bgr = cap.read() if cap is not None else (False, None)
+            try:
+                ok, bgr = cap.read() if cap is not None else (False, None)
+            except Exception as exc:  # a backend error is a dropped stream, not a dead thread
+                _log_safely("warning", "source_read_failed", source=self.label, error=str(exc))
+                ok, bgr = False, None
             if ok:
                 with self._cond:
                     self._frame = bgr
