@@ -286,7 +286,7 @@ def test_a_bad_preprocess_spec_is_refused_before_upload(serve: str, tmp_path: Pa
         assert "Traceback" not in err
     # The server checks the field too (a client that skips the CLI's check).
     for bad in ('{"fit": "squash"}', "resize=8x8,std=0", "x" * 2000):
-        res = httpx.post(
+        answer = httpx.post(
             f"{serve}/v1/models/pre/versions",
             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
             data={"version": "1.0.0", "preprocessing": bad},
@@ -296,5 +296,5 @@ def test_a_bad_preprocess_spec_is_refused_before_upload(serve: str, tmp_path: Pa
             },
             timeout=60,
         )
-        assert res.status_code in (400, 413, 422), res.text
+        assert answer.status_code in (400, 413, 422), answer.text
     assert not _api(serve, "/v1/models/pre")["versions"]  # nothing was stored

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -290,3 +291,95 @@ def test_doctor_lists_the_sources(capsys: pytest.CaptureFixture[str]) -> None:
         assert kind in out
     if not list(Path("/dev").glob("video*")):
         assert "no /dev/video* device" in out
+
+
+# -- the daemon -----------------------------------------------------------------------------
+
+
+def _daemon(config: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "daemon", "--config", str(config)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _results(sink: Path) -> int:
+    return len(sink.read_text().splitlines()) if sink.is_file() else 0
+
+
+def test_the_daemon_loop_rides_out_a_dropped_stream(
+    camera: Camera, tmp_path: Path, state_dir: Path, digits_path: Path
+) -> None:
+    from tests.agent.test_daemon_systemd import _install
+
+    _install(
+        state_dir, tmp_path, "digits", digits_path, {"input": np.zeros((1, 1, 8, 8), np.float32)}
+    )
+    sink = tmp_path / "results.jsonl"
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'device_id = "stream-test"\nstate_dir = "{state_dir}"\nlog_json = true\n'
+        '[[models]]\nname = "digits"\n[api]\nenabled = false\n[swap]\nwarmup_runs = 1\n'
+        f'[loop]\nrate_hz = 30\nwindow_s = 0.5\nsink_path = "{sink}"\n'
+        f'[loop.source]\nkind = "url"\nurl = "{camera.url}"\n'
+        "reconnect_min_s = 0.1\nreconnect_max_s = 0.4\nstall_timeout_s = 2.0\n"
+    )
+    proc = _daemon(config)
+    lines: list[str] = []
+    assert proc.stderr is not None
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")))
+    reader.start()
+    try:
+        deadline = time.monotonic() + 60
+        while _results(sink) < 10:
+            assert proc.poll() is None, "".join(lines)[-3000:]
+            assert time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.1)
+        camera.cut()
+        time.sleep(1.5)
+        before = _results(sink)
+        camera.restart()
+        deadline = time.monotonic() + 30
+        while _results(sink) < before + 10:  # inferring again after the reconnect
+            assert proc.poll() is None, "".join(lines)[-3000:]
+            assert time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reader.join(10)
+        proc.stderr.close()
+    events = [json.loads(line) for line in lines if line.startswith("{")]
+    names = [e["event"] for e in events]
+    assert names.count("source_lost") == 1, names
+    assert names.count("source_reconnected") == 1, names
+    gap = next(e for e in events if e["event"] == "source_reconnected")["gap_s"]
+    assert 1.3 <= gap <= 4.0
+    # The bundle declares no preprocessing: the daemon said so once.
+    warned = [e for e in events if e["event"] == "loop_without_preprocessing"]
+    assert len(warned) == 1
+    assert warned[0]["source"] == "url"
+
+
+def test_the_daemon_refuses_a_kind_this_build_cannot_use(tmp_path: Path, state_dir: Path) -> None:
+    if next(r for r in source_status() if r.kind == "gstreamer").usable:
+        pytest.skip("this OpenCV is built with GStreamer")
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'state_dir = "{state_dir}"\n[[models]]\nname = "digits"\n[api]\nenabled = false\n'
+        '[loop.source]\nkind = "gstreamer"\npipeline = "videotestsrc ! appsink"\n'
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "daemon", "--config", str(config)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == EX_CONFIG, res.stderr
+    assert "kind 'gstreamer' cannot be used here" in res.stderr.strip().splitlines()[-1]
