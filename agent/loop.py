@@ -713,9 +713,9 @@ class InferenceLoop:
         self._total_failed += failed
         self._total_dropped += dropped
         split, ages = self._split, self._ages
-        means: list[float | None] = [
-            (v / n / 1e6 if n else None) if split is not None else None for v in split or (0,) * 4
-        ]
+        means: list[float | None] = [None] * 4  # the static path times inference only
+        if split is not None and n:
+            means = [v / n / 1e6 for v in split]
         age50 = age99 = None
         if ages:
             a50, a99 = np.percentile(np.asarray(ages, dtype=np.float64), (50.0, 99.0))
