@@ -29,6 +29,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     d = sub.add_parser(
         "doctor", help="which inference runtimes and loop sources are usable here, and why not"
     )
+    d.add_argument("--json", action="store_true", help="print runtimes and sources as JSON")
     d.set_defaults(func=_doctor)
 
     b = sub.add_parser("bench", help="measure a model on every backend x precision")
@@ -96,8 +97,16 @@ def _doctor(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from agent._sources import source_status
     from agent.hardware import detect_runtimes
 
+    if args.json:
+        doc = {
+            "runtimes": [rt.model_dump(mode="json") for rt in detect_runtimes()],
+            "sources": [row._asdict() for row in source_status()],
+        }
+        print(json.dumps(doc, indent=2))
+        return 0
     table = Table(title="inference runtimes")
     for column in ("runtime", "usable", "version", "devices / providers", "why not"):
         table.add_column(column)

@@ -383,3 +383,20 @@ def test_the_daemon_refuses_a_kind_this_build_cannot_use(tmp_path: Path, state_d
     )
     assert res.returncode == EX_CONFIG, res.stderr
     assert "kind 'gstreamer' cannot be used here" in res.stderr.strip().splitlines()[-1]
+
+
+def test_doctor_json_lists_every_kind() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "doctor", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    doc = json.loads(out)
+    kinds = {row["kind"]: row for row in doc["sources"]}
+    assert set(kinds) == {"synthetic", "v4l2", "gstreamer", "url", "video", "images", "callback"}
+    assert kinds["url"]["usable"] is True  # the FFmpeg backend the stream tests use
+    assert all(row["detail"] for row in kinds.values())
+    assert {rt["name"] for rt in doc["runtimes"]} >= {"onnxruntime"}
