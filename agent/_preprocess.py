@@ -1,7 +1,8 @@
 """Frame preprocessing for the inference loop: HxWxC uint8 RGB frames -> a model's first input.
 
-Owns the arithmetic declared by ``agent.contracts.manifest.Preprocessing`` (resize, grayscale,
-``(x * scale - mean) / std``, NCHW/NHWC layout) and a default derived from an input spec when a
+Owns the arithmetic declared by ``agent.contracts.manifest.Preprocessing`` (resize by stretch,
+letterbox or center crop, grayscale, RGB/BGR order, ``(x * scale - mean) / std``, NCHW/NHWC
+layout) and a default derived from an input spec when a
 model has no manifest. Constants are folded once at construction (``x * gain - offset`` with
 ``gain = scale / std`` and ``offset = mean / std``) and the output buffer is reused across frames
 of the same size, so a frame costs two vectorized passes and no allocation. Decoding frames is
@@ -92,6 +93,9 @@ class FramePreprocessor:
                     f"resize {pre.resize} does not match input {spec.name!r} shape {spec.shape}"
                 )
         self._resize = pre.resize
+        self._fit = pre.fit
+        self._pad = pre.pad
+        self._bgr = pre.color == "bgr"
         mean = np.asarray(pre.mean, dtype=np.float64)
         std = np.asarray(pre.std, dtype=np.float64)
         if channels == 1:  # grey with the RGB defaults left in place: one value is meant
@@ -138,6 +142,30 @@ class FramePreprocessor:
         out: np.ndarray[Any, Any] = self._resizer(frame, h, w)
         return out if out.ndim == 3 else out[:, :, None]
 
+    def _fitted(self, frame: np.ndarray[Any, Any], h: int, w: int) -> np.ndarray[Any, Any]:
+        """``frame`` fitted to ``h`` x ``w``: stretched, letterboxed (aspect kept, centred on
+        ``pad``) or center-cropped (aspect kept, the middle of the scaled frame)."""
+        if self._fit == "stretch":
+            return self._resize_frame(frame, h, w)
+        fh, fw = frame.shape[:2]
+        if self._fit == "letterbox":
+            s = min(h / fh, w / fw)
+            nh, nw = max(1, min(h, round(fh * s))), max(1, min(w, round(fw * s)))
+            scaled = self._resize_frame(frame, nh, nw) if (nh, nw) != (fh, fw) else frame
+            if scaled.ndim == 2:
+                scaled = scaled[:, :, None]
+            canvas = np.full((h, w, scaled.shape[2]), self._pad, dtype=np.uint8)
+            top, left = (h - nh) // 2, (w - nw) // 2
+            canvas[top : top + nh, left : left + nw] = scaled
+            return canvas
+        s = max(h / fh, w / fw)
+        nh, nw = max(h, round(fh * s)), max(w, round(fw * s))
+        scaled = self._resize_frame(frame, nh, nw) if (nh, nw) != (fh, fw) else frame
+        if scaled.ndim == 2:
+            scaled = scaled[:, :, None]
+        top, left = (nh - h) // 2, (nw - w) // 2
+        return scaled[top : top + h, left : left + w]
+
     def __call__(self, frame: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8:
             got = frame.dtype if isinstance(frame, np.ndarray) else type(frame).__name__
@@ -147,7 +175,7 @@ class FramePreprocessor:
         elif frame.ndim != 3 or frame.shape[2] not in (1, 3, 4):
             raise InputError(f"frame must be HxW, HxWx1, HxWx3 or HxWx4, got {frame.shape}")
         if self._resize is not None and frame.shape[:2] != self._resize:
-            frame = self._resize_frame(frame, *self._resize)
+            frame = self._fitted(frame, *self._resize)
         h, w, fc = frame.shape
         if (self._h > 0 and h != self._h) or (self._w > 0 and w != self._w):
             raise InputError(
@@ -168,6 +196,8 @@ class FramePreprocessor:
                 frame = frame[:, :, :3]
             elif fc != c:
                 raise InputError(f"frame has {fc} channel(s) where {c} are expected")
+            if self._bgr and c == 3:
+                frame = frame[:, :, ::-1]
             self._normalize(frame, buf)
         return out if self._dtype == out.dtype else out.astype(self._dtype)
 

@@ -11,28 +11,48 @@ absence is a ``ConfigError`` naming the package. Pacing, stats and sinks belong 
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
 import numpy as np
 
 from agent.contracts.tensors import TensorSpec
 from agent.errors import ConfigError, InputError
+from agent.logs import get_logger
+
+if TYPE_CHECKING:
+    from agent.config import SourceConfig
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "CallbackSource",
     "FrameSource",
     "ImageFolderSource",
+    "SourceStatus",
+    "StreamSource",
     "SyntheticSource",
     "VideoSource",
+    "build_source",
+    "require_source_kind",
+    "source_status",
     "synthetic_feeds",
+    "video_devices",
 ]
 
 Feeds = Mapping[str, np.ndarray[Any, Any]]
 SourceKind = Literal["frames", "feeds"]
+log = get_logger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _log_safely(level: str, event: str, **fields: Any) -> None:
+    """Log from the grab thread: a broken log stream must not stop capture."""
+    with suppress(Exception):
+        getattr(log, level)(event, **fields)
 
 
 class FrameSource(Protocol):
@@ -299,3 +319,348 @@ class VideoSource:
         if self._cap is not None:
             self._cap.release()
             self._cap = None
+
+
+class StreamSource:
+    """A live stream through OpenCV: a V4L2 camera, a GStreamer pipeline or an RTSP/HTTP URL.
+
+    A grab thread reads frames as fast as the stream delivers them and keeps only the newest
+    one (no queue of stale frames): ``read`` returns the newest frame not yet handed out,
+    waiting for the next one if the loop is faster than the stream. A stream that ends, errors
+    or stalls for ``stall_timeout_s`` is released and reopened with exponential backoff; the
+    outage is logged (``source_lost``, ``source_reconnected`` with its ``gap_s``) and counted
+    in ``reconnects`` / ``down_s``. While it is down, ``read`` raises ``InputError`` saying so.
+
+    ``frame_ts`` is the capture time (epoch seconds) of the frame ``read`` returned last, taken
+    when the grab thread received it; ``frame_seq`` counts frames received since ``open``.
+    """
+
+    yields: SourceKind = "frames"
+    static_feeds: Feeds | None = None
+
+    def __init__(
+        self,
+        target: str | int,
+        *,
+        label: str,
+        api: int | None = None,
+        props: Mapping[int, float] | None = None,
+        reconnect_min_s: float = 0.5,
+        reconnect_max_s: float = 10.0,
+        stall_timeout_s: float = 5.0,
+        wait_s: float = 0.5,
+    ) -> None:
+        self._cv2 = _import_cv2(f"the {label} source")
+        self._target = target
+        self.label = label
+        self._api = self._cv2.CAP_ANY if api is None else api
+        self._props = dict(props or {})
+        self._min_s = reconnect_min_s
+        self._max_s = max(reconnect_max_s, reconnect_min_s)
+        self._stall_s = stall_timeout_s
+        self._wait_s = wait_s
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._cap: Any = None
+        self._frame: Any = None
+        self._seq = 0  # frames received
+        self._ts = 0.0
+        self._taken = 0  # the seq read() returned last
+        self._down_since: float | None = None
+        self._down_total = 0.0
+        self.reconnects = 0
+        self.frame_ts: float | None = None
+        self.frame_seq = 0
+
+    @property
+    def down_s(self) -> float:
+        """Seconds the stream has been down since ``open``, the current outage included."""
+        with self._cond:
+            since = self._down_since
+            return self._down_total + (time.monotonic() - since if since is not None else 0.0)
+
+    @property
+    def connected(self) -> bool:
+        return self._down_since is None and self._thread is not None
+
+    def _connect(self) -> Any:
+        cv2 = self._cv2
+        if self._api == cv2.CAP_FFMPEG:  # bound the network waits: a stall becomes a drop
+            ms = int(self._stall_s * 1000)
+            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
+            cap = cv2.VideoCapture(self._target, self._api, params)
+        else:
+            cap = cv2.VideoCapture(self._target, self._api)
+        if not cap.isOpened():
+            cap.release()
+            return None
+        for prop, value in self._props.items():
+            cap.set(prop, value)
+        # A driver-side queue would hand out old frames: ask for the smallest one.
+        cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
+        return cap
+
+    def open(self) -> None:
+        cap = self._connect()
+        if cap is None:
+            raise ConfigError(f"OpenCV cannot open {self.label}")
+        self._cap = cap
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._grab, name="grab", daemon=True)
+        self._thread.start()
+
+    def _grab(self) -> None:
+        cap = self._cap
+        while not self._stop.is_set():
+            try:
+                ok, bgr = cap.read() if cap is not None else (False, None)
+            except Exception as exc:  # a backend error is a dropped stream, not a dead thread
+                _log_safely("warning", "source_read_failed", source=self.label, error=str(exc))
+                ok, bgr = False, None
+            if ok:
+                with self._cond:
+                    self._frame = bgr
+                    self._seq += 1
+                    self._ts = time.time()
+                    self._cond.notify_all()
+                continue
+            if self._stop.is_set():
+                break
+            cap = self._reconnect(cap)
+        if cap is not None:
+            cap.release()
+
+    def _reconnect(self, cap: Any) -> Any:
+        """Release the dropped stream and reopen it with backoff; None only when stopping."""
+        if cap is not None:
+            cap.release()
+        started = time.monotonic()
+        with self._cond:
+            self._down_since = started
+            self._cond.notify_all()
+        _log_safely("warning", "source_lost", source=self.label)
+        delay = self._min_s
+        attempt = 0
+        while not self._stop.wait(delay):
+            attempt += 1
+            cap = self._connect()
+            if cap is not None:
+                now = time.monotonic()
+                with self._cond:
+                    self._down_total += now - started
+                    self._down_since = None
+                    self.reconnects += 1
+                _log_safely(
+                    "info",
+                    "source_reconnected",
+                    source=self.label,
+                    gap_s=round(now - started, 3),
+                    attempts=attempt,
+                )
+                return cap
+            delay = min(self._max_s, delay * 2)
+        return None
+
+    def read(self) -> np.ndarray[Any, Any] | None:
+        deadline = time.monotonic() + self._wait_s
+        with self._cond:
+            while self._seq == self._taken:
+                left = deadline - time.monotonic()
+                if self._down_since is not None:
+                    down = time.monotonic() - self._down_since
+                    if left <= 0:
+                        raise InputError(f"{self.label} is down ({down:.1f} s); reconnecting")
+                elif left <= 0:
+                    raise InputError(f"no new frame from {self.label} in {self._wait_s:g} s")
+                self._cond.wait(left)
+            bgr = self._frame
+            self._taken = seq = self._seq
+            ts = self._ts
+        self.frame_seq = seq
+        self.frame_ts = ts
+        if bgr.ndim == 2:
+            return bgr  # type: ignore[no-any-return]
+        rgb: np.ndarray[Any, Any] = self._cv2.cvtColor(bgr, self._cv2.COLOR_BGR2RGB)
+        return rgb
+
+    def skip(self, count: int) -> None:
+        pass  # the grab thread already drops every frame but the newest
+
+    def close(self) -> None:
+        self._stop.set()
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout=10)
+            self._thread = None
+        self._cap = None
+
+
+class SourceStatus(NamedTuple):
+    """Whether a source kind can be used on this machine, and why not."""
+
+    kind: str
+    usable: bool
+    detail: str
+
+
+def _cv2_or_none() -> Any:
+    try:
+        import cv2
+    except ImportError:
+        return None
+    return cv2
+
+
+def _has_backend(cv2: Any, api: int) -> bool:
+    with suppress(Exception):
+        return bool(cv2.videoio_registry.hasBackend(api))
+    return False
+
+
+def _gstreamer_in_build(cv2: Any) -> bool:
+    for line in cv2.getBuildInformation().splitlines():
+        if line.strip().startswith("GStreamer:"):
+            return "YES" in line.split(":", 1)[1]
+    return False
+
+
+def video_devices(dev: Path = Path("/dev")) -> list[str]:
+    """The V4L2 device nodes present (``/dev/video*``), in numeric order."""
+    found = [p for p in dev.glob("video*") if p.name[5:].isdigit()]
+    return [str(p) for p in sorted(found, key=lambda p: int(p.name[5:]))]
+
+
+_NO_CAMERA = "no camera: no /dev/video* device"
+
+
+def source_status() -> list[SourceStatus]:
+    """Each ``[loop.source]`` kind and whether it can be used here (for ``edge-agent doctor``)."""
+    cv2 = _cv2_or_none()
+    rows = [SourceStatus("synthetic", True, "random tensors shaped from the model")]
+    no_cv2 = "OpenCV is not installed: pip install opencv-python-headless"
+    if cv2 is None:
+        rows += [SourceStatus(k, False, no_cv2) for k in ("v4l2", "gstreamer", "url", "video")]
+    else:
+        devices = video_devices()
+        if not _has_backend(cv2, cv2.CAP_V4L2):
+            rows.append(SourceStatus("v4l2", False, "this OpenCV build has no V4L2 backend"))
+        elif not devices:
+            rows.append(SourceStatus("v4l2", False, _NO_CAMERA))
+        else:
+            rows.append(SourceStatus("v4l2", True, ", ".join(devices)))
+        if _gstreamer_in_build(cv2):
+            rows.append(SourceStatus("gstreamer", True, f"OpenCV {cv2.__version__} with GStreamer"))
+        else:
+            rows.append(
+                SourceStatus(
+                    "gstreamer",
+                    False,
+                    f"OpenCV {cv2.__version__} is built without GStreamer (JetPack's is built "
+                    "with it; a pip wheel is not)",
+                )
+            )
+        if _has_backend(cv2, cv2.CAP_FFMPEG):
+            rows.append(SourceStatus("url", True, "rtsp/http through OpenCV's FFmpeg backend"))
+            rows.append(SourceStatus("video", True, "files through OpenCV's FFmpeg backend"))
+        else:
+            why = "this OpenCV build has no FFmpeg backend"
+            rows += [SourceStatus("url", False, why), SourceStatus("video", False, why)]
+    decoder = "Pillow" if _has_module("PIL") else ("OpenCV" if cv2 is not None else None)
+    rows.append(
+        SourceStatus(
+            "images",
+            decoder is not None,
+            f"decoded by {decoder}" if decoder else "needs Pillow or OpenCV",
+        )
+    )
+    rows.append(SourceStatus("callback", True, "in-process only (agent.loop.CallbackSource)"))
+    return rows
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def require_source_kind(kind: str, *, device: bool = True) -> None:
+    """``ConfigError`` naming why ``kind`` cannot be used here, if it cannot. ``device=False``
+    asks only whether this build could use it (a camera may be plugged in later)."""
+    for row in source_status():
+        if row.kind != kind or row.usable:
+            continue
+        if not device and row.detail == _NO_CAMERA:
+            return
+        raise ConfigError(f"loop.source kind {kind!r} cannot be used here: {row.detail}")
+
+
+def build_source(
+    config: SourceConfig,
+    specs: Sequence[TensorSpec],
+    *,
+    repeat: bool,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    dynamic_size: int = 64,
+) -> FrameSource:
+    """The source ``[loop.source]`` describes; ``repeat`` is the default for files and folders
+    whose config leaves it unset. ``ConfigError`` when the kind cannot be used here."""
+    kind = config.kind
+    if config.kind == "synthetic":
+        return SyntheticSource(specs, shapes=shapes, dynamic_size=dynamic_size)
+    if shapes:
+        raise ConfigError("--shape applies to the synthetic source only")
+    if config.kind == "callback":
+        raise ConfigError("the callback source exists only in-process (agent.loop.CallbackSource)")
+    if config.kind == "images":
+        rep = repeat if config.repeat is None else config.repeat
+        return ImageFolderSource(config.path, repeat=rep)
+    if config.kind == "video":
+        rep = repeat if config.repeat is None else config.repeat
+        return VideoSource(config.path, repeat=rep)
+    require_source_kind(kind)
+    cv2 = _import_cv2(f"the {kind} source")
+
+    def stream(target: str | int, label: str, api: int, props: dict[int, float]) -> StreamSource:
+        return StreamSource(
+            target,
+            label=label,
+            api=api,
+            props=props,
+            reconnect_min_s=config.reconnect_min_s,
+            reconnect_max_s=config.reconnect_max_s,
+            stall_timeout_s=config.stall_timeout_s,
+        )
+
+    if config.kind == "v4l2":
+        device = config.device
+        if isinstance(device, str) and not Path(device).exists():
+            raise ConfigError(f"no camera at {device}")
+        props: dict[int, float] = {}
+        if config.fourcc is not None:
+            props[cv2.CAP_PROP_FOURCC] = float(cv2.VideoWriter_fourcc(*config.fourcc))
+        if config.width is not None:
+            props[cv2.CAP_PROP_FRAME_WIDTH] = float(config.width)
+        if config.height is not None:
+            props[cv2.CAP_PROP_FRAME_HEIGHT] = float(config.height)
+        if config.fps is not None:
+            props[cv2.CAP_PROP_FPS] = float(config.fps)
+        label = f"camera {device}"
+        return stream(device, label, cv2.CAP_V4L2, props)
+    if config.kind == "gstreamer":
+        return stream(config.pipeline, "GStreamer pipeline", cv2.CAP_GSTREAMER, {})
+    return stream(config.url, _redacted(config.url), cv2.CAP_FFMPEG, {})
+
+
+def _redacted(url: str) -> str:
+    """A URL for logs, without a password (``rtsp://user:pass@host`` -> ``rtsp://user@host``)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    netloc = f"{parts.username}@{host}" if parts.username else host
+    return urlunsplit(parts._replace(netloc=netloc))

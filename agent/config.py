@@ -8,11 +8,19 @@ their unit in the field name.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from agent.contracts.profile import Pins
@@ -28,12 +36,20 @@ __all__ = [
     "ApiConfig",
     "BackendConfig",
     "BatchingConfig",
+    "CallbackSourceConfig",
     "ControlPlaneConfig",
+    "GstreamerSourceConfig",
     "HardwareConfig",
+    "ImagesSourceConfig",
     "LoopConfig",
     "ModelConfig",
     "MqttConfig",
+    "SourceConfig",
     "SwapConfig",
+    "SyntheticSourceConfig",
+    "UrlSourceConfig",
+    "V4l2SourceConfig",
+    "VideoSourceConfig",
     "load_settings",
 ]
 
@@ -70,16 +86,153 @@ class BackendConfig(_Section):
         return Pins(backend=self.pin_backend, precision=self.pin_precision)
 
 
+class _SourceSection(_Section):
+    """Fields every ``[loop.source]`` kind shares (none yet beyond ``kind``)."""
+
+
+class SyntheticSourceConfig(_SourceSection):
+    """The same random tensors every read, shaped from the model's inputs."""
+
+    kind: Literal["synthetic"] = "synthetic"
+
+
+class _StreamSection(_SourceSection):
+    """A live stream read by a grab thread that keeps only the newest frame; a dropped stream
+    is reopened with exponential backoff from ``reconnect_min_s`` to ``reconnect_max_s``."""
+
+    reconnect_min_s: float = Field(default=0.5, gt=0, le=60)
+    reconnect_max_s: float = Field(default=10.0, gt=0, le=600)
+    # A stream that delivers no new frame for this long is treated as dropped and reopened.
+    stall_timeout_s: float = Field(default=5.0, gt=0, le=600)
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> _StreamSection:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        return self
+
+
+class V4l2SourceConfig(_StreamSection):
+    """A V4L2 camera by device path (``/dev/video0``) or index, with optional capture format."""
+
+    kind: Literal["v4l2"]
+    device: int | str = 0
+    width: int | None = Field(default=None, ge=1, le=16384)
+    height: int | None = Field(default=None, ge=1, le=16384)
+    fps: float | None = Field(default=None, gt=0, le=1000)
+    fourcc: str | None = Field(default=None, pattern=r"^[A-Za-z0-9 ]{4}$")  # MJPG, YUYV, ...
+
+    @field_validator("device")
+    @classmethod
+    def _device_form(cls, value: int | str) -> int | str:
+        if isinstance(value, int):
+            if value < 0:
+                raise ValueError("device index must be >= 0")
+            return value
+        if not re.fullmatch(r"/dev/[A-Za-z0-9._/-]{1,200}", value):
+            raise ValueError("device must be an index or a path under /dev, e.g. /dev/video0")
+        return value
+
+
+class GstreamerSourceConfig(_StreamSection):
+    """A GStreamer pipeline string ending in an ``appsink`` (needs OpenCV built with GStreamer,
+    as on JetPack)."""
+
+    kind: Literal["gstreamer"]
+    pipeline: str = Field(min_length=1, max_length=4096)
+
+    @field_validator("pipeline")
+    @classmethod
+    def _ends_in_appsink(cls, value: str) -> str:
+        if "appsink" not in value:
+            raise ValueError("a GStreamer pipeline for the loop must end in an appsink element")
+        return value
+
+
+class UrlSourceConfig(_StreamSection):
+    """A network stream: ``rtsp://``, ``rtsps://``, ``http://`` or ``https://`` (MJPEG, HLS,
+    ...), opened through OpenCV's FFmpeg backend."""
+
+    kind: Literal["url"]
+    url: str = Field(max_length=2048, pattern=r"^(rtsp|rtsps|http|https)://[^\s]+$")
+
+
+class VideoSourceConfig(_SourceSection):
+    """A video file; ``repeat`` unset: the daemon rewinds at the end, ``edge-agent run`` stops."""
+
+    kind: Literal["video"]
+    path: Path
+    repeat: bool | None = None
+
+
+class ImagesSourceConfig(_SourceSection):
+    """Every image of a folder in name order; ``repeat`` as for video files."""
+
+    kind: Literal["images"]
+    path: Path
+    repeat: bool | None = None
+
+
+class CallbackSourceConfig(_SourceSection):
+    """Frames from an in-process function (``agent.loop.CallbackSource``): library use only."""
+
+    kind: Literal["callback"]
+
+
+SourceConfig = Annotated[
+    SyntheticSourceConfig
+    | V4l2SourceConfig
+    | GstreamerSourceConfig
+    | UrlSourceConfig
+    | VideoSourceConfig
+    | ImagesSourceConfig
+    | CallbackSourceConfig,
+    Field(discriminator="kind"),
+]
+
+# The string form of ``loop.source`` used before ``[loop.source]`` existed.
+_LEGACY_SOURCES = ("synthetic", "images", "video", "camera", "callback")
+
+
 class LoopConfig(_Section):
     """The local inference loop."""
 
-    source: Literal["synthetic", "images", "video", "camera", "callback"] = "synthetic"
-    source_path: Path | None = None
-    camera_index: int = 0
+    source: SourceConfig = SyntheticSourceConfig()
     rate_hz: float = Field(default=30.0, gt=0)
     drop_policy: Literal["skip", "catch_up"] = "skip"
     window_s: float = Field(default=10.0, gt=0)
     sink_path: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate_string_source(cls, data: Any) -> Any:
+        """``source = "camera"`` with ``camera_index`` / ``source_path`` (the older form) maps
+        onto ``[loop.source]``; mixing the two forms is an error that names the new one."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        legacy = {k: data.pop(k) for k in ("source_path", "camera_index") if k in data}
+        source = data.get("source")
+        if isinstance(source, str):
+            if source not in _LEGACY_SOURCES:
+                raise ValueError(
+                    f"loop.source = {source!r} is not a source; use a [loop.source] table with "
+                    "kind = synthetic, v4l2, gstreamer, url, video, images or callback"
+                )
+            if source == "camera":
+                data["source"] = {"kind": "v4l2", "device": legacy.get("camera_index", 0)}
+            elif source in ("images", "video"):
+                if legacy.get("source_path") is None:
+                    raise ValueError(f"loop.source = {source!r} needs loop.source_path")
+                data["source"] = {"kind": source, "path": legacy["source_path"]}
+            else:
+                data["source"] = {"kind": source}
+        elif legacy:
+            raise ValueError(
+                f"loop.{' and loop.'.join(sorted(legacy))} belong to the string form of "
+                "loop.source; under [loop.source] write device = ... or path = ..."
+            )
+        return data
 
 
 class ModelConfig(_Section):

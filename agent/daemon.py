@@ -30,8 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from agent._sources import build_source, require_source_kind
 from agent.config import AgentSettings
 from agent.contracts.events import UpdateEvent
+from agent.contracts.manifest import Preprocessing
 from agent.contracts.profile import HardwareProfile
 from agent.contracts.state import LoopHealth
 from agent.contracts.telemetry import ModelTelemetry, SlotIdentity
@@ -39,13 +41,7 @@ from agent.contracts.tensors import TensorSpec
 from agent.errors import AgentError, ConfigError
 from agent.events import EventBus, EventSequence
 from agent.logs import get_logger
-from agent.loop import (
-    FrameSource,
-    ImageFolderSource,
-    InferenceLoop,
-    SyntheticSource,
-    VideoSource,
-)
+from agent.loop import FrameSource, InferenceLoop, JsonLinesSink
 from agent.models.activation import ModelActivator
 from agent.models.probation import Limits, UpdateJournal, boot_version, rejected_versions
 from agent.models.slots import ModelSlot, SlotRegistry, load_options_from
@@ -70,6 +66,7 @@ class _LoopWatch:
     status: LoopStatus | None = None
     retry_at: float = 0.0  # monotonic seconds
     version: str = ""  # the version serving when the loop was built
+    preprocessing: object = None  # the declared preprocessing the loop was built with
     window: object = None  # start of the last window looked at
     done: list[tuple[InferenceLoop, _CountingModel]] = field(default_factory=list)
 
@@ -217,6 +214,7 @@ class Daemon:
         self._api: Any = None
         self._watchdog: WatchdogPinger | None = None
         self._progress: dict[str, int] = {}
+        self._warned_preprocessing: set[tuple[str, str]] = set()
         self._reported_windows: dict[str, object] = {}
         self._watch: dict[str, _LoopWatch] = {m.name: _LoopWatch() for m in settings.models}
         self._watch_lock = threading.Lock()
@@ -498,6 +496,11 @@ class Daemon:
                 failed = watch.status is not None and watch.status.health == "failed"
                 if failed and (slot.version != watch.version or now >= watch.retry_at):
                     self._retire_loop(name)  # rebuilt below: another version, or a retry
+                elif not failed and slot.version != watch.version:
+                    if self._declared(name, slot.version) == watch.preprocessing:
+                        watch.version = slot.version  # same preprocessing: the loop goes on
+                        continue
+                    self._retire_loop(name)  # the new version declares other preprocessing
                 else:
                     continue
             if now < watch.retry_at:
@@ -509,11 +512,43 @@ class Daemon:
                 watch.retry_at = now + LOOP_RETRY_S
                 watch.version = slot.version
 
+    def _declared(self, name: str, version: str) -> Preprocessing | None:
+        """The preprocessing ``version``'s manifest declares (None: none, or no manifest)."""
+        try:
+            return self.store.manifest(name, version).preprocessing
+        except (AgentError, OSError):
+            return None
+
+    def _preprocessing(
+        self, name: str, slot: ModelSlot, source: FrameSource
+    ) -> Preprocessing | None:
+        """The serving version's declared preprocessing (its manifest); a frame source feeding
+        a model that declares none gets the default from its input and a warning, once per
+        version: a camera-fed detector then sees plain ``x/255`` stretched to its input."""
+        declared = self._declared(name, slot.version)
+        self._watch[name].preprocessing = declared
+        if declared is None and source.yields == "frames":
+            key = (name, slot.version)
+            if key not in self._warned_preprocessing:
+                self._warned_preprocessing.add(key)
+                log.warning(
+                    "loop_without_preprocessing",
+                    model=name,
+                    version=slot.version,
+                    source=self.settings.loop.source.kind,
+                    using="resize to the input, scale 1/255, RGB",
+                    hint="declare it with: edgectl models push ... --preprocess resize=HxW,...",
+                )
+        return declared
+
     def _start_loop(self, name: str, slot: ModelSlot) -> None:
         counting = _CountingModel(slot)
+        source = self._source(slot)
         loop = InferenceLoop(
             counting,
-            self._source(slot),
+            source,
+            preprocessing=self._preprocessing(name, slot, source),
+            sink=JsonLinesSink(sink_path) if (sink_path := self.settings.loop.sink_path) else None,
             name=name,
             rate_hz=self.settings.loop.rate_hz,
             drop_policy=self.settings.loop.drop_policy,
@@ -565,16 +600,7 @@ class Daemon:
             return {n: w.status for n, w in self._watch.items() if w.status is not None}
 
     def _source(self, slot: ModelSlot) -> FrameSource:
-        config = self.settings.loop
-        if config.source == "synthetic":
-            return SyntheticSource(slot.inputs, dynamic_size=1)
-        if config.source == "camera":
-            return VideoSource(config.camera_index)
-        if config.source_path is None or config.source == "callback":
-            raise ConfigError(f"loop.source = {config.source!r} cannot run in the daemon")
-        if config.source == "images":
-            return ImageFolderSource(config.source_path, repeat=True)
-        return VideoSource(config.source_path, repeat=True)
+        return build_source(self.settings.loop.source, slot.inputs, repeat=True, dynamic_size=1)
 
     def healthy(self) -> bool:
         """For the watchdog: no loop is failed, and every loop finished an inference since the
@@ -677,13 +703,16 @@ def _check_state_dir(path: Path) -> None:
 
 
 def _check_loop_config(settings: AgentSettings) -> None:
-    """A loop source the daemon can never run is a configuration error (exit 78); a source
-    that exists but fails (a camera unplugged, a file gone) is reported while running."""
-    config = settings.loop
-    if not settings.models or config.source in ("synthetic", "camera"):
+    """A loop source the daemon can never run is a configuration error (exit 78): the callback
+    kind, or a kind this build cannot use (OpenCV without GStreamer, no FFmpeg backend). A
+    source that exists but fails (no camera plugged in yet, a stream down) is reported while
+    running."""
+    source = settings.loop.source
+    if not settings.models or source.kind == "synthetic":
         return
-    if config.source == "callback" or config.source_path is None:
-        raise ConfigError(f"loop.source = {config.source!r} cannot run in the daemon")
+    if source.kind == "callback":
+        raise ConfigError("loop.source kind 'callback' cannot run in the daemon")
+    require_source_kind(source.kind, device=False)
 
 
 def _profile_reader(settings: AgentSettings) -> Callable[[], HardwareProfile]:

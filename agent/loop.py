@@ -80,6 +80,7 @@ _FAILURE_LOG_INTERVAL_NS = 1_000_000_000
 _BACKOFF_AFTER_FAILURES = 10  # consecutive failures before the loop starts to back off
 _BACKOFF_MAX_S = 1.0
 _MIN_COUNT_FOR_RATE = 64  # a window this busy predicts the next one's count
+_MAX_AGES = 65536  # frame ages kept per window (a live source delivers far fewer)
 
 
 def _log_safely(level: str, event: str, **fields: Any) -> None:
@@ -127,6 +128,20 @@ class WindowStats(BaseModel):
     total_count: int
     total_failed: int
     total_dropped: int
+    # Where a successful frame's time went, mean ms per frame over the window: waiting for and
+    # decoding the frame, preprocessing, the model, the sink. ``None`` without a frame (and on
+    # the unthrottled synthetic path, which times inference only).
+    capture_ms: float | None = None
+    preprocess_ms: float | None = None
+    infer_ms: float | None = None
+    postprocess_ms: float | None = None
+    # Capture time to inference start, for sources that stamp their frames (live streams).
+    frame_age_p50_ms: float | None = None
+    frame_age_p99_ms: float | None = None
+    # A live stream's reconnections and seconds down, in this window and since the start.
+    reconnects: int = 0
+    stream_down_s: float = 0.0
+    total_reconnects: int = 0
 
 
 class ResultRecord(BaseModel):
@@ -356,6 +371,12 @@ class InferenceLoop:
         self._window_start_ns = 0
         self._window_start_wall = 0.0
         self._total_count = self._total_failed = self._total_dropped = 0
+        self._total_reconnects = 0
+        self._total_down_s = 0.0
+        # Per-window sums of capture/preprocess/infer/sink ns, and frame ages (s); the paced
+        # loop fills them, the window close turns them into means and percentiles.
+        self._split: list[int] | None = None
+        self._ages: list[float] = []
         self._open_activity = False
         # Failure logging, rate-limited.
         self._fail_log_at = -_FAILURE_LOG_INTERVAL_NS
@@ -568,6 +589,10 @@ class InferenceLoop:
         infer = self._infer
         clock = self._clock
         sleep = self._sleep
+        source = self._source
+        stamped = hasattr(source, "frame_ts")
+        split = self._split = [0, 0, 0, 0]
+        ages = self._ages = []
         read = self._source.read
         skip = self._source.skip
         pre = self._preprocess
@@ -612,6 +637,7 @@ class InferenceLoop:
                 due += period
             left -= 1
             try:
+                t_read = clock()
                 frame = read()
                 if frame is None:
                     break
@@ -619,8 +645,10 @@ class InferenceLoop:
                 t_start = clock()
                 if pre is not None:
                     frame_feeds[first] = pre(frame)
+                    t_pre = clock()
                     outputs = infer(frame_feeds)
                 else:
+                    t_pre = t_start
                     outputs = infer(frame)
                 t = clock()
             except Exception as exc:
@@ -642,12 +670,20 @@ class InferenceLoop:
                     sampler.compact()
                     kept, stride = sampler.kept, sampler.stride
             n += 1
+            split[0] += t_start - t_read
+            split[1] += t_pre - t_start
+            split[2] += t - t_pre
+            if stamped and len(ages) < _MAX_AGES:
+                frame_ts = source.frame_ts  # type: ignore[attr-defined]
+                if frame_ts is not None:
+                    ages.append(wall_offset + t_pre / 1e9 - frame_ts)
             if sink is not None:
                 try:
                     sink(seq, wall_offset + t / 1e9, t - t_start, outputs)
                 except Exception as exc:
                     failed += 1
                     self._failed(exc, t, n)
+                split[3] += clock() - t
             if t >= window_end:
                 self._close_window(n, failed, dropped, kept, t, state="running")
                 n = failed = dropped = kept = keep_at = 0
@@ -685,6 +721,23 @@ class InferenceLoop:
         self._total_count += n
         self._total_failed += failed
         self._total_dropped += dropped
+        split, ages = self._split, self._ages
+        means: list[float | None] = [None] * 4  # the static path times inference only
+        if split is not None and n:
+            means = [v / n / 1e6 for v in split]
+        age50 = age99 = None
+        if ages:
+            a50, a99 = np.percentile(np.asarray(ages, dtype=np.float64), (50.0, 99.0))
+            age50, age99 = float(a50) * 1e3, float(a99) * 1e3
+        reconnects = 0
+        down_s = 0.0
+        source = self._source
+        if hasattr(source, "reconnects"):
+            total_reconnects = int(source.reconnects)
+            total_down = float(getattr(source, "down_s", 0.0))
+            reconnects = total_reconnects - self._total_reconnects
+            down_s = max(0.0, total_down - self._total_down_s)
+            self._total_reconnects, self._total_down_s = total_reconnects, total_down
         stats = WindowStats(
             model=self.name,
             state=state,
@@ -702,7 +755,19 @@ class InferenceLoop:
             total_count=self._total_count,
             total_failed=self._total_failed,
             total_dropped=self._total_dropped,
+            capture_ms=means[0],
+            preprocess_ms=means[1],
+            infer_ms=means[2],
+            postprocess_ms=means[3],
+            frame_age_p50_ms=age50,
+            frame_age_p99_ms=age99,
+            reconnects=reconnects,
+            stream_down_s=round(down_s, 3),
+            total_reconnects=self._total_reconnects,
         )
+        if split is not None:
+            split[:] = (0, 0, 0, 0)
+        ages.clear()
         self._latest = stats
         self._open_window(t_ns)
         if self._sink is not None:

@@ -40,6 +40,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from agent.contracts.manifest import Preprocessing
 from agent.logs import get_logger
 from control_plane.artifacts import ArtifactStore
 from control_plane.db.models import BuildJob, ModelVersion
@@ -323,6 +324,11 @@ class BuildWorker:
             name, number = version.model.name, version.version
             budget = version.model.accuracy_budget
             task = version.task
+            preprocessing = (
+                Preprocessing.model_validate(version.preprocessing)
+                if version.preprocessing
+                else None
+            )
             digests = {
                 "calibration": version.calibration_sha256,
                 "validation": version.validation_sha256,
@@ -351,6 +357,7 @@ class BuildWorker:
             accuracy_budget=budget,
             progress=self._progress_writer(job_id),
             task=task,  # type: ignore[arg-type]  # checked against TASKS at upload
+            preprocessing=preprocessing,
         )
         with self._sessions() as session:
             job = self._still_ours(session, job_id)

@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from agent.contracts.accuracy import Task
-from agent.contracts.manifest import MANIFEST_FILE, BundleManifest, semver_key
+from agent.contracts.manifest import MANIFEST_FILE, BundleManifest, Preprocessing, semver_key
 from agent.logs import get_logger
 from control_plane.artifacts import ArtifactStore
 from control_plane.db.models import BuildJob, Model, ModelVersion, VariantRow
@@ -59,6 +59,7 @@ class BuildVariants(Protocol):
         accuracy_budget: float,
         progress: Callable[[float, str], None],
         task: Task | None,
+        preprocessing: Preprocessing | None,
     ) -> BundleManifest: ...
 
 
@@ -71,6 +72,7 @@ class StagedUpload:
     validation: Path | None = None
     golden: Path | None = None
     task: Task | None = None  # the accuracy gate's task; None: the build decides
+    preprocessing: Preprocessing | None = None  # written into every variant's manifest
 
 
 def archive_path(name: str, version: str, variant_id: str) -> str:
@@ -179,6 +181,9 @@ def create_version(
         validation_sha256=digests["validation"],
         golden_sha256=digests["golden"],
         task=task or staged.task,
+        preprocessing=(
+            staged.preprocessing.model_dump(mode="json") if staged.preprocessing else None
+        ),
         created_at=now,
         created_by=created_by,
     )

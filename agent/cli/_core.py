@@ -26,7 +26,10 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--root", type=Path, default=Path("/"), help="read board files under ROOT")
     p.set_defaults(func=_profile)
 
-    d = sub.add_parser("doctor", help="which inference runtimes are usable here, and why not")
+    d = sub.add_parser(
+        "doctor", help="which inference runtimes and loop sources are usable here, and why not"
+    )
+    d.add_argument("--json", action="store_true", help="print runtimes and sources as JSON")
     d.set_defaults(func=_doctor)
 
     b = sub.add_parser("bench", help="measure a model on every backend x precision")
@@ -94,8 +97,16 @@ def _doctor(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from agent._sources import source_status
     from agent.hardware import detect_runtimes
 
+    if args.json:
+        doc = {
+            "runtimes": [rt.model_dump(mode="json") for rt in detect_runtimes()],
+            "sources": [row._asdict() for row in source_status()],
+        }
+        print(json.dumps(doc, indent=2))
+        return 0
     table = Table(title="inference runtimes")
     for column in ("runtime", "usable", "version", "devices / providers", "why not"):
         table.add_column(column)
@@ -107,8 +118,25 @@ def _doctor(args: argparse.Namespace) -> int:
             ", ".join(rt.devices) or "-",
             rt.reason or "",
         )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    console.print(_sources_table())
     return 0
+
+
+def _sources_table() -> Any:
+    """Each ``[loop.source]`` kind: usable here or why not (cameras, OpenCV's GStreamer)."""
+    from rich.table import Table
+
+    from agent._sources import source_status
+
+    table = Table(title="loop sources (\\[loop.source] kind)")
+    for column in ("kind", "usable", "details / why not"):
+        table.add_column(column)
+    for row in source_status():
+        usable = "[green]yes[/green]" if row.usable else "[red]no[/red]"
+        table.add_row(row.kind, usable, row.detail)
+    return table
 
 
 def _parse_shapes(items: list[str]) -> dict[str, tuple[int, ...]]:

@@ -19,19 +19,12 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
+from agent._sources import build_source
 from agent.backends import Artifact, LoadOptions, Session, load_first
 from agent.config import AgentSettings, LoopConfig, ModelConfig, load_settings
 from agent.errors import ConfigError
 from agent.logs import configure_logging, get_logger
-from agent.loop import (
-    FrameSource,
-    ImageFolderSource,
-    InferenceLoop,
-    JsonLinesSink,
-    SyntheticSource,
-    VideoSource,
-    WindowStats,
-)
+from agent.loop import FrameSource, InferenceLoop, JsonLinesSink, WindowStats
 
 __all__ = ["backend_label", "register", "stats_table"]
 
@@ -157,21 +150,8 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 
 
 def _source(config: LoopConfig, session: Session, shape: tuple[int, ...] | None) -> FrameSource:
-    kind = config.source
-    if kind == "synthetic":
-        shapes = {session.inputs[0].name: shape} if shape else None
-        return SyntheticSource(session.inputs, shapes=shapes)
-    if shape is not None:
-        raise ConfigError("--shape applies to the synthetic source only")
-    if kind == "camera":
-        return VideoSource(config.camera_index)
-    if kind == "callback":
-        raise ConfigError("the callback source exists only in-process (agent.loop.CallbackSource)")
-    if config.source_path is None:
-        raise ConfigError(f"loop.source = {kind!r} needs loop.source_path")
-    if kind == "images":
-        return ImageFolderSource(config.source_path)
-    return VideoSource(config.source_path)
+    shapes = {session.inputs[0].name: shape} if shape else None
+    return build_source(config.source, session.inputs, repeat=False, shapes=shapes)
 
 
 def backend_label(session: Session) -> str:

@@ -7,11 +7,21 @@ golden cases. This module decides nothing and touches no disk beyond ``load``/``
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from agent.contracts.accuracy import Metric, Task
 from agent.contracts.tensors import TensorSpec
@@ -150,7 +160,9 @@ class BuildReport(_Frozen):
 
 
 class Preprocessing(_Frozen):
-    """How the inference loop turns a frame (HxWxC uint8, RGB) into the model's first input."""
+    """How the inference loop turns a frame (HxWxC uint8, RGB) into the model's first input:
+    fit to ``resize`` (stretch, letterbox with ``pad`` borders, or center crop), channel order
+    ``color``, ``(x * scale - mean) / std`` per channel (in the model's channel order), layout."""
 
     resize: tuple[int, int] | None = None  # (height, width)
     layout: Literal["NCHW", "NHWC"] = "NCHW"
@@ -158,6 +170,101 @@ class Preprocessing(_Frozen):
     scale: float = 1.0 / 255.0
     mean: tuple[float, ...] = (0.0, 0.0, 0.0)
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    color: Literal["rgb", "bgr"] = "rgb"
+    fit: Literal["stretch", "letterbox", "center_crop"] = "stretch"
+    pad: int = Field(default=114, ge=0, le=255)  # letterbox border value
+
+    @model_serializer(mode="wrap")
+    def _without_new_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """``color``, ``fit`` and ``pad`` are left out at their defaults: an agent older than
+        them (its manifest model forbids unknown fields) still reads such a manifest."""
+        data: dict[str, Any] = handler(self)
+        for key, default in (("color", "rgb"), ("fit", "stretch"), ("pad", 114)):
+            if data.get(key) == default:
+                data.pop(key)
+        return data
+
+    @classmethod
+    def parse(cls, text: str) -> Preprocessing:
+        """``resize=640x640,layout=nchw,mean=0.485,0.456,0.406,std=...,color=rgb,fit=letterbox``:
+        ``key=value`` items separated by commas; a value list (mean, std) continues over the
+        commas that follow it. Keys: resize, layout, mean, std, scale (a number or ``1/255``),
+        color, fit, pad, grayscale. ``ValueError`` names what is wrong."""
+        if len(text) > 1024:
+            raise ValueError("preprocessing spec longer than 1024 characters")
+        items: dict[str, list[str]] = {}
+        key = ""
+        for token in (t.strip() for t in text.split(",")):
+            if "=" in token:
+                key, value = (part.strip() for part in token.split("=", 1))
+                key = key.lower()
+                if key in items:
+                    raise ValueError(f"{key} given twice")
+                items[key] = [value]
+            elif key and key in ("mean", "std") and token:
+                items[key].append(token)
+            else:
+                raise ValueError(f"{token!r} is not key=value")
+        known = {"resize", "layout", "mean", "std", "scale", "color", "fit", "pad", "grayscale"}
+        unknown = sorted(set(items) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown}; known: {', '.join(sorted(known))}")
+        fields: dict[str, Any] = {}
+        for key, values in items.items():
+            value = values[0]
+            if key == "resize":
+                h, _, w = value.lower().partition("x")
+                fields["resize"] = (_int(h, key), _int(w, key))
+            elif key == "layout":
+                fields["layout"] = value.upper()
+            elif key in ("mean", "std"):
+                fields[key] = tuple(_float(v, key) for v in values)
+            elif key == "scale":
+                num, slash, den = value.partition("/")
+                fields["scale"] = _float(num, key) / (_float(den, key) if slash else 1.0)
+            elif key in ("color", "fit"):
+                fields[key] = value.lower().replace("-", "_")
+            elif key == "pad":
+                fields["pad"] = _int(value, key)
+            else:
+                if value.lower() not in ("true", "false"):
+                    raise ValueError("grayscale must be true or false")
+                fields["grayscale"] = value.lower() == "true"
+        h, w = fields.get("resize", (1, 1))
+        if not (0 < h <= 16384 and 0 < w <= 16384):
+            raise ValueError("resize must be 1..16384 x 1..16384")
+        for key in ("mean", "std"):
+            if not 1 <= len(fields.get(key, (0.0,))) <= 4:
+                raise ValueError(f"{key} takes one to four values (one per channel)")
+        if any(v == 0 for v in fields.get("std", ())):
+            raise ValueError("std must not contain zeros")
+        if "mean" in fields and "std" not in fields:
+            fields["std"] = (1.0,) * len(fields["mean"])
+        if "std" in fields and "mean" not in fields:
+            fields["mean"] = (0.0,) * len(fields["std"])
+        try:
+            return cls(**fields)
+        except ValidationError as exc:
+            raise ValueError(
+                "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+            ) from None
+
+
+def _int(text: str, key: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{key}: {text!r} is not an integer") from None
+
+
+def _float(text: str, key: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{key}: {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{key}: {text!r} is not a finite number")
+    return value
 
 
 class Provenance(_Frozen):

@@ -14,7 +14,13 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from agent.contracts.accuracy import Task
 from agent.contracts.enrollment import LabelKey, LabelValue
-from agent.contracts.manifest import NAME_RE, AccuracyReport, BuildReport, TargetConstraints
+from agent.contracts.manifest import (
+    NAME_RE,
+    AccuracyReport,
+    BuildReport,
+    Preprocessing,
+    TargetConstraints,
+)
 from agent.contracts.profile import HardwareProfile
 from agent.contracts.state import DesiredState, ReportedState
 from control_plane.auth import Role
@@ -142,6 +148,11 @@ class VersionPublic(BaseModel):
     created_by: str
     task: Task | None = Field(
         default=None, description="the accuracy gate's task (declared, or the one the build used)"
+    )
+    preprocessing: Preprocessing | None = Field(
+        default=None,
+        description="how a device's loop turns frames into the first input (declared at upload;"
+        " in every variant's manifest)",
     )
     variants: list[VariantPublic]
     skipped: list[SkippedVariant] = []

@@ -9,7 +9,7 @@ from pydantic import ValidationError as PydanticValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from agent.contracts.manifest import AccuracyReport, BuildReport, TargetConstraints
+from agent.contracts.manifest import AccuracyReport, BuildReport, Preprocessing, TargetConstraints
 from agent.contracts.profile import HardwareProfile
 from agent.contracts.state import ReportedState
 from agent.logs import get_logger
@@ -165,6 +165,7 @@ def version_public(session: Session, version: ModelVersion) -> VersionPublic:
         created_at=version.created_at,
         created_by=version.created_by,
         task=_task(version),  # type: ignore[arg-type]  # stored values come from TASKS
+        preprocessing=_stored(Preprocessing, version.preprocessing, version.version),
         variants=[variant_public(r, version) for r in version.variants],
         skipped=_skipped(job, version),
         job=job_public(job, version) if job else None,

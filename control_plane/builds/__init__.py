@@ -20,7 +20,7 @@ from pathlib import Path
 
 from agent._fs import file_sha256
 from agent.contracts.accuracy import TASKS, Task
-from agent.contracts.manifest import NAME_RE, BundleManifest, semver_key
+from agent.contracts.manifest import NAME_RE, BundleManifest, Preprocessing, semver_key
 from agent.logs import get_logger
 from control_plane.builds._bundle import check_destination, staged_bundle
 from control_plane.builds._int8 import Int8Search
@@ -97,6 +97,7 @@ def build_variants(
     targets: Sequence[str] = DEFAULT_TARGETS,
     task: Task | None = None,
     search: Int8Search | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> BundleManifest:
     """Build the bundle for one model version into ``out_dir`` and return its manifest.
 
@@ -110,6 +111,8 @@ def build_variants(
     output and ``generic`` (relative L2) for anything else.
     ``accuracy_budget``: points of the deciding metric a quantized or FP16 variant may lose
     before it is ``rejected`` (kept in the manifest with its numbers, never offered).
+    ``preprocessing``: how a device's loop turns frames into the first input, written into
+    the manifest (every variant's archive carries it).
     ``search`` bounds the accuracy-aware INT8 searches (time per variant, steps).
     ``progress`` is called with (fraction 0..1, message) at each step. Raises
     ``BuildInputError`` for an unusable upload, ``BuildError`` when nothing could be built.
@@ -152,6 +155,7 @@ def build_variants(
         validation=val,
         golden=gold,
         task=task,
+        preprocessing=preprocessing,
         search=search or Int8Search(),
     )
     try:

@@ -28,6 +28,7 @@ from agent.contracts.manifest import (
     BundleManifest,
     GoldenCase,
     Precision,
+    Preprocessing,
     Provenance,
     Runtime,
     TargetConstraints,
@@ -99,6 +100,7 @@ class BuildRequest:
     validation: SampleSet | None
     golden: SampleSet | None
     task: Task | None = None  # None: the source's declared task, else inferred from outputs
+    preprocessing: Preprocessing | None = None  # declared at upload, for every variant
     search: _int8.Int8Search = DEFAULT_SEARCH
 
 
@@ -201,6 +203,7 @@ class _Build:
             version=self.request.version,
             variants=tuple(variants),
             golden=golden,
+            preprocessing=self.request.preprocessing,
             provenance=Provenance(
                 source_sha256=self.request.source_sha256,
                 tools=_tool_versions(),

@@ -53,6 +53,7 @@ from rich.progress import (
 from rich.table import Table
 
 from agent._fs import file_sha256
+from agent.contracts.manifest import Preprocessing
 from control_plane.cli._client import ControlPlaneClient
 from control_plane.cli._format import human_size, human_time
 from control_plane.cli.identity import bootstrap_tokens_app, parse_duration_s, tokens_app
@@ -325,9 +326,24 @@ def models_push(  # noqa: PLR0917 - typer maps each CLI option to a parameter
             " embedding or generic (default: the ONNX metadata's task, else inferred)"
         ),
     ] = None,
+    preprocess: Annotated[
+        str | None,
+        typer.Option(
+            help="how devices turn camera frames into the first input, written into every"
+            " variant's manifest: resize=640x640,layout=nchw,mean=0.485,0.456,0.406,"
+            "std=0.229,0.224,0.225,color=rgb,fit=letterbox (fit: stretch, letterbox,"
+            " center_crop; scale=1/255 by default)"
+        ),
+    ] = None,
     wait: Annotated[bool, typer.Option(help="follow the build to its end")] = True,
 ) -> None:
     """Upload a version and follow its variant build."""
+    declared = None
+    if preprocess is not None:
+        try:
+            declared = Preprocessing.parse(preprocess).model_dump_json()
+        except ValueError as exc:
+            raise ClientError(f"--preprocess: {exc}", error="InvalidInput") from None
     files = {"onnx": file}
     for field, path in (
         ("calibration", calibration),
@@ -349,7 +365,12 @@ def models_push(  # noqa: PLR0917 - typer maps each CLI option to a parameter
         ) as progress:
             bar = progress.add_task("upload", total=total)
             result = client.upload_version(
-                name, version, files, task=task, on_bytes=lambda n: progress.advance(bar, n)
+                name,
+                version,
+                files,
+                task=task,
+                preprocessing=declared,
+                on_bytes=lambda n: progress.advance(bar, n),
             )
         console.print(f"uploaded {name} {version}; build job {result['job']['id']}")
         if not wait:
@@ -467,6 +488,15 @@ def _precision_text(build: dict[str, Any]) -> str:
 def _print_version(v: dict[str, Any], console: Console) -> None:
     task = f"  task {v['task']}" if v.get("task") else ""
     console.print(f"[bold]{v['model']} {v['version']}[/bold]  status {v['status']}{task}")
+    pre = v.get("preprocessing")
+    if pre:
+        resize = "x".join(str(d) for d in pre["resize"]) if pre.get("resize") else "none"
+        console.print(
+            f"preprocessing: resize {resize} ({pre.get('fit', 'stretch')}), {pre['layout']},"
+            f" {pre.get('color', 'rgb')},"
+            f" scale {pre['scale']:.6g}, mean {list(pre['mean'])}, std {list(pre['std'])}",
+            markup=False,
+        )
     if v.get("error"):
         console.print(f"error: {v['error']}")
     table = Table(

@@ -129,10 +129,12 @@ class ControlPlaneClient:
         files: dict[str, Path],
         *,
         task: str | None = None,
+        preprocessing: str | None = None,
         on_bytes: Callable[[int], None] | None = None,
     ) -> Any:
         """``files``: multipart field -> path (``onnx`` and any of the sample sets);
-        ``task``: what the accuracy gate measures (None: the server decides)."""
+        ``task``: what the accuracy gate measures (None: the server decides);
+        ``preprocessing``: the declared preprocessing (``Preprocessing`` JSON)."""
         report = on_bytes or (lambda _n: None)
         handles = {field: _ProgressFile(path, report) for field, path in files.items()}
         try:
@@ -141,6 +143,8 @@ class ControlPlaneClient:
                 for field, handle in handles.items()
             }
             data = {"version": version} | ({"task": task} if task else {})
+            if preprocessing:
+                data["preprocessing"] = preprocessing
             return self._call("POST", f"/v1/models/{name}/versions", data=data, files=parts)
         finally:
             for handle in handles.values():

@@ -161,6 +161,8 @@ class ModelVersion(Base):
     golden_sha256: Mapped[str | None] = mapped_column(String(64))
     # the accuracy gate's task (agent.contracts.accuracy.TASKS); None: inferred by the build
     task: Mapped[str | None] = mapped_column(String(16))
+    # agent.contracts.manifest.Preprocessing as declared at upload; None: none declared
+    preprocessing: Mapped[dict[str, Any] | None]
     manifest: Mapped[dict[str, Any] | None]
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime]

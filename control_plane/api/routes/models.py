@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from pydantic import ValidationError as PydanticValidationError
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from agent.contracts.accuracy import TASKS
+from agent.contracts.manifest import Preprocessing
 from agent.logs import get_logger
 from control_plane.api.deps import Context, CurrentOperator, OperatorWriter, SessionDep
 from control_plane.api.multipart import FormLimits, UploadForm, read_multipart
@@ -110,6 +112,13 @@ _UPLOAD_SCHEMA: dict[str, Any] = {
                         "description": "what the accuracy gate measures (default: the task"
                         " the ONNX metadata declares, else inferred from the outputs)",
                     },
+                    "preprocessing": {
+                        "type": "string",
+                        "maxLength": 1024,
+                        "description": "how the device's loop turns frames into the first input:"
+                        " 'resize=640x640,layout=nchw,mean=0.485,0.456,0.406,std=0.229,0.224,"
+                        "0.225,color=rgb,fit=letterbox', or the Preprocessing object as JSON",
+                    },
                     "onnx": {"type": "string", "format": "binary", "description": "ONNX model"},
                     "calibration": {
                         "type": "string",
@@ -148,13 +157,35 @@ def _staged(form: UploadForm) -> tuple[str, StagedUpload]:
         raise InvalidInputError(
             f"{task[:32]!r} is not a task; known: {', '.join(TASKS)}", field="task"
         )
+    preprocessing = _preprocessing(form.fields.get("preprocessing") or None)
     return version, StagedUpload(
+        preprocessing=preprocessing,
         task=task,  # type: ignore[arg-type]  # checked against TASKS above
         onnx=form.files["onnx"],
         calibration=form.files.get("calibration"),
         validation=form.files.get("validation"),
         golden=form.files.get("golden"),
     )
+
+
+def _preprocessing(text: str | None) -> Preprocessing | None:
+    """The declared preprocessing: a JSON object, or the ``key=value,...`` form."""
+    if text is None:
+        return None
+    if len(text) > 1024:
+        raise InvalidInputError("longer than 1024 characters", field="preprocessing")
+    try:
+        if text.lstrip().startswith("{"):
+            return Preprocessing.model_validate_json(text)
+        return Preprocessing.parse(text)
+    except PydanticValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'preprocessing'}: {e['msg']}"
+            for e in exc.errors()
+        )
+        raise InvalidInputError(problems, field="preprocessing") from None
+    except ValueError as exc:
+        raise InvalidInputError(str(exc), field="preprocessing") from None
 
 
 def _known_model(ctx: AppContext, name: str) -> None:
@@ -215,7 +246,7 @@ async def upload_version(
     scratch = Path(tempfile.mkdtemp(prefix="upload-", dir=scratch_root))
     limits = FormLimits(
         files=_UPLOAD_FILES,
-        fields=frozenset({"version", "task"}),
+        fields=frozenset({"version", "task", "preprocessing"}),
         max_file_bytes=settings.max_upload_bytes,
     )
     try:

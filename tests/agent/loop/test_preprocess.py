@@ -168,3 +168,80 @@ def test_default_preprocessing_from_the_input_spec() -> None:
     assert (ppocr.resize, ppocr.layout, ppocr.grayscale) == (None, "NCHW", False)
     nhwc = default_preprocessing(spec((1, 224, 224, 3)))
     assert (nhwc.resize, nhwc.layout) == ((224, 224), "NHWC")
+
+
+# -- fit, color order, and the declaration's text form ---------------------------------------
+
+
+def test_letterbox_keeps_the_aspect_and_pads() -> None:
+    img = frame(20, 40, seed=3)
+    pre = FramePreprocessor(
+        spec((1, 3, 16, 16)),
+        Preprocessing(resize=(16, 16), fit="letterbox", pad=7, scale=1.0, mean=(0.0,) * 3),
+    )
+    out = pre(img)[0]
+    scaled = cv2.resize(img, (16, 8), interpolation=cv2.INTER_LINEAR)  # 20x40 -> 8x16
+    np.testing.assert_array_equal(out[:, :4], 7)  # 4 rows of border above, 4 below
+    np.testing.assert_array_equal(out[:, 12:], 7)
+    np.testing.assert_array_equal(out[:, 4:12], scaled.transpose(2, 0, 1))
+
+
+def test_center_crop_keeps_the_middle() -> None:
+    img = frame(20, 40, seed=4)
+    pre = FramePreprocessor(
+        spec((1, 3, 10, 10)),
+        Preprocessing(resize=(10, 10), fit="center_crop", scale=1.0, mean=(0.0,) * 3),
+    )
+    scaled = cv2.resize(img, (20, 10), interpolation=cv2.INTER_LINEAR)  # 20x40 -> 10x20
+    np.testing.assert_array_equal(pre(img)[0], scaled[:, 5:15].transpose(2, 0, 1))
+
+
+def test_bgr_order_and_per_channel_constants_follow_the_model() -> None:
+    img = frame(4, 5, seed=5)
+    pre = FramePreprocessor(spec((1, 3, 4, 5)), Preprocessing(color="bgr", mean=MEAN, std=STD))
+    want = (img[:, :, ::-1] / 255.0 - np.array(MEAN)) / np.array(STD)
+    np.testing.assert_allclose(pre(img)[0], want.transpose(2, 0, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_the_text_form_parses_lists_and_fractions() -> None:
+    pre = Preprocessing.parse(
+        "resize=640x480,layout=nhwc,mean=0.485,0.456,0.406,std=0.229,0.224,0.225,"
+        "color=BGR,fit=center-crop,scale=1/127.5,pad=0"
+    )
+    assert pre.resize == (640, 480)
+    assert pre.layout == "NHWC"
+    assert pre.mean == MEAN
+    assert pre.std == STD
+    assert (pre.color, pre.fit, pre.pad) == ("bgr", "center_crop", 0)
+    assert pre.scale == pytest.approx(1 / 127.5)
+    assert Preprocessing.parse("mean=0.5").std == (1.0,)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("resize=640", "is not an integer"),
+        ("resize=0x640", "resize must be 1..16384"),
+        ("std=1,0,1", "std must not contain zeros"),
+        ("fit=squash", "fit"),
+        ("layout=nhcw", "layout"),
+        ("gamma=2", "unknown key"),
+        ("resize=8x8,resize=4x4", "given twice"),
+        ("scale=1/0x", "not a number"),
+        ("mean=nan", "not a finite number"),
+        ("8x8", "is not key=value"),
+        ("mean=" + ",".join(["1"] * 5), "one to four values"),
+        ("x" * 1025, "longer than 1024"),
+    ],
+)
+def test_a_bad_text_form_is_named(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Preprocessing.parse(text)
+
+
+def test_the_new_fields_are_left_out_of_manifests_at_their_defaults() -> None:
+    plain = Preprocessing(resize=(8, 8)).model_dump(mode="json")
+    assert not {"color", "fit", "pad"} & set(plain)
+    boxed = Preprocessing(resize=(8, 8), fit="letterbox").model_dump(mode="json")
+    assert boxed["fit"] == "letterbox"
+    assert Preprocessing.model_validate(boxed) == Preprocessing(resize=(8, 8), fit="letterbox")
