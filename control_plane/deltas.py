@@ -3,7 +3,7 @@
 Owns which deltas exist. When a device's desired state is computed and the device reports
 serving version N (variant A) of a model whose desired version is M (variant B), ``offer``
 looks for the signed delta ``deltas/<model>/<M>/<B>/<N>/<A>.zst``; the first device that needs
-a pair builds it (``agent.updates.delta.make_delta``: zstd with N's archive as the dictionary),
+a pair builds it (``agent.contracts.delta.make_delta``: zstd with N's archive as the dictionary),
 stores the blob in the artifact store and publishes it as a TUF target of its own beside the
 full archive, under a lock per pair so devices that poll together build it once (one that
 waits more than ``build_wait_s`` for another's build is offered the full archive this time).
@@ -30,9 +30,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from agent.contracts.delta import MAX_BASE_BYTES, make_delta
 from agent.contracts.state import DesiredDelta, DesiredModel, DesiredState
 from agent.logs import get_logger
-from agent.updates.delta import MAX_BASE_BYTES, make_delta
 from control_plane.artifacts import ArtifactStore
 from control_plane.db.models import Device, Model, ModelVersion, VariantRow
 from control_plane.errors import ControlPlaneError
