@@ -92,11 +92,16 @@ def quantize_onnx_int4(fp32_path: Path, out_path: Path, *, target: str = "onnx-i
     log.info("int4_quantized", tool="onnxruntime", seconds=round(time.monotonic() - started, 2))
 
 
-def compress_ir_int4(onnx_path: Path, xml_path: Path, *, target: str = "openvino-int4") -> None:
-    """ONNX -> OpenVINO -> ``nncf.compress_weights(INT4_ASYM, group_size=BLOCK_SIZE)`` -> IR.
+INT4_RATIO = 0.7  # share of the weights nncf.compress_weights puts in INT4 (the rest INT8)
 
-    NNCF keeps embeddings and the last matrix product in INT8 (its backup precision); the
-    build report's census says which operations ended in which precision.
+
+def compress_ir_int4(onnx_path: Path, xml_path: Path, *, target: str = "openvino-int4") -> None:
+    """ONNX -> OpenVINO -> ``nncf.compress_weights(INT4_ASYM, group_size=BLOCK_SIZE,
+    ratio=INT4_RATIO)`` -> IR.
+
+    NNCF keeps the embeddings, the last matrix product and the most sensitive weights (by its
+    own error estimate) in INT8; the build report's census says which operations ended in
+    which precision.
     """
     import nncf
     import openvino as ov
@@ -110,7 +115,10 @@ def compress_ir_int4(onnx_path: Path, xml_path: Path, *, target: str = "openvino
                 model,
                 mode=nncf.CompressWeightsMode.INT4_ASYM,
                 group_size=BLOCK_SIZE,
-                ratio=1.0,
+                # the most sensitive 30 % of the weights stay INT8: on MiniLM, ratio 1.0 kept
+                # cosine 0.974 / top-10 0.926 of FP32, 0.8 gave 0.992 / 0.941, 0.7 0.9945 /
+                # 0.956, at 0.24 of the FP32 weight bytes
+                ratio=INT4_RATIO,
             )
             ov.save_model(compressed, str(xml_path), compress_to_fp16=False)
     except Exception as exc:  # NNCF and OpenVINO raise anything
