@@ -436,6 +436,42 @@ def _start_rollout(cp: ControlPlane, rollout_id: str, version: str) -> None:
         assert r.status_code == 201, r.text
 
 
+def _serving_1_0_0(
+    cp: _RolloutPlane,
+    tmp_path: Path,
+    digits_path: Path,
+    cal: Path,
+    v2: Path,
+    broker: tuple[str, int],
+    prefix: str,
+    name: str,
+) -> tuple[Agent, str]:
+    """1.0.0 and ``v2`` (as 2.0.0) pushed, an agent started that committed 1.0.0."""
+    cp.push(digits_path, cal, name="digits", version="1.0.0")
+    cp.push(v2, cal, name="digits", version="2.0.0")
+    root = cp.root_json(tmp_path / "root.json")
+    config = agent_config(
+        tmp_path / "agent.toml", tmp_path / "state", cp, root, broker, name=name, prefix=prefix
+    )
+    agent = Agent(config, tmp_path / "agent.log").start()
+    try:
+        device_id = _wait("enrollment", lambda: _device_ids(cp))[0]
+        cp.deploy("digits", "1.0.0", device_id)
+        _wait("1.0.0 committed", _committed(cp, device_id, "1.0.0"))
+    except BaseException:
+        agent.stop()
+        raise
+    return agent, device_id
+
+
+def _ended(cp: ControlPlane, rollout_id: str) -> dict[str, Any]:
+    status: dict[str, Any] = _wait(
+        "the rollout ended",
+        lambda: (s := _rollout(cp, rollout_id))["status"] in ("completed", "aborted") and s,
+    )
+    return status
+
+
 def test_a_control_plane_blip_during_an_update_is_transient_and_not_a_failed_update(
     rollout_cp: _RolloutPlane,
     tmp_path: Path,
@@ -446,25 +482,11 @@ def test_a_control_plane_blip_during_an_update_is_transient_and_not_a_failed_upd
 ) -> None:
     cp = rollout_cp
     assert cp.blip is not None
-    cp.push(digits_path, cal, name="digits", version="1.0.0")
-    cp.push(
-        models.shifted(digits_path, tmp_path / "v2.onnx", 5.0), cal, name="digits", version="2.0.0"
+    v2 = models.shifted(digits_path, tmp_path / "v2.onnx", 5.0)
+    agent, device_id = _serving_1_0_0(
+        cp, tmp_path, digits_path, cal, v2, mqtt_broker, prefix, "blip"
     )
-    root = cp.root_json(tmp_path / "root.json")
-    config = agent_config(
-        tmp_path / "agent.toml",
-        tmp_path / "state",
-        cp,
-        root,
-        mqtt_broker,
-        name="blip",
-        prefix=prefix,
-    )
-    agent = Agent(config, tmp_path / "agent.log").start()
     try:
-        device_id = _wait("enrollment", lambda: _device_ids(cp))[0]
-        cp.deploy("digits", "1.0.0", device_id)
-        _wait("1.0.0 committed", _committed(cp, device_id, "1.0.0"))
         cp.blip.down.set()
         _start_rollout(cp, "blip", "2.0.0")
         _wait(
@@ -481,10 +503,7 @@ def test_a_control_plane_blip_during_an_update_is_transient_and_not_a_failed_upd
         assert device["update"] not in ("failed", "rolled_back"), device
         cp.blip.down.clear()
         _wait("2.0.0 committed", _committed(cp, device_id, "2.0.0"))
-        final = _wait(
-            "the rollout completed",
-            lambda: (s := _rollout(cp, "blip"))["status"] in ("completed", "aborted") and s,
-        )
+        final = _ended(cp, "blip")
         assert final["status"] == "completed", final
         assert cp.blip.refused > 0
     finally:
@@ -516,10 +535,7 @@ def test_a_version_that_cannot_serve_on_the_device_aborts_its_rollout(
     try:
         device_id = _wait("enrollment", lambda: _device_ids(cp))[0]
         _start_rollout(cp, "nofit", "1.0.0")
-        final = _wait(
-            "the rollout ended",
-            lambda: (s := _rollout(cp, "nofit"))["status"] in ("completed", "aborted") and s,
-        )
+        final = _ended(cp, "nofit")
         assert final["status"] == "aborted", final
         assert "failed updates 1/1" in final["reason"], final["reason"]
         device = next(d for d in final["devices"] if d["device_id"] == device_id)
@@ -541,28 +557,13 @@ def test_a_version_that_fails_its_golden_check_on_the_device_aborts_its_rollout(
     device reports the failure, the rollout counts it as a failed update and aborts, and the
     device keeps serving the version it had."""
     cp = rollout_cp
-    cp.push(digits_path, cal, name="digits", version="1.0.0")
-    cp.push(models.noisy(digits_path, tmp_path / "noisy.onnx"), cal, name="digits", version="2.0.0")
-    root = cp.root_json(tmp_path / "root.json")
-    config = agent_config(
-        tmp_path / "agent.toml",
-        tmp_path / "state",
-        cp,
-        root,
-        mqtt_broker,
-        name="golden",
-        prefix=prefix,
+    v2 = models.noisy(digits_path, tmp_path / "noisy.onnx")
+    agent, device_id = _serving_1_0_0(
+        cp, tmp_path, digits_path, cal, v2, mqtt_broker, prefix, "golden"
     )
-    agent = Agent(config, tmp_path / "agent.log").start()
     try:
-        device_id = _wait("enrollment", lambda: _device_ids(cp))[0]
-        cp.deploy("digits", "1.0.0", device_id)
-        _wait("1.0.0 committed", _committed(cp, device_id, "1.0.0"))
         _start_rollout(cp, "golden", "2.0.0")
-        final = _wait(
-            "the rollout ended",
-            lambda: (s := _rollout(cp, "golden"))["status"] in ("completed", "aborted") and s,
-        )
+        final = _ended(cp, "golden")
         assert final["status"] == "aborted", final
         assert "failed updates 1/1" in final["reason"], final["reason"]
         failed = [

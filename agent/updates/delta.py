@@ -1,19 +1,8 @@
-"""Model deltas: a new bundle archive rebuilt from the archive this device already has.
+"""Model deltas on the device: a new bundle archive rebuilt from the archive it already has.
 
-Owns the delta format and both of its ends. A delta is ``EFD1``, a method byte and one zstd
-frame, by one of two methods, the smaller of the two chosen when it is built (measured in
-``bench/bench_delta.py``):
-
-- ``patch-from``: zstd with the base archive as a raw-content dictionary (``zstd
-  --patch-from``). A re-export with some layers changed shares most of its bytes with the
-  previous version, so what travels is mostly the changed tensors.
-- ``xor-planes`` (archives of the same length: the same architecture): the base XOR the
-  target, each 4-byte word's bytes grouped into planes, zstd. A fine-tune moves every weight a
-  little: the sign, exponent and high mantissa bytes mostly stay, so their XOR planes are
-  zeros; byte-matching (``patch-from``, bsdiff) finds almost nothing to reuse there.
-
-``make_delta`` and ``apply_delta`` (the format, in ``agent.contracts.delta``) are shared with
-the control plane, which builds deltas; the model store is not touched until the install that
+The format (``EFD1``, a method byte, one zstd frame; ``patch-from`` or ``xor-planes``) and its
+two ends, ``make_delta`` and ``apply_delta``, live in ``agent.contracts.delta``, shared with the
+control plane, which builds deltas. The model store is not touched until the install that
 follows a rebuild.
 
 ``BaseArchives`` keeps the archive of every installed version (``<state_dir>/bases/``) so the
