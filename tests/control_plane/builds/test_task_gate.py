@@ -56,6 +56,8 @@ def _ppocr_build(
     )
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not SOAK, reason="long build (90 s on 2 cores): EDGEFLEET_SOAK=1 runs it")
 def test_detector_int8_kept_boxes_accepted_though_its_l2_is_large(
     ppocr_path: Path, tmp_path: Path
 ) -> None:
