@@ -15,6 +15,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from agent.config import load_settings
+from agent.contracts.sketch import LatencySketch, quantile
 from agent.daemon import Daemon
 from agent.models.bundle import VariantSpec, build_bundle
 from agent.models.store import ModelStore
@@ -91,6 +92,11 @@ def test_birth_telemetry_and_offline(
         assert digits["version"] == "1.0.0"
         assert digits["failed"] == 0
         assert digits["latency_p50_ms"] > 0
+        # the window's latencies as a mergeable sketch: what fleet percentiles are read from
+        sketch = LatencySketch.model_validate(digits["latency_sketch"])
+        assert sketch.count == pytest.approx(digits["count"] - digits["failed"])
+        p50 = quantile(sketch.as_counts(), 0.5, zero_count=sketch.zero_count)
+        assert p50 == pytest.approx(digits["latency_p50_ms"], rel=0.25)
         assert report["system"]["memory_total_bytes"] > 0
     finally:
         daemon.stop()
