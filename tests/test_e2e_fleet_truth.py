@@ -62,7 +62,7 @@ def _config(
 ) -> Path:
     model_lines = "\n".join(f'[[models]]\nname = "{m}"' for m in models_)
     api = (
-        f"enabled = true\nhttp_port = {api_port}\ngrpc_port = {api_port + 1}"
+        f"enabled = true\nhttp_port = {api_port}\ngrpc_port = {_other_port(api_port)}"
         if api_port
         else "enabled = false"
     )
@@ -144,6 +144,13 @@ class Agent:
                 if entry.get("event") == name:
                     out.append(entry)
         return out
+
+
+def _other_port(taken: int) -> int:
+    """A free loopback port other than ``taken`` (``taken + 1`` may belong to anyone)."""
+    while (port := free_port()) == taken:
+        pass
+    return port
 
 
 def _wait(what: str, probe: Callable[[], Any], timeout_s: float = 90, every_s: float = 0.05) -> Any:

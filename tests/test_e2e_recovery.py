@@ -36,7 +36,7 @@ import pytest
 from agent.samples import DigitsData
 from tests.agent.store import models
 from tests.agent.updates.fleet import BOOTSTRAP_TOKEN, ControlPlane, free_port
-from tests.test_e2e_fleet_truth import Agent, _wait
+from tests.test_e2e_fleet_truth import Agent, _other_port, _wait
 
 pytestmark = pytest.mark.broker
 
@@ -63,7 +63,7 @@ def agent_config(
     event_resend_s: float | None = None,
 ) -> Path:
     api = (
-        f"enabled = true\nhttp_port = {api_port}\ngrpc_port = {free_port()}"
+        f"enabled = true\nhttp_port = {api_port}\ngrpc_port = {_other_port(api_port)}"
         if api_port
         else "enabled = false"
     )
