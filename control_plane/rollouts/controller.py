@@ -2,7 +2,10 @@
 
 Owns the rollout spec and state models, wave membership (a stable hash of rollout id + device
 id, so the same devices are picked whatever order the fleet is listed in), the promote/abort
-rules and the operator transitions (pause, resume, abort). ``RolloutController.advance`` takes
+rules, the optional shadow stage before the waves (a dark launch: the version runs beside the
+serving one on a share of devices, never answering, and the waves start only once its outputs
+agree with the serving version's and its latency holds), and the operator transitions (pause,
+resume, abort). ``RolloutController.advance`` takes
 the current state, a ``FleetSnapshot`` and ``now`` and returns the next state plus the actions
 to carry out; storing state, building snapshots from ingested telemetry, changing desired
 state and sending ``rollback`` commands belong to the caller (the API layer / a scheduler).
@@ -43,6 +46,13 @@ __all__ = [
     "RolloutSpec",
     "RolloutState",
     "RolloutStatus",
+    "ShadowAssign",
+    "ShadowFigures",
+    "ShadowHealth",
+    "ShadowPassed",
+    "ShadowStage",
+    "ShadowStop",
+    "ShadowedDevice",
     "Wave",
     "WaveHealth",
     "touched_devices",
@@ -50,6 +60,7 @@ __all__ = [
 ]
 
 RolloutStatus = Literal["pending", "running", "paused", "aborted", "completed"]
+Stage = Literal["shadow", "waves"]
 UpdatePhase = Literal["none", "pending", "updating", "committed", "failed", "rolled_back"]
 _TERMINAL: frozenset[str] = frozenset({"aborted", "completed"})
 
@@ -106,6 +117,46 @@ class RolloutRules(_Frozen):
     silent_devices: Literal["failed", "skipped"] = "failed"
 
 
+class ShadowStage(_Frozen):
+    """Dark launch before the first wave: ``percent`` of the selected fleet (or ``count``
+    devices) load the version beside the one serving and run it on ``sample_share`` of their
+    inferences (frames of the loop and API requests), at most ``max_busy_share`` of the
+    wall-clock time busy with it, and never answer with it. After ``soak_s`` the waves start if
+    enough devices report (the rules' ``min_devices_reporting`` / ``min_reporting_share``) with
+    at least ``min_samples`` compared inferences each, and
+
+    - ``delta``, the points of the model's task metric (``agent.contracts.accuracy``: top-1
+      agreement, box F1, mask IoU, cosine / retrieval, relative L2) lost against the serving
+      version's outputs, weighted by samples over the reporting devices, is at most
+      ``max_delta``;
+    - the median over devices of (shadow p99 / serving p99 on the same inputs) is at most
+      ``max_latency_ratio`` (None: latency not judged).
+
+    Either broken aborts before a single device serves the version. A device that refuses to
+    shadow (not enough memory beside the serving version) counts like a failed update."""
+
+    percent: float | None = Field(default=None, gt=0, le=100)
+    count: int | None = Field(default=None, ge=1)
+    soak_s: float = Field(default=600.0, ge=0)
+    sample_share: float = Field(default=0.1, gt=0, le=1)
+    max_busy_share: float = Field(default=0.25, gt=0, le=1)
+    min_samples: int = Field(default=100, ge=1, le=1_000_000)
+    max_delta: float = Field(default=1.0, ge=0)
+    max_latency_ratio: float | None = Field(default=1.5, gt=0)
+
+    @model_validator(mode="after")
+    def _one_size(self) -> ShadowStage:
+        if self.percent is not None and self.count is not None:
+            raise ValueError("a shadow stage has at most one of percent or count")
+        return self
+
+    def target(self, fleet_size: int, first_wave: Wave) -> int:
+        """Devices to shadow in a fleet of ``fleet_size`` (default: the first wave's share)."""
+        if self.percent is None and self.count is None:
+            return first_wave.target(fleet_size)
+        return Wave(percent=self.percent, count=self.count).target(fleet_size)
+
+
 class RolloutSpec(_Frozen):
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     model: str
@@ -113,6 +164,7 @@ class RolloutSpec(_Frozen):
     selector: dict[str, str] = Field(default_factory=dict)  # every label must match
     waves: tuple[Wave, ...] = Field(min_length=1)
     rules: RolloutRules = RolloutRules()
+    shadow: ShadowStage | None = None
 
     @model_validator(mode="after")
     def _growing_waves(self) -> RolloutSpec:
@@ -131,6 +183,21 @@ class RolloutSpec(_Frozen):
 # -- fleet input -----------------------------------------------------------------------------
 
 
+class ShadowFigures(_Frozen):
+    """A device's shadow comparison for the rollout's model over the ingester's health window."""
+
+    version: str
+    samples: int = Field(default=0, ge=0)  # inferences compared
+    metric: str | None = None
+    value: float | None = None  # the task metric, mean over the samples (percent)
+    delta: float | None = Field(default=None, ge=0)  # points lost vs the serving version
+    latency_ratio: float | None = Field(default=None, ge=0)  # shadow p99 / serving p99
+    p99_ms: float | None = Field(default=None, ge=0)  # the shadow's p99
+    serving_p99_ms: float | None = Field(default=None, ge=0)  # serving p99 on the same inputs
+    refused: str | None = None  # why the device does not shadow (memory, load failure)
+    reported_at: float | None = None  # control-plane receive time
+
+
 class DeviceStatus(_Frozen):
     """One device as the control plane currently knows it, for the rollout's model."""
 
@@ -143,6 +210,7 @@ class DeviceStatus(_Frozen):
     inferences: int = Field(default=0, ge=0)  # over the rollout's current window
     failed: int = Field(default=0, ge=0)
     reported_at: float | None = None  # control-plane receive time of that telemetry
+    shadow: ShadowFigures | None = None  # the rollout's version running as a shadow
 
 
 class FleetSnapshot(_Frozen):
@@ -181,9 +249,31 @@ class WaveHealth(_Frozen):
     p99_increase_ms: float | None = None  # median over reporting devices, new - previous
 
 
+class ShadowedDevice(_Frozen):
+    device_id: str
+    assigned_at: float
+
+
+class ShadowHealth(_Frozen):
+    """The shadow stage's last evaluation; ``delta`` and ``latency_ratio`` over the devices
+    that reported ``min_samples`` or more."""
+
+    assigned: int = 0
+    reporting: int = 0
+    refused: int = 0
+    silent: int = 0
+    samples: int = 0
+    metric: str | None = None
+    delta: float | None = None
+    latency_ratio: float | None = None
+
+
 class RolloutState(_Frozen):
     spec: RolloutSpec
     status: RolloutStatus = "pending"
+    stage: Stage = "waves"
+    shadowed: tuple[ShadowedDevice, ...] = ()
+    shadow_health: ShadowHealth | None = None
     wave: int = 0
     wave_started_at: float | None = None
     paused_at: float | None = None
@@ -195,7 +285,7 @@ class RolloutState(_Frozen):
 
     @classmethod
     def new(cls, spec: RolloutSpec) -> RolloutState:
-        return cls(spec=spec)
+        return cls(spec=spec, stage="shadow" if spec.shadow is not None else "waves")
 
     def assigned_ids(self) -> set[str]:
         return {a.device_id for a in self.assigned}
@@ -223,6 +313,32 @@ class Rollback(_Frozen):
     previous_versions: dict[str, str | None] = Field(default_factory=dict)
 
 
+class ShadowAssign(_Frozen):
+    """Have these devices run ``version`` beside the serving one, never answering with it."""
+
+    kind: Literal["shadow_assign"] = "shadow_assign"
+    model: str
+    version: str
+    devices: tuple[str, ...]
+    sample_share: float
+    max_busy_share: float
+
+
+class ShadowStop(_Frozen):
+    """End these devices' shadowing of the rollout's version (passed or aborted)."""
+
+    kind: Literal["shadow_stop"] = "shadow_stop"
+    model: str
+    devices: tuple[str, ...]
+
+
+class ShadowPassed(_Frozen):
+    """The shadow stage held: the waves start."""
+
+    kind: Literal["shadow_passed"] = "shadow_passed"
+    detail: str
+
+
 class Promote(_Frozen):
     kind: Literal["promote"] = "promote"
     wave: int  # the wave now starting
@@ -237,7 +353,10 @@ class Complete(_Frozen):
     kind: Literal["complete"] = "complete"
 
 
-Action = Annotated[Assign | Rollback | Promote | Abort | Complete, Field(discriminator="kind")]
+Action = Annotated[
+    Assign | Rollback | Promote | Abort | Complete | ShadowAssign | ShadowStop | ShadowPassed,
+    Field(discriminator="kind"),
+]
 
 
 @functools.lru_cache(maxsize=1 << 17)
@@ -297,6 +416,11 @@ class RolloutController:
                 update={"status": "running", "wave": 0, "wave_started_at": now}
             )
         view = _FleetView(state.spec, fleet)
+        if state.stage == "shadow":
+            state, shadow_actions = self._advance_shadow(state, view, now)
+            if state.stage == "shadow" or state.status != "running":
+                return state, shadow_actions
+            actions += shadow_actions
         state, assign = self._fill_wave(state, view, now)
         actions += assign
         devices = fleet.by_id()
@@ -355,6 +479,12 @@ class RolloutController:
             }
         )
         actions: list[Action] = [Abort(reason=reason)]
+        if state.stage == "shadow" and state.shadowed:
+            actions.append(
+                ShadowStop(
+                    model=state.spec.model, devices=tuple(s.device_id for s in state.shadowed)
+                )
+            )
         if touched:
             actions.append(
                 Rollback(
@@ -365,16 +495,201 @@ class RolloutController:
             )
         return new, actions
 
+    # -- the shadow stage ----------------------------------------------------------------
+
+    def _advance_shadow(
+        self, state: RolloutState, view: _FleetView, now: float
+    ) -> tuple[RolloutState, list[Action]]:
+        """Fill, judge and end the shadow stage. Returns the state in stage ``waves`` (wave 0
+        just started, nothing assigned yet) once it passed."""
+        shadow = state.spec.shadow
+        assert shadow is not None
+        actions: list[Action] = []
+        state, fill = self._fill_shadow(state, view, now, shadow)
+        actions += fill
+        health, silent = self._shadow_health(state, view.fleet.by_id(), now, shadow)
+        state = state.model_copy(update={"shadow_health": health, "silent": silent})
+        reason = self._shadow_broken(state, health, now, shadow)
+        if reason is not None:
+            aborted, more = self._abort(state, f"held back before serving: {reason}")
+            return aborted, actions + more
+        started = state.wave_started_at
+        if started is None or now - started < shadow.soak_s:
+            return state, actions
+        if len(state.shadowed) < self._shadow_target(state, view, shadow) and self._candidates(
+            state, view, 1, taken={s.device_id for s in state.shadowed}
+        ):
+            return state, actions
+        if health.assigned > 0 and not self._shadow_reports_enough(state, health):
+            return state, actions
+        detail = (
+            f"shadow held on {health.reporting}/{health.assigned} devices over "
+            f"{health.samples} samples: {health.metric or 'metric'} "
+            f"-{health.delta or 0.0:.2f} points (max {shadow.max_delta:g})"
+            + (
+                f", p99 x{health.latency_ratio:.2f} of serving"
+                if health.latency_ratio is not None
+                else ""
+            )
+        )
+        actions.append(ShadowPassed(detail=detail))
+        if state.shadowed:
+            actions.append(
+                ShadowStop(
+                    model=state.spec.model, devices=tuple(s.device_id for s in state.shadowed)
+                )
+            )
+        state = state.model_copy(
+            update={"stage": "waves", "wave": 0, "wave_started_at": now, "silent": ()}
+        )
+        return state, actions
+
+    def _shadow_target(self, state: RolloutState, view: _FleetView, shadow: ShadowStage) -> int:
+        size = view.size(s.device_id for s in state.shadowed)
+        return shadow.target(size, state.spec.waves[0])
+
+    def _fill_shadow(
+        self, state: RolloutState, view: _FleetView, now: float, shadow: ShadowStage
+    ) -> tuple[RolloutState, list[Action]]:
+        room = self._shadow_target(state, view, shadow) - len(state.shadowed)
+        if room <= 0:
+            return state, []
+        picked = self._candidates(state, view, room, taken={s.device_id for s in state.shadowed})
+        # A device can only shadow beside a version it serves.
+        picked = [d for d in picked if d.version is not None]
+        if not picked:
+            return state, []
+        new = tuple(ShadowedDevice(device_id=d.device_id, assigned_at=now) for d in picked)
+        spec = state.spec
+        action = ShadowAssign(
+            model=spec.model,
+            version=spec.version,
+            devices=tuple(d.device_id for d in picked),
+            sample_share=shadow.sample_share,
+            max_busy_share=shadow.max_busy_share,
+        )
+        return state.model_copy(update={"shadowed": state.shadowed + new}), [action]
+
+    def _shadow_health(
+        self,
+        state: RolloutState,
+        devices: dict[str, DeviceStatus],
+        now: float,
+        shadow: ShadowStage,
+    ) -> tuple[ShadowHealth, tuple[str, ...]]:
+        spec = state.spec
+        timeout = spec.rules.report_timeout_s
+        gone = refused = reporting = samples = 0
+        weighted = 0.0
+        ratios: list[float] = []
+        metric: str | None = None
+        silent: list[str] = []
+        for s in state.shadowed:
+            d = devices.get(s.device_id)
+            if d is None:
+                gone += 1
+                continue
+            f = d.shadow
+            fresh = (
+                f is not None
+                and f.version == spec.version
+                and f.reported_at is not None
+                and f.reported_at >= s.assigned_at
+            )
+            if fresh and f is not None and f.refused:
+                refused += 1
+                continue
+            if not fresh or f is None or f.samples < shadow.min_samples or f.delta is None:
+                if timeout is not None and now >= s.assigned_at + shadow.soak_s + timeout:
+                    silent.append(s.device_id)
+                continue
+            reporting += 1
+            samples += f.samples
+            weighted += f.delta * f.samples
+            metric = metric or f.metric
+            if f.latency_ratio is not None:
+                ratios.append(f.latency_ratio)
+        n = len(state.shadowed) - gone
+        if spec.rules.silent_devices == "skipped":
+            n -= len(silent)
+        health = ShadowHealth(
+            assigned=n,
+            reporting=reporting,
+            refused=refused,
+            silent=len(silent),
+            samples=samples,
+            metric=metric,
+            delta=weighted / samples if samples else None,
+            latency_ratio=statistics.median(ratios) if ratios else None,
+        )
+        return health, tuple(silent)
+
+    def _shadow_reports_enough(self, state: RolloutState, health: ShadowHealth) -> bool:
+        rules = state.spec.rules
+        needed = min(rules.min_devices_reporting, health.assigned)
+        share = math.ceil(rules.min_reporting_share * health.assigned - 1e-9)
+        return health.assigned > 0 and health.reporting >= max(needed, share)
+
+    def _shadow_broken(
+        self, state: RolloutState, health: ShadowHealth, now: float, shadow: ShadowStage
+    ) -> str | None:
+        rules = state.spec.rules
+        failed = health.refused + (health.silent if rules.silent_devices == "failed" else 0)
+        if health.assigned and failed / health.assigned > rules.max_failed_update_share:
+            return (
+                f"{health.refused} of {health.assigned} devices refused to shadow"
+                + (f", {health.silent} silent" if health.silent else "")
+                + f" (> {rules.max_failed_update_share:.1%})"
+            )
+        needed = min(rules.min_devices_reporting, health.assigned)
+        if health.assigned and health.reporting >= needed:
+            if health.delta is not None and health.delta > shadow.max_delta:
+                return (
+                    f"shadow {health.metric or 'metric'} -{health.delta:.2f} points vs the serving "
+                    f"version over {health.samples} samples on {health.reporting} devices "
+                    f"> {shadow.max_delta:g}"
+                )
+            ratio = health.latency_ratio
+            if (
+                shadow.max_latency_ratio is not None
+                and ratio is not None
+                and ratio > shadow.max_latency_ratio
+            ):
+                return f"shadow p99 x{ratio:.2f} of serving > x{shadow.max_latency_ratio:g}"
+        timeout, started = rules.report_timeout_s, state.wave_started_at
+        if (
+            timeout is not None
+            and started is not None
+            and state.shadowed
+            and now >= started + shadow.soak_s + timeout
+            and all(now >= s.assigned_at + shadow.soak_s + timeout for s in state.shadowed)
+            and not self._shadow_reports_enough(state, health)
+        ):
+            return (
+                f"only {health.reporting}/{health.assigned} devices reported shadow figures "
+                f"{timeout:g} s after the soak"
+            )
+        return None
+
+    # -- waves ---------------------------------------------------------------------------
+
     def _target(self, state: RolloutState, view: _FleetView) -> int:
         size = view.size(a.device_id for a in state.assigned)
         # Cumulative: a wave never covers fewer devices than the one before it.
         return max(w.target(size) for w in state.spec.waves[: state.wave + 1])
 
     def _candidates(
-        self, state: RolloutState, view: _FleetView, limit: int | None = None
+        self,
+        state: RolloutState,
+        view: _FleetView,
+        limit: int | None = None,
+        *,
+        taken: set[str] | None = None,
     ) -> list[DeviceStatus]:
-        """The next devices in the rollout's order (at most ``limit``)."""
-        taken = state.assigned_ids()
+        """The next devices in the rollout's order (at most ``limit``), skipping ``taken``
+        (default: the assigned ones)."""
+        if taken is None:
+            taken = state.assigned_ids()
         picked: list[DeviceStatus] = []
         for d in view.ordered():
             if d.device_id in taken:
@@ -537,4 +852,6 @@ class RolloutController:
 
 def touched_devices(states: Iterable[RolloutState]) -> set[str]:
     """Every device any of these rollouts assigned (for "one active rollout per device")."""
-    return {a.device_id for s in states for a in s.assigned}
+    return {a.device_id for s in states for a in s.assigned} | {
+        d.device_id for s in states if s.stage == "shadow" for d in s.shadowed
+    }
