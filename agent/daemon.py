@@ -46,6 +46,7 @@ from agent.models.activation import ModelActivator
 from agent.models.probation import Limits, UpdateJournal, boot_version, rejected_versions
 from agent.models.slots import ModelSlot, SlotRegistry, load_options_from
 from agent.models.store import ModelStore
+from agent.shadow import ShadowHost
 from agent.systemd import Notifier, WatchdogPinger, watchdog_interval_s
 from agent.updates.report import LoopStatus
 
@@ -206,6 +207,8 @@ class Daemon:
         self._stop_buffering = self.bus.subscribe(self._early_events.append)
         self._profile = profile or _profile_reader(settings)
         self.served = ServedModels(settings, self.store, self.bus, profile=self._profile)
+        # Versions run beside the serving ones on a share of their inferences (rollout shadows).
+        self.shadows = ShadowHost()
         self._notifier = notifier or Notifier()
         self._supervise_s = supervise_s
         self._stop = threading.Event()
@@ -309,6 +312,7 @@ class Daemon:
             profile=self._profile,
             max_variants=settings.backends.max_candidates if settings.backends.measure else 1,
             loop_health=self.loop_health,
+            shadows=self.shadows,
         )
         thread = threading.Thread(
             target=self.update_client.run, args=(self._stop,), name="update-client", daemon=True
@@ -433,6 +437,7 @@ class Daemon:
                     latency_p95_ms=window.latency_p95_ms,
                     latency_p99_ms=window.latency_p99_ms,
                     latency_sketch=window.latency_sketch,
+                    shadow=self.shadows.take_window(name),
                 )
             )
         return out
@@ -685,6 +690,7 @@ class Daemon:
                 self.update_client.credential.device_id if self.update_client.credential else None
             )
             self.update_client.close()
+        self.shadows.close()
         self.served.close()
         self._notifier.close()
         log.info("daemon_stopped")

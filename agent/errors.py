@@ -6,6 +6,7 @@
     |   +-- ModelLoadError       missing/corrupt file, unsupported opset, runtime refused it
     |   +-- BundleError          manifest does not parse, file missing, digest mismatch
     |   +-- ValidationError      golden outputs outside tolerance
+    |   +-- ShadowRefusedError   a shadow version refused here (memory, nothing serving)
     +-- InferenceError           a run failed
     |   +-- InputError           wrong tensor name, shape or dtype
     +-- BackendError             a runtime problem
@@ -39,6 +40,7 @@ __all__ = [
     "ModelError",
     "ModelLoadError",
     "ResponseTooLargeError",
+    "ShadowRefusedError",
     "StoreError",
     "TelemetryError",
     "TransientError",
@@ -66,6 +68,11 @@ class ModelError(AgentError):
 
 class ModelLoadError(ModelError):
     """A model file is missing, corrupt, uses an unsupported opset, or a runtime refused it."""
+
+
+class ShadowRefusedError(ModelError):
+    """A shadow version cannot run beside the serving one here (not enough memory, nothing
+    serving): the device says why and keeps serving as it was."""
 
 
 class BundleError(ModelError):

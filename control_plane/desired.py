@@ -32,9 +32,15 @@ from sqlalchemy.orm import Session
 from agent.contracts.fit import fitting
 from agent.contracts.manifest import Variant
 from agent.contracts.profile import HardwareProfile
-from agent.contracts.state import MAX_CANDIDATES, DesiredModel, DesiredState, DesiredVariant
+from agent.contracts.state import (
+    MAX_CANDIDATES,
+    DesiredModel,
+    DesiredShadow,
+    DesiredState,
+    DesiredVariant,
+)
 from agent.logs import get_logger
-from control_plane.db.models import Assignment, Device, Model, ModelVersion
+from control_plane.db.models import Assignment, Device, Model, ModelVersion, ShadowAssignment
 from control_plane.registry import archive_path
 
 __all__ = [
@@ -94,6 +100,13 @@ def compute_desired_state(session: Session, device: Device) -> DesiredState:
             chosen.setdefault(a.model_id, a)
     profile = HardwareProfile.model_validate(device.profile) if device.profile else None
     retries: dict[str, Any] = device.retries or {}
+    shadows: dict[int, ShadowAssignment] = {}
+    for shadow in session.scalars(
+        select(ShadowAssignment)
+        .where(ShadowAssignment.device_id == device.id)
+        .order_by(ShadowAssignment.id.desc())
+    ):
+        shadows.setdefault(shadow.model_id, shadow)
     models: list[DesiredModel] = []
     generation = 0
     for assignment in sorted(chosen.values(), key=lambda a: a.model_id):
@@ -135,9 +148,36 @@ def compute_desired_state(session: Session, device: Device) -> DesiredState:
                 else None,
                 generation=entry_gen,
                 candidates=tuple(offered[:MAX_CANDIDATES]),
+                shadow=_shadow(session, model.name, shadows.get(model.id), profile),
             )
         )
     return DesiredState(device_id=device.id, generation=generation, models=tuple(models))
+
+
+def _shadow(
+    session: Session, name: str, shadow: ShadowAssignment | None, profile: HardwareProfile
+) -> DesiredShadow | None:
+    """The shadow entry of a model, resolved to the variant this device would serve."""
+    if shadow is None:
+        return None
+    version = session.get(ModelVersion, shadow.version_id)
+    if version is None or version.status != "ready":
+        return None
+    rows = {r.variant_id: r for r in version.variants if r.archive_sha256}
+    fit = fitting([Variant.model_validate(r.spec) for r in rows.values()], profile)
+    if not fit.ranked:
+        return None
+    offer = _offer(name, version.version, rows[fit.ranked[0].id])
+    return DesiredShadow(
+        version=version.version,
+        variant_id=offer.variant_id,
+        artifact_path=offer.artifact_path,
+        sha256=offer.sha256,
+        size=offer.size,
+        rollout_id=shadow.rollout_id,
+        sample_share=shadow.sample_share,
+        max_busy_share=shadow.max_busy_share,
+    )
 
 
 @dataclass(frozen=True)

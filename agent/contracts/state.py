@@ -28,6 +28,7 @@ __all__ = [
     "MAX_MODELS",
     "DesiredDelta",
     "DesiredModel",
+    "DesiredShadow",
     "DesiredState",
     "DesiredVariant",
     "LoopHealth",
@@ -36,6 +37,7 @@ __all__ = [
     "Phase",
     "RefusedEntry",
     "ReportedModel",
+    "ReportedShadow",
     "ReportedState",
     "Version",
     "bounded_text",
@@ -148,6 +150,21 @@ class DesiredDelta(_Offered):
     size: int = Field(ge=0, le=2**53)
 
 
+class DesiredShadow(_Offered):
+    """A version to run *beside* the one serving, on a share of its inferences, never answering
+    with it (a rollout's shadow stage): the device compares the two outputs with the model's
+    task metric and reports agreement and latency in its telemetry (``ShadowTelemetry``)."""
+
+    version: Version
+    variant_id: VariantId
+    artifact_path: ArtifactPath
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0, le=2**53)
+    rollout_id: RolloutId | None = None
+    sample_share: float = Field(default=0.1, gt=0, le=1)  # of the serving inferences
+    max_busy_share: float = Field(default=0.25, gt=0, le=1)  # of wall-clock time running it
+
+
 class DesiredModel(_Offered):
     """What one model slot should run. The control plane resolved, with the variant contract
     (``agent.contracts.fit``), every variant that fits this device: the best by the contract's
@@ -172,6 +189,7 @@ class DesiredModel(_Offered):
     # The primary variant as a delta from the version this device reported serving, when the
     # control plane has one signed.
     delta: DesiredDelta | None = None
+    shadow: DesiredShadow | None = None
 
     def offered(self) -> tuple[DesiredVariant, ...]:
         """The variants offered, best first (the primary one alone when no list was sent)."""
@@ -198,6 +216,17 @@ class RefusedEntry(_Frozen):
     reason: Text
 
 
+ShadowPhase = Literal["downloading", "loading", "running", "refused", "failed"]
+
+
+class ReportedShadow(_Frozen):
+    """Where the device stands with the shadow version it was asked to run."""
+
+    version: Version
+    phase: ShadowPhase
+    reason: Text | None = None  # why refused (memory) or failed (download, load, validation)
+
+
 class ReportedModel(_Frozen):
     name: ModelName
     active_version: Version | None = None
@@ -211,6 +240,7 @@ class ReportedModel(_Frozen):
     detail: Text | None = None  # what the phase waits for (probation short of inferences)
     loop: LoopHealth | None = None  # None: no inference loop is configured for this model
     loop_error: Text | None = None
+    shadow: ReportedShadow | None = None
 
 
 class ReportedState(_Frozen):

@@ -32,6 +32,7 @@ __all__ = [
     "GpuMetrics",
     "ModelTelemetry",
     "RollbackCommand",
+    "ShadowTelemetry",
     "SlotIdentity",
     "StatePayload",
     "SystemMetrics",
@@ -155,6 +156,31 @@ class StatePayload(_Frozen):
     reason: str | None = None
 
 
+class ShadowTelemetry(_Frozen):
+    """A shadow version's comparison with the serving one over the last telemetry window.
+
+    ``samples`` inferences were run on both; ``metric`` is the model's task metric
+    (``agent.contracts.accuracy``), ``value`` its mean over the samples in percent (the serving
+    version scores 100; for ``rel_l2`` the error itself, the serving version 0) and ``delta`` the
+    mean points lost. Latencies are of the same sampled inferences, each version on its own.
+    ``skipped`` counts inferences due for a sample that were left out to keep within the busy
+    budget or because the previous sample was still running."""
+
+    version: str = Field(max_length=64)
+    variant_id: str | None = Field(default=None, max_length=64)
+    task: str = Field(max_length=32)
+    metric: str = Field(max_length=32)
+    samples: int = Field(ge=0)
+    skipped: int = Field(default=0, ge=0)
+    failed: int = Field(default=0, ge=0)  # shadow runs that raised
+    value: float | None = None
+    delta: float | None = Field(default=None, ge=0)
+    latency_p50_ms: float | None = Field(default=None, ge=0)
+    latency_p99_ms: float | None = Field(default=None, ge=0)
+    serving_p99_ms: float | None = Field(default=None, ge=0)
+    busy_share: float = Field(default=0.0, ge=0)  # of the window's wall-clock time
+
+
 class ModelTelemetry(_Frozen):
     """One model's inference statistics over the last window."""
 
@@ -173,6 +199,7 @@ class ModelTelemetry(_Frozen):
     # The window's latencies as a mergeable sketch (agent.contracts.sketch): what fleet
     # percentiles are computed from. None from agents that do not send one.
     latency_sketch: LatencySketch | None = None
+    shadow: ShadowTelemetry | None = None  # a version running beside this one, never answering
 
 
 class GpuMetrics(_Frozen):

@@ -60,6 +60,7 @@ from agent.errors import (
     InferenceError,
     ModelError,
     ModelLoadError,
+    ShadowRefusedError,
     ValidationError,
 )
 from agent.events import EventBus
@@ -291,6 +292,9 @@ class ModelSlot:
         self.max_batch_size = 0
         self.inputs: tuple[TensorSpec, ...] = ()
         self.outputs: tuple[TensorSpec, ...] = ()
+        # Called after every successful inference with (feeds, outputs, seconds): a shadow
+        # version's evaluator samples from here (``agent.shadow``); it must not block.
+        self.observer: Callable[[Feeds, Mapping[str, Array], float], None] | None = None
         # Why this model is not healthy although a version serves (its inference loop failed):
         # set by the daemon; readiness (``/v2/health/ready``) says no while it is set.
         self.problem: str | None = None
@@ -319,8 +323,14 @@ class ModelSlot:
                 raise InferenceError(f"{self.name}: no version is serving")
             entered = current._enter()  # under the slot lock: a switch cannot slip between
         assert entered, "the serving version is never closed"
+        observer = self.observer
         try:
-            return current.computed, current._run(feeds)
+            if observer is None:
+                return current.computed, current._run(feeds)
+            start = self._clock()
+            outputs = current._run(feeds)
+            observer(feeds, outputs, self._clock() - start)
+            return current.computed, outputs
         finally:
             current._exit()
             self._last_request_end = self._clock()
@@ -444,6 +454,40 @@ class ModelSlot:
             options=options,
             model=self.name,
         )
+
+    # --- a shadow beside the serving version -------------------------------------------------
+
+    def load_shadow(self, version: str) -> tuple[LoadedVersion, BundleManifest]:
+        """Load an installed ``version`` beside the serving one, to run as a shadow: the
+        variant this device would serve, prepared like a swap's candidate (loader thread,
+        capped runtime threads, warm-up and golden validation between frames) but never made
+        to serve. ``ShadowRefusedError`` when memory cannot hold it beside the serving version
+        (the swap policy's estimate), ``ModelError`` when it does not load or validate."""
+        if self._current is None:
+            raise ShadowRefusedError(f"{version}: nothing serves to shadow", model=self.name)
+        manifest = self.store.verify(self.name, version, deep=False)
+        bundle_dir = self.store.path(self.name, version)
+        plan = self.plan(manifest, bundle_dir, beside=True)
+        variant = plan.order[0]
+        if self._policy(variant) == "resources":
+            need = 2 * sum(f.size for f in variant.files) + _MEMORY_RESERVE
+            raise ShadowRefusedError(
+                f"{version}: memory is tight (available {self._available_memory()} bytes, "
+                f"{need} needed beside the serving version)",
+                model=self.name,
+            )
+        capped = dataclasses.replace(
+            self.load_options, intra_op_threads=self.swap_config.loader_threads
+        )
+        golden = golden_sets(bundle_dir, manifest)
+        self._gap_watch = self._quiet_swap
+        try:
+            prepared = (
+                self._loader().submit(self._prepare, version, variant, bundle_dir, golden, capped)
+            ).result()
+        finally:
+            self._gap_watch = False
+        return self._wrap(version, prepared, choice=f"shadow: {plan.reason}"), manifest
 
     # --- start and swap ----------------------------------------------------------------------
 

@@ -61,6 +61,7 @@ from agent.contracts.manifest import NAME_RE
 from agent.contracts.profile import HardwareProfile
 from agent.contracts.state import (
     DesiredModel,
+    DesiredShadow,
     DesiredState,
     DesiredVariant,
     Phase,
@@ -86,6 +87,7 @@ from agent.models.activation import ModelActivator
 from agent.models.bundle import merge_bundles
 from agent.models.probation import UpdateRecord, in_flight
 from agent.models.store import InstalledVersion, ModelStore
+from agent.shadow import ShadowHost
 from agent.updates.delta import BaseArchives, DeltaFetcher, DeltaUnusableError
 from agent.updates.download import DownloadConfig, Downloader
 from agent.updates.plan import (
@@ -196,6 +198,7 @@ class UpdateClient:
         response_limits: ResponseLimits | None = None,
         max_variants: int = 1,
         loop_health: Callable[[], Mapping[str, LoopStatus]] | None = None,
+        shadows: ShadowHost | None = None,
     ) -> None:
         if not config.url:
             raise ConfigError("control_plane.url is not set: the update client needs it")
@@ -270,6 +273,7 @@ class UpdateClient:
         self._journal_seen: dict[str, float] = {}  # journal records already turned into facts
         self._waiting: dict[str, str] = {}  # why a version on probation cannot commit yet
         self._loop_health = loop_health or dict
+        self._shadows = shadows
         # Facts recorded from other threads (bus subscribers) under this lock; read by this one.
         self._report_lock = threading.RLock()
         self._progress: dict[str, Progress] = {}  # model -> the step carried out now
@@ -662,6 +666,69 @@ class UpdateClient:
             except Exception as exc:  # one entry failing must not skip the entries after it
                 log.exception("update_crashed", model=model.name, version=model.version)
                 self._fail(model, target_key(model), f"{type(exc).__name__}: {exc}", step="failed")
+        self._sync_shadows(desired)
+
+    # --- shadows -----------------------------------------------------------------------------
+
+    def _sync_shadows(self, desired: DesiredState) -> None:
+        """Start the shadows the desired state asks for (download, install, load beside the
+        serving version) and stop the ones it no longer names. A shadow that failed or was
+        refused is tried again only when the control plane offers it anew."""
+        host = self._shadows
+        if host is None:
+            return
+        wanted = {m.name: m.shadow for m in desired.models if m.shadow is not None}
+        for name in host.names():
+            if name not in wanted:
+                host.stop(name)
+                self._report_pending = True
+        for name, shadow in wanted.items():
+            if name not in self._activators.names() or not host.wanted(name, shadow):
+                continue
+            if self._serving(name) == shadow.version:
+                continue  # it serves already: nothing to compare it with
+            try:
+                self._start_shadow(name, shadow)
+            except Exception as exc:  # a shadow must never take the update client down
+                log.exception("shadow_crashed", model=name, version=shadow.version)
+                host.set_phase(name, shadow, "failed", f"{type(exc).__name__}: {exc}")
+            self._report()
+
+    def _start_shadow(self, name: str, shadow: DesiredShadow) -> None:
+        host = self._shadows
+        assert host is not None
+        entry = DesiredModel(
+            name=name,
+            version=shadow.version,
+            variant_id=shadow.variant_id,
+            artifact_path=shadow.artifact_path,
+            sha256=shadow.sha256,
+            size=shadow.size,
+            rollout_id=shadow.rollout_id,
+        )
+        host.set_phase(name, shadow, "downloading")
+        self._report()
+        dest = self._download_path(entry)
+        try:
+            if not self._store.has(name, shadow.version):
+                self._fetch_variant(entry, entry, dest)
+                installed = self._install(dest, ())
+                if (installed.name, installed.version) != (name, shadow.version):
+                    raise _RefusedError(
+                        f"{shadow.artifact_path} holds {installed.name} {installed.version}"
+                    )
+        except TransientError as exc:
+            host.forget(name)  # the network's fault: tried again at the next poll
+            log.warning("shadow_download_retrying", model=name, reason=str(exc))
+            return
+        except (_RefusedError, DownloadError, LocalIOError, StoreError, BundleError) as exc:
+            host.set_phase(name, shadow, "failed", str(exc))
+            log.warning("shadow_failed", model=name, version=shadow.version, reason=str(exc))
+            return
+        finally:
+            for path in (dest, dest.with_name(dest.name + ".part")):
+                path.unlink(missing_ok=True)
+        host.start(name, self._activators.get(name).slot, shadow)
 
     def _reject(self, name: str, version: str, desired: DesiredState | None, why: str) -> None:
         """Refuse ``version`` of ``name`` until its desired entry's generation changes."""
@@ -1058,6 +1125,7 @@ class UpdateClient:
             rejection=rejection,
             waiting=self._waiting.get(name),
             loop=self._loop_health().get(name),
+            shadow=self._shadows.report(name) if self._shadows is not None else None,
         )
 
     def _reported_state(self) -> ReportedState:

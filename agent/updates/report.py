@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from agent.contracts.state import LoopHealth, Phase, ReportedModel, bounded_text
+from agent.contracts.state import LoopHealth, Phase, ReportedModel, ReportedShadow, bounded_text
 from agent.models.probation import UpdateRecord
 
 __all__ = [
@@ -100,6 +100,7 @@ class ModelFacts:
     rejection: Rejection | None = None  # applies to ``desired``
     waiting: str | None = None  # why the version on probation waits (the last verdict)
     loop: LoopStatus | None = None
+    shadow: ReportedShadow | None = None  # a version running beside the serving one
 
 
 def reported_model(facts: ModelFacts) -> ReportedModel:
@@ -124,6 +125,7 @@ def reported_model(facts: ModelFacts) -> ReportedModel:
         detail=bounded_text(detail) if detail else None,
         loop=loop.health if loop else None,
         loop_error=bounded_text(loop.error) if loop and loop.error else None,
+        shadow=facts.shadow,
     )
 
 

@@ -2,6 +2,9 @@
 
     edgectl rollout create MODEL VERSION --to key=value[,...] --waves 1%,10%,50%,100% --soak 30m
                            [--report-timeout 15m] [--silent failed|skipped]
+                           [--shadow 10% [--shadow-soak 10m] [--shadow-sample 0.1]
+                            [--shadow-max-delta 1.0] [--shadow-max-latency 1.5]
+                            [--shadow-min-samples 100]]
     edgectl rollout ls [--json]
     edgectl rollout status ID [--watch] [--interval 2] [--json]
     edgectl rollout pause|resume ID
@@ -113,6 +116,9 @@ def status_view(r: dict[str, Any], *, max_devices: int = 20) -> Group:
             w["state"],
         )
     parts.append(waves)
+    shadow = r.get("shadow")
+    if shadow:
+        parts.extend(_shadow_view(shadow, max_devices))
     devices = Table("device", "wave", "online", "version", "update", "p99 ms", "base ms", "infer")
     for d in r["devices"][:max_devices]:
         devices.add_row(
@@ -143,6 +149,39 @@ def status_view(r: dict[str, Any], *, max_devices: int = 20) -> Group:
     return Group(*parts)
 
 
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _shadow_view(shadow: dict[str, Any], max_devices: int) -> list[Any]:
+    """The shadow stage: its state and figures for the stage, then per device."""
+    stage, h = shadow["stage"], shadow.get("health") or {}
+    size = f"{stage['percent']:g}%" if stage.get("percent") else str(stage.get("count") or "wave 1")
+    head = Text.assemble(
+        ("shadow ", "bold"),
+        (shadow["state"], "bold green" if shadow["state"] == "passed" else "bold yellow"),
+        f"  on {size}  {h.get('reporting', 0)}/{h.get('assigned', 0)} reporting  "
+        f"{h.get('samples', 0)} samples  {h.get('metric') or 'metric'} "
+        f"-{_num(h.get('delta'), '.2f')} points (max {stage['max_delta']:g})  "
+        f"p99 x{_num(h.get('latency_ratio'), '.2f')}"
+        + (f" (max {stage['max_latency_ratio']:g})" if stage.get("max_latency_ratio") else "")
+        + (f"  refused {h['refused']}" if h.get("refused") else ""),
+    )
+    table = Table("device", "shadow", "samples", "metric", "value", "lost", "p99 ms", "serving ms")
+    for d in shadow["devices"][:max_devices]:
+        table.add_row(
+            d["device_id"],
+            d["phase"] or "-",
+            str(d["samples"]),
+            d["metric"] or "-",
+            _num(d["value"], ".2f"),
+            _num(d["delta"], ".2f"),
+            _num(d["p99_ms"], ".1f"),
+            _num(d["serving_p99_ms"], ".1f"),
+        )
+    return [head, table] if shadow["devices"] else [head]
+
+
 @rollout_app.command("create")
 def create(  # noqa: PLR0917 - typer maps each CLI option to a parameter
     model: str,
@@ -166,6 +205,23 @@ def create(  # noqa: PLR0917 - typer maps each CLI option to a parameter
     silent: Annotated[
         str, typer.Option(help="a silent device counts as: failed or skipped")
     ] = "failed",
+    shadow: Annotated[
+        str | None,
+        typer.Option(
+            help="a shadow stage first on N% or N devices ('wave' = the first wave's size): "
+            "the version runs beside the serving one, never answering"
+        ),
+    ] = None,
+    shadow_soak: Annotated[str, typer.Option(help="how long the shadow stage runs")] = "10m",
+    shadow_sample: Annotated[float, typer.Option(help="share of inferences shadowed")] = 0.1,
+    shadow_max_busy: Annotated[float, typer.Option(help="share of time busy shadowing")] = 0.25,
+    shadow_min_samples: Annotated[int, typer.Option(help="compared inferences per device")] = 100,
+    shadow_max_delta: Annotated[
+        float, typer.Option(help="task-metric points the shadow may lose vs serving")
+    ] = 1.0,
+    shadow_max_latency: Annotated[
+        float, typer.Option(help="shadow p99 / serving p99 at most; 0 = not judged")
+    ] = 1.5,
 ) -> None:
     """Start a staged rollout of MODEL VERSION to the devices matching --to."""
     wave_list = parse_waves(waves, parse_duration(soak))
@@ -185,9 +241,34 @@ def create(  # noqa: PLR0917 - typer maps each CLI option to a parameter
             "silent_devices": silent,
         },
     }
+    if shadow is not None:
+        body["shadow"] = {
+            **_shadow_size(shadow),
+            "soak_s": parse_duration(shadow_soak),
+            "sample_share": shadow_sample,
+            "max_busy_share": shadow_max_busy,
+            "min_samples": shadow_min_samples,
+            "max_delta": shadow_max_delta,
+            "max_latency_ratio": shadow_max_latency or None,
+        }
     with _client() as client:
         r = client._call("POST", "/v1/rollouts", json=body)
-    _console().print(f"rollout {r['id']} created: {model} {version}, {len(wave_list)} waves")
+    _console().print(
+        f"rollout {r['id']} created: {model} {version}, {len(wave_list)} waves"
+        + (", shadow stage first" if shadow is not None else "")
+    )
+
+
+def _shadow_size(text: str) -> dict[str, Any]:
+    text = text.strip()
+    try:
+        if text == "wave":
+            return {}
+        if text.endswith("%"):
+            return {"percent": float(text[:-1])}
+        return {"count": int(text)}
+    except ValueError as exc:
+        raise ConfigError(f"--shadow: {text!r} is neither N%, a device count nor 'wave'") from exc
 
 
 @rollout_app.command("ls")

@@ -34,6 +34,7 @@ __all__ = [
     "Lease",
     "Model",
     "ModelVersion",
+    "ShadowAssignment",
     "UTCDateTime",
     "VariantRow",
 ]
@@ -234,6 +235,22 @@ class Assignment(Base):
     selector: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime]
     created_by: Mapped[str] = mapped_column(String(64))
+
+
+class ShadowAssignment(Base):
+    """A version one device runs beside its serving one, never answering with it: a rollout's
+    shadow stage. Deleted when the stage ends (passed or aborted)."""
+
+    __tablename__ = "shadow_assignments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"))
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
+    rollout_id: Mapped[str] = mapped_column(String(64), index=True)
+    sample_share: Mapped[float] = mapped_column(Float)
+    max_busy_share: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime]
 
 
 class Lease(Base):

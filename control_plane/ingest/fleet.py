@@ -22,6 +22,7 @@ from agent.contracts.events import UpdateEvent
 from agent.contracts.sketch import RELATIVE_ACCURACY, merge_counts
 from agent.contracts.telemetry import (
     ModelTelemetry,
+    ShadowTelemetry,
     StatePayload,
     SystemMetrics,
     TelemetryPayload,
@@ -52,16 +53,64 @@ def _iso(ts: float) -> str:
 
 
 class _Window:
-    __slots__ = ("count", "failed", "p99", "received", "version")
+    __slots__ = ("count", "failed", "p99", "received", "shadow", "version")
 
     def __init__(
-        self, received: float, version: str | None, count: int, failed: int, p99: float | None
+        self,
+        received: float,
+        version: str | None,
+        count: int,
+        failed: int,
+        p99: float | None,
+        *,
+        shadow: ShadowTelemetry | None = None,
     ) -> None:
         self.received = received
         self.version = version
         self.count = count
         self.failed = failed
         self.p99 = p99
+        self.shadow = shadow
+
+
+def _shadow_health(wins: list[_Window]) -> dict[str, Any] | None:
+    """The newest shadow version's comparison over these windows: samples summed, the metric's
+    value and points lost weighted by samples, p99s as medians of the windows'."""
+    shadowed = [w for w in wins if w.shadow is not None]
+    if not shadowed:
+        return None
+    newest = shadowed[-1].shadow
+    assert newest is not None
+    same = [
+        w.shadow for w in shadowed if w.shadow is not None and w.shadow.version == newest.version
+    ]
+    samples = sum(t.samples for t in same)
+    scored = [t for t in same if t.samples and t.delta is not None and t.value is not None]
+    weight = sum(t.samples for t in scored)
+    p99s = [t.latency_p99_ms for t in same if t.latency_p99_ms is not None]
+    serving = [t.serving_p99_ms for t in same if t.serving_p99_ms is not None]
+    p99 = statistics.median(p99s) if p99s else None
+    serving_p99 = statistics.median(serving) if serving else None
+    return {
+        "version": newest.version,
+        "variant_id": newest.variant_id,
+        "task": newest.task,
+        "metric": newest.metric,
+        "samples": samples,
+        "skipped": sum(t.skipped for t in same),
+        "failed": sum(t.failed for t in same),
+        "value": sum(t.value * t.samples for t in scored if t.value is not None) / weight
+        if weight
+        else None,
+        "delta": sum(t.delta * t.samples for t in scored if t.delta is not None) / weight
+        if weight
+        else None,
+        "p99_ms": p99,
+        "serving_p99_ms": serving_p99,
+        "latency_ratio": p99 / serving_p99 if p99 is not None and serving_p99 else None,
+        "busy_share": max(t.busy_share for t in same),
+        "reported_at": _iso(shadowed[-1].received),
+    }
 
 
 def _latest(m: ModelTelemetry) -> dict[str, Any]:
@@ -77,6 +126,7 @@ def _latest(m: ModelTelemetry) -> dict[str, Any]:
         "failed": m.failed,
         "dropped": m.dropped,
         "window_s": m.window_s,
+        "shadow": m.shadow.model_dump(mode="json") if m.shadow is not None else None,
     }
 
 
@@ -110,6 +160,7 @@ class ModelView:
             "p99_ms": statistics.median(p99s) if p99s else None,
             "windows": len(wins),
             "reported_at": _iso(newest.received),
+            "shadow": _shadow_health(wins),
         }
 
 
@@ -320,7 +371,9 @@ class FleetState:
                 model = view.models[m.name] = ModelView()
             model.latest = m
             recent = model.recent
-            recent.append(_Window(received, m.version, m.count, m.failed, m.latency_p99_ms))
+            recent.append(
+                _Window(received, m.version, m.count, m.failed, m.latency_p99_ms, shadow=m.shadow)
+            )
             while recent and recent[0].received < horizon:
                 recent.popleft()
             bkey = (view.device_id, m.name, m.version or "", start)

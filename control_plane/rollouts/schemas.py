@@ -22,6 +22,8 @@ from control_plane.rollouts.controller import (
     RolloutRules,
     RolloutState,
     RolloutStatus,
+    ShadowHealth,
+    ShadowStage,
     Wave,
     WaveHealth,
 )
@@ -37,6 +39,8 @@ __all__ = [
     "RolloutNote",
     "RolloutPublic",
     "RolloutSummary",
+    "ShadowDevicePublic",
+    "ShadowPublic",
     "WaveStatus",
     "rollout_public",
     "rollout_summary",
@@ -70,6 +74,12 @@ class RolloutCreate(_Body):
         examples=[[{"percent": 1, "soak_s": 1800}, {"percent": 10}, {"percent": 100}]],
     )
     rules: RolloutRules = RolloutRules()
+    shadow: ShadowStage | None = Field(
+        default=None,
+        description="a dark launch before the first wave: the version runs beside the serving "
+        "one on a share of devices and inferences, never answering, and the waves start only "
+        "if it agrees with the serving version and its latency holds",
+    )
 
 
 class RolloutNote(_Body):
@@ -111,6 +121,32 @@ class RolloutDevicePublic(BaseModel):
     silent: bool  # no report on the new version long after its wave's soak
 
 
+class ShadowDevicePublic(BaseModel):
+    """One device of the shadow stage: what it reports of the shadow version (its telemetry's
+    figures over the ingester's health window, its reported phase)."""
+
+    device_id: str
+    online: bool
+    serving_version: str | None
+    phase: str | None  # downloading, loading, running, refused, failed; None: not heard yet
+    reason: str | None
+    samples: int
+    metric: str | None
+    value: float | None
+    delta: float | None
+    p99_ms: float | None
+    serving_p99_ms: float | None
+    latency_ratio: float | None
+    reported_at: datetime | None
+
+
+class ShadowPublic(BaseModel):
+    stage: ShadowStage
+    state: Literal["running", "passed", "held_back", "waiting"]
+    health: ShadowHealth | None
+    devices: list[ShadowDevicePublic]
+
+
 class RolloutDecisionPublic(BaseModel):
     at: datetime
     kind: str
@@ -144,6 +180,7 @@ class RolloutPublic(RolloutSummary):
     wave_status: list[WaveStatus]
     devices: list[RolloutDevicePublic]
     decisions: list[RolloutDecisionPublic]
+    shadow: ShadowPublic | None = None
 
 
 def _dt(ts: float | None) -> datetime | None:
@@ -255,6 +292,7 @@ def rollout_public(view: RolloutView) -> RolloutPublic:
         )
     summary = rollout_summary(view.row, state)
     return RolloutPublic(
+        shadow=_shadow_public(view),
         **summary.model_dump(),
         selector=state.spec.selector,
         rules=state.spec.rules,
@@ -270,3 +308,43 @@ def rollout_public(view: RolloutView) -> RolloutPublic:
             for r in view.decisions
         ],
     )
+
+
+def _shadow_public(view: RolloutView) -> ShadowPublic | None:
+    state = view.state
+    stage = state.spec.shadow
+    if stage is None:
+        return None
+    phase: Literal["running", "passed", "held_back", "waiting"]
+    if state.stage == "waves":
+        phase = "passed"
+    elif state.status == "aborted":
+        phase = "held_back"
+    elif state.status == "pending":
+        phase = "waiting"
+    else:
+        phase = "running"
+    devices: list[ShadowDevicePublic] = []
+    for s in state.shadowed:
+        d = view.devices.get(s.device_id)
+        status = d.status if d is not None else None
+        f = status.shadow if status is not None else None
+        mine = f is not None and f.version == state.spec.version
+        devices.append(
+            ShadowDevicePublic(
+                device_id=s.device_id,
+                online=status.online if status else False,
+                serving_version=status.version if status else None,
+                phase=d.shadow_phase if d is not None and mine else None,
+                reason=f.refused if f is not None and mine else None,
+                samples=f.samples if f is not None and mine else 0,
+                metric=f.metric if f is not None and mine else None,
+                value=f.value if f is not None and mine else None,
+                delta=f.delta if f is not None and mine else None,
+                p99_ms=f.p99_ms if f is not None and mine else None,
+                serving_p99_ms=f.serving_p99_ms if f is not None and mine else None,
+                latency_ratio=f.latency_ratio if f is not None and mine else None,
+                reported_at=_dt(f.reported_at) if f is not None and mine else None,
+            )
+        )
+    return ShadowPublic(stage=stage, state=phase, health=state.shadow_health, devices=devices)

@@ -43,7 +43,7 @@ from agent.contracts.manifest import semver_key
 from agent.contracts.telemetry import CheckUpdateCommand, RollbackCommand
 from agent.logs import get_logger
 from control_plane.coordination import RoleLease
-from control_plane.db.models import Assignment, Device, Model, ModelVersion
+from control_plane.db.models import Assignment, Device, Model, ModelVersion, ShadowAssignment
 from control_plane.desired import selector_matches
 from control_plane.errors import ConflictError, InvalidInputError
 from control_plane.ingest.writer import lock_for_write
@@ -60,6 +60,9 @@ from control_plane.rollouts.controller import (
     RolloutController,
     RolloutSpec,
     RolloutState,
+    ShadowAssign,
+    ShadowPassed,
+    ShadowStop,
 )
 from control_plane.rollouts.snapshot import SnapshotDevice, build_snapshot
 from control_plane.rollouts.tables import RolloutDecisionRow, RolloutRow
@@ -107,7 +110,7 @@ def operator_rollback(
     the rollback again (desired state re-checked, commands re-sent).
     """
     if state.status not in ("aborted", "completed"):
-        return controller.abort(state, reason)
+        return controller.abort(state, reason)  # stops a shadow stage's shadows too
     touched = tuple(a.device_id for a in state.assigned)
     new = state.model_copy(update={"status": "aborted", "reason": reason, "rolled_back": touched})
     actions: list[Action] = [Abort(reason=reason)]
@@ -281,6 +284,7 @@ class RolloutService:
         rules: object,
         actor: str,
         rollout_id: str | None = None,
+        shadow: object = None,
     ) -> RolloutState:
         try:
             semver_key(version)
@@ -296,6 +300,7 @@ class RolloutService:
                     "selector": selector,
                     "waves": waves,
                     "rules": rules,
+                    "shadow": shadow,
                 }
             )
         except ValueError as exc:
@@ -338,7 +343,8 @@ class RolloutService:
                 now=now,
                 actor=actor,
                 detail=f"{model} {version} to {spec.selector or 'every device'}, "
-                f"{len(spec.waves)} waves",
+                f"{len(spec.waves)} waves"
+                + (", a shadow stage first" if spec.shadow is not None else ""),
             )
         log.info("rollout_created", rollout_id=spec.id, model=model, version=version, by=actor)
         return state
@@ -468,6 +474,46 @@ class RolloutService:
                 actor=actor,
                 devices=len(action.devices),
                 detail=f"{len(action.devices)} devices back to their previous version",
+            )
+        elif isinstance(action, ShadowAssign):
+            version = get_version(session, action.model, action.version)
+            for device_id in action.devices:
+                session.add(
+                    ShadowAssignment(
+                        model_id=version.model_id,
+                        version_id=version.id,
+                        device_id=device_id,
+                        rollout_id=rid,
+                        sample_share=action.sample_share,
+                        max_busy_share=action.max_busy_share,
+                        created_at=datetime.fromtimestamp(now, timezone.utc),
+                    )
+                )
+            outbox.check_update += action.devices
+            outbox.changed.update(action.devices)
+            store.record(
+                session,
+                rid,
+                "shadow",
+                now=now,
+                actor=actor,
+                devices=len(action.devices),
+                detail=f"{action.version} as a shadow on {len(action.devices)} devices "
+                f"({action.sample_share:.0%} of inferences, at most "
+                f"{action.max_busy_share:.0%} busy)",
+            )
+        elif isinstance(action, ShadowStop):
+            session.execute(
+                delete(ShadowAssignment)
+                .where(ShadowAssignment.rollout_id == rid)
+                .where(ShadowAssignment.device_id.in_(list(action.devices)))
+                .execution_options(synchronize_session=False)
+            )
+            outbox.check_update += action.devices
+            outbox.changed.update(action.devices)
+        elif isinstance(action, ShadowPassed):
+            store.record(
+                session, rid, "shadow_passed", now=now, actor=actor, wave=0, detail=action.detail
             )
         elif isinstance(action, Promote):
             h = state.health

@@ -26,7 +26,12 @@ from agent.contracts.manifest import Variant
 from agent.contracts.profile import HardwareProfile
 from control_plane.db.models import Device, Model, ModelVersion
 from control_plane.ingest.tables import DeviceLink
-from control_plane.rollouts.controller import DeviceStatus, FleetSnapshot, RolloutSpec
+from control_plane.rollouts.controller import (
+    DeviceStatus,
+    FleetSnapshot,
+    RolloutSpec,
+    ShadowFigures,
+)
 from control_plane.rollouts.controller import UpdatePhase as _Phase
 
 __all__ = ["SnapshotDevice", "build_snapshot", "update_phase"]
@@ -80,6 +85,7 @@ class SnapshotDevice:
 
     status: DeviceStatus
     p99_window_ms: float | None  # the latest window's p99 (status is the health-window median)
+    shadow_phase: str | None = None  # the device's reported phase of its shadow
 
 
 def _variants(session: Session, spec: RolloutSpec) -> list[Variant] | None:
@@ -112,6 +118,39 @@ def _reported(device_reported: Mapping[str, Any] | None, model: str) -> Mapping[
         if isinstance(m, Mapping) and m.get("name") == model:
             return m
     return None
+
+
+def _shadow_figures(
+    health: Mapping[str, Any] | None, reported: Mapping[str, Any] | None, reported_at: Any
+) -> tuple[ShadowFigures | None, str | None]:
+    """The device's shadow figures: from its telemetry (rolled up over the health window) when
+    it compared anything; a refusal or failure from its reported state (HTTP) otherwise."""
+    said = (reported or {}).get("shadow") if reported is not None else None
+    phase = said.get("phase") if isinstance(said, Mapping) else None
+    if isinstance(said, Mapping) and phase in ("refused", "failed") and said.get("version"):
+        figures = ShadowFigures(
+            version=str(said["version"]),
+            refused=str(said.get("reason") or phase),
+            reported_at=_ts(reported_at),
+        )
+        return figures, str(phase)
+    if not health or not health.get("version"):
+        return None, str(phase) if phase else None
+    try:
+        figures = ShadowFigures(
+            version=str(health["version"]),
+            samples=int(health.get("samples") or 0),
+            metric=health.get("metric"),
+            value=health.get("value"),
+            delta=health.get("delta"),
+            latency_ratio=health.get("latency_ratio"),
+            p99_ms=health.get("p99_ms"),
+            serving_p99_ms=health.get("serving_p99_ms"),
+            reported_at=_ts(health.get("reported_at")),
+        )
+    except ValueError:
+        return None, None
+    return figures, str(phase) if phase else "running"
 
 
 def build_snapshot(
@@ -173,6 +212,7 @@ def build_snapshot(
             reported_at = _ts(d.reported_at)
             if reported_at is not None and reported_at >= since:
                 phase = _REPORTED_PHASES.get(str(reported.get("phase")), "updating")
+        shadow, shadow_phase = _shadow_figures(health.get("shadow"), reported, d.reported_at)
         inferences = int(health.get("inferences") or 0)
         failed = min(int(health.get("failed") or 0), inferences)
         status = DeviceStatus(
@@ -185,6 +225,7 @@ def build_snapshot(
             inferences=inferences,
             failed=failed,
             reported_at=_ts(health.get("reported_at")),
+            shadow=shadow,
         )
-        out[device_id] = SnapshotDevice(status, entry.get("p99_ms"))
+        out[device_id] = SnapshotDevice(status, entry.get("p99_ms"), shadow_phase)
     return FleetSnapshot(devices=tuple(s.status for s in out.values())), out

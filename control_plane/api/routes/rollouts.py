@@ -55,6 +55,7 @@ def create_rollout(body: RolloutCreate, operator: OperatorWriter, ctx: Context) 
         rules=body.rules.model_dump(),
         actor=operator.name,
         rollout_id=body.id,
+        shadow=body.shadow.model_dump() if body.shadow is not None else None,
     )
     return rollout_public(service.view(state.spec.id))
 
