@@ -60,6 +60,7 @@ async def download_bundle(
         entry, _ = await desired_state_entry(ctx, principal.device_id)
         wanted = archive_path(name, version, variant_id)
         offered = {v.artifact_path for m in entry.state.models for v in m.offered()}
+        offered |= {m.shadow.artifact_path for m in entry.state.models if m.shadow is not None}
         if wanted not in offered:
             raise ForbiddenError("this artifact is not assigned to this device")
     row = await run_in_threadpool(

@@ -1,0 +1,241 @@
+"""Shadow stage through real processes: two ``edge-agent daemon`` subprocesses serving the digits
+CNN on real digit images (an image-folder loop source), a control plane on loopback (uvicorn,
+SQLite, its ingester on Mosquitto) and rollouts that start with a shadow stage.
+
+- A version that disagrees with the serving one on those images (one class always wins) is held
+  back before serving anywhere: the devices ran it beside 1.0.0, reported their agreement over
+  MQTT, the rollout aborted on it, and no device ever swapped to it.
+- An equivalent version (the same weights with a constant shift of every logit: its raw outputs
+  differ, its decisions do not) is promoted on agreement, then served through the normal waves.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from PIL import Image
+from rich.console import Console
+
+from agent.samples import DigitsData
+from control_plane.cli.rollout import status_view
+from tests.agent.store import models
+from tests.agent.updates.fleet import BOOTSTRAP_TOKEN, ControlPlane
+from tests.test_e2e_fleet_truth import Agent, _wait
+from tests.test_e2e_recovery import (  # the rollout-ready control plane and its helpers
+    POLL_S,
+    _committed,
+    _device_ids,
+    _ended,
+    _reported,
+    _rollout,
+    _RolloutPlane,
+)
+
+pytestmark = pytest.mark.broker
+
+
+@pytest.fixture
+def cp(tmp_path: Path, mqtt_broker: tuple[str, int]) -> Any:
+    import uuid
+
+    plane = _RolloutPlane(tmp_path / "cp", mqtt_broker, f"eftest-{uuid.uuid4().hex[:10]}/v1")
+    plane.start()
+    yield plane
+    plane.stop()
+
+
+@pytest.fixture
+def cal(tmp_path: Path, digits: DigitsData) -> Path:
+    path = tmp_path / "cal.npz"
+    np.savez(path, input=digits.x_train[:64])
+    return path
+
+
+def _digit_images(folder: Path, digits: DigitsData, n: int = 60) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, x in enumerate(digits.x_test[:n]):
+        pixels = np.clip(x[0] * 255.0, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(folder / f"{i:04d}.png")
+    return folder
+
+
+def _one_class_wins(src: Path, dest: Path) -> Path:
+    """The digits CNN with class 3's bias raised so far that it wins on every input."""
+    model = onnx.load(str(src))
+    for i, init in enumerate(model.graph.initializer):
+        if init.name == "fc_b":
+            bias = numpy_helper.to_array(init).copy()
+            bias[3] += np.float32(1000.0)
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(bias, "fc_b"))
+    onnx.save(model, str(dest))
+    return dest
+
+
+def _config(path: Path, cp: ControlPlane, root: Path, broker: tuple[str, int], **kw: Any) -> Path:
+    path.write_text(
+        f"""
+device_id = "{kw["name"]}"
+state_dir = "{kw["state"]}"
+log_level = "info"
+log_json = true
+[[models]]
+name = "digits"
+
+[loop]
+rate_hz = 50
+window_s = 0.5
+
+[loop.source]
+kind = "images"
+path = "{kw["images"]}"
+repeat = true
+
+[swap]
+probation_s = 2
+warmup_runs = 1
+max_p99_ratio = 100000
+
+[api]
+enabled = false
+
+[mqtt]
+host = "{broker[0]}"
+port = {broker[1]}
+topic_prefix = "{cp.settings.mqtt_topic_prefix}"
+telemetry_interval_s = 0.5
+
+[control_plane]
+url = "{cp.url}"
+bootstrap_token = "{BOOTSTRAP_TOKEN}"
+tuf_root_path = "{root}"
+poll_interval_s = {POLL_S}
+poll_jitter = 0
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def _shadow_rollout(cp: ControlPlane, rollout_id: str, version: str) -> None:
+    body = {
+        "id": rollout_id,
+        "model": "digits",
+        "version": version,
+        "waves": [{"count": 2, "soak_s": 1}],
+        "rules": {
+            "max_failed_update_share": 0,
+            "min_devices_reporting": 2,
+            "min_reporting_share": 1,
+            "max_p99_regression": 100,
+            "report_timeout_s": 120,
+        },
+        "shadow": {
+            "count": 2,
+            "soak_s": 2,
+            "sample_share": 0.2,
+            "min_samples": 10,
+            "max_delta": 1.0,
+            "max_latency_ratio": None,  # two processes share two cores here: not judged
+        },
+    }
+    with cp.admin() as admin:
+        r = admin.post("/v1/rollouts", json=body)
+        assert r.status_code == 201, r.text
+
+
+def _swapped_to(agent: Agent, version: str) -> list[dict[str, Any]]:
+    return [e for e in agent.events("slot_swapped") if e.get("version") == version]
+
+
+def test_a_shadow_stage_holds_back_a_disagreeing_version_and_promotes_an_equivalent_one(
+    cp: _RolloutPlane,
+    tmp_path: Path,
+    digits_path: Path,
+    digits: DigitsData,
+    cal: Path,
+    mqtt_broker: tuple[str, int],
+) -> None:
+    cp.push(digits_path, cal, name="digits", version="1.0.0")
+    cp.push(
+        _one_class_wins(digits_path, tmp_path / "bad.onnx"), cal, name="digits", version="2.0.0"
+    )
+    cp.push(
+        models.shifted(digits_path, tmp_path / "same.onnx", 2.5),
+        cal,
+        name="digits",
+        version="2.1.0",
+    )
+    root = cp.root_json(tmp_path / "root.json")
+    images = _digit_images(tmp_path / "images", digits)
+    agents = [
+        Agent(
+            _config(
+                tmp_path / f"{n}.toml",
+                cp,
+                root,
+                mqtt_broker,
+                name=n,
+                state=tmp_path / f"state-{n}",
+                images=images,
+            ),
+            tmp_path / f"{n}.log",
+        ).start()
+        for n in ("shadow-a", "shadow-b")
+    ]
+    try:
+        ids = _wait("enrollment", lambda: (d := _device_ids(cp)) and len(d) == 2 and d)
+        for device_id in ids:
+            cp.deploy("digits", "1.0.0", device_id)
+        for device_id in ids:
+            _wait("1.0.0 committed", _committed(cp, device_id, "1.0.0"))
+
+        # (b) disagrees on the images: held back before a single device serves it.
+        _shadow_rollout(cp, "dark-bad", "2.0.0")
+        final = _ended(cp, "dark-bad")
+        assert final["status"] == "aborted", final
+        assert "held back before serving" in final["reason"], final["reason"]
+        assert final["assigned"] == 0
+        shadow = final["shadow"]
+        assert shadow["state"] == "held_back"
+        assert shadow["health"]["metric"] == "agreement"
+        assert shadow["health"]["delta"] > 50.0  # one class always wins: most decisions differ
+        assert {d["device_id"] for d in shadow["devices"]} == set(ids)
+        for agent in agents:
+            assert not _swapped_to(agent, "2.0.0"), "a held-back version served"
+            _wait("the shadow stopped", lambda a=agent: a.events("shadow_stopped"))
+        for device_id in ids:
+            assert _reported(cp, device_id).get("active_version") == "1.0.0"
+
+        # (a) an equivalent version: promoted on agreement, then served through the waves.
+        _shadow_rollout(cp, "dark-same", "2.1.0")
+        final = _ended(cp, "dark-same")
+        assert final["status"] == "completed", final
+        shadow = final["shadow"]
+        assert shadow["state"] == "passed"
+        health = shadow["health"]
+        assert health["reporting"] == 2
+        assert health["samples"] >= 20
+        assert health["delta"] == 0.0
+        kinds = [d["kind"] for d in final["decisions"]]
+        assert kinds.index("shadow") < kinds.index("shadow_passed") < kinds.index("assign")
+        for device_id in ids:
+            _wait("2.1.0 committed", _committed(cp, device_id, "2.1.0"))
+        for agent in agents:
+            started = [e for e in agent.events("shadow_started") if e["version"] == "2.1.0"]
+            assert started
+            assert started[0]["sample_share"] == 0.2
+
+        out = io.StringIO()
+        Console(file=out, width=200).print(status_view(_rollout(cp, "dark-same")))
+        text = out.getvalue()
+        assert "shadow passed" in text
+        assert "agreement" in text
+    finally:
+        for agent in agents:
+            agent.stop()
