@@ -215,12 +215,14 @@ class ShadowEvaluator:
             self._reset()
         return out
 
-    def close(self) -> None:
+    def close(self, *, retire: bool = True) -> None:
+        """Stop the worker; ``retire``: unload the shadow version too."""
         with self._lock:
             self._stopping = True
             self._lock.notify()
         self._thread.join(timeout=30.0)
-        self._runner.retire()
+        if retire:
+            self._runner.retire()
 
 
 _DEFAULT_METRIC: dict[str, str] = {

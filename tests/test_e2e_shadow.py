@@ -26,6 +26,7 @@ from agent.samples import DigitsData
 from control_plane.cli.rollout import status_view
 from tests.agent.store import models
 from tests.agent.updates.fleet import BOOTSTRAP_TOKEN, ControlPlane
+from tests.control_plane.test_lifecycle import table_rows
 from tests.test_e2e_fleet_truth import Agent, _wait
 from tests.test_e2e_recovery import (  # the rollout-ready control plane and its helpers
     POLL_S,
@@ -211,6 +212,13 @@ def test_a_shadow_stage_holds_back_a_disagreeing_version_and_promotes_an_equival
             _wait("the shadow stopped", lambda a=agent: a.events("shadow_stopped"))
         for device_id in ids:
             assert _reported(cp, device_id).get("active_version") == "1.0.0"
+        with cp.admin() as admin:
+            page = admin.get("/ui/rollouts/dark-bad")
+        assert page.status_code == 200, page.text
+        rows = [r for r in table_rows(page.text) if r and r[0] in ids]
+        shadow_rows = [r for r in rows if len(r) == 10]  # the shadow table's device rows
+        assert {r[0] for r in shadow_rows} == set(ids)
+        assert all(r[4] == "agreement" and float(r[6]) > 50.0 for r in shadow_rows), shadow_rows
 
         # (a) an equivalent version: promoted on agreement, then served through the waves.
         _shadow_rollout(cp, "dark-same", "2.1.0")

@@ -481,6 +481,25 @@ def rollout_view(public: Any) -> dict[str, Any]:
         e["at"] = e["at"].strftime("%Y-%m-%d %H:%M:%S")
         e["wave"] = "-" if e["wave"] is None else e["wave"] + 1
     r["decisions"] = r["decisions"][-50:]
+    shadow = r.get("shadow")
+    if shadow:
+        h, stage = shadow.get("health") or {}, shadow["stage"]
+
+        def num(value: float | None, fmt: str) -> str:
+            return "-" if value is None else format(value, fmt)
+
+        shadow["summary"] = (
+            f"{h.get('reporting', 0)}/{h.get('assigned', 0)} devices reporting, "
+            f"{h.get('samples', 0)} samples, {h.get('metric') or 'metric'} "
+            f"-{num(h.get('delta'), '.2f')} points (max {stage['max_delta']:g}), "
+            f"p99 x{num(h.get('latency_ratio'), '.2f')}"
+            + (f", {h['refused']} refused" if h.get("refused") else "")
+        )
+        for d in shadow["devices"]:
+            d["value_text"] = num(d["value"], ".2f")
+            d["delta_text"] = num(d["delta"], ".2f")
+            d["p99_text"] = num(d["p99_ms"], ".1f")
+            d["serving_text"] = num(d["serving_p99_ms"], ".1f")
     return {
         "r": r,
         "status_class": _STATUS_CLASS.get(r["status"], "muted"),
