@@ -16,9 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import pytest
-from onnx import numpy_helper
 from PIL import Image
 from rich.console import Console
 
@@ -64,18 +62,6 @@ def _digit_images(folder: Path, digits: DigitsData, n: int = 60) -> Path:
         pixels = np.clip(x[0] * 255.0, 0, 255).astype(np.uint8)
         Image.fromarray(pixels, mode="L").save(folder / f"{i:04d}.png")
     return folder
-
-
-def _one_class_wins(src: Path, dest: Path) -> Path:
-    """The digits CNN with class 3's bias raised so far that it wins on every input."""
-    model = onnx.load(str(src))
-    for i, init in enumerate(model.graph.initializer):
-        if init.name == "fc_b":
-            bias = numpy_helper.to_array(init).copy()
-            bias[3] += np.float32(1000.0)
-            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(bias, "fc_b"))
-    onnx.save(model, str(dest))
-    return dest
 
 
 def _config(path: Path, cp: ControlPlane, root: Path, broker: tuple[str, int], **kw: Any) -> Path:
@@ -164,7 +150,10 @@ def test_a_shadow_stage_holds_back_a_disagreeing_version_and_promotes_an_equival
 ) -> None:
     cp.push(digits_path, cal, name="digits", version="1.0.0")
     cp.push(
-        _one_class_wins(digits_path, tmp_path / "bad.onnx"), cal, name="digits", version="2.0.0"
+        models.one_class_wins(digits_path, tmp_path / "bad.onnx"),
+        cal,
+        name="digits",
+        version="2.0.0",
     )
     cp.push(
         models.shifted(digits_path, tmp_path / "same.onnx", 2.5),

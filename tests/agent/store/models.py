@@ -40,6 +40,18 @@ def shifted(src: Path, dest: Path, delta: float) -> Path:
     return _save(model, dest)
 
 
+def one_class_wins(src: Path, dest: Path, *, klass: int = 3) -> Path:
+    """The digits CNN with one class's bias raised so far that it wins on every input: a
+    version that loads, validates against its own golden outputs and disagrees on real inputs."""
+    model = _load(src)
+    for i, init in enumerate(model.graph.initializer):
+        if init.name == "fc_b":
+            bias = numpy_helper.to_array(init).copy()
+            bias[klass] += np.float32(1000.0)
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(bias, "fc_b"))
+    return _save(model, dest)
+
+
 def _rename_output(model: onnx.ModelProto) -> None:
     """Make the Gemm write ``logits_raw`` so a new node can produce ``logits``."""
     for node in model.graph.node:
