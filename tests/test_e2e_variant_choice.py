@@ -273,6 +273,13 @@ def test_each_board_class_serves_its_measured_variant(
         assert answer["model_version"] == "1.0.0"
         assert answer["parameters"]["variant"] == reported["variant_id"], answer
         assert np.argmax(answer["outputs"][0]["data"]) == digits.y_test[0]
+        if len(offered) > 1:
+            # Every fetched candidate's archive stays as a delta base: the next version can
+            # travel as a delta from whichever variant the device serves.
+            bases = tmp_path / name / "bases" / "digits" / "1.0.0"
+            kept = {p.stem for p in bases.glob("*.tar")}
+            assert reported["variant_id"] in kept, (name, kept)
+            assert len(kept) >= 2, (name, kept)
         if profile.board.kind == "jetson":
             # This machine's ONNX Runtime has no CUDA provider: GPU variants are left out.
             assert not any(v.startswith("onnx-fp16") for v in offered), offered

@@ -793,6 +793,7 @@ class UpdateClient:
             size=model.size,
         )
         extras: list[Path] = []
+        extra_ids: list[str] = []
         try:
             self._fetch_variant(model, model, dest)
             # The other fitting variants the device measures before it serves one. One that
@@ -811,6 +812,7 @@ class UpdateClient:
                     )
                     continue
                 extras.append(extra)
+                extra_ids.append(offered.variant_id)
             self._step(name, version, "installing")
             try:
                 installed = self._install(dest, extras)
@@ -852,13 +854,14 @@ class UpdateClient:
             self._report()
             dest.unlink(missing_ok=True)
         else:
-            if extras:
-                dest.unlink(missing_ok=True)
-            else:  # the base of the next update's delta
-                self._bases.keep(name, version, model.variant_id, dest)
-                self._bases.prune(name, self._store.versions(name))
-            for path in extras:
-                path.unlink(missing_ok=True)
+            # Every fetched archive is kept as the base of the next update's delta: the control
+            # plane builds it from whichever variant the device reports serving.
+            self._bases.keep(name, version, model.variant_id, dest)
+            for path, variant_id in zip(extras, extra_ids, strict=True):
+                self._bases.keep(name, version, variant_id, path)
+            self._bases.prune(name, self._store.versions(name))
+            for path in (dest, *extras):
+                path.unlink(missing_ok=True)  # whatever could not be kept
             self._attempts.pop(key, None)
             self._failures.pop(name, None)
             self._clear_step(name)
