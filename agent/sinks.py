@@ -494,13 +494,11 @@ class ResultPublisher:
         client = self._client
         if client is None:
             return
+        # What is still queued goes out if the broker is there (or comes) within the linger.
         deadline = time.monotonic() + self._linger_s
-        while (
-            self._connected.is_set()
-            and any(s.pending() for s in self._sinks.mqtt_sinks)
-            and time.monotonic() < deadline
-        ):
-            self._sinks.drain_mqtt(self._send)
+        while any(s.pending() for s in self._sinks.mqtt_sinks) and time.monotonic() < deadline:
+            if self._connected.is_set():
+                self._sinks.drain_mqtt(self._send)
             time.sleep(self._tick_s)
         while client.want_write() and time.monotonic() < deadline:
             time.sleep(self._tick_s)
