@@ -35,7 +35,7 @@ from typing import IO, Any, Protocol
 import numpy as np
 
 from agent.config import JsonlSinkConfig, LoopConfig, MqttConfig, MqttSinkConfig, SinkConfig
-from agent.contracts.results import message_fields
+from agent.contracts.results import RESULT_SCHEMA_VERSION, message_fields
 from agent.contracts.tensors import TensorSpec
 from agent.errors import ConfigError, SinkError, TelemetryError
 from agent.logs import get_logger
@@ -84,8 +84,20 @@ class LoopResult:
         )
 
     def json_bytes(self) -> bytes:
+        """``fields()`` as compact JSON: the envelope, then the body as pydantic writes it."""
         if self._json is None:
-            self._json = json.dumps(self.fields(), separators=(",", ":")).encode()
+            head = json.dumps(
+                {
+                    "schema_version": RESULT_SCHEMA_VERSION,
+                    "model": self.model,
+                    "seq": self.seq,
+                    "ts": round(self.ts, 6),
+                    "latency_ms": round(self.latency_ms, 4),
+                },
+                separators=(",", ":"),
+            )
+            body = self.body.model_dump_json()  # an object with at least "kind"
+            self._json = f"{head[:-1]},{body[1:]}".encode()
         return self._json
 
 

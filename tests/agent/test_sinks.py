@@ -23,8 +23,11 @@ import pytest
 from PIL import Image
 from pydantic import TypeAdapter
 
+from agent.config import MqttConfig
 from agent.contracts.results import ClassificationMessage, RawOutputs, ResultMessage
 from agent.sinks import LoopResult, MqttResultSink
+from agent.telemetry import TelemetryClient
+from tests.agent.telemetry.conftest import Broker, Subscriber, subscribe
 
 ROOT = Path(__file__).resolve().parents[2]
 MESSAGES: TypeAdapter[Any] = TypeAdapter(ResultMessage)
@@ -83,6 +86,55 @@ def test_a_connection_that_refuses_a_payload_drops_only_that_one() -> None:
 
     assert sink.drain(refuse) == 0
     assert (sink.counters.send_failed, sink.pending()) == (2, 0)
+
+
+__all__ = ["subscribe"]  # the telemetry tests' fixture, used here too
+
+
+@pytest.fixture
+def acl_broker(tmp_path: Path) -> Iterator[Broker]:
+    """A Mosquitto with the shipped ACL (deploy/mosquitto/acl) and password users."""
+    passwd = tmp_path / "passwd"
+    passwd.write_text("")
+    for user in ("dev-a", "dev-b", "dashboard"):
+        subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, f"{user}-pw"], check=True)
+    acl = ROOT / "deploy" / "mosquitto" / "acl"
+    broker = Broker(
+        tmp_path, extra_config=f"allow_anonymous false\npassword_file {passwd}\nacl_file {acl}\n"
+    )
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.mark.broker
+def test_results_go_on_the_devices_own_connection_and_topic_under_the_acl(
+    acl_broker: Broker, state_dir: Path, subscribe: Any
+) -> None:
+    port = acl_broker.port
+    dashboard: Subscriber = subscribe(
+        port, "edgefleet/v1/+/results", username="dashboard", password="dashboard-pw"
+    )
+    sink = MqttResultSink(queue_size=16)
+    client = TelemetryClient(
+        MqttConfig(host="127.0.0.1", port=port, username="dev-a", password="dev-a-pw"),
+        device_id="dev-a",
+        state_dir=state_dir,
+        reconnect_min_s=0.05,
+    )
+    client.add_outlet(sink.drain)
+    with client:
+        assert client.wait_connected(10)
+        for seq in (1, 2, 3):
+            sink.publish(_result(seq))
+        assert dashboard.wait_for(lambda d: len(d.payloads("dev-a/results")) == 3)
+        # dev-b, authenticated as itself, cannot publish dev-a's results; its own topic works
+        spy = subscribe(port, "edgefleet/v1/dev-b/results", username="dev-b", password="dev-b-pw")
+        spy.client.publish("edgefleet/v1/dev-a/results", _result(99).json_bytes(), qos=1)
+        spy.client.publish("edgefleet/v1/dev-b/results", _result(7).json_bytes(), qos=1)
+        assert dashboard.wait_for(lambda d: len(d.payloads("dev-b/results")) == 1)
+    assert [p["seq"] for p in dashboard.payloads("dev-a/results")] == [1, 2, 3]
+    assert sink.counters.sent == 3
 
 
 # -- real processes ------------------------------------------------------------------------
