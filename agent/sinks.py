@@ -216,15 +216,16 @@ class MqttResultSink:
         self._wake: threading.Event | None = None
 
     def publish(self, result: LoopResult) -> None:
-        now = self._clock()
-        tokens = min(self._burst, self._tokens + (now - self._refilled) * self.max_rate_hz)
-        self._refilled = now
         c = self.counters
-        if tokens < 1.0:
-            self._tokens = tokens
-            c.dropped_rate += 1
-            return
-        self._tokens = tokens - 1.0
+        with self._lock:  # loops of several models may share this sink
+            now = self._clock()
+            tokens = min(self._burst, self._tokens + (now - self._refilled) * self.max_rate_hz)
+            self._refilled = now
+            if tokens < 1.0:
+                self._tokens = tokens
+                c.dropped_rate += 1
+                return
+            self._tokens = tokens - 1.0
         payload = result.json_bytes()
         if len(payload) > self.max_bytes:
             c.dropped_size += 1

@@ -245,6 +245,34 @@ def test_the_daemon_publishes_top_k_to_a_file_and_the_broker_at_once(
         assert MESSAGES.validate_json(lines[m.seq]) == m
 
 
+def test_a_postprocess_that_does_not_fit_the_served_model_stops_the_daemon_at_start(
+    tmp_path: Path, state_dir: Path, digits_path: Path
+) -> None:
+    from agent.config import load_settings
+    from agent.daemon import Daemon
+    from agent.errors import ConfigError
+    from tests.agent.test_daemon_systemd import _install
+
+    _install(
+        state_dir, tmp_path, "digits", digits_path, {"input": np.zeros((1, 1, 8, 8), np.float32)}
+    )
+    settings = load_settings(
+        None,
+        device_id="misfit",
+        state_dir=state_dir,
+        models=[{"name": "digits"}],
+        api={"enabled": False},
+        loop={
+            "postprocess": {"kind": "topk", "labels": ["cat", "dog"]},
+            "sinks": [{"kind": "jsonl", "path": str(tmp_path / "r.jsonl")}],
+        },
+    )
+    daemon = Daemon(settings)
+    with pytest.raises(ConfigError, match="model digits: postprocess topk: 2 labels for output"):
+        daemon.start()
+    daemon.stop()
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
