@@ -528,14 +528,14 @@ class Daemon:
         """The configured postprocessor must build: a plugin that is not installed or refuses
         its options, or labels that do not fit a serving model's output, is a configuration
         error at start (exit 78), not a loop that fails frame after frame."""
-        if self._sinks is None or not self._sinks.sinks:
+        if self._sinks is None:
             return
-        self._sinks.postprocessor(())
+        self._sinks.check()
         for name in self.served.names():
             slot = self.served.get(name).slot
             if slot.current is not None:
                 try:
-                    self._sinks.postprocessor(slot.outputs)
+                    self._sinks.check(slot.outputs)
                 except ConfigError as exc:
                     raise ConfigError(f"model {name}: {exc}") from exc
 

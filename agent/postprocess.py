@@ -59,6 +59,7 @@ __all__ = [
     "ResultBody",
     "TopK",
     "build_postprocessor",
+    "load_plugin",
     "output_digest",
 ]
 

@@ -34,12 +34,19 @@ from typing import IO, Any, Protocol
 
 import numpy as np
 
-from agent.config import JsonlSinkConfig, LoopConfig, MqttConfig, MqttSinkConfig, SinkConfig
+from agent.config import (
+    JsonlSinkConfig,
+    LoopConfig,
+    MqttConfig,
+    MqttSinkConfig,
+    PluginPostprocessConfig,
+    SinkConfig,
+)
 from agent.contracts.results import RESULT_SCHEMA_VERSION, message_fields
 from agent.contracts.tensors import TensorSpec
 from agent.errors import ConfigError, SinkError, TelemetryError
 from agent.logs import get_logger
-from agent.postprocess import Postprocessor, ResultBody, build_postprocessor
+from agent.postprocess import Postprocessor, ResultBody, build_postprocessor, load_plugin
 
 __all__ = [
     "JsonlResultSink",
@@ -379,6 +386,18 @@ class ResultSinks:
     def postprocessor(self, outputs: Sequence[TensorSpec] = ()) -> Postprocessor:
         """The configured postprocessor for a model with these outputs (``ConfigError``)."""
         return build_postprocessor(self.postprocess, outputs)
+
+    def check(self, outputs: Sequence[TensorSpec] | None = None) -> None:
+        """Raise ``ConfigError`` now for a postprocessor that cannot be built for a model with
+        these outputs; with ``None`` (no model known yet) a plugin is only looked up and
+        imported, its factory is left for the loop (it may need the outputs)."""
+        if not self.sinks:
+            return
+        if outputs is None:
+            if isinstance(self.postprocess, PluginPostprocessConfig):
+                load_plugin(self.postprocess.name)
+            return
+        self.postprocessor(outputs)
 
     def for_loop(self, model: str, outputs: Sequence[TensorSpec] = ()) -> _Fanout | None:
         """The ``sink`` for a loop running ``model`` (None without sinks: nothing to do)."""

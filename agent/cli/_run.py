@@ -67,8 +67,7 @@ def run_command(args: argparse.Namespace) -> int:
     shape = _parse_shape(args.shape) if args.shape else None
     assert model.path is not None
     sinks = build_sinks(settings.loop, device_id=settings.device_id, mqtt=settings.mqtt)
-    if sinks.sinks:
-        sinks.postprocessor(())  # a plugin that is missing or refuses its options: say so now
+    sinks.check()  # a plugin that is not installed or does not import: before loading the model
     session = load_first(
         Artifact(model.path, name=model.name),
         _load_options(settings),

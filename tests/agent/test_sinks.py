@@ -24,7 +24,16 @@ from PIL import Image
 from pydantic import TypeAdapter
 
 from agent.config import MqttConfig
-from agent.contracts.results import ClassificationMessage, RawOutputs, ResultMessage
+from agent.contracts.results import (
+    Box,
+    Classification,
+    ClassificationMessage,
+    ClassScore,
+    Custom,
+    Detection,
+    RawOutputs,
+    ResultMessage,
+)
 from agent.sinks import LoopResult, MqttResultSink
 from agent.telemetry import TelemetryClient
 from tests.agent.telemetry.conftest import Broker, Subscriber, subscribe
@@ -37,6 +46,30 @@ LABELS = [f"digit-{i}" for i in range(10)]
 def _result(seq: int, size: int = 1) -> LoopResult:
     body = RawOutputs(outputs={"y" * size: {"shape": [1]}})  # type: ignore[dict-item]
     return LoopResult("m", seq, 1.0, 0.5, body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        RawOutputs(outputs={"y": {"shape": [1, 10], "argmax": 3, "max": 2.5}}),  # type: ignore[dict-item]
+        Classification(output="y", classes=[ClassScore(index=3, label="three", score=0.75)]),
+        Detection(
+            output="maps",
+            width=64,
+            height=32,
+            boxes=[Box(x0=1.5, y0=2, x1=10, y1=12.25, score=0.9, label="text")],
+        ),
+        Custom(name="team", data={"best": 3, "nested": {"ok": True}}),
+    ],
+)
+def test_one_message_per_result_whatever_its_kind(body: Any) -> None:
+    result = LoopResult("digits", 7, 1763930000.1234567, 0.12345678, body)
+    payload = result.json_bytes()
+    assert payload is result.json_bytes()  # serialized once, for every sink
+    assert json.loads(payload) == result.fields()
+    message = MESSAGES.validate_json(payload)
+    assert (message.model, message.seq, message.kind) == ("digits", 7, body.kind)
+    assert (message.ts, message.latency_ms) == (1763930000.123457, 0.1235)
 
 
 class _Clock:
