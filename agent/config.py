@@ -38,15 +38,23 @@ __all__ = [
     "BatchingConfig",
     "CallbackSourceConfig",
     "ControlPlaneConfig",
+    "DbBoxesPostprocessConfig",
     "GstreamerSourceConfig",
     "HardwareConfig",
     "ImagesSourceConfig",
+    "JsonlSinkConfig",
     "LoopConfig",
     "ModelConfig",
     "MqttConfig",
+    "MqttSinkConfig",
+    "PluginPostprocessConfig",
+    "PostprocessConfig",
+    "RawPostprocessConfig",
+    "SinkConfig",
     "SourceConfig",
     "SwapConfig",
     "SyntheticSourceConfig",
+    "TopkPostprocessConfig",
     "UrlSourceConfig",
     "V4l2SourceConfig",
     "VideoSourceConfig",
@@ -190,6 +198,91 @@ SourceConfig = Annotated[
     Field(discriminator="kind"),
 ]
 
+
+class RawPostprocessConfig(_Section):
+    """Every output as a digest (shape, argmax, max): the default, and the older sink lines."""
+
+    kind: Literal["raw"] = "raw"
+
+
+class TopkPostprocessConfig(_Section):
+    """Classification: the ``k`` best classes of ``output`` (default: the first output) with
+    probabilities; ``softmax = "auto"`` applies it unless the scores already sum to 1.
+    ``labels`` name the classes by index (its length must match the output's class count)."""
+
+    kind: Literal["topk"]
+    k: int = Field(default=5, ge=1, le=1000)
+    labels: tuple[Annotated[str, Field(max_length=256)], ...] | None = Field(
+        default=None, min_length=1, max_length=100_000
+    )
+    output: str | None = Field(default=None, max_length=256)
+    softmax: Literal["auto", "always", "never"] = "auto"
+
+
+class DbBoxesPostprocessConfig(_Section):
+    """Detection: DB decoding (PP-OCR's text detector head) of the probability map ``output``
+    into boxes, ``agent.contracts.accuracy.db_boxes`` with these settings; ``label`` names the
+    one class."""
+
+    kind: Literal["db_boxes"]
+    output: str | None = Field(default=None, max_length=256)
+    threshold: float = Field(default=0.3, gt=0.0, lt=1.0)
+    box_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    unclip_ratio: float = Field(default=1.6, ge=0.0, le=10.0)
+    min_size: int = Field(default=3, ge=0, le=10_000)
+    max_boxes: int = Field(default=100, ge=1, le=1000)
+    label: str | None = Field(default="text", max_length=256)
+
+
+class PluginPostprocessConfig(_Section):
+    """A postprocessor from another distribution: the entry point ``name`` of the group
+    ``edgefleet.postprocessors`` (``name = "pkg.module:factory"``), called with ``options``."""
+
+    kind: Literal["plugin"]
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+PostprocessConfig = Annotated[
+    RawPostprocessConfig
+    | TopkPostprocessConfig
+    | DbBoxesPostprocessConfig
+    | PluginPostprocessConfig,
+    Field(discriminator="kind"),
+]
+
+
+class _SinkSection(_Section):
+    """Fields every ``[[loop.sinks]]`` kind shares: ``every = N`` keeps one result in N."""
+
+    every: int = Field(default=1, ge=1, le=1_000_000)
+
+
+class JsonlSinkConfig(_SinkSection):
+    """One JSON object per result appended to ``path`` (``loop.sink_path`` is the older form)."""
+
+    kind: Literal["jsonl"] = "jsonl"
+    path: Path
+
+
+class MqttSinkConfig(_SinkSection):
+    """Results on ``<prefix>/<device_id>/results`` at QoS 0 over the daemon's MQTT connection
+    (``edge-agent run``: a connection of its own to ``[mqtt]``). Bounded: at most
+    ``max_rate_hz`` messages a second and ``max_bytes`` a message (others are dropped and
+    counted), and a queue of ``queue_size`` that drops its oldest when the broker is slow or
+    away; the loop never waits on it."""
+
+    kind: Literal["mqtt"]
+    max_rate_hz: float = Field(default=30.0, gt=0, le=10_000)
+    max_bytes: int = Field(default=64 * 1024, ge=256, le=1024 * 1024)
+    queue_size: int = Field(default=64, ge=1, le=100_000)
+
+
+# One class per kind; a new kind is a class here, a member of this union and a builder in
+# ``agent.sinks``.
+SinkConfig = Annotated[JsonlSinkConfig | MqttSinkConfig, Field(discriminator="kind")]
+
+
 # The string form of ``loop.source`` used before ``[loop.source]`` existed.
 _LEGACY_SOURCES = ("synthetic", "images", "video", "camera", "callback")
 
@@ -201,7 +294,9 @@ class LoopConfig(_Section):
     rate_hz: float = Field(default=30.0, gt=0)
     drop_policy: Literal["skip", "catch_up"] = "skip"
     window_s: float = Field(default=10.0, gt=0)
-    sink_path: Path | None = None
+    sink_path: Path | None = None  # the older form of one [[loop.sinks]] kind = "jsonl"
+    postprocess: PostprocessConfig = RawPostprocessConfig()
+    sinks: tuple[SinkConfig, ...] = Field(default=(), max_length=16)
 
     @model_validator(mode="before")
     @classmethod

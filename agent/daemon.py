@@ -41,12 +41,13 @@ from agent.contracts.tensors import TensorSpec
 from agent.errors import AgentError, ConfigError
 from agent.events import EventBus, EventSequence
 from agent.logs import get_logger
-from agent.loop import FrameSource, InferenceLoop, JsonLinesSink
+from agent.loop import FrameSource, InferenceLoop
 from agent.models.activation import ModelActivator
 from agent.models.probation import Limits, UpdateJournal, boot_version, rejected_versions
 from agent.models.slots import ModelSlot, SlotRegistry, load_options_from
 from agent.models.store import ModelStore
 from agent.shadow import ShadowHost
+from agent.sinks import ResultSinks, build_sinks
 from agent.systemd import Notifier, WatchdogPinger, watchdog_interval_s
 from agent.updates.report import LoopStatus
 
@@ -167,6 +168,7 @@ class _CountingModel:
         self.slot = slot
         self.name = slot.name
         self.inputs: tuple[TensorSpec, ...] = slot.inputs
+        self.outputs: tuple[TensorSpec, ...] = slot.outputs
         self.by_version: collections.Counter[str] = collections.Counter()
         self.attempts = 0  # inferences that returned, successfully or not: the loop's progress
 
@@ -223,15 +225,18 @@ class Daemon:
         self._watch_lock = threading.Lock()
         self.update_client: Any = None
         self.telemetry: Any = None
+        self._sinks: ResultSinks | None = None
 
     def start(self) -> None:
         settings = self.settings
         _check_state_dir(settings.state_dir)
         _check_loop_config(settings)
+        self._sinks = build_sinks(settings.loop, device_id=settings.device_id, mqtt=settings.mqtt)
         report = self.store.recover(choose=self.served.boot_choice)
         for action in report.actions:
             log.warning("store_recovered", action=action)
         self.served.boot()
+        self._check_postprocess()
         if settings.api.enabled:
             from agent.api.server import start_api
 
@@ -350,6 +355,8 @@ class Daemon:
                 self.settings.mqtt.event_resend_s if self.update_client is not None else None
             ),
         )
+        if self._sinks is not None and self._sinks.mqtt_sinks:
+            client.add_outlet(self._sinks.drain_mqtt)
         client.on_command("check-update", lambda _cmd: self.check_now())
         client.on_command("rollback", self._rollback_command)
         self.bus.subscribe(client.publish_event)
@@ -517,6 +524,21 @@ class Daemon:
                 watch.retry_at = now + LOOP_RETRY_S
                 watch.version = slot.version
 
+    def _check_postprocess(self) -> None:
+        """The configured postprocessor must build: a plugin that is not installed or refuses
+        its options, or labels that do not fit a serving model's output, is a configuration
+        error at start (exit 78), not a loop that fails frame after frame."""
+        if self._sinks is None:
+            return
+        self._sinks.check()
+        for name in self.served.names():
+            slot = self.served.get(name).slot
+            if slot.current is not None:
+                try:
+                    self._sinks.check(slot.outputs)
+                except ConfigError as exc:
+                    raise ConfigError(f"model {name}: {exc}") from exc
+
     def _declared(self, name: str, version: str) -> Preprocessing | None:
         """The preprocessing ``version``'s manifest declares (None: none, or no manifest)."""
         try:
@@ -553,7 +575,7 @@ class Daemon:
             counting,
             source,
             preprocessing=self._preprocessing(name, slot, source),
-            sink=JsonLinesSink(sink_path) if (sink_path := self.settings.loop.sink_path) else None,
+            sink=self._sinks.for_loop(name, slot.outputs) if self._sinks is not None else None,
             name=name,
             rate_hz=self.settings.loop.rate_hz,
             drop_policy=self.settings.loop.drop_policy,
@@ -691,6 +713,8 @@ class Daemon:
             )
             self.update_client.close()
         self.shadows.close()
+        if self._sinks is not None:
+            self._sinks.close()
         self.served.close()
         self._notifier.close()
         log.info("daemon_stopped")

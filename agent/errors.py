@@ -20,6 +20,8 @@
     |   +-- VerificationError
     |   +-- ResponseTooLargeError  an answer of the control plane past its size bound
     +-- TelemetryError           MQTT and the spool
+    +-- PostprocessError         outputs a loop's postprocessor cannot decode
+    +-- SinkError                a loop's result sink cannot take a result
 
 Third-party errors are translated where they enter agent code (``raise X(...) from exc``).
 """
@@ -39,8 +41,10 @@ __all__ = [
     "LocalIOError",
     "ModelError",
     "ModelLoadError",
+    "PostprocessError",
     "ResponseTooLargeError",
     "ShadowRefusedError",
+    "SinkError",
     "StoreError",
     "TelemetryError",
     "TransientError",
@@ -159,3 +163,20 @@ class ResponseTooLargeError(UpdateError):
 
 class TelemetryError(AgentError):
     """MQTT publishing or the on-disk spool failed."""
+
+
+class PostprocessError(AgentError):
+    """A model's outputs that the loop's postprocessor cannot turn into a result (missing
+    output, wrong shape, a plugin that raised or returned something that is not a result)."""
+
+    def __init__(self, message: str, *, postprocessor: str) -> None:
+        self.postprocessor = postprocessor
+        super().__init__(message)
+
+
+class SinkError(AgentError):
+    """A result sink that cannot take a result (file not writable, message over its size)."""
+
+    def __init__(self, message: str, *, sink: str) -> None:
+        self.sink = sink
+        super().__init__(message)

@@ -2,11 +2,14 @@
 model, at a target rate, with per-window latency percentiles and results to a sink.
 
 It owns pacing (target rate, skip or catch-up when late), the per-window statistics
-(``LatencySampler`` and the ``WindowStats`` snapshot that telemetry publishes), the result sinks
-(JSON lines, callback) and pause/resume/stop from other threads. It leaves decoding to
-``agent._sources``, pixel arithmetic to ``agent._preprocess``, and running the model to whatever
-it is handed: a served model (``infer(feeds)``, ``agent.models.serving.ServedModel``) or a backend
-session (``run(feeds)``, ``agent.backends.Session``).
+(``LatencySampler`` and the ``WindowStats`` snapshot that telemetry publishes), the sink hook
+(``ResultSink``: each successful result's outputs, timed as ``postprocess_ms``; the library
+sinks JSON lines of raw digests and callback) and pause/resume/stop from other threads. It
+leaves decoding to ``agent._sources``, pixel arithmetic to ``agent._preprocess``, postprocessing
+and the configured sinks (``[loop.postprocess]``, ``[[loop.sinks]]``) to ``agent.sinks``, and
+running the model to whatever it is handed: a served model (``infer(feeds)``,
+``agent.models.serving.ServedModel``) or a backend session (``run(feeds)``,
+``agent.backends.Session``).
 
 The hot path is written for a model that runs in ~15 us: locals only, no allocation, no logging,
 no pydantic object and no percentile per inference. A bad frame (decode, preprocessing, shape,
@@ -129,8 +132,8 @@ class WindowStats(BaseModel):
     total_failed: int
     total_dropped: int
     # Where a successful frame's time went, mean ms per frame over the window: waiting for and
-    # decoding the frame, preprocessing, the model, the sink. ``None`` without a frame (and on
-    # the unthrottled synthetic path, which times inference only).
+    # decoding the frame, preprocessing, the model, the sink (postprocessing and sinks). ``None``
+    # without a frame (and on the unthrottled synthetic path, which times inference only).
     capture_ms: float | None = None
     preprocess_ms: float | None = None
     infer_ms: float | None = None

@@ -1,6 +1,7 @@
 """``edge-agent run``: the inference loop on the first configured model, from the command line.
 
-Owns turning settings (``agent.config``) into a loaded session, a source, a sink and an
+Owns turning settings (``agent.config``) into a loaded session, a source, the result sinks
+(``agent.sinks``, with an MQTT connection of their own when one publishes) and an
 ``agent.loop.InferenceLoop``; the live latency table on a TTY (one structlog event per window
 otherwise); and a clean stop on SIGINT/SIGTERM or after ``--duration``. Backend choice is left
 to ``agent.backends``; bad input surfaces as ``AgentError`` for ``agent.cli.main`` to print.
@@ -24,7 +25,8 @@ from agent.backends import Artifact, LoadOptions, Session, load_first
 from agent.config import AgentSettings, LoopConfig, ModelConfig, load_settings
 from agent.errors import ConfigError
 from agent.logs import configure_logging, get_logger
-from agent.loop import FrameSource, InferenceLoop, JsonLinesSink, WindowStats
+from agent.loop import FrameSource, InferenceLoop, WindowStats
+from agent.sinks import ResultPublisher, build_sinks
 
 __all__ = ["backend_label", "register", "stats_table"]
 
@@ -64,6 +66,8 @@ def run_command(args: argparse.Namespace) -> int:
         rate = args.rate or None
     shape = _parse_shape(args.shape) if args.shape else None
     assert model.path is not None
+    sinks = build_sinks(settings.loop, device_id=settings.device_id, mqtt=settings.mqtt)
+    sinks.check()  # a plugin that is not installed or does not import: before loading the model
     session = load_first(
         Artifact(model.path, name=model.name),
         _load_options(settings),
@@ -73,7 +77,7 @@ def run_command(args: argparse.Namespace) -> int:
         source = _source(settings.loop, session, shape)
         tty = sys.stdout.isatty()
         display = _WindowDisplay(model.name, session, rate, tty=tty)
-        sink = JsonLinesSink(settings.loop.sink_path) if settings.loop.sink_path else None
+        sink = sinks.for_loop(model.name, session.outputs)
         loop = InferenceLoop(
             session,
             source,
@@ -85,16 +89,26 @@ def run_command(args: argparse.Namespace) -> int:
             on_window=display.update,
         )
         timer = threading.Timer(args.duration, loop.stop) if args.duration else None
-        with _stop_on_signals(loop.request_stop), display:
-            if timer is not None:
-                timer.daemon = True
-                timer.start()
-            try:
-                final = loop.run()
-            finally:
+        publisher = (
+            ResultPublisher(settings.mqtt, sinks, device_id=settings.device_id).start()
+            if sinks.mqtt_sinks
+            else None
+        )
+        try:
+            with _stop_on_signals(loop.request_stop), display:
                 if timer is not None:
-                    timer.cancel()
+                    timer.daemon = True
+                    timer.start()
+                try:
+                    final = loop.run()
+                finally:
+                    if timer is not None:
+                        timer.cancel()
+        finally:
+            if publisher is not None:
+                publisher.stop()
     finally:
+        sinks.close()
         session.close()
     if final is not None and not tty:
         print(final.model_dump_json())

@@ -3,7 +3,8 @@
 ``python -m agent.contracts.schemas [OUT_DIR]`` writes one ``<name>.json`` per payload into
 ``docs/schemas`` (or OUT_DIR); ``--check`` exits 1 when a written file is out of date, so CI can
 keep the published schemas in step with the models. Only the schema text is owned here; the
-models live in ``agent.contracts.telemetry`` and ``agent.contracts.events``.
+models live in ``agent.contracts.telemetry``, ``agent.contracts.events`` and
+``agent.contracts.results``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from agent.contracts.events import UpdateEvent
+from agent.contracts.results import ResultMessage
 from agent.contracts.telemetry import Command, StatePayload, TelemetryPayload
 
 __all__ = ["SCHEMA_DIALECT", "payload_schemas", "render", "write_schemas"]
@@ -29,6 +31,7 @@ _PAYLOADS: dict[str, tuple[Any, str]] = {
     "telemetry": (TelemetryPayload, "telemetry"),
     "event": (UpdateEvent, "events"),
     "command": (Command, "cmd"),
+    "result": (ResultMessage, "results"),
 }
 
 

@@ -1,8 +1,9 @@
 """MQTT wire contract between a device and everything that listens to it: topics and payloads.
 
-Owns the topic tree (``<prefix>/<device_id>/state|telemetry|events|cmd``), device-id rules that
-keep topics safe, and the pydantic models of the state (birth / last will), telemetry and command
-payloads. Update events reuse ``agent.contracts.events.UpdateEvent``. Pure data: publishing is
+Owns the topic tree (``<prefix>/<device_id>/state|telemetry|events|cmd|results``), device-id
+rules that keep topics safe, and the pydantic models of the state (birth / last will), telemetry
+and command payloads. Update events reuse ``agent.contracts.events.UpdateEvent``, loop results
+``agent.contracts.results``. Pure data: publishing is
 ``agent.telemetry``'s job, ingestion the control plane's. JSON Schemas are generated from these
 models by ``python -m agent.contracts.schemas``.
 """
@@ -51,8 +52,8 @@ DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
 _DEVICE_ID_RE = re.compile(DEVICE_ID_PATTERN)
 MAX_COMMAND_BYTES = 16 * 1024  # bytes; a command is a few hundred bytes, anything larger is abuse
 
-TopicKind = Literal["state", "telemetry", "events", "cmd"]
-_KINDS: tuple[TopicKind, ...] = ("state", "telemetry", "events", "cmd")
+TopicKind = Literal["state", "telemetry", "events", "cmd", "results"]
+_KINDS: tuple[TopicKind, ...] = ("state", "telemetry", "events", "cmd", "results")
 
 DeviceId = Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]
 
@@ -76,7 +77,7 @@ def _validate_prefix(prefix: str) -> str:
 
 @dataclass(frozen=True)
 class DeviceTopics:
-    """The four topics of one device under a prefix (default ``edgefleet/v1``)."""
+    """The topics of one device under a prefix (default ``edgefleet/v1``)."""
 
     device_id: str
     prefix: str = DEFAULT_TOPIC_PREFIX
@@ -102,6 +103,11 @@ class DeviceTopics:
     def events(self) -> str:
         """Update lifecycle events; QoS 1."""
         return self.topic("events")
+
+    @property
+    def results(self) -> str:
+        """The inference loop's postprocessed results (``agent.contracts.results``); QoS 0."""
+        return self.topic("results")
 
     @property
     def cmd(self) -> str:

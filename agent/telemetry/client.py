@@ -62,6 +62,9 @@ from agent.telemetry.spool import MessageKind, Spool
 __all__ = ["CommandHandler", "TelemetryClient", "TelemetryCounters", "certificate_identity"]
 
 log = get_logger(__name__)
+
+# Drains another producer's queue through the connection: called with ``send(payload) -> bool``.
+Outlet = Callable[[Callable[[bytes], bool]], object]
 CommandHandler = Callable[[Command], None]
 _MAX_PACKET_BYTES = 256 * 1024  # bytes; the broker drops larger messages to us (MQTT 5)
 _SEEN_COMMAND_IDS = 256
@@ -188,6 +191,7 @@ class TelemetryClient:
         self._cursor = 0
         self._threads: list[threading.Thread] = []
         self._paho: mqtt.Client | None = None
+        self._outlets: list[Outlet] = []
 
     # -- public surface ----------------------------------------------------------------------
 
@@ -226,6 +230,14 @@ class TelemetryClient:
     def on_command(self, command: str, handler: CommandHandler) -> None:
         """Set the handler for ``check-update`` or ``rollback``; it runs on the net thread."""
         self._handlers[command] = handler
+
+    def add_outlet(self, outlet: Outlet) -> None:
+        """Have ``outlet(send)`` called on the network thread at each tick while connected and
+        the socket keeps up; ``send(payload)`` publishes on ``<prefix>/<device_id>/results`` at
+        QoS 0 and says False when the connection cannot take it now. Call before ``start``.
+        The inference loop's MQTT result sinks drain their bounded queues this way
+        (``agent.sinks``), so results share the device's one connection and identity."""
+        self._outlets.append(outlet)
 
     def publish_event(self, event: UpdateEvent) -> None:
         """Spool an update event for QoS 1 delivery; an ``EventBus`` subscriber.
@@ -407,6 +419,8 @@ class TelemetryClient:
                     self._drain(client)
                 except TelemetryError:
                     log.exception("spool_drain_failed")
+                if self._outlets and not client.want_write():  # a socket behind: results wait
+                    self._drain_outlets(client)
         if self._stop.is_set() and self._connected.is_set():
             self._shutdown(client)
         elif self._connected.is_set() or rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -559,6 +573,23 @@ class TelemetryClient:
                 self._delivered(msg.id, msg.kind, early)
             else:
                 self._inflight[info.mid] = (msg.id, msg.kind)
+
+    def _drain_outlets(self, client: mqtt.Client) -> None:
+        topic = self.topics.results
+
+        def send(payload: bytes) -> bool:
+            info = client.publish(topic, payload, qos=0)
+            if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+                return False
+            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                raise TelemetryError(f"results publish refused: {info.rc}")
+            return True
+
+        for outlet in self._outlets:
+            try:
+                outlet(send)
+            except Exception:  # an outlet's bug must not take the connection down
+                log.exception("outlet_drain_failed")
 
     def _reset_delivery(self) -> None:
         # Unacked messages stay in the spool and go again, in order, on the next connection.

@@ -91,6 +91,7 @@ def test_published_schemas_are_current_and_validate_payloads(tmp_path: Path) -> 
     assert sorted(p.name for p in written) == [
         "command.json",
         "event.json",
+        "result.json",
         "state.json",
         "telemetry.json",
     ]
