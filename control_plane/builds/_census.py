@@ -38,9 +38,9 @@ def onnx_census(path: Path) -> Census:
     """Weight bytes (initializers) and compute-op precisions of an ONNX file.
 
     A compute op is ``int4`` when it is a 4-bit weight-only op (``MatMulNBits``,
-    ``GatherBlockQuantized``), ``int8`` when its weight input comes from ``DequantizeLinear``
-    (QDQ) or it is an integer op itself, ``fp16`` when its weight initializer is FP16, else
-    ``fp32``.
+    ``GatherBlockQuantized``; ``int8`` with ``bits=8``), ``int8`` when its weight input comes
+    from ``DequantizeLinear`` (QDQ) or it is an integer op itself, ``fp16`` when its weight
+    initializer is FP16, else ``fp32``.
     """
     import onnx
 
@@ -59,7 +59,8 @@ def onnx_census(path: Path) -> Census:
     float_ops = []
     for node in graph.node:
         if node.op_type in _ONNX_INT4_OPS:
-            counts["int4"] += 1
+            bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
+            counts["int8" if bits == 8 else "int4"] += 1
             continue
         if node.op_type.startswith("QLinear") or node.op_type in ("ConvInteger", "MatMulInteger"):
             counts["int8"] += 1

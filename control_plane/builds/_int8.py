@@ -54,7 +54,8 @@ class Int8Search:
     """Bounds and choices of the accuracy-aware INT8 searches (per variant)."""
 
     seconds: float = 600.0  # time bound of one variant's search, after its first quantization
-    # node-exclusion steps (ONNX Runtime) / restore iterations (NNCF); 0: quantize once, no search
+    # node-exclusion steps (ONNX Runtime) / restore iterations (NNCF); 0: quantize once, no
+    # search. The ONNX Runtime INT4 search takes the same two bounds.
     max_steps: int = 6
     # at most this share of the compute nodes (at least one) left in float by ONNX Runtime's
     # sensitivity pass: past it the variant is no longer an INT8 model

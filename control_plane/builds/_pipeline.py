@@ -405,7 +405,16 @@ class _Build:
         elif target.id == "openvino-fp16":
             _openvino.convert_ir(reference_path, entry, target=target.id)
         elif target.id == "onnx-int4":
-            _int4.quantize_onnx_int4(reference_path, entry, target=target.id)
+            return _int4.search_onnx_int4(
+                reference_path,
+                entry,
+                gate=gate,
+                output_names=self.output_names,
+                work=self.work / "onnx-int4",
+                search=_int4.Int4Search(seconds=limits.seconds, max_steps=limits.max_steps)
+                if (limits := self.request.search) is not None
+                else None,
+            )
         elif target.id == "openvino-int4":
             _int4.compress_ir_int4(reference_path, entry, target=target.id)
         else:
