@@ -59,4 +59,14 @@ elif command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
 else
   echo "chromium: not installed (apt-get install chromium); the browser tests are skipped" >&2
 fi
+# GStreamer's RTSP server for the system Python: the RTSP camera of the stream tests.
+if /usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0')" >/dev/null 2>&1; then
+  echo "gst-rtsp-server: installed"
+elif command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  rtsp_pkgs="python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good"
+  (apt-get install -y -q --no-install-recommends $rtsp_pkgs >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends $rtsp_pkgs >/dev/null 2>&1; }) \
+    && echo "gst-rtsp-server: installed (apt-get)" || echo "gst-rtsp-server: apt-get install failed" >&2
+else
+  echo "gst-rtsp-server: not installed (apt-get install gir1.2-gst-rtsp-server-1.0 python3-gi); the RTSP camera tests are skipped" >&2
+fi
 exit 0
