@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-EXTRAS ?= agent,openvino,tensorrt,control-plane,postgres,dev
+EXTRAS ?= agent,openvino,tensorrt,control-plane,postgres,ros2,dev
 STAMP  := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
 PYTEST_ARGS ?=
 

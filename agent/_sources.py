@@ -1,5 +1,6 @@
 """Where the inference loop's frames come from: synthetic tensors, an image folder, a video file
-or camera (OpenCV), or an in-process callback.
+or camera (OpenCV), a ROS 2 image topic or rosbag2 (built by ``agent.ros2.source``), or an
+in-process callback.
 
 A source yields either ready *feeds* (a mapping of input name -> array) or *frames* (HxWxC uint8
 RGB arrays that ``agent._preprocess`` turns into the first input). ``read()`` returns ``None``
@@ -574,6 +575,10 @@ def source_status() -> list[SourceStatus]:
             f"decoded by {decoder}" if decoder else "needs Pillow or OpenCV",
         )
     )
+    from agent.ros2 import bridge_status
+
+    for kind, (usable, detail) in bridge_status().items():
+        rows.append(SourceStatus(kind, usable, detail))
     rows.append(SourceStatus("callback", True, "in-process only (agent.loop.CallbackSource)"))
     return rows
 
@@ -619,6 +624,25 @@ def build_source(
         rep = repeat if config.repeat is None else config.repeat
         return VideoSource(config.path, repeat=rep)
     require_source_kind(kind)
+    if config.kind == "ros2":
+        from agent.ros2.source import Ros2ImageSource
+        from agent.ros2.transport import default_domain_id
+
+        domain = config.domain_id if config.domain_id is not None else default_domain_id()
+        return Ros2ImageSource(
+            config.topic,
+            message=config.message,
+            domain_id=domain,
+            depth=config.qos_depth,
+            wait_s=config.wait_s,
+        )
+    if config.kind == "rosbag":
+        from agent.ros2.source import RosbagSource
+
+        rep = repeat if config.repeat is None else config.repeat
+        return RosbagSource(
+            config.path, config.topic, rate=config.rate, repeat=rep, max_gap_s=config.max_gap_s
+        )
     cv2 = _import_cv2(f"the {kind} source")
 
     def stream(target: str | int, label: str, api: int, props: dict[int, float]) -> StreamSource:

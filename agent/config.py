@@ -50,6 +50,8 @@ __all__ = [
     "PluginPostprocessConfig",
     "PostprocessConfig",
     "RawPostprocessConfig",
+    "Ros2SourceConfig",
+    "RosbagSourceConfig",
     "SinkConfig",
     "SourceConfig",
     "SwapConfig",
@@ -62,6 +64,7 @@ __all__ = [
 ]
 
 BackendName = Literal["onnxruntime", "openvino", "tensorrt"]
+_ROS_TOPIC = r"^/?[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$"  # a ROS 2 topic name
 DEFAULT_STATE_DIR = Path(os.environ.get("STATE_DIRECTORY", "/var/lib/edge-agent"))
 
 
@@ -181,6 +184,32 @@ class ImagesSourceConfig(_SourceSection):
     repeat: bool | None = None
 
 
+class Ros2SourceConfig(_SourceSection):
+    """A ROS 2 image topic over DDS (``agent.ros2``): ``sensor_msgs/Image`` or
+    ``CompressedImage``, read with ROS 2's sensor-data QoS keeping the newest ``qos_depth``;
+    ``domain_id`` unset: ``ROS_DOMAIN_ID`` from the environment, else 0."""
+
+    kind: Literal["ros2"]
+    topic: str = Field(max_length=200, pattern=_ROS_TOPIC)
+    message: Literal["Image", "CompressedImage"] = "Image"
+    domain_id: int | None = Field(default=None, ge=0, le=232)
+    qos_depth: int = Field(default=5, ge=1, le=1000)
+    # How long a read waits for a new image before it counts as a failed frame.
+    wait_s: float = Field(default=0.5, gt=0, le=60)
+
+
+class RosbagSourceConfig(_SourceSection):
+    """The images of one topic of a rosbag2 (directory or file), replayed at the recorded pace
+    (gaps cut to ``max_gap_s``) or as fast as the loop reads; ``repeat`` as for video files."""
+
+    kind: Literal["rosbag"]
+    path: Path
+    topic: str = Field(max_length=200, pattern=_ROS_TOPIC)
+    rate: Literal["recorded", "max"] = "recorded"
+    max_gap_s: float = Field(default=1.0, gt=0, le=3600)
+    repeat: bool | None = None
+
+
 class CallbackSourceConfig(_SourceSection):
     """Frames from an in-process function (``agent.loop.CallbackSource``): library use only."""
 
@@ -194,6 +223,8 @@ SourceConfig = Annotated[
     | UrlSourceConfig
     | VideoSourceConfig
     | ImagesSourceConfig
+    | Ros2SourceConfig
+    | RosbagSourceConfig
     | CallbackSourceConfig,
     Field(discriminator="kind"),
 ]
@@ -312,7 +343,8 @@ class LoopConfig(_Section):
             if source not in _LEGACY_SOURCES:
                 raise ValueError(
                     f"loop.source = {source!r} is not a source; use a [loop.source] table with "
-                    "kind = synthetic, v4l2, gstreamer, url, video, images or callback"
+                    "kind = synthetic, v4l2, gstreamer, url, video, images, ros2, rosbag or "
+                    "callback"
                 )
             if source == "camera":
                 data["source"] = {"kind": "v4l2", "device": legacy.get("camera_index", 0)}
