@@ -7,8 +7,9 @@ the message's own fields and a bound, and a bad message reported as that (``Inpu
 the loop counts as a failed frame; ``rejected`` counts them here too). The live source keeps the
 newest image only, as the camera grabber does (``agent._sources.StreamSource``): a receive thread
 takes every sample DDS delivers and keeps the last, ``read`` hands out the newest one not yet
-handed out. ``frame_ts`` is the image's ``header.stamp``. ``header`` is the last image's header,
-which the result publisher (``agent.ros2.sink``) copies so results line up with their image.
+handed out. ``frame_ts`` is the image's ``header.stamp``. ``header`` is the last image's header
+(``current_header()`` for the reading thread), which the result publisher (``agent.ros2.sink``)
+copies so results line up with their image.
 Transport is ``agent.ros2.transport``; pacing and statistics are the loop's.
 """
 
@@ -36,6 +37,7 @@ __all__ = [
     "MAX_SIDE",
     "Ros2ImageSource",
     "RosbagSource",
+    "current_header",
     "frame_of",
 ]
 
@@ -59,6 +61,15 @@ MAX_SIDE = 16384  # pixels, either side
 MAX_COMPRESSED_BYTES = 64 * 1024 * 1024
 
 Frame = np.ndarray[Any, Any]
+
+# The header of the image a ROS 2 source handed out last, per thread: a loop reads and publishes
+# in one thread, so its result publisher finds the header of the image the result is for.
+_last = threading.local()
+
+
+def current_header() -> Any:
+    """The ``std_msgs/Header`` of the image this thread's ROS 2 source returned last, or None."""
+    return getattr(_last, "header", None)
 
 
 def _stamp_s(header: Any) -> float:
@@ -247,7 +258,7 @@ class Ros2ImageSource:
         except Exception as exc:  # CDR that does not parse as the type
             self.rejected += 1
             raise InputError(f"image on {self.topic} does not decode: {exc}") from exc
-        self.header = msg.header
+        self.header = _last.header = msg.header
         stamp = _stamp_s(msg.header)
         self.frame_ts = stamp if stamp > 0 else received_at
         return frame
@@ -399,7 +410,7 @@ class RosbagSource:
             raise InputError(
                 f"message on {self.topic} in the rosbag does not decode: {exc}"
             ) from exc
-        self.header = msg.header
+        self.header = _last.header = msg.header
         return frame
 
     def skip(self, count: int) -> None:

@@ -80,15 +80,19 @@ def reader_qos(depth: int) -> Any:
     )
 
 
-def writer_qos(depth: int, *, max_blocking_ms: int = 100) -> Any:
+def writer_qos(depth: int, *, best_effort: bool = False, max_blocking_ms: int = 100) -> Any:
     """ROS 2's default profile: reliable, keep last ``depth``, volatile, XCDR1 (as
-    ``rmw_cyclonedds_cpp`` writes); a write blocks at most ``max_blocking_ms``."""
+    ``rmw_cyclonedds_cpp`` writes); a write blocks at most ``max_blocking_ms``.
+    ``best_effort``: the sensor-data profile, as camera drivers publish."""
     _import()
     from cyclonedds.qos import Policy, Qos
     from cyclonedds.util import duration
 
+    blocking = duration(milliseconds=max_blocking_ms)
     return Qos(
-        Policy.Reliability.Reliable(max_blocking_time=duration(milliseconds=max_blocking_ms)),
+        Policy.Reliability.BestEffort
+        if best_effort
+        else Policy.Reliability.Reliable(max_blocking_time=blocking),
         Policy.History.KeepLast(depth),
         Policy.Durability.Volatile,
         Policy.DataRepresentation(use_cdrv0_representation=True),
@@ -185,8 +189,10 @@ class Node:
     def reader(self, topic: str, msgtype: str, *, depth: int) -> Reader:
         return Reader(self, topic, msgtype, depth)
 
-    def writer(self, topic: str, msgtype: str, *, depth: int = 10) -> Writer:
-        return Writer(self, topic, msgtype, depth)
+    def writer(
+        self, topic: str, msgtype: str, *, depth: int = 10, best_effort: bool = False
+    ) -> Writer:
+        return Writer(self, topic, msgtype, depth, best_effort=best_effort)
 
     def close(self) -> None:
         participant, self._participant = self._participant, None
@@ -248,7 +254,9 @@ class Writer:
     """A publication with ROS 2's default QoS (reliable, keep last ``depth``, XCDR1):
     ``write`` serializes a rosbags message and sends it."""
 
-    def __init__(self, node: Node, topic: str, msgtype: str, depth: int) -> None:
+    def __init__(
+        self, node: Node, topic: str, msgtype: str, depth: int, *, best_effort: bool = False
+    ) -> None:
         from cyclonedds.pub import DataWriter
 
         self.topic = topic
@@ -256,7 +264,9 @@ class Writer:
         self._store = node.store
         self._carrier = carrier(msgtype)
         self._writer: Any = DataWriter(
-            node._participant, node._topic(topic, msgtype), qos=writer_qos(depth)
+            node._participant,
+            node._topic(topic, msgtype),
+            qos=writer_qos(depth, best_effort=best_effort),
         )
 
     def write(self, msg: Any) -> None:
