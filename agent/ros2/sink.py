@@ -182,6 +182,12 @@ class Ros2Publisher:
             self._thread.start()
         self._node = node
 
+    def prepare(self, model: str, kind: Literal["classification", "detections"]) -> None:
+        """Create ``model``'s results writer of ``kind`` now, so subscribers can match it
+        before the first result (topics are volatile: a result nobody matched is gone)."""
+        msgtype = CLASSIFICATION if kind == "classification" else DETECTIONS
+        self._writer(results_topic(self.prefix, model, kind), msgtype)
+
     def _writer(self, topic: str, msgtype: str) -> Any:
         writer = self._writers.get(topic)
         if writer is None:

@@ -156,13 +156,14 @@ def live(
             version=lambda model: "1.4.0",
             diagnostics_period_s=0.25,
         )
-        publisher.open()
+        publisher.prepare("digits", "classification")
         sink = Ros2ResultSink(publisher, model="digits", top_k=3)
         results = Subscription(
             domain, results_topic(prefix, "digits", "classification"), ros2_node.Classification
         )
         diagnostics = Subscription(domain, "/diagnostics", ros2_node.DiagnosticArray)
         closing.extend([results, diagnostics])
+        wait_for(lambda: results.matched() >= 1)
         loop = InferenceLoop(digits_session, source, name="digits", sink=sink)
         loop.start()
         proc = start_publisher(domain, topic, *publisher_args)
