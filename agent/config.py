@@ -50,6 +50,7 @@ __all__ = [
     "PluginPostprocessConfig",
     "PostprocessConfig",
     "RawPostprocessConfig",
+    "Ros2SinkConfig",
     "Ros2SourceConfig",
     "RosbagSourceConfig",
     "SinkConfig",
@@ -208,6 +209,23 @@ class RosbagSourceConfig(_SourceSection):
     rate: Literal["recorded", "max"] = "recorded"
     max_gap_s: float = Field(default=1.0, gt=0, le=3600)
     repeat: bool | None = None
+
+
+class Ros2SinkConfig(_Section):
+    """Results as ROS 2 messages over DDS (``agent.ros2.sink``): classifications as
+    ``vision_msgs/Classification`` on ``<topic_prefix>/<model>/classification``, detections as
+    ``vision_msgs/Detection2DArray`` on ``<topic_prefix>/<model>/detections``, and the agent's
+    health as ``diagnostic_msgs/DiagnosticArray`` on ``/diagnostics`` every
+    ``diagnostics_period_s`` (0: none). ``domain_id`` unset: ``ROS_DOMAIN_ID``, else 0."""
+
+    kind: Literal["ros2"]
+    every: int = Field(default=1, ge=1)
+    domain_id: int | None = Field(default=None, ge=0, le=232)
+    topic_prefix: str = Field(default="/edge_agent", max_length=100, pattern=_ROS_TOPIC)
+    # The header's frame_id when the image did not come from ROS 2 (a camera, a file).
+    frame_id: str = Field(default="", max_length=256)
+    qos_depth: int = Field(default=10, ge=1, le=1000)
+    diagnostics_period_s: float = Field(default=1.0, ge=0, le=3600)
 
 
 class CallbackSourceConfig(_SourceSection):

@@ -19,9 +19,12 @@ loop reads a ROS 2 source (``agent.ros2.source.current_header``), else the resul
 configured ``frame_id``. Topics use ROS 2's default QoS (reliable, keep last 10). ``<model>`` is
 the model name with characters a ROS 2 name cannot hold replaced by ``_``.
 
-``Ros2Publisher`` holds the DDS participant and writers; ``Ros2ResultSink`` is the loop's
-``ResultSink`` over raw outputs (library use: top-k of one output, or detector rows
-``[x1, y1, x2, y2, score, class]``). Transport is ``agent.ros2.transport``.
+``Ros2Publisher`` holds the DDS participant and writers; ``Ros2Sink`` is the ``[[loop.sinks]]
+kind = "ros2"`` sink over postprocessed results (``classification`` and ``detection`` bodies;
+``raw`` and ``custom`` ones have no standard message and are counted, not sent);
+``Ros2ResultSink`` is the loop's ``ResultSink`` over raw outputs (library use: top-k of one
+output, or detector rows ``[x1, y1, x2, y2, score, class]``). Transport is
+``agent.ros2.transport``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -41,12 +44,17 @@ from agent.errors import ConfigError, InputError
 from agent.logs import get_logger
 from agent.ros2.source import current_header
 
+if TYPE_CHECKING:
+    from agent.config import Ros2SinkConfig
+
 __all__ = [
     "DIAGNOSTICS_TOPIC",
     "Box",
     "Ros2Publisher",
     "Ros2ResultSink",
+    "Ros2Sink",
     "Scored",
+    "build_ros2_sink",
     "results_topic",
 ]
 
@@ -430,3 +438,76 @@ class Ros2ResultSink:
 
     def close(self) -> None:
         self.publisher.close()
+
+
+class Ros2Sink:
+    """The ``[[loop.sinks]] kind = "ros2"`` sink: each postprocessed result of any loop of the
+    process through one ``Ros2Publisher`` (owned). ``publish`` runs in a loop's thread; a
+    reliable write blocks at most 100 ms for a subscriber that does not keep up, then fails
+    (the frame is counted as failed). Bodies without a ROS 2 message (``raw``, ``custom``) are
+    counted in ``unmapped`` and logged once per model."""
+
+    kind = "ros2"
+
+    def __init__(self, publisher: Ros2Publisher, *, every: int = 1) -> None:
+        if every < 1:
+            raise ConfigError(f"sink every must be >= 1, got {every}")
+        self.publisher = publisher
+        self.every = every
+        self.unmapped = 0
+        self._warned: set[str] = set()
+
+    def publish(self, result: Any) -> None:
+        body = result.body
+        kind = getattr(body, "kind", None)
+        latency_ns = round(result.latency_ms * 1e6)
+        if kind == "classification":
+            classes = [Scored(c.index, c.score, c.label) for c in body.classes]
+            self.publisher.classification(result.model, result.ts, latency_ns, classes)
+        elif kind == "detection":
+            boxes = [Box(b.x0, b.y0, b.x1, b.y1, b.score, b.class_id, b.label) for b in body.boxes]
+            self.publisher.detections(result.model, result.ts, latency_ns, boxes)
+        else:
+            self.unmapped += 1
+            if result.model not in self._warned:
+                self._warned.add(result.model)
+                log.warning(
+                    "ros2_result_not_published",
+                    model=result.model,
+                    kind=kind,
+                    why="only classification and detection results have a ROS 2 message; "
+                    "set [loop.postprocess] kind = topk or db_boxes",
+                )
+
+    def flush(self) -> None:
+        pass  # every result is written as it comes
+
+    def close(self) -> None:
+        self.publisher.close()
+
+
+def build_ros2_sink(
+    config: Ros2SinkConfig,
+    *,
+    device_id: str,
+    version: Callable[[str], str | None] | None = None,
+) -> Ros2Sink:
+    """The ``[[loop.sinks]] kind = "ros2"`` sink of ``config``; ``ConfigError`` when the
+    bridge cannot be used here (the ``ros2`` extra is missing or does not load)."""
+    from agent.ros2 import bridge_status
+    from agent.ros2.transport import default_domain_id
+
+    usable, detail = bridge_status()["ros2"]
+    if not usable:
+        raise ConfigError(f'[[loop.sinks]] kind = "ros2" cannot be used here: {detail}')
+    domain = config.domain_id if config.domain_id is not None else default_domain_id()
+    publisher = Ros2Publisher(
+        domain_id=domain,
+        prefix=config.topic_prefix,
+        frame_id=config.frame_id,
+        depth=config.qos_depth,
+        hardware_id=device_id,
+        version=version,
+        diagnostics_period_s=config.diagnostics_period_s or None,
+    )
+    return Ros2Sink(publisher, every=config.every)
