@@ -211,23 +211,6 @@ class RosbagSourceConfig(_SourceSection):
     repeat: bool | None = None
 
 
-class Ros2SinkConfig(_Section):
-    """Results as ROS 2 messages over DDS (``agent.ros2.sink``): classifications as
-    ``vision_msgs/Classification`` on ``<topic_prefix>/<model>/classification``, detections as
-    ``vision_msgs/Detection2DArray`` on ``<topic_prefix>/<model>/detections``, and the agent's
-    health as ``diagnostic_msgs/DiagnosticArray`` on ``/diagnostics`` every
-    ``diagnostics_period_s`` (0: none). ``domain_id`` unset: ``ROS_DOMAIN_ID``, else 0."""
-
-    kind: Literal["ros2"]
-    every: int = Field(default=1, ge=1)
-    domain_id: int | None = Field(default=None, ge=0, le=232)
-    topic_prefix: str = Field(default="/edge_agent", max_length=100, pattern=_ROS_TOPIC)
-    # The header's frame_id when the image did not come from ROS 2 (a camera, a file).
-    frame_id: str = Field(default="", max_length=256)
-    qos_depth: int = Field(default=10, ge=1, le=1000)
-    diagnostics_period_s: float = Field(default=1.0, ge=0, le=3600)
-
-
 class CallbackSourceConfig(_SourceSection):
     """Frames from an in-process function (``agent.loop.CallbackSource``): library use only."""
 
@@ -327,9 +310,27 @@ class MqttSinkConfig(_SinkSection):
     queue_size: int = Field(default=64, ge=1, le=100_000)
 
 
+class Ros2SinkConfig(_SinkSection):
+    """Results as ROS 2 messages over DDS (``agent.ros2.sink``): classifications as
+    ``vision_msgs/Classification`` on ``<topic_prefix>/<model>/classification``, detections as
+    ``vision_msgs/Detection2DArray`` on ``<topic_prefix>/<model>/detections``, and the agent's
+    health as ``diagnostic_msgs/DiagnosticArray`` on ``/diagnostics`` every
+    ``diagnostics_period_s`` (0: none). ``domain_id`` unset: ``ROS_DOMAIN_ID``, else 0."""
+
+    kind: Literal["ros2"]
+    domain_id: int | None = Field(default=None, ge=0, le=232)
+    topic_prefix: str = Field(default="/edge_agent", max_length=100, pattern=_ROS_TOPIC)
+    # The header's frame_id when the image did not come from ROS 2 (a camera, a file).
+    frame_id: str = Field(default="", max_length=256)
+    qos_depth: int = Field(default=10, ge=1, le=1000)
+    diagnostics_period_s: float = Field(default=1.0, ge=0, le=3600)
+
+
 # One class per kind; a new kind is a class here, a member of this union and a builder in
 # ``agent.sinks``.
-SinkConfig = Annotated[JsonlSinkConfig | MqttSinkConfig, Field(discriminator="kind")]
+SinkConfig = Annotated[
+    JsonlSinkConfig | MqttSinkConfig | Ros2SinkConfig, Field(discriminator="kind")
+]
 
 
 # The string form of ``loop.source`` used before ``[loop.source]`` existed.

@@ -231,7 +231,12 @@ class Daemon:
         settings = self.settings
         _check_state_dir(settings.state_dir)
         _check_loop_config(settings)
-        self._sinks = build_sinks(settings.loop, device_id=settings.device_id, mqtt=settings.mqtt)
+        self._sinks = build_sinks(
+            settings.loop,
+            device_id=settings.device_id,
+            mqtt=settings.mqtt,
+            version=self._serving_version,
+        )
         report = self.store.recover(choose=self.served.boot_choice)
         for action in report.actions:
             log.warning("store_recovered", action=action)
@@ -538,6 +543,12 @@ class Daemon:
                     self._sinks.check(slot.outputs)
                 except ConfigError as exc:
                     raise ConfigError(f"model {name}: {exc}") from exc
+
+    def _serving_version(self, name: str) -> str | None:
+        """The version ``name`` serves now (None: not served), for the result sinks."""
+        if name not in self.served.names():
+            return None
+        return self.served.get(name).slot.version or None
 
     def _declared(self, name: str, version: str) -> Preprocessing | None:
         """The preprocessing ``version``'s manifest declares (None: none, or no manifest)."""

@@ -11,7 +11,9 @@ once, give it to every sink), and the sink kinds:
   cap; another thread drains it: the daemon's own MQTT connection
   (``agent.telemetry.TelemetryClient.add_outlet``) or, for ``edge-agent run``,
   ``ResultPublisher``'s paho client. A broker that is slow or away never slows the loop; every
-  drop is counted and logged.
+  drop is counted and logged;
+- ``ros2``: ``vision_msgs`` messages over DDS for a ROS 2 graph, and ``/diagnostics``
+  (``agent.ros2.sink``).
 
 A new kind is a config class in ``agent.config`` (a member of ``SinkConfig``) and a builder in
 ``_BUILDERS`` below, taking its config and a ``SinkContext``. Sinks are shared by every loop of
@@ -40,6 +42,7 @@ from agent.config import (
     MqttConfig,
     MqttSinkConfig,
     PluginPostprocessConfig,
+    Ros2SinkConfig,
     SinkConfig,
 )
 from agent.contracts.results import RESULT_SCHEMA_VERSION, message_fields
@@ -124,10 +127,12 @@ class Sink(Protocol):
 
 @dataclass(frozen=True)
 class SinkContext:
-    """What builders may need beside their own config: the MQTT settings and device id."""
+    """What builders may need beside their own config: the MQTT settings, the device id and
+    (the daemon) the version each model serves now."""
 
     device_id: str
     mqtt: MqttConfig
+    version: Callable[[str], str | None] | None = None
 
 
 class JsonlResultSink:
@@ -324,9 +329,17 @@ def _mqtt(config: SinkConfig, ctx: SinkContext) -> Sink:
     )
 
 
+def _ros2(config: SinkConfig, ctx: SinkContext) -> Sink:
+    assert isinstance(config, Ros2SinkConfig)
+    from agent.ros2.sink import build_ros2_sink
+
+    return build_ros2_sink(config, device_id=ctx.device_id, version=ctx.version)
+
+
 _BUILDERS: dict[str, Callable[[SinkConfig, SinkContext], Sink]] = {
     "jsonl": _jsonl,
     "mqtt": _mqtt,
+    "ros2": _ros2,
 }
 
 
@@ -417,14 +430,20 @@ class ResultSinks:
                 log.warning("sink_close_failed", kind=sink.kind, error=str(exc))
 
 
-def build_sinks(loop: LoopConfig, *, device_id: str, mqtt: MqttConfig) -> ResultSinks:
+def build_sinks(
+    loop: LoopConfig,
+    *,
+    device_id: str,
+    mqtt: MqttConfig,
+    version: Callable[[str], str | None] | None = None,
+) -> ResultSinks:
     """Every configured sink (``loop.sink_path`` first, as a ``jsonl`` sink, then
     ``[[loop.sinks]]`` in order); ``ConfigError`` for one that cannot work here."""
     configs: list[SinkConfig] = []
     if loop.sink_path is not None:
         configs.append(JsonlSinkConfig(path=loop.sink_path))
     configs.extend(loop.sinks)
-    ctx = SinkContext(device_id=device_id, mqtt=mqtt)
+    ctx = SinkContext(device_id=device_id, mqtt=mqtt, version=version)
     paths = [c.path.resolve() for c in configs if isinstance(c, JsonlSinkConfig)]
     if len(paths) != len(set(paths)):
         raise ConfigError("two jsonl sinks write the same file")

@@ -84,6 +84,74 @@ class Classification(IdlStruct, typename="vision_msgs::msg::dds_::Classification
 
 
 @dataclass
+class Point(IdlStruct, typename="geometry_msgs::msg::dds_::Point_"):
+    x: types.float64
+    y: types.float64
+    z: types.float64
+
+
+@dataclass
+class Quaternion(IdlStruct, typename="geometry_msgs::msg::dds_::Quaternion_"):
+    x: types.float64
+    y: types.float64
+    z: types.float64
+    w: types.float64
+
+
+@dataclass
+class Pose(IdlStruct, typename="geometry_msgs::msg::dds_::Pose_"):
+    position: Point
+    orientation: Quaternion
+
+
+@dataclass
+class PoseWithCovariance(IdlStruct, typename="geometry_msgs::msg::dds_::PoseWithCovariance_"):
+    pose: Pose
+    covariance: types.array[types.float64, 36]
+
+
+@dataclass
+class ObjectHypothesisWithPose(
+    IdlStruct, typename="vision_msgs::msg::dds_::ObjectHypothesisWithPose_"
+):
+    hypothesis: ObjectHypothesis
+    pose: PoseWithCovariance
+
+
+@dataclass
+class Point2D(IdlStruct, typename="vision_msgs::msg::dds_::Point2D_"):
+    x: types.float64
+    y: types.float64
+
+
+@dataclass
+class Pose2D(IdlStruct, typename="vision_msgs::msg::dds_::Pose2D_"):
+    position: Point2D
+    theta: types.float64
+
+
+@dataclass
+class BoundingBox2D(IdlStruct, typename="vision_msgs::msg::dds_::BoundingBox2D_"):
+    center: Pose2D
+    size_x: types.float64
+    size_y: types.float64
+
+
+@dataclass
+class Detection2D(IdlStruct, typename="vision_msgs::msg::dds_::Detection2D_"):
+    header: Header
+    results: types.sequence[ObjectHypothesisWithPose]
+    bbox: BoundingBox2D
+    id: str
+
+
+@dataclass
+class Detection2DArray(IdlStruct, typename="vision_msgs::msg::dds_::Detection2DArray_"):
+    header: Header
+    detections: types.sequence[Detection2D]
+
+
+@dataclass
 class KeyValue(IdlStruct, typename="diagnostic_msgs::msg::dds_::KeyValue_"):
     key: str
     value: str
