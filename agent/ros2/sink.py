@@ -415,8 +415,11 @@ class Ros2ResultSink:
                 raise InputError(f"classification takes a batch of one, got shape {arr.shape}")
             scores = arr.reshape(-1)
             k = min(self._top_k, scores.size)
-            top = np.argpartition(scores, -k)[-k:]
-            top = top[np.argsort(scores[top])[::-1]]
+            if k == 1:  # argpartition slows down on many equal scores (a probability map)
+                top = np.array([int(scores.argmax())])
+            else:
+                top = np.argpartition(scores, -k)[-k:]
+                top = top[np.argsort(scores[top])[::-1]]
             classes = [Scored(int(i), float(scores[i]), self._label(int(i))) for i in top]
             self.publisher.classification(self.model, ts, latency_ns, classes)
             return
