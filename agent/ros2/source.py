@@ -201,6 +201,7 @@ class Ros2ImageSource:
     def open(self) -> None:
         from agent.ros2.transport import Node
 
+        _last.header = None  # opened and closed in the loop's thread: no header from before
         node = Node(self.domain_id)
         try:
             self._reader = node.reader(self.topic, self.msgtype, depth=self._depth)
@@ -267,6 +268,7 @@ class Ros2ImageSource:
         pass  # the receive thread already keeps only the newest image
 
     def close(self) -> None:
+        _last.header = None
         self._stop.set()
         if self._reader is not None:
             with suppress(Exception):
@@ -349,6 +351,7 @@ class RosbagSource:
         self.header: Any = None
 
     def open(self) -> None:
+        _last.header = None
         self._start()
 
     def _start(self) -> None:
@@ -420,6 +423,7 @@ class RosbagSource:
                     break
 
     def close(self) -> None:
+        _last.header = None
         if self._bag is not None:
             with suppress(Exception):
                 self._bag.close()

@@ -395,3 +395,28 @@ def test_doctor_lists_the_ros2_kinds() -> None:
     assert rows["ros2"]["usable"] is True
     assert "Cyclone DDS" in rows["ros2"]["detail"]
     assert rows["rosbag"]["usable"] is True
+
+
+def test_compressed_images_decode_to_rgb_and_bad_ones_are_named() -> None:
+    import io
+
+    from PIL import Image
+
+    rgb = np.random.default_rng(2).integers(0, 255, (6, 9, 3), dtype=np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(rgb).save(png, format="PNG")
+    types = typestore().types
+    header = types["std_msgs/msg/Header"](
+        stamp=types["builtin_interfaces/msg/Time"](sec=1, nanosec=0), frame_id="cam"
+    )
+    compressed = "sensor_msgs/msg/CompressedImage"
+    msg = types[compressed](
+        header=header, format="png", data=np.frombuffer(png.getvalue(), dtype=np.uint8)
+    )
+    assert np.array_equal(frame_of(msg, compressed, topic="/c"), rgb)  # lossless: exact
+    msg.data = np.frombuffer(b"not an image", dtype=np.uint8)
+    with pytest.raises(InputError, match="compressed image on /c: cannot decode format 'png'"):
+        frame_of(msg, compressed, topic="/c")
+    msg.data = np.zeros(0, dtype=np.uint8)
+    with pytest.raises(InputError, match="0 bytes"):
+        frame_of(msg, compressed, topic="/c")
