@@ -446,7 +446,10 @@ def test_doctor_json_lists_every_kind() -> None:
     ).stdout
     doc = json.loads(out)
     kinds = {row["kind"]: row for row in doc["sources"]}
-    assert set(kinds) == {"synthetic", "v4l2", "gstreamer", "url", "video", "images", "callback"}
+    assert set(kinds) == {
+        *("synthetic", "v4l2", "gstreamer", "url", "video", "images", "ros2", "rosbag"),
+        "callback",
+    }
     assert kinds["url"]["usable"] is True  # the FFmpeg backend the stream tests use
     assert all(row["detail"] for row in kinds.values())
     assert {rt["name"] for rt in doc["runtimes"]} >= {"onnxruntime"}
