@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import secrets
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -216,3 +217,58 @@ def test_the_ros2_sink_maps_results_and_counts_what_it_cannot(domain: int, token
     assert (det.bbox.size_x, det.bbox.size_y) == (10.0, 4.0)
     assert det.results[0].hypothesis.class_id == "1"
     assert det.id == "0"
+
+
+def test_the_daemon_replays_a_rosbag_and_reports_its_version_on_diagnostics(
+    digits_path: Path, tmp_path: Path, state_dir: Path, domain: int, token: str
+) -> None:
+    from tests.agent.test_daemon_systemd import _install
+    from tests.agent.test_ros2 import digit_frames, write_bag
+
+    _install(
+        state_dir, tmp_path, "digits", digits_path, {"input": np.zeros((1, 1, 8, 8), np.float32)}
+    )
+    frames, labels = digit_frames(10)
+    bag = tmp_path / "bag"
+    write_bag(bag, frames, period_ns=50_000_000)  # 20 Hz; the daemon repeats it
+    prefix = f"/robot_{token}"
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'device_id = "robot-{token}"\nstate_dir = "{state_dir}"\n'
+        '[[models]]\nname = "digits"\n[api]\nenabled = false\n[swap]\nwarmup_runs = 1\n'
+        "[loop]\nrate_hz = 40.0\nwindow_s = 1.0\n\n"
+        f'[loop.source]\nkind = "rosbag"\npath = "{bag}"\ntopic = "/camera/image_raw"\n\n'
+        f'[loop.postprocess]\nkind = "topk"\nk = 1\nlabels = {json.dumps(LABELS)}\n\n'
+        f'[[loop.sinks]]\nkind = "ros2"\ndomain_id = {domain}\ntopic_prefix = "{prefix}"\n'
+        "diagnostics_period_s = 0.5\n"
+    )
+    results = Subscription(
+        domain, results_topic(prefix, "digits", "classification"), ros2_node.Classification
+    )
+    diagnostics = Subscription(domain, "/diagnostics", ros2_node.DiagnosticArray)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "daemon", "--config", str(config)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: len(results.samples) >= 15, timeout_s=60)
+        wait_for(lambda: any(d.status for d in diagnostics.samples), timeout_s=10)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        results.close()
+        diagnostics.close()
+    assert proc.returncode == 0, err[-3000:]
+    right = 0
+    for msg in results.samples:
+        index = msg.header.stamp.sec - 100  # write_bag stamps image i with 100 + i seconds
+        assert msg.header.frame_id == "cam"
+        right += msg.results[0].class_id == LABELS[labels[index]]
+    assert right >= len(results.samples) - 2
+    status = next(s for d in reversed(diagnostics.samples) for s in d.status)
+    values = {kv.key: kv.value for kv in status.values}
+    assert values["model_version"] == "1.0.0"  # the version the daemon serves
+    assert status.hardware_id == f"robot-{token}"
