@@ -445,9 +445,10 @@ class Ros2ResultSink:
 
 class Ros2Sink:
     """The ``[[loop.sinks]] kind = "ros2"`` sink: each postprocessed result of any loop of the
-    process through one ``Ros2Publisher`` (owned). ``publish`` runs in a loop's thread; a
-    reliable write blocks at most 100 ms for a subscriber that does not keep up, then fails
-    (the frame is counted as failed). Bodies without a ROS 2 message (``raw``, ``custom``) are
+    process through one ``Ros2Publisher`` (owned). ``publish`` runs in a loop's thread and does
+    not hold it up: a reliable write waits at most 20 ms for a subscriber that does not keep up,
+    then the result is dropped; drops are counted in ``dropped`` and logged once a window
+    (``ros2_results_dropped``). Bodies without a ROS 2 message (``raw``, ``custom``) are
     counted in ``unmapped`` and logged once per model."""
 
     kind = "ros2"
@@ -458,34 +459,54 @@ class Ros2Sink:
         self.publisher = publisher
         self.every = every
         self.unmapped = 0
+        self.dropped = 0
+        self._reported = 0
+        self._last_error = ""
         self._warned: set[str] = set()
 
     def publish(self, result: Any) -> None:
         body = result.body
         kind = getattr(body, "kind", None)
         latency_ns = round(result.latency_ms * 1e6)
-        if kind == "classification":
-            classes = [Scored(c.index, c.score, c.label) for c in body.classes]
-            self.publisher.classification(result.model, result.ts, latency_ns, classes)
-        elif kind == "detection":
-            boxes = [Box(b.x0, b.y0, b.x1, b.y1, b.score, b.class_id, b.label) for b in body.boxes]
-            self.publisher.detections(result.model, result.ts, latency_ns, boxes)
-        else:
-            self.unmapped += 1
-            if result.model not in self._warned:
-                self._warned.add(result.model)
-                log.warning(
-                    "ros2_result_not_published",
-                    model=result.model,
-                    kind=kind,
-                    why="only classification and detection results have a ROS 2 message; "
-                    "set [loop.postprocess] kind = topk or db_boxes",
-                )
+        try:
+            if kind == "classification":
+                classes = [Scored(c.index, c.score, c.label) for c in body.classes]
+                self.publisher.classification(result.model, result.ts, latency_ns, classes)
+                return
+            if kind == "detection":
+                boxes = [
+                    Box(b.x0, b.y0, b.x1, b.y1, b.score, b.class_id, b.label) for b in body.boxes
+                ]
+                self.publisher.detections(result.model, result.ts, latency_ns, boxes)
+                return
+        except InputError as exc:  # the write timed out or failed: drop, count, log per window
+            self.dropped += 1
+            self._last_error = str(exc)
+            return
+        self.unmapped += 1
+        if result.model not in self._warned:
+            self._warned.add(result.model)
+            log.warning(
+                "ros2_result_not_published",
+                model=result.model,
+                kind=kind,
+                why="only classification and detection results have a ROS 2 message; "
+                "set [loop.postprocess] kind = topk or db_boxes",
+            )
 
     def flush(self) -> None:
-        pass  # every result is written as it comes
+        """At a window end: log the drops of the window, if any (never per result)."""
+        if self.dropped != self._reported:
+            log.warning(
+                "ros2_results_dropped",
+                dropped=self.dropped - self._reported,
+                total_dropped=self.dropped,
+                error=self._last_error,
+            )
+            self._reported = self.dropped
 
     def close(self) -> None:
+        self.flush()
         self.publisher.close()
 
 

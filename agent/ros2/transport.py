@@ -80,7 +80,7 @@ def reader_qos(depth: int) -> Any:
     )
 
 
-def writer_qos(depth: int, *, best_effort: bool = False, max_blocking_ms: int = 100) -> Any:
+def writer_qos(depth: int, *, best_effort: bool = False, max_blocking_ms: int = 20) -> Any:
     """ROS 2's default profile: reliable, keep last ``depth``, volatile, XCDR1 (as
     ``rmw_cyclonedds_cpp`` writes); a write blocks at most ``max_blocking_ms``.
     ``best_effort``: the sensor-data profile, as camera drivers publish."""
