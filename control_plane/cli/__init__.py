@@ -511,7 +511,10 @@ def _print_version(v: dict[str, Any], console: Console) -> None:
         "size",
         "target",
     )
-    steps = Table("variant", "step", "metric", "delta", "kept float", "s", title="INT8 search")
+    # "kept back": operations left in float by an INT8 search, MatMuls in 8 bits by an INT4 one
+    steps = Table(
+        "variant", "step", "metric", "delta", "kept back", "s", title="Quantization search"
+    )
     for var in v["variants"]:
         acc = var.get("accuracy")
         acc_text = (

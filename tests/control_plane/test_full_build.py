@@ -58,7 +58,12 @@ def test_every_variant_built_gated_and_resolved(
     assert set(by_id) >= {"onnx-fp32", "onnx-fp16", "onnx-int8", "openvino-fp16", "openvino-int8"}
 
     rejected = [v for v in by_id.values() if v["status"] == "rejected"]
-    assert rejected, "a zero budget should reject some quantized variant"
+    # Plain INT8 loses top-1 here, so a zero budget bites: the variant is rejected, or the
+    # accuracy-aware search kept the costliest nodes in float until it lost nothing.
+    int8 = by_id["onnx-int8"]
+    steps = int8["build"]["steps"]
+    assert steps[0]["delta"] > 0, steps
+    assert int8["status"] == "rejected" or (steps[-1]["delta"] <= 0 and steps[-1]["kept_float"])
     for v in version["variants"]:
         if v["accuracy"] is not None:
             assert v["accuracy"]["budget"] == 0.0
@@ -134,7 +139,8 @@ def test_transformer_gets_int4_variants_gated_on_embeddings(
     assert main(["models", "show", "minilm", "1.0.0"]) == 0
     shown = capsys.readouterr().out
     assert "task embedding" in shown
-    for line in shown.splitlines():
+    variants_table = shown.split("Quantization search")[0]
+    for line in variants_table.splitlines():
         if "-int4" in line:
             assert re.search(r"int4 \d+", line), line  # compute ops in 4 bits, shown
             assert "retrieval" in line or "cosine" in line, line

@@ -34,7 +34,7 @@ from control_plane.db.models import Base
 from tests.control_plane.conftest import ADMIN, BOOTSTRAP_TOKEN, fp32_build, make_settings
 
 STEPS = 40 if os.environ.get("EDGEFLEET_SOAK") == "1" else 10
-EXAMPLES = 300 if os.environ.get("EDGEFLEET_SOAK") == "1" else 60
+EXAMPLES = 300 if os.environ.get("EDGEFLEET_SOAK") == "1" else 40
 
 
 def _tiny_onnx() -> bytes:
