@@ -153,12 +153,14 @@ class ShadowEvaluator:
                 continue
             took = self._clock() - start
             metric, value, delta = self._compare(reference, produced)
+            # A batch of the API's dynamic batching weighs as many samples as it holds.
+            n = _batch_of(reference)
             with self._lock:
-                self._samples += 1
+                self._samples += n
                 self._busy_s += took
                 self._metric = metric
-                self._value_sum += value
-                self._delta_sum += delta
+                self._value_sum += value * n
+                self._delta_sum += delta * n
                 if len(self._latencies) < MAX_KEPT_LATENCIES:
                     self._latencies.append(took)
                     self._serving_latencies.append(serving_s)
@@ -223,6 +225,11 @@ class ShadowEvaluator:
         self._thread.join(timeout=30.0)
         if retire:
             self._runner.retire()
+
+
+def _batch_of(outputs: Mapping[str, Array]) -> int:
+    first = next(iter(outputs.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim > 0 and first.shape[0] else 1
 
 
 _DEFAULT_METRIC: dict[str, str] = {

@@ -329,7 +329,10 @@ class ModelSlot:
                 return current.computed, current._run(feeds)
             start = self._clock()
             outputs = current._run(feeds)
-            observer(feeds, outputs, self._clock() - start)
+            try:
+                observer(feeds, outputs, self._clock() - start)
+            except Exception as exc:  # an observer never fails the request it watched
+                log.warning("slot_observer_failed", model=self.name, reason=str(exc))
             return current.computed, outputs
         finally:
             current._exit()

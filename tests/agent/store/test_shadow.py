@@ -144,3 +144,17 @@ def test_the_host_starts_samples_and_stops_a_shadow(serving: ModelSlot, digits: 
     assert serving.observer is None
     assert host.report("digits") is None
     assert host.wanted("digits", desired) is True
+
+
+def test_an_observer_that_raises_never_fails_the_request(
+    serving: ModelSlot, digits: DigitsData
+) -> None:
+    def broken(*_: object) -> None:
+        raise MemoryError("no room for a copy")
+
+    serving.observer = broken
+    try:
+        out = serving.infer({"input": digits.x_test[0][None]})
+    finally:
+        serving.observer = None
+    assert out["logits"].shape == (1, 10)
