@@ -40,6 +40,15 @@ elif command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
 else
   echo "haproxy: not installed (apt-get install haproxy); load-balancer tests will fail" >&2
 fi
+# wrk (Debian package) drives the fixed-rate desired-state poll search in bench/bench_fleet.py.
+if command -v wrk >/dev/null 2>&1; then
+  echo "wrk: installed"
+elif command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get install -y -q wrk >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q wrk >/dev/null 2>&1; }) \
+    && echo "wrk: installed (apt-get)" || echo "wrk: apt-get install wrk failed" >&2
+else
+  echo "wrk: not installed (apt-get install wrk); bench_fleet.py falls back to its Python poller" >&2
+fi
 # promtool (Debian's prometheus package) checks the alert rules under deploy/prometheus/.
 if command -v promtool >/dev/null 2>&1; then
   echo "promtool: installed"

@@ -6,6 +6,7 @@ forms that refuse cross-site posts. The service's clock is injected, so expiry n
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,31 @@ def test_an_expired_settings_token_enrolls_nothing(client: httpx.Client) -> None
     r = _enroll(client, BOOTSTRAP_TOKEN)
     assert r.status_code == 401
     assert r.json()["message"].startswith("bootstrap token 'settings' expired at 2020-01-01")
+
+
+def test_concurrent_enrollments_never_exceed_a_token_bound(client: httpx.Client) -> None:
+    """Twelve threads race 30 enrollments for a token of 10 uses: exactly 10 devices, each with
+    the token's labels, and a use count of 10 (the use and the device row are stored together)."""
+    token = _bootstrap_token(client, labels={"site": "lyon"}, max_uses=10)
+
+    def attempt(i: int) -> tuple[int, str]:
+        with httpx.Client(base_url=client.base_url, timeout=30) as own:
+            r = _enroll(own, token["token"], {"ring": "canary"}, name=f"racer-{i}")
+            return r.status_code, r.json().get("message", "")
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        outcomes = list(pool.map(attempt, range(30)))
+    assert sorted(code for code, _ in outcomes) == [201] * 10 + [401] * 20
+    assert {m for code, m in outcomes if code == 401} == {
+        "bootstrap token 'line-1' is used up (10 enrollments)"
+    }
+    listed = {t["id"]: t for t in client.get("/v1/bootstrap-tokens", headers=ADMIN).json()}
+    assert listed[token["id"]]["uses"] == 10
+    devices = client.get("/v1/devices", headers=ADMIN).json()
+    racers = [d for d in devices if d["name"].startswith("racer-")]
+    assert len(racers) == 10
+    assert all(d["labels"] == {"site": "lyon"} for d in racers)
+    assert all(d["requested_labels"] == {"ring": "canary"} for d in racers)
 
 
 # -- operator tokens -------------------------------------------------------------------------
