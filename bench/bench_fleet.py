@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import re
@@ -38,8 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import paho.mqtt.client as mqtt
 import psycopg
+from bench_poll import WRK_SCRIPT as POLL_SCRIPT  # the If-None-Match poll script, paced here
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from agent.contracts.profile import CpuInfo, HardwareProfile, RuntimeInfo
@@ -55,6 +58,7 @@ from control_plane.rollouts import (
 
 PG = os.environ.get("EDGEFLEET_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 ADMIN = "bench-admin-token-0123456789abcdef"
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN}"}
 BOOTSTRAP = "bench-bootstrap-token-0123456789abcdef"
 PROFILE = HardwareProfile(
     arch="x86_64",
@@ -85,6 +89,13 @@ backend replicas
     default-server inter 1s fall 2 rise 1 check
 {servers}
 """
+LOAD_CPU = 0  # wrk runs on this CPU (taskset); the replicas, HAProxy and PostgreSQL go anywhere
+LOAD_PIN = (
+    ["taskset", "-c", str(LOAD_CPU)]
+    if (os.cpu_count() or 1) >= 2 and shutil.which("taskset")
+    else []
+)
+_LEADER = re.compile(r"^edgefleet_cp_rollout_leader (\S+)$", re.M)
 _METRIC = re.compile(r"^edgefleet_cp_ingest_(\w+)_total (\S+)$", re.M)
 
 
@@ -111,6 +122,206 @@ def p99(values: list[float]) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+# wrk enrollment: each request enrolls one device with a unique name; every 201 answer's device
+# id and credential go to this thread's file (args: out prefix, profile JSON file, token, and
+# optionally a mean pause in ms between a connection's requests, +-20 %, to offer a fixed rate).
+WRK_ENROLL = r"""
+local created = 0
+function setup(thread)
+  thread:set("thread_index", created)
+  created = created + 1
+end
+function init(args)
+  out = io.open(args[1] .. "." .. thread_index, "w")
+  out:setvbuf("line")
+  local f = io.open(args[2]); profile = f:read("*a"); f:close()
+  token, sent, refused = args[3], 0, 0
+  local mean_delay = tonumber(args[4] or "0")
+  if mean_delay > 0 then
+    math.randomseed(thread_index + 1)
+    function delay() return math.floor(mean_delay * (0.8 + 0.4 * math.random())) end
+  end
+end
+function request()
+  sent = sent + 1
+  local body = string.format(
+    '{"bootstrap_token":"%s","name":"sim-%d-%d","profile":%s,"labels":{"site":"bench"}}',
+    token, thread_index, sent, profile)
+  return wrk.format("POST", "/v1/devices/enroll", {["Content-Type"] = "application/json"}, body)
+end
+function response(status, headers, body)
+  if status == 201 then
+    out:write(body:match('"device_id":"([^"]+)"'), "\t", body:match('"credential":"([^"]+)"'), "\n")
+  else
+    refused = refused + 1
+  end
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "edgefleet-wrk requests=%d duration_us=%d p50=%d p99=%d max=%d status=%d connect=%d " ..
+    "read=%d write=%d timeout=%d\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99), latency.max, e.status, e.connect, e.read,
+    e.write, e.timeout))
+end
+"""
+
+
+def wrk_figures(command: list[str]) -> dict[str, float]:
+    """Run wrk (pinned by the caller's command) and parse the line the script's done() prints."""
+    run = subprocess.run(command, capture_output=True, text=True, check=False)
+    line = next((x for x in run.stdout.splitlines() if x.startswith("edgefleet-")), None)
+    if run.returncode != 0 or line is None:
+        raise SystemExit(f"wrk failed ({run.returncode}): {run.stdout}{run.stderr}")
+    figures = {k: float(v) for k, v in re.findall(r"(\w+)=(\d+)", line)}
+    figures["seconds"] = figures["duration_us"] / 1e6
+    figures["errors"] = sum(
+        figures.get(k, 0) for k in ("status", "not_304", "connect", "read", "write", "timeout")
+    )
+    return figures
+
+
+def wrk_enroll(
+    url: str,
+    token: str,
+    seconds: float,
+    work: Path,
+    connections: int = 32,
+    rate: float | None = None,
+) -> dict[str, Any]:
+    """Enroll for ``seconds`` through the balancer with wrk, as fast as ``connections`` go or
+    paced to offer ``rate`` devices/s: devices/s, p99, the devices. Paced: each connection
+    pauses between requests; a 2 s run first measures the answers' own time, which the pause
+    then leaves out, so what is offered is ``rate`` (its devices are kept, its figures not)."""
+    script, profile = work / "enroll.lua", work / "profile.json"
+    script.write_text(WRK_ENROLL)
+    profile.write_text(json.dumps(PROFILE, separators=(",", ":")))
+    devices: list[Any] = []
+
+    def one(duration: float, pause_ms: float) -> dict[str, float]:
+        out = work / f"enrolled-{uuid.uuid4().hex[:6]}"
+        command = [
+            *LOAD_PIN,
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{duration:g}s",
+            "--timeout",
+            "30s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+            "--",
+            str(out),
+            str(profile),
+            token,
+            f"{pause_ms:.3f}",
+        ]
+        figures = wrk_figures(command)
+        got = 0
+        for part in work.glob(out.name + ".*"):
+            for line in part.read_text().splitlines():
+                device_id, credential = line.split("\t")
+                devices.append((device_id, f"Bearer {credential}"))
+                got += 1
+        figures["rate"] = got / figures["seconds"]
+        return figures
+
+    if rate:
+        pause_ms = connections / rate * 1000
+        trial = one(2, pause_ms)
+        answer_ms = max(0.0, connections / max(trial["rate"], 1.0) * 1000 - pause_ms)
+        figures = one(seconds, max(1.0, pause_ms - answer_ms))
+    else:
+        figures = one(seconds, 0)
+    return {
+        "rate": figures["rate"],
+        "p99_ms": figures["p99"] / 1e3,
+        "errors": figures["errors"],
+        "devices": devices,
+    }
+
+
+async def first_polls(url: str, devices: list[Any], path: Path) -> None:
+    """Each device's desired state once (not timed): its ETag, for the 304 polls that follow."""
+    sem = asyncio.Semaphore(32)
+    limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+
+        async def one(device_id: str, auth: str) -> str:
+            async with sem:
+                poll = f"/v1/devices/{device_id}/desired-state"
+                r = await client.get(poll, headers={"Authorization": auth})
+                r.raise_for_status()
+                return f"{poll}\t{auth}\t{r.headers['ETag']}\n"
+
+        lines = await asyncio.gather(*(one(d, a) for d, a in devices))
+    path.write_text("".join(lines))
+
+
+def wrk_poll_step(
+    url: str, polls: Path, work: Path, rate: float, seconds: float, connections: int
+) -> dict[str, float]:
+    """Paced If-None-Match polls: each of ``connections`` waits ``connections / rate`` s
+    (+-20 %) between its polls, so wrk offers about ``rate`` polls/s."""
+    script = work / "poll.lua"
+    script.write_text(POLL_SCRIPT)
+    mean_delay_ms = connections / rate * 1000
+    command = [
+        *LOAD_PIN,
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds:g}s",
+        "--timeout",
+        "10s",
+        "--latency",
+        "-s",
+        str(script),
+        url,
+        "--",
+        str(polls),
+        "1",
+        f"{mean_delay_ms:.3f}",
+    ]
+    figures = wrk_figures(command)
+    return {
+        "offered": rate,
+        "rate": figures["requests"] / figures["seconds"],
+        "p99_ms": figures["p99"] / 1e3,
+        "errors": figures["errors"],
+    }
+
+
+POLL_RATES = (500, 1000, 1500, 2000, 2500, 3000, 3500, 4000, 5000, 6000, 7000, 8000, 10000)
+
+
+def poll_search(
+    url: str, polls: Path, work: Path, step_s: float, connections: int = 200
+) -> tuple[dict[str, float] | None, list[dict[str, float]]]:
+    """Step the offered poll rate up until p99 reaches 50 ms, an error appears, or the server
+    falls 10 % behind what is offered (twice in a row); the last step that passed, and every
+    step."""
+    best, steps = None, []
+    for rate in POLL_RATES:
+        for _attempt in range(2):  # a step that fails is tried once more (a shared machine)
+            step = wrk_poll_step(url, polls, work, rate, step_s, connections)
+            steps.append(step)
+            ok = step["p99_ms"] < 50 and step["errors"] == 0 and step["rate"] >= 0.9 * rate
+            if ok:
+                break
+        print(
+            f"    offered {rate:>6,}/s: {step['rate']:8,.0f}/s p99 {step['p99_ms']:6.1f} ms "
+            f"errors {step['errors']:.0f} {'ok' if ok else 'stop'}",
+            flush=True,
+        )
+        if not ok:
+            break
+        best = step
+    return best, steps
 
 
 class Stack:
@@ -154,7 +365,34 @@ class Stack:
         haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
         self.processes.append(subprocess.Popen([haproxy, "-db", "-f", str(cfg)]))
         wait_http(f"{self.url}/readyz")
+        # the devices' site label comes with their bootstrap token, so a rollout selects them
+        r = httpx.post(
+            f"{self.url}/v1/bootstrap-tokens",
+            json={"name": "bench", "labels": {"site": "bench"}, "max_uses": 100_000},
+            headers=ADMIN_HEADERS,
+            timeout=30,
+        )
+        r.raise_for_status()
+        self.bootstrap = str(r.json()["token"])
         return self
+
+    @property
+    def db_url(self) -> str:
+        return PG.rsplit("/", 1)[0] + "/" + self.db
+
+    def leader(self) -> int | None:
+        """The index of the replica holding the rollout runner's lease, if one does."""
+        for i, (port, process) in enumerate(zip(self.ports, self.processes, strict=False)):
+            if process.poll() is not None:
+                continue
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            except httpx.HTTPError:
+                continue
+            match = _LEADER.search(text)
+            if match is not None and float(match.group(1)) == 1.0:
+                return i
+        return None
 
     @property
     def url(self) -> str:
@@ -182,7 +420,7 @@ class Stack:
 
 
 async def enroll_all(
-    url: str, n: int, concurrency: int = 32
+    url: str, n: int, token: str = BOOTSTRAP, concurrency: int = 32
 ) -> tuple[list[Any], list[float], float]:
     latencies: list[float] = []
     devices: list[Any] = [None] * n
@@ -197,7 +435,7 @@ async def enroll_all(
             while not queue.empty():
                 i = queue.get_nowait()
                 body = {
-                    "bootstrap_token": BOOTSTRAP,
+                    "bootstrap_token": token,
                     "name": f"sim-{i}",
                     "profile": PROFILE,
                     "labels": {"site": "bench", "group": str(i % 4)},
@@ -328,31 +566,100 @@ def advance_ms(n: int) -> float:
     return statistics.median(timings)
 
 
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
 def run(replicas: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    with Stack(replicas, work / f"r{replicas}") as stack:
-        devices, enroll_lat, enroll_s = asyncio.run(enroll_all(stack.url, args.devices))
-        polls, poll_errors, poll_lat, poll_s = asyncio.run(
-            poll_all(stack.url, devices, args.interval, args.duration)
-        )
-        before = stack.ingest_counters()
-        offered = publish_telemetry(stack.prefix, [d for d, _ in devices], args.rate, args.duration)
-        deadline = time.monotonic() + 60
-        while True:  # until every received message is stored or counted, or a minute passes
-            after = stack.ingest_counters()
-            got = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-            settled = got.get("stored", 0) + sum(
-                got.get(k, 0) for k in got if k.startswith("dropped_") or k == "duplicates"
+    stack_work = work / f"r{replicas}"
+    stack_work.mkdir(parents=True)
+    out: dict[str, Any] = {}
+    with Stack(replicas, stack_work) as stack:
+        print(f"{replicas} replica(s):", flush=True)
+        if args.client == "wrk":
+            devices: list[Any] = []
+            rates, p99s, paced_rates, paced_p99s, errors = [], [], [], [], 0.0
+            for _ in range(args.repeats):
+                enrolled = wrk_enroll(stack.url, stack.bootstrap, args.enroll_s, stack_work)
+                paced = wrk_enroll(
+                    stack.url,
+                    stack.bootstrap,
+                    args.enroll_s,
+                    stack_work,
+                    connections=128,
+                    rate=args.enroll_rate,
+                )
+                for run_ in (enrolled, paced):
+                    devices += run_["devices"]
+                    errors += run_["errors"]
+                rates.append(enrolled["rate"])
+                p99s.append(enrolled["p99_ms"])
+                paced_rates.append(paced["rate"])
+                paced_p99s.append(paced["p99_ms"])
+                print(
+                    f"  enroll: {enrolled['rate']:6.0f}/s p99 {enrolled['p99_ms']:.0f} ms "
+                    f"(32 connections, flat out); offered {args.enroll_rate:g}/s: "
+                    f"{paced['rate']:6.0f}/s p99 {paced['p99_ms']:.0f} ms",
+                    flush=True,
+                )
+            out["enroll/s flat out"] = median(rates)
+            out["  its p99 ms"] = median(p99s)
+            out[f"enroll/s ({args.enroll_rate:g} offered)"] = median(paced_rates)
+            out["  its p99 ms "] = median(paced_p99s)
+            out["enroll errors"] = int(errors)
+            if len(devices) < args.devices:  # the rest, untimed, for the poll phase
+                more, _, _ = asyncio.run(
+                    enroll_all(stack.url, args.devices - len(devices), stack.bootstrap)
+                )
+                devices += more
+            devices = devices[: args.devices]
+            polls_file = stack_work / "polls.tsv"
+            asyncio.run(first_polls(stack.url, devices, polls_file))
+            # every device polls every replica a few times first: credential and desired-state
+            # caches warm, as on a fleet that has been polling for a while
+            warm_s = min(30.0, 4 * replicas * len(devices) / 2000 + 2)
+            wrk_poll_step(stack.url, polls_file, stack_work, 2000, warm_s, 200)
+            best_rates, best_p99s = [], []
+            for _ in range(args.repeats):
+                best, _steps = poll_search(stack.url, polls_file, stack_work, args.step_s)
+                best_rates.append(best["rate"] if best else 0.0)
+                best_p99s.append(best["p99_ms"] if best else float("nan"))
+            out["polls/s at p99<50ms"] = median(best_rates)
+            out["  its p99 ms  "] = median(best_p99s)
+        else:
+            devices, enroll_lat, enroll_s = asyncio.run(
+                enroll_all(stack.url, args.devices, stack.bootstrap)
             )
-            if settled >= got.get("received", 0) or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
+            polls, poll_errors, poll_lat, poll_s = asyncio.run(
+                poll_all(stack.url, devices, args.interval, args.duration)
+            )
+            out["enroll/s"] = args.devices / enroll_s
+            out["enroll p99 ms"] = p99(enroll_lat) * 1000
+            out["polls/s"] = polls / poll_s
+            out["poll p99 ms"] = p99(poll_lat) * 1000
+            out["poll errors"] = poll_errors
+        if args.rate > 0:
+            out.update(telemetry(stack, [d for d, _ in devices], args))
+        if replicas == 2 and args.rollout:
+            out.update(rollout(stack, devices, stack_work))
+    return out
+
+
+def telemetry(stack: Stack, device_ids: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    before = stack.ingest_counters()
+    offered = publish_telemetry(stack.prefix, device_ids, args.rate, args.duration)
+    deadline = time.monotonic() + 60
+    while True:  # until every received message is stored or counted, or a minute passes
+        after = stack.ingest_counters()
+        got = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        settled = got.get("stored", 0) + sum(
+            got.get(k, 0) for k in got if k.startswith("dropped_") or k == "duplicates"
+        )
+        if settled >= got.get("received", 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     dropped = sum(v for k, v in got.items() if k.startswith("dropped_"))
     return {
-        "enroll/s": args.devices / enroll_s,
-        "enroll p99 ms": p99(enroll_lat) * 1000,
-        "polls/s": polls / poll_s,
-        "poll p99 ms": p99(poll_lat) * 1000,
-        "poll errors": poll_errors,
         "telemetry offered": offered,
         "received": got.get("received", 0),
         "stored": got.get("stored", 0),
@@ -362,20 +669,229 @@ def run(replicas: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
 
 
+ROLLOUT_WAVES = (1, 2, 5, 10, 100)  # percent; soak 0: a wave is promoted once all report
+
+
+def push_digits(url: str, work: Path) -> None:
+    """The digits CNN as digits 1.0.0, built and signed (what a rollout needs)."""
+    from agent.samples import digits_cnn, digits_data
+
+    calibration = work / "cal.npz"
+    np.savez(calibration, input=digits_data().x_train[:64])
+    with httpx.Client(base_url=url, timeout=300, headers=ADMIN_HEADERS) as admin:
+        admin.post("/v1/models", json={"name": "digits"}).raise_for_status()
+        files = {"onnx": digits_cnn().read_bytes(), "calibration": calibration.read_bytes()}
+        r = admin.post(
+            "/v1/models/digits/versions",
+            data={"version": "1.0.0"},
+            files={k: (k, v) for k, v in files.items()},
+        )
+        r.raise_for_status()
+        job_id = r.json()["job"]["id"]
+        deadline = time.monotonic() + 600
+        while (job := admin.get(f"/v1/jobs/{job_id}").json())["status"] not in (
+            "succeeded",
+            "failed",
+        ):
+            if time.monotonic() > deadline:
+                raise SystemExit("the digits build did not finish in 10 minutes")
+            time.sleep(0.5)
+        if job["status"] != "succeeded":
+            raise SystemExit(f"the digits build failed: {job['error']}")
+
+
+def wait_for(predicate: Any, timeout: float, what: str, step: float = 0.01) -> float:
+    """Poll ``predicate`` until it holds; the monotonic time it first held."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(step)
+    return time.monotonic()
+
+
+def rollout(stack: Stack, devices: list[Any], work: Path) -> dict[str, Any]:
+    """digits 1.0.0 to every device in waves; the simulated devices of each wave report over
+    MQTT (telemetry on the new version, then a ``committed`` event); measured: from the last
+    report of a wave to the next wave's assignment in a device's desired state (through the
+    balancer), and, before the last wave, from ``kill -9`` of the runner's holder to the next
+    wave's assignment made by the other replica."""
+    keep = [d for d, _ in devices]
+    with psycopg.connect(stack.db_url, autocommit=True) as db:
+        # the rollout is at exactly --devices devices: the extra ones enrolled go
+        db.execute("DELETE FROM devices WHERE NOT (id = ANY(%s))", (keep,))
+    push_digits(stack.url, work)
+    auth = dict(devices)
+    body = {
+        "model": "digits",
+        "version": "1.0.0",
+        "selector": {"site": "bench"},
+        "waves": [{"percent": p, "soak_s": 0} for p in ROLLOUT_WAVES],
+        "rules": {"min_devices_reporting": 1, "min_reporting_share": 1.0},
+    }
+    r = httpx.post(f"{stack.url}/v1/rollouts", json=body, headers=ADMIN_HEADERS, timeout=60)
+    r.raise_for_status()
+    tag = f"rollout:{r.json()['id']}"
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=f"bench-wave-{uuid.uuid4().hex[:8]}",
+        protocol=MQTTProtocolVersion.MQTTv5,
+    )
+    client.max_queued_messages_set(0)
+    client.max_inflight_messages_set(1000)
+    client.connect("127.0.0.1", 1883)
+    client.loop_start()
+    db = psycopg.connect(stack.db_url, autocommit=True)
+    http = httpx.Client(base_url=stack.url, timeout=10)
+
+    def assigned() -> set[str]:
+        rows = db.execute("SELECT device_id FROM assignments WHERE created_by = %s", (tag,))
+        return {row[0] for row in rows}
+
+    def visible(device_id: str) -> bool:
+        r = http.get(
+            f"/v1/devices/{device_id}/desired-state", headers={"Authorization": auth[device_id]}
+        )
+        return r.status_code == 200 and any(
+            m["name"] == "digits" and m["version"] == "1.0.0" for m in r.json()["models"]
+        )
+
+    def report(wave: set[str], seq: int) -> float:
+        ts = datetime.now(timezone.utc).isoformat()
+        infos = []
+        for device_id in sorted(wave):  # health on the new version first, then the event
+            telemetry_body = {
+                "schema_version": 1,
+                "device_id": device_id,
+                "seq": seq,
+                "ts": ts,
+                "models": [
+                    {
+                        "name": "digits",
+                        "version": "1.0.0",
+                        "window_s": 1.0,
+                        "count": 30,
+                        "failed": 0,
+                        "dropped": 0,
+                        "throughput_per_s": 30.0,
+                        "latency_p50_ms": 5.0,
+                        "latency_p95_ms": 8.0,
+                        "latency_p99_ms": 9.0,
+                    }
+                ],
+            }
+            topic = f"{stack.prefix}/{device_id}/telemetry"
+            infos.append(client.publish(topic, json.dumps(telemetry_body), qos=1))
+        for device_id in sorted(wave):
+            event = {
+                "schema_version": 1,
+                "device_id": device_id,
+                "seq": seq,
+                "ts": ts,
+                "model": "digits",
+                "version": "1.0.0",
+                "step": "committed",
+            }
+            infos.append(
+                client.publish(f"{stack.prefix}/{device_id}/events", json.dumps(event), qos=1)
+            )
+        for info in infos:
+            info.wait_for_publish(60)
+        return time.monotonic()  # the broker has the wave's last report
+
+    e2e, failover_s, waves_seen = [], float("nan"), []
+    try:
+        done: set[str] = set()
+        current: set[str] = set()
+        wait_for(lambda: bool(assigned()), 120, "the first wave", step=0.05)
+        for index in range(len(ROLLOUT_WAVES) - 1):
+            current = assigned()
+            waves_seen.append(len(current))
+            killed_at = None
+            if index == len(ROLLOUT_WAVES) - 2:  # before the last promotion: kill the runner
+                leader = stack.leader()
+                if leader is None:
+                    raise SystemExit("no replica holds the rollout runner's lease")
+                killed_at = time.monotonic()
+                stack.processes[leader].kill()  # SIGKILL: no clean hand-over
+                stack.processes[leader].wait()
+            last_report = report(current - done, seq=index + 1)
+            done |= current
+            grew = wait_for(lambda c=current: len(assigned()) > len(c), 120, "the next wave")
+            newcomer = sorted(assigned() - current)[0]
+            seen = wait_for(lambda d=newcomer: visible(d), 60, "the assignment in a desired state")
+            if killed_at is None:
+                e2e.append(seen - last_report)
+            else:
+                failover_s = seen - killed_at
+            print(
+                f"  wave {index + 1} ({len(current):,} devices) reported -> wave {index + 2} "
+                f"assigned {grew - last_report:.3f} s, in a desired state "
+                f"{seen - last_report:.3f} s"
+                + (
+                    f" (runner killed {last_report - killed_at:.3f} s before the reports)"
+                    if killed_at
+                    else ""
+                ),
+                flush=True,
+            )
+        waves_seen.append(len(assigned()))
+    finally:
+        client.disconnect()
+        client.loop_stop()
+        db.close()
+        http.close()
+    return {
+        "wave sizes": "/".join(f"{n:,}" for n in waves_seen),
+        "report->next wave s": median(e2e),
+        "  worst of waves s": max(e2e) if e2e else float("nan"),
+        "fail-over s": failover_s,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--devices", type=int, default=1000, help="simulated devices (10000: a site)"
     )
-    parser.add_argument("--interval", type=float, default=10.0, help="seconds between polls")
-    parser.add_argument("--rate", type=float, default=2000.0, help="telemetry messages/s offered")
+    parser.add_argument(
+        "--client",
+        choices=("wrk", "httpx"),
+        default="wrk" if shutil.which("wrk") else "httpx",
+        help="load generator for enrollment and polls (default: wrk when on PATH)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="wrk: runs of each phase")
+    parser.add_argument("--enroll-s", type=float, default=5.0, help="wrk: seconds per enrollment")
+    parser.add_argument(
+        "--enroll-rate", type=float, default=500.0, help="wrk: devices/s offered (paced run)"
+    )
+    parser.add_argument("--step-s", type=float, default=8.0, help="wrk: seconds per poll step")
+    parser.add_argument("--interval", type=float, default=10.0, help="httpx: s between polls")
+    parser.add_argument("--rate", type=float, default=2000.0, help="telemetry msg/s (0: none)")
+    parser.add_argument(
+        "--no-rollout",
+        dest="rollout",
+        action="store_false",
+        help="skip the rollout and fail-over phase (2 replicas only)",
+    )
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per phase")
     args = parser.parse_args()
+    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         results = {n: run(n, args, Path(tmp)) for n in (1, 2)}
+    pinned = f"wrk pinned to CPU {LOAD_CPU} (taskset -c {LOAD_CPU})" if LOAD_PIN else "unpinned"
+    how = (
+        f"wrk: {args.repeats} runs per phase (medians), enrollment {args.enroll_s:g} s x 32 "
+        f"connections, polls stepped up {args.step_s:g} s a step on 200 connections with "
+        f"+-20 % jitter, {pinned}"
+        if args.client == "wrk"
+        else f"httpx, polls every {args.interval:g} s"
+    )
     print(
-        f"\n{args.devices} devices, polls every {args.interval:g} s, telemetry {args.rate:g}/s "
-        f"for {args.duration:g} s, this machine: {os.cpu_count()} CPUs (shared by all)"
+        f"\n{args.devices} devices; {how}; telemetry {args.rate:g}/s for {args.duration:g} s; "
+        f"this machine: {os.cpu_count()} CPUs shared by the load generator, the replicas, "
+        f"HAProxy, PostgreSQL and other users (1-min load {load:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after)"
     )
     print(f"{'':22}{'1 replica':>14}{'2 replicas':>14}{'2/1':>8}")
     for key in results[1]:

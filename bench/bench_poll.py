@@ -60,6 +60,7 @@ Poll = tuple[str, dict[str, str]]  # path, headers (credential and If-None-Match
 
 # wrk script: each thread takes every n-th device and cycles through them; every response that
 # is not a 304 is counted; done() prints the figures on one parseable line (microseconds).
+# Arguments: the polls file, wrk's thread count, and optionally a mean pause between polls (ms).
 WRK_SCRIPT = r"""
 local threads, created = {}, 0
 
@@ -72,6 +73,12 @@ end
 function init(args)
   local n_threads = tonumber(args[2])
   polls, next_poll, not_304 = {}, 1, 0
+  -- optional pacing (bench_fleet.py): a mean pause in ms between a connection's polls, +-20 %
+  local mean_delay = tonumber(args[3] or "0")
+  if mean_delay > 0 then
+    math.randomseed(thread_index + 1)
+    function delay() return math.floor(mean_delay * (0.8 + 0.4 * math.random())) end
+  end
   local i = 0
   for line in io.lines(args[1]) do
     if i % n_threads == thread_index then

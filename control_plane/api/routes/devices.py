@@ -21,10 +21,14 @@ rotation; while it is pending the device's desired-state answers carry
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import weakref
 from datetime import datetime, timedelta
 from typing import Annotated
 
+import anyio
+import anyio.to_thread
 from fastapi import APIRouter, Header, Response
 from sqlalchemy import delete, select
 from starlette.concurrency import run_in_threadpool
@@ -91,6 +95,24 @@ def _get(session: SessionDep, device_id: str) -> Device:
     if device is None:
         raise NotFoundError(f"no device {device_id!r}")
     return device
+
+
+# Enrollments in the database at once, per event loop: the engine's 10 kept connections. Past
+# them each enrollment would open and close a PostgreSQL connection of its own (a backend fork
+# per enrollment), and past the pool's overflow a burst of enrollments would wait on the pool
+# in the thread pool's threads, which the other routes need; the rest wait here, in the loop.
+ENROLLMENT_CONCURRENCY = 10
+_enrollment_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.CapacityLimiter] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _enrollment_limiter() -> anyio.CapacityLimiter:
+    loop = asyncio.get_running_loop()
+    limiter = _enrollment_slots.get(loop)
+    if limiter is None:
+        limiter = _enrollment_slots[loop] = anyio.CapacityLimiter(ENROLLMENT_CONCURRENCY)
+    return limiter
 
 
 def _store_enrollment(
