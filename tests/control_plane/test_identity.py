@@ -14,11 +14,13 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import delete
 
 from control_plane.api.routes.web import CSRF_COOKIE, CSRF_FIELD
 from control_plane.api.routes.web import router as web_router
 from control_plane.app import create_app
 from control_plane.cli import main
+from control_plane.db.models import BootstrapToken
 from control_plane.settings import Settings
 from tests.control_plane.conftest import (
     ADMIN,
@@ -191,6 +193,18 @@ def test_an_expired_settings_token_enrolls_nothing(client: httpx.Client) -> None
     r = _enroll(client, BOOTSTRAP_TOKEN)
     assert r.status_code == 401
     assert r.json()["message"].startswith("bootstrap token 'settings' expired at 2020-01-01")
+
+
+def test_the_settings_token_row_comes_back_when_it_went(client: httpx.Client, app: FastAPI) -> None:
+    """A database restored without the settings token's row: the next enrollment makes it
+    again (this process had remembered the row as made) and counts its use there."""
+    assert _enroll(client, BOOTSTRAP_TOKEN).status_code == 201
+    with app.state.ctx.sessions() as session:
+        session.execute(delete(BootstrapToken))
+        session.commit()
+    assert _enroll(client, BOOTSTRAP_TOKEN, name="after").status_code == 201
+    rows = client.get("/v1/bootstrap-tokens", headers=ADMIN).json()
+    assert [(t["name"], t["uses"]) for t in rows] == [("settings", 1)]
 
 
 def test_concurrent_enrollments_never_exceed_a_token_bound(client: httpx.Client) -> None:
