@@ -39,10 +39,16 @@ from control_plane.api.routes import rollouts as rollout_routes
 from control_plane.api.routes import web as web_page
 from control_plane.artifacts import ArtifactStore
 from control_plane.context import AppContext
-from control_plane.coordination import is_postgres, replica_name
+from control_plane.coordination import NotificationListener, is_postgres, notify, replica_name
 from control_plane.db.engine import make_engine, make_sessionmaker, upgrade_database
 from control_plane.deltas import DeltaService
-from control_plane.desired import CredentialCache, DesiredStateCache
+from control_plane.desired import (
+    DESIRED_CHANNEL,
+    CredentialCache,
+    DesiredStateCache,
+    invalidation_payload,
+    parse_invalidation,
+)
 from control_plane.fleet_metrics import FleetCollector
 from control_plane.ingest.wiring import IngestCollector, fleet_telemetry
 from control_plane.jobs import BuildWorker, JobLeases
@@ -92,6 +98,16 @@ def create_app(
     metrics = Metrics()
     desired = DesiredStateCache(ttl_s=settings.desired_state_cache_ttl_s)
     replica = replica_name(settings.replica_id)
+    desired_listener: NotificationListener | None = None
+    if is_postgres(engine):
+        # Replicas: a desired state changed on one is dropped from every replica's cache at
+        # once, not when its entry expires.
+        desired.broadcast = lambda ids: notify(engine, DESIRED_CHANNEL, invalidation_payload(ids))
+        desired_listener = NotificationListener(
+            engine,
+            DESIRED_CHANNEL,
+            lambda payload: desired.invalidate_local(parse_invalidation(payload)),
+        )
 
     signed = tuf_repository(settings, engine)
     presence = (
@@ -161,6 +177,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(upgrade_database, engine)
+        if desired_listener is not None:
+            desired_listener.start()
         await run_in_threadpool(publish_registry, sessions, signed)
         refresher = MetadataRefresher(signed, settings.tuf_refresh_interval_s).start()
         await run_in_threadpool(worker.resume_unfinished)
@@ -182,6 +200,8 @@ def create_app(
             await run_in_threadpool(telemetry.stop)
             await run_in_threadpool(worker.shutdown)
             refresher.stop()
+            if desired_listener is not None:
+                await run_in_threadpool(desired_listener.stop)
             engine.dispose()
 
     app = ControlPlaneAPI(

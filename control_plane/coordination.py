@@ -1,10 +1,13 @@
 """How replicas that share one PostgreSQL agree: a name per replica, locks, a lease per role.
 
-Owns three primitives, all kept in the database so that no replica's memory matters:
+Owns four primitives, all kept in the database so that no replica's memory matters:
 
 - ``replica_name``: how a process names itself in leases (``<host>-<pid>-<random>`` unless set);
 - ``advisory_lock``: a PostgreSQL session-level advisory lock for a short critical section
   (signing TUF metadata that every replica shares); on SQLite, one process serialises itself;
+- ``NotificationListener`` / ``notify``: PostgreSQL ``LISTEN`` / ``NOTIFY``, how a replica
+  hears at once what another committed (stored update events for the runner; desired states
+  that changed, so every replica drops its cached copy);
 - ``RoleLease``: one holder at a time for a named role (the rollout runner), as a row in
   ``leases`` whose expiry the holder renews. Expiry is compared with the database's clock, so
   replicas with skewed clocks still agree. A holder that dies (``kill -9``, a lost host, a
@@ -35,12 +38,16 @@ from agent.logs import get_logger
 from control_plane.errors import StorageError
 
 __all__ = [
+    "NOTIFY_PAYLOAD_MAX",
     "NotificationListener",
     "RoleLease",
     "advisory_lock",
     "is_postgres",
+    "notify",
     "replica_name",
 ]
+
+NOTIFY_PAYLOAD_MAX = 7900  # bytes; PostgreSQL refuses a NOTIFY payload of 8000 or more
 
 log = get_logger(__name__)
 
@@ -159,13 +166,34 @@ class RoleLease:
         self.held = held
 
 
+def notify(engine: Engine, channel: str, payload: str = "") -> None:
+    """``NOTIFY channel, payload`` on its own autocommitted connection (the caller committed
+    what the notification announces). ``StorageError`` when the database refuses it."""
+    if not channel.isidentifier():
+        raise ValueError(f"not a channel name: {channel!r}")
+    if len(payload.encode()) > NOTIFY_PAYLOAD_MAX:
+        raise ValueError(f"a NOTIFY payload is at most {NOTIFY_PAYLOAD_MAX} bytes")
+    try:
+        with engine.connect() as conn:
+            conn.execute(
+                text("SELECT pg_notify(:channel, :payload)"),
+                {
+                    "channel": channel,
+                    "payload": payload,
+                },
+            )
+            conn.commit()
+    except SQLAlchemyError as exc:
+        raise StorageError(f"NOTIFY {channel} failed: {exc}") from exc
+
+
 class NotificationListener:
     """``LISTEN`` on a PostgreSQL channel in a thread of its own, calling ``on_notify`` for each
     notification: how a replica hears at once what another replica committed (the ingester's
     stored update events, for the rollout runner). Reconnects with backoff when the database
     goes away; a missed notification only delays the work to the next regular tick."""
 
-    def __init__(self, engine: Engine, channel: str, on_notify: Callable[[], None]) -> None:
+    def __init__(self, engine: Engine, channel: str, on_notify: Callable[[str], None]) -> None:
         if not channel.isidentifier():
             raise ValueError(f"not a channel name: {channel!r}")
         self._dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
@@ -202,9 +230,9 @@ class NotificationListener:
                     self.listening.set()
                     backoff = 0.5
                     while not self._stop.is_set():
-                        for _ in conn.notifies(timeout=0.5):
+                        for note in conn.notifies(timeout=0.5):
                             self.received += 1
-                            self._on_notify()
+                            self._on_notify(note.payload)
             except psycopg.Error as exc:
                 self.listening.clear()
                 log.warning("listen_failed", channel=self._channel, error=str(exc))

@@ -44,6 +44,7 @@ from control_plane.db.models import Assignment, Device, Model, ModelVersion, Sha
 from control_plane.registry import archive_path
 
 __all__ = [
+    "DESIRED_CHANNEL",
     "ROLLOUT_TAG",
     "CachedState",
     "CredentialCache",
@@ -51,6 +52,8 @@ __all__ = [
     "compute_desired_state",
     "entry_generation",
     "etag_matches",
+    "invalidation_payload",
+    "parse_invalidation",
     "selector_matches",
 ]
 
@@ -203,14 +206,22 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
     return False
 
 
+DESIRED_CHANNEL = "edgefleet_desired"  # PostgreSQL NOTIFY: desired states changed
+
+
 class DesiredStateCache:
-    """The serialized desired state and its ETag per device."""
+    """The serialized desired state and its ETag per device.
+
+    ``broadcast``, when set (replicas on PostgreSQL), tells every other replica what this one
+    invalidated, so none answers a poll from a copy older than the last committed change;
+    ``invalidate_local`` is what a replica does when it hears of one."""
 
     def __init__(self, *, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._ttl = ttl_s
         self._clock = clock
         self._entries: dict[str, CachedState] = {}
         self._lock = threading.Lock()
+        self.broadcast: Callable[[list[str] | None], None] | None = None
 
     def get(self, device_id: str) -> CachedState | None:
         entry = self._entries.get(device_id)
@@ -228,7 +239,18 @@ class DesiredStateCache:
         return entry
 
     def invalidate(self, device_ids: Iterable[str] | None = None) -> None:
-        """Forget some devices' entries, or every entry when ``device_ids`` is None."""
+        """Forget some devices' entries, or every entry when ``device_ids`` is None, here and
+        (through ``broadcast``) on every other replica. Called after the change committed."""
+        ids = None if device_ids is None else list(device_ids)
+        self.invalidate_local(ids)
+        if self.broadcast is not None:
+            try:
+                self.broadcast(ids)
+            except Exception as exc:  # the others' entries still expire after ttl_s
+                log.warning("desired_invalidation_not_broadcast", error=str(exc))
+
+    def invalidate_local(self, device_ids: Iterable[str] | None = None) -> None:
+        """Forget some devices' entries in this process only."""
         with self._lock:
             if device_ids is None:
                 self._entries.clear()
@@ -265,3 +287,26 @@ class CredentialCache:
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+def invalidation_payload(device_ids: list[str] | None) -> str:
+    """What a replica sends on ``DESIRED_CHANNEL``: a JSON list of device ids, or ``*`` for
+    every device (asked for, or a list too long for one notification)."""
+    if device_ids is None:
+        return "*"
+    payload = json.dumps(device_ids, separators=(",", ":"))
+    return payload if len(payload.encode()) <= 7900 else "*"
+
+
+def parse_invalidation(payload: str) -> list[str] | None:
+    """The device ids a notification names; None for every device (or one that does not
+    parse: dropping every cached entry is always safe)."""
+    if payload == "*":
+        return None
+    try:
+        ids = json.loads(payload)
+    except ValueError:
+        return None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        return None
+    return ids

@@ -157,7 +157,7 @@ def fleet_telemetry(
     if ingester is not None:  # this replica's own stored events, without a round trip
         ingester.on_events_stored = rollouts.nudge
     events = (
-        NotificationListener(engine, EVENTS_CHANNEL, rollouts.nudge)
+        NotificationListener(engine, EVENTS_CHANNEL, lambda _payload: rollouts.nudge())
         if is_postgres(engine)
         else None
     )

@@ -1,21 +1,36 @@
-"""The rollout runner looks at once when update events are stored, not at its next interval:
-in this process through the ingester's hook, across replicas through PostgreSQL NOTIFY."""
+"""What replicas hear from each other at once through PostgreSQL NOTIFY: the rollout runner looks
+when update events are stored (in this process through the ingester's hook), and a desired state
+changed through one replica is dropped from every replica's cache."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
+import uvicorn
 
 from control_plane.coordination import NotificationListener
 from control_plane.db import make_engine, make_sessionmaker, upgrade_database
 from control_plane.ingest.fleet import Writes
 from control_plane.ingest.writer import EVENTS_CHANNEL, TelemetryWriter
 from control_plane.rollouts.service import RolloutService
+from tests.control_plane.conftest import (
+    ADMIN,
+    SampleFiles,
+    create_app,
+    enroll,
+    fp32_build,
+    free_port,
+    make_settings,
+    push_version,
+)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
@@ -77,7 +92,9 @@ def test_stored_events_notify_every_replicas_runner(postgres_dsn: str) -> None:
     engine = make_engine(postgres_dsn)
     upgrade_database(engine)
     heard: list[float] = []
-    listener = NotificationListener(engine, EVENTS_CHANNEL, lambda: heard.append(1.0)).start()
+    listener = NotificationListener(
+        engine, EVENTS_CHANNEL, lambda _payload: heard.append(1.0)
+    ).start()
     try:
         assert listener.listening.wait(10)
         writer = TelemetryWriter(engine)  # another replica's ingester, say
@@ -90,3 +107,67 @@ def test_stored_events_notify_every_replicas_runner(postgres_dsn: str) -> None:
     finally:
         listener.stop()
         engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_desired_state_changed_on_one_replica_is_never_served_stale_by_another(
+    postgres_dsn: str, tmp_path: Path, digits_path: Path, digits_sets: SampleFiles
+) -> None:
+    """Replica B caches a device's desired state (ETag); an assignment made through replica A
+    reaches the device's next poll through B at once, not when B's entry expires (300 s)."""
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA public CASCADE")
+        conn.execute("CREATE SCHEMA public")
+    data = tmp_path / "shared-data"
+    apps = [
+        create_app(make_settings(data, postgres_dsn, replica_id=f"r{i}"), build_variants=fp32_build)
+        for i in (1, 2)
+    ]
+    with contextlib.ExitStack() as stack:
+        url_a, url_b = (stack.enter_context(_serving(app)) for app in apps)
+        a = stack.enter_context(httpx.Client(base_url=url_a, timeout=60))
+        b = stack.enter_context(httpx.Client(base_url=url_b, timeout=60))
+        push_version(a, digits_path, digits_sets, version="1.0.0")
+        push_version(a, digits_path, digits_sets, version="1.1.0", create=False)
+        device_id, auth = enroll(a, "robot-replicas")
+        for version in ("1.0.0", "1.1.0"):
+            r = a.post(
+                "/v1/assignments",
+                json={"model": "digits", "version": version, "device_id": device_id},
+                headers=ADMIN,
+            )
+            assert r.status_code == 201, r.text
+            if version == "1.0.0":
+                first = b.get(f"/v1/devices/{device_id}/desired-state", headers=auth)
+                assert first.status_code == 200
+                etag = first.headers["etag"]
+                cached = {**auth, "If-None-Match": etag}
+                again = b.get(f"/v1/devices/{device_id}/desired-state", headers=cached)
+                assert again.status_code == 304  # B answers from its cache
+
+        def fresh() -> bool:
+            r = b.get(f"/v1/devices/{device_id}/desired-state", headers=cached)
+            return r.status_code == 200 and r.json()["models"][0]["version"] == "1.1.0"
+
+        waited = wait_until(fresh, 10, "replica B dropping its cached desired state")
+        assert waited < 5.0
+
+
+@contextlib.contextmanager
+def _serving(app: object) -> Iterator[str]:
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")  # type: ignore[arg-type]
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
