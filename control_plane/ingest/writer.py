@@ -1,6 +1,8 @@
 """Writing the ingester's rows in batches, on SQLite and PostgreSQL alike.
 
-Owns the SQL: latest-state rows are upserted (the newest wins), bucket deltas are added to what
+Owns the SQL: latest-state rows are upserted, merged part by part with the stored row
+(``control_plane.ingest.merge``: with several ingesters each sees part of a device's stream, and
+the newest of each part wins), bucket deltas are added to what
 the row holds (so restarts and replicas merge), events are inserted once per unique key, and
 retention deletes rows by age and then the oldest beyond a row cap. One flush is one
 transaction; a failure rolls all of it back and the caller keeps the rows for the next try.
@@ -20,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from control_plane.errors import StorageError
 from control_plane.ingest.fleet import BucketDelta, BucketKey, SketchKey, Writes
+from control_plane.ingest.merge import merge_link
 from control_plane.ingest.tables import (
     DeviceEventRow,
     DeviceLink,
@@ -178,6 +181,8 @@ class TelemetryWriter:
                         session.execute(text(f"NOTIFY {EVENTS_CHANNEL}"))
                 if writes.links:
                     links = sorted(writes.links, key=lambda r: str(r["device_id"]))
+                    stored = self._stored_links(session, [str(r["device_id"]) for r in links])
+                    links = [merge_link(stored.get(str(r["device_id"])), r) for r in links]
                     session.execute(self._link_upsert, links)
                 if writes.buckets:
                     # A fixed order, so two replicas upserting the same rows cannot deadlock.
@@ -193,6 +198,22 @@ class TelemetryWriter:
             events=len(writes.events) - duplicates,
             duplicate_events=duplicates,
         )
+
+    def _stored_links(self, session: Session, device_ids: list[str]) -> dict[str, Any]:
+        """The stored rows of these devices, locked until the transaction ends (PostgreSQL:
+        in device id order, the order every writer locks in, so two cannot deadlock)."""
+        out: dict[str, Any] = {}
+        for start in range(0, len(device_ids), 1000):
+            query = (
+                select(LINKS)
+                .where(LINKS.c.device_id.in_(device_ids[start : start + 1000]))
+                .order_by(LINKS.c.device_id)
+            )
+            if self._engine.dialect.name == "postgresql":
+                query = query.with_for_update()
+            for row in session.execute(query):
+                out[str(row.device_id)] = dict(row._mapping)
+        return out
 
     @staticmethod
     def _new_events(session: Session, events: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

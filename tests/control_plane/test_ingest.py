@@ -467,3 +467,49 @@ def test_ingester_survives_concurrent_publishers(
             select(TelemetryBucket.windows).where(TelemetryBucket.device_id.in_(devices))
         ).scalars()
         assert sum(windows) == total - 4
+
+
+def _event_payload(dev: str, seq: int, step: str) -> UpdateEvent:
+    return UpdateEvent(
+        device_id=dev,
+        seq=seq,
+        ts=datetime.now(timezone.utc),
+        model="detector",
+        version="2.0.0",
+        from_version="1.0.0",
+        step=step,  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.parametrize("order", ["event_first", "telemetry_first"])
+def test_two_ingesters_each_with_part_of_a_device_store_both_parts(
+    engine: Engine, order: str
+) -> None:
+    """A shared subscription deals one device's messages out in turn: one ingester holds its
+    update event, the other its telemetry. Whichever writes last, the row keeps both, and an
+    older part never overwrites a newer one."""
+    dev = device_id()
+    start = time.time()
+    with_event, with_telemetry = FleetState(FleetLimits()), FleetState(FleetLimits())
+    with_event.apply(dev, _event_payload(dev, 7, "committed"), start + 1.0)
+    payload = TelemetryPayload.model_validate_json(telemetry(dev, 3))
+    with_telemetry.apply(dev, payload, start + 2.0)
+    writers = [TelemetryWriter(engine), TelemetryWriter(engine)]
+    fleets = [with_event, with_telemetry]
+    if order == "telemetry_first":
+        fleets.reverse()
+    for writer, fleet in zip(writers, fleets, strict=True):
+        writer.flush(fleet.take_writes(start + 3.0, everything=True))
+    (row,) = rows(engine, DeviceLink, dev)
+    assert row.updates["detector"]["step"] == "committed"
+    assert row.models["detector"]["health"]["inferences"] == 50
+    assert row.telemetry_seq == 3
+    # A late flush of an older event from the first ingester does not undo the newer one.
+    with_event.apply(dev, _event_payload(dev, 9, "probation_started"), start + 4.0)
+    writers[0].flush(with_event.take_writes(start + 5.0, everything=True))
+    older = FleetState(FleetLimits())
+    older.apply(dev, _event_payload(dev, 8, "swapped"), start + 3.5)
+    writers[1].flush(older.take_writes(start + 6.0, everything=True))
+    (row,) = rows(engine, DeviceLink, dev)
+    assert row.updates["detector"]["step"] == "probation_started"
+    assert row.models["detector"]["health"]["inferences"] == 50
