@@ -34,7 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.backends import Artifact, LoadOptions  # noqa: E402
-from agent.backends.onnxruntime import OnnxRuntimeBackend, OrtBoundSession  # noqa: E402
+from agent.backends.onnxruntime import (  # noqa: E402
+    CAPTURE_RUNS,
+    OnnxRuntimeBackend,
+    OrtBoundSession,
+)
 from agent.gpu_metrics import NvmlReader  # noqa: E402
 from agent.logs import configure_logging  # noqa: E402
 from agent.samples import text_page  # noqa: E402
@@ -218,8 +222,10 @@ def bench_swap(
             t_start = time.perf_counter()
             new = backend.load(artifact, options)
             t_loaded = time.perf_counter()
-            for _ in range(3):
-                new.run({input_name: frame})  # warm and capture before it serves
+            # Warm and capture before it serves: the binding's own first run, then the runs up
+            # to the capture (with fewer, the serving thread's first call would capture).
+            for _ in range(1 + CAPTURE_RUNS):
+                new.run({input_name: frame})
             t_warm = time.perf_counter()
             old, holder["session"] = holder["session"], new
             seen = done["runs"]
@@ -262,6 +268,16 @@ def bench_swap(
             for name, p0, p1 in phases:
                 if a < p1 and b > p0:
                     stalls.setdefault(name, []).append(round((b - a) * 1000, 1))
+    # Which phase the slow runs overlapped (slow: over 1.2 x the steady p99, the goal).
+    limit = 1.2 * pct(steady, 99) / 1000 if steady else float("inf")
+    slow_by_phase: dict[str, int] = {}
+    slow_runs = 0
+    for t, dt in samples:
+        if dt > limit and in_swap(t):
+            slow_runs += 1
+            hit = [name for name, p0, p1 in phases if t < p1 and t + dt > p0] or ["after"]
+            for name in dict.fromkeys(hit):
+                slow_by_phase[name] = slow_by_phase.get(name, 0) + 1
     phase_ms = {
         name: round(float(np.median([p1 - p0 for n, p0, p1 in phases if n == name])) * 1000, 1)
         for name in ("load", "warm", "switch", "close", "gc")
@@ -282,6 +298,8 @@ def bench_swap(
         "slowest_during_ms": [round(x * 1000, 2) for x in slow],
         "stalls_by_phase_ms": {k: sorted(v, reverse=True)[:6] for k, v in stalls.items()},
         "phase_ms": phase_ms,
+        "slow_by_phase": slow_by_phase,
+        "slow_runs": slow_runs,
     }
 
 
@@ -393,6 +411,10 @@ def swap_section(work: Path, swaps: int) -> None:
             f" slowest runs during swaps {sw['slowest_during_ms']} ms"
         )
         print(f"  phases (median ms) {sw['phase_ms']}; stalls > 5 ms {sw['stalls_by_phase_ms']}")
+        print(
+            f"  runs over 1.2 x steady p99 during swaps: {sw['slow_runs']} of"
+            f" {sw['n_during']}, by phase overlapped {sw['slow_by_phase']}"
+        )
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ in-flight count and live health) and swaps in another from the store:
   With ``quiet_swap`` (default) the loader's work is timed to the hot loop: the load and each
   warm-up, validation or timing run start just after a serving request ends (waiting at most
   ``gap_wait_s``; at once when the slot is idle), so they fall between frames instead of on top
-  of one, and a retired version is closed on the loader thread, not inside the request that
-  happened to leave it last.
+  of one, loads are background loads (``LoadOptions.background_load``: OpenVINO compiles in a
+  child process and only imports here), and retired or replaced sessions are closed on the
+  loader thread in a gap, not inside the request that happened to leave them last.
 - **resource-preserving** (unload, then load): announced with a ``paused`` event; requests that
   arrive meanwhile wait (up to ``pause_timeout_s``) instead of failing. If the new version does
   not come up, the old one is loaded again.
@@ -649,7 +650,9 @@ class ModelSlot:
         choice: str = "",
     ) -> SwapReport:
         capped = dataclasses.replace(
-            self.load_options, intra_op_threads=self.swap_config.loader_threads
+            self.load_options,
+            intra_op_threads=self.swap_config.loader_threads,
+            background_load=self._quiet_swap,
         )
         self._gap_watch = self._quiet_swap
         try:
@@ -674,18 +677,24 @@ class ModelSlot:
         ).result()
         promote_s = 0.0
         # The candidate serves as is only when it has no runtime thread pool of its own: pool
-        # threads would have inherited the loader thread's lower priority.
-        if not (self.load_options.intra_op_threads == self.swap_config.loader_threads == 1):
+        # threads would have inherited the loader thread's lower priority. A CUDA-graph session
+        # runs every node on the device, from a runner thread that takes the process's own
+        # priority back: reloading it would only repeat the load, the captures and a release.
+        single = self.load_options.intra_op_threads == self.swap_config.loader_threads == 1
+        if not (single or getattr(prepared.session, "cuda_graph", False) is True):
             start = self._clock()
+            options = dataclasses.replace(self.load_options, background_load=self._quiet_swap)
             try:
                 self._await_gap()
-                serving = self._load(variant, bundle_dir, self.load_options)
+                serving = self._load(variant, bundle_dir, options)
                 try:
                     self._warm(serving, golden)
                 except BaseException:
                     serving.close()
                     raise
             finally:
+                # The vetted session's release holds the GIL too (milliseconds on a GPU session).
+                self._await_gap()
                 prepared.session.close()
             prepared.session = serving
             promote_s = self._clock() - start

@@ -521,3 +521,46 @@ def test_a_retired_version_closes_between_frames(
             time.sleep(0.01)
     finally:
         slot.close()
+
+
+@pytest.mark.openvino
+@pytest.mark.parametrize("quiet", [True, False])
+def test_quiet_swaps_load_openvino_in_the_background(
+    store: ModelStore,
+    model_files: dict[str, Path],
+    golden_x: np.ndarray,
+    tmp_path: Path,
+    quiet: bool,
+) -> None:
+    """A quiet swap compiles the new OpenVINO model in a child process and imports it here
+    (the compiled model reports that it came from the cache); a plain swap compiles here."""
+    for version in ("1.0.0", "2.0.0"):
+        build_bundle(
+            tmp_path / version,
+            "digits",
+            version,
+            [VariantSpec(model_files[version], runtime="openvino")],
+            golden_inputs=[{"input": golden_x}],
+        )
+        store.install(tmp_path / version)
+    store.activate("digits", "1.0.0")
+    slot = ModelSlot(
+        "digits",
+        store,
+        swap_config=SwapConfig(warmup_runs=1, loader_threads=1),
+        backend_config=BackendConfig(pin_backend="openvino"),
+        load_options=LoadOptions(intra_op_threads=1, openvino_device="CPU"),
+        latency_runs=1,
+        quiet_swap=quiet,
+    )
+    try:
+        slot.start("1.0.0")
+        assert slot.swap("2.0.0").backend == "openvino"
+        current = slot.current
+        assert current is not None
+        raw = current._session.raw  # type: ignore[union-attr]
+        assert bool(raw.get_property("LOADED_FROM_CACHE")) is quiet
+        out = slot.infer({"input": golden_x})["logits"]
+        np.testing.assert_allclose(out, expected_logits(model_files["2.0.0"], golden_x), atol=1e-4)
+    finally:
+        slot.close()
