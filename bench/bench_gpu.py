@@ -171,9 +171,12 @@ def bench_swap(
     switch_interval_s: float | None = None,
     graph_runner: bool = True,
     collect: bool = False,
+    warm_runs: int = 1 + CAPTURE_RUNS,
 ) -> dict[str, Any]:
     """``graph_runner=False``: runs on the caller's thread (graphs captured per thread);
-    ``collect``: a full ``gc.collect()`` after each close, as the session's close once did."""
+    ``collect``: a full ``gc.collect()`` after each close, as the session's close once did;
+    ``warm_runs``: runs before the switch (the default reaches the capture: the binding's own
+    first run, then the runs up to the capture; with fewer, the serving thread captures)."""
     backend = OnnxRuntimeBackend()
     options = LoadOptions(
         input_shapes={input_name: shape},
@@ -222,9 +225,7 @@ def bench_swap(
             t_start = time.perf_counter()
             new = backend.load(artifact, options)
             t_loaded = time.perf_counter()
-            # Warm and capture before it serves: the binding's own first run, then the runs up
-            # to the capture (with fewer, the serving thread's first call would capture).
-            for _ in range(1 + CAPTURE_RUNS):
+            for _ in range(warm_runs):
                 new.run({input_name: frame})
             t_warm = time.perf_counter()
             old, holder["session"] = holder["session"], new
@@ -379,15 +380,17 @@ def swap_section(work: Path, swaps: int) -> None:
     shape = (1, 3, 224, 224)
     passes = [
         ("graph runner", bench_swap(r16, "input", shape, swaps)),
+        ("runner, 3 warm", bench_swap(r16, "input", shape, swaps, warm_runs=3)),
+        ("runner, 0.5ms sw", bench_swap(r16, "input", shape, swaps, switch_interval_s=0.0005)),
         ("caller's thread", bench_swap(r16, "input", shape, swaps, graph_runner=False)),
-        (
-            "caller's+gc",
-            bench_swap(r16, "input", shape, swaps, graph_runner=False, collect=True),
-        ),
     ]
     print()
     print("Swap on GPU: ResNet-50 fp16 b1 on the agent path, loop thread back to back; each swap =")
-    print("load + 3 warm runs + switch + drain + close of the old session, then 0.3 s steady")
+    print(
+        f"load + {1 + CAPTURE_RUNS} warm runs (3 in 'runner, 3 warm': the serving thread then"
+        " captures) + switch + drain + close of the old session, then 0.3 s steady;"
+        " '0.5ms sw': sys.setswitchinterval(0.0005)"
+    )
     head = (
         f"{'pass':<17}{'swaps':>6}{'steady p50/p99':>16}{'swap p50/p99':>15}{'ratio p99':>10}"
         f"{'swap ms':>8}{'fails':>6}{'GPU MiB 1st/last':>18}{'ratio':>7}"

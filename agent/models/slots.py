@@ -852,18 +852,20 @@ class ModelSlot:
             closer=self._close_off_path,
         )
 
-    def _close_off_path(self, close: Callable[[], None]) -> bool:
+    def _close_off_path(self, steps: Sequence[Callable[[], None]]) -> bool:
         """Run a retired version's close on the loader thread, not on the request thread that
-        happened to leave it last, and just after a serving request ends: closing and handing
-        memory back take milliseconds, some of them (OpenVINO's compiled model, ONNX Runtime's
-        CUDA session) with the GIL held, which would stall a frame in flight."""
+        happened to leave it last, each step just after a serving request ends: closing takes
+        milliseconds with the GIL held (OpenVINO's compiled model; 13-20 ms for ONNX Runtime's
+        CUDA session), and handing the memory back holds the allocator's locks, either of which
+        would stall a frame in flight."""
         executor = self._executor
         if executor is None or not self._quiet_swap:
             return False
 
         def between_frames() -> None:
-            self._await_gap(watch=True)
-            close()
+            for step in steps:
+                self._await_gap(watch=True)
+                step()
 
         try:
             executor.submit(between_frames)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -562,5 +563,30 @@ def test_quiet_swaps_load_openvino_in_the_background(
         assert bool(raw.get_property("LOADED_FROM_CACHE")) is quiet
         out = slot.infer({"input": golden_x})["logits"]
         np.testing.assert_allclose(out, expected_logits(model_files["2.0.0"], golden_x), atol=1e-4)
+    finally:
+        slot.close()
+
+
+def test_a_retired_version_is_released_in_two_steps(
+    store: ModelStore, two_versions: ModelStore
+) -> None:
+    """The runtime's release and the heap's return to the OS are separate steps, so a quiet
+    slot places each in a gap of its own."""
+    slot = ModelSlot("digits", store)
+    try:
+        slot.start("1.0.0")
+        old = slot.current
+        assert old is not None
+        session = old._session
+        handed: list[Sequence[Callable[[], None]]] = []
+        old._closer = lambda steps: handed.append(steps) or True
+        slot.swap("2.0.0")
+        assert old.closed
+        (steps,) = handed
+        assert len(steps) == 2
+        assert not session._closed  # type: ignore[union-attr]
+        steps[0]()
+        assert session._closed  # type: ignore[union-attr]
+        steps[1]()
     finally:
         slot.close()
