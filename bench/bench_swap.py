@@ -204,6 +204,7 @@ def main() -> int:
         for cycle in range(1, args.cycles + 1):
             version = "1.0.1" if version == "1.0.0" else "1.0.0"
             slot.swap(version)
+            slot.settle(5.0)  # quiet swaps release the retired version after swap() returns
             if cycle == 1:
                 first = rss()
         memory[rt] = (first, rss())

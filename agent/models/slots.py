@@ -525,6 +525,21 @@ class ModelSlot:
             )
         return self._executor
 
+    def settle(self, timeout_s: float | None = None) -> bool:
+        """Wait until the loader thread has done the work queued so far: with quiet swaps, the
+        release of a retired version comes after ``swap`` returns. Whether it was done within
+        ``timeout_s`` (each release step waits for a frame gap, at most ``gap_wait_s``)."""
+        executor = self._executor
+        if executor is None:
+            return True
+        try:
+            executor.submit(lambda: None).result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            return False
+        except RuntimeError:  # shut down: nothing is left to do
+            return True
+        return True
+
     def swap(
         self, version: str, *, validate: bool = True, policy: Policy | None = None
     ) -> SwapReport:

@@ -590,3 +590,21 @@ def test_a_retired_version_is_released_in_two_steps(
         steps[1]()
     finally:
         slot.close()
+
+
+def test_settle_waits_for_the_release_of_the_retired_version(
+    store: ModelStore, two_versions: ModelStore
+) -> None:
+    slot = ModelSlot("digits", store, swap_config=SwapConfig(warmup_runs=1), latency_runs=1)
+    try:
+        assert slot.settle(1.0)  # nothing queued yet
+        slot.start("1.0.0")
+        old = slot.current
+        assert old is not None
+        session = old._session
+        slot.swap("2.0.0")
+        assert slot.settle(10.0)
+        assert session._closed  # type: ignore[union-attr]
+    finally:
+        slot.close()
+    assert slot.settle(1.0)
