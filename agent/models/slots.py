@@ -11,7 +11,8 @@ in-flight count and live health) and swaps in another from the store:
   session, which is closed when the last one leaves. Unless both the hot path
   (``BackendConfig.intra_op_threads``) and the loader run single-threaded, the vetted session is
   reloaded with the hot path's thread count and warmed before the switch ("promote"): runtimes
-  fix their thread pools at load time, and pool threads inherit the loader's priority.
+  fix their thread pools at load time, and pool threads inherit the loader's priority. A
+  CUDA-graph session (every node on the device, run by its own runner thread) is not promoted.
   With ``quiet_swap`` (default) the loader's work is timed to the hot loop: the load and each
   warm-up, validation or timing run start just after a serving request ends (waiting at most
   ``gap_wait_s``; at once when the slot is idle), so they fall between frames instead of on top
