@@ -254,6 +254,7 @@ class ModelSlot:
         loader_nice: int = 10,
         quiet_swap: bool = True,
         gap_wait_s: float = 0.25,
+        background_loads: bool = True,
     ) -> None:
         self.name = name
         self.store = store
@@ -272,6 +273,9 @@ class ModelSlot:
         self._latency_runs = latency_runs
         self._loader_nice = loader_nice
         self._quiet_swap = quiet_swap
+        # Quiet swaps load in the background (``LoadOptions.background_load``) unless told not
+        # to (the bench compares both).
+        self._background = quiet_swap and background_loads
         self._gap_wait_s = gap_wait_s
         # Between-frames scheduling of the loader's runs: requests that end bump the sequence
         # (only while a candidate is being prepared beside the serving version).
@@ -668,7 +672,7 @@ class ModelSlot:
         capped = dataclasses.replace(
             self.load_options,
             intra_op_threads=self.swap_config.loader_threads,
-            background_load=self._quiet_swap,
+            background_load=self._background,
         )
         self._gap_watch = self._quiet_swap
         try:
@@ -699,7 +703,7 @@ class ModelSlot:
         single = self.load_options.intra_op_threads == self.swap_config.loader_threads == 1
         if not (single or getattr(prepared.session, "cuda_graph", False) is True):
             start = self._clock()
-            options = dataclasses.replace(self.load_options, background_load=self._quiet_swap)
+            options = dataclasses.replace(self.load_options, background_load=self._background)
             try:
                 self._await_gap()
                 serving = self._load(variant, bundle_dir, options)
