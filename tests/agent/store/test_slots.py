@@ -525,16 +525,18 @@ def test_a_retired_version_closes_between_frames(
 
 
 @pytest.mark.openvino
-@pytest.mark.parametrize("quiet", [True, False])
+@pytest.mark.parametrize(("quiet", "background"), [(True, True), (False, True), (True, False)])
 def test_quiet_swaps_load_openvino_in_the_background(
     store: ModelStore,
     model_files: dict[str, Path],
     golden_x: np.ndarray,
     tmp_path: Path,
     quiet: bool,
+    background: bool,
 ) -> None:
     """A quiet swap compiles the new OpenVINO model in a child process and imports it here
-    (the compiled model reports that it came from the cache); a plain swap compiles here."""
+    (the compiled model reports that it came from the cache); a plain swap, or a quiet one
+    told not to load in the background, compiles here."""
     for version in ("1.0.0", "2.0.0"):
         build_bundle(
             tmp_path / version,
@@ -553,6 +555,7 @@ def test_quiet_swaps_load_openvino_in_the_background(
         load_options=LoadOptions(intra_op_threads=1, openvino_device="CPU"),
         latency_runs=1,
         quiet_swap=quiet,
+        background_loads=background,
     )
     try:
         slot.start("1.0.0")
@@ -560,7 +563,7 @@ def test_quiet_swaps_load_openvino_in_the_background(
         current = slot.current
         assert current is not None
         raw = current._session.raw  # type: ignore[union-attr]
-        assert bool(raw.get_property("LOADED_FROM_CACHE")) is quiet
+        assert bool(raw.get_property("LOADED_FROM_CACHE")) is (quiet and background)
         out = slot.infer({"input": golden_x})["logits"]
         np.testing.assert_allclose(out, expected_logits(model_files["2.0.0"], golden_x), atol=1e-4)
     finally:
