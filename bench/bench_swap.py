@@ -9,9 +9,11 @@
 
 Each runtime is measured twice, side by side: ``plain`` (``ModelSlot(quiet_swap=False)``: the
 loader works whenever it likes and the request that leaves a retired version last closes it) and
-``quiet`` (the default: the loader's load and runs start between frames, closes happen on the
-loader thread). ``--gpu`` runs the same on ONNX Runtime's CUDA provider (shapes pinned so CUDA
-graphs capture) with a faster loop (``--rate``).
+``quiet`` (the default: the loader's load and runs start between frames, loads are background
+loads, closes happen on the loader thread); ``--inproc`` adds ``inproc``, quiet swaps that load in
+this process (``ModelSlot(background_loads=False)``: OpenVINO compiles here). ``--gpu`` runs
+the same on ONNX Runtime's CUDA provider (shapes pinned so CUDA graphs capture) with a faster
+loop (``--rate``).
 
 Input 1x3x320x320 (640 makes each round several times longer on a 2-core box). The hot path runs
 with 1 intra-op thread and the loader with 1 (``SwapConfig.loader_threads``), so on 2 cores each
@@ -43,7 +45,8 @@ from agent.samples import ppocr_detector
 
 SHAPE = (1, 3, 320, 320)
 RATE_HZ = 12.0
-MODES = {"plain": False, "quiet": True}  # column suffix -> ModelSlot(quiet_swap=...)
+# column suffix -> ModelSlot(quiet_swap=..., background_loads=...)
+MODES = {"plain": (False, False), "quiet": (True, True), "inproc": (True, False)}
 
 
 class HotLoop:
@@ -138,6 +141,9 @@ def main() -> int:
     parser.add_argument("--model", type=Path, default=None, help="PP-OCR detector ONNX file")
     parser.add_argument("--gpu", action="store_true", help="ONNX Runtime on the CUDA provider")
     parser.add_argument("--rate", type=float, default=None, help=f"loop Hz ({RATE_HZ:g} on CPU)")
+    parser.add_argument(
+        "--inproc", action="store_true", help="also quiet swaps that load in this process"
+    )
     args = parser.parse_args()
     configure_logging("error")
     rate = args.rate or (100.0 if args.gpu else RATE_HZ)
@@ -154,7 +160,8 @@ def main() -> int:
     options = (
         LoadOptions(input_shapes={"x": SHAPE}) if args.gpu else LoadOptions(intra_op_threads=1)
     )
-    runtimes = [f"{rt[:4]}-{mode}" for rt in usable for mode in MODES]
+    modes = [m for m in MODES if m != "inproc" or args.inproc]
+    runtimes = [f"{rt[:4]}-{mode}" for rt in usable for mode in modes]
     slots = {
         col: ModelSlot(
             "ppocr-det",
@@ -163,7 +170,8 @@ def main() -> int:
             backend_config=BackendConfig(pin_backend=rt),  # type: ignore[arg-type]
             load_options=options,
             latency_runs=3,
-            quiet_swap=MODES[col.split("-")[1]],
+            quiet_swap=MODES[col.split("-")[1]][0],
+            background_loads=MODES[col.split("-")[1]][1],
         )
         for rt in usable
         for col in runtimes
@@ -204,6 +212,7 @@ def main() -> int:
         for cycle in range(1, args.cycles + 1):
             version = "1.0.1" if version == "1.0.0" else "1.0.0"
             slot.swap(version)
+            slot.settle(5.0)  # quiet swaps release the retired version after swap() returns
             if cycle == 1:
                 first = rss()
         memory[rt] = (first, rss())

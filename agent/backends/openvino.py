@@ -15,13 +15,27 @@ The hot path is: one ``ov.Tensor`` wrapping each feed without a copy, ``InferReq
 (which releases the GIL), and a copy of each output (the request's buffers are reused by the next
 call). ``InferRequest.infer(dict)`` is avoided: its Python-side conversion costs several times a
 small model's inference.
+
+A background load (``LoadOptions.background_load``: a swap's loader, beside a version that
+serves) compiles in a child process at the lowest CPU priority, into the model cache
+(``cache_dir/openvino/<cache_key>``, or a temporary directory without a ``cache_dir``), and this
+process imports the compiled blob. Compiling in-process slows the serving thread's frames by
+half again or more, although the compile is single-threaded (the GIL and the plugin's shared
+state); an import takes about a fifth of the time and fits between two frames. A child that
+fails or times out is logged, and the model is compiled here instead.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import mmap
 import re
+import subprocess
+import sys
+import tempfile
 import threading
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -49,6 +63,16 @@ log = get_logger(__name__)
 # opset from the future loads silently and may compute something else. Default-domain opsets
 # above the newest one ONNX has released (opset 28, ONNX 1.23) are refused.
 MAX_ONNX_OPSET = 28
+
+CHILD_COMPILE_TIMEOUT_S = 600.0  # a background compile taking longer is abandoned
+_CHILD_ERROR_MAX = 300  # characters of a failed child's stderr kept in the log
+# The child: lowest CPU priority, then the same compile as here, into the CACHE_DIR in cfg.
+_CHILD_COMPILE = (
+    "import json, os, sys\n"
+    "os.nice(19)\n"
+    "import openvino as ov\n"
+    "ov.Core().compile_model(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))\n"
+)
 
 
 class OpenVinoSession:
@@ -224,10 +248,17 @@ class OpenVinoBackend:
                     f"OpenVINO IR weights not found: {weights}", model=artifact.name
                 )
         cfg = self.config(artifact, options)
-        try:
-            compiled = self.core().compile_model(str(path), options.openvino_device, cfg)
-        except RuntimeError as exc:
-            raise _load_error(exc, artifact, options.openvino_device) from exc
+        with ExitStack() as stack:
+            if options.background_load:
+                if "CACHE_DIR" not in cfg:  # kept until this process has imported the blob
+                    cfg["CACHE_DIR"] = stack.enter_context(
+                        tempfile.TemporaryDirectory(prefix="edgefleet-ov-")
+                    )
+                _compile_in_child(path, options.openvino_device, cfg, artifact.name)
+            try:
+                compiled = self.core().compile_model(str(path), options.openvino_device, cfg)
+            except RuntimeError as exc:
+                raise _load_error(exc, artifact, options.openvino_device) from exc
         session = OpenVinoSession(
             compiled, name=artifact.name, precision=artifact.precision, onnx_outputs=onnx_outputs
         )
@@ -239,6 +270,49 @@ class OpenVinoBackend:
             precision=artifact.precision,
         )
         return session
+
+
+def _compile_in_child(
+    path: Path, device: str, cfg: dict[str, Any], model: str, timeout_s: float | None = None
+) -> bool:
+    """Compile ``path`` into ``cfg["CACHE_DIR"]`` in a child process at nice 19; whether it did.
+
+    A cache directory that already holds this compile (a marker per configuration, written after
+    a child succeeded) is not compiled again. Failures are logged, not raised: the caller's own
+    compile then does the work (and reports the model's errors as load errors)."""
+    cache = Path(cfg["CACHE_DIR"])
+    settings = json.dumps({"device": device, **cfg}, sort_keys=True, default=str)
+    marker = cache / f"compiled-{hashlib.sha256(settings.encode()).hexdigest()[:16]}"
+    if marker.is_file():
+        return True
+    timeout_s = timeout_s or CHILD_COMPILE_TIMEOUT_S
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _CHILD_COMPILE, str(path), device, json.dumps(cfg)],
+            capture_output=True,
+            timeout=timeout_s,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        reason = f"timed out after {timeout_s:g} s"
+        log.warning("openvino_child_compile_failed", model=model, reason=reason)
+        return False
+    except OSError as exc:
+        log.warning("openvino_child_compile_failed", model=model, reason=_first_line(exc))
+        return False
+    if done.returncode != 0:
+        tail = done.stderr.decode("utf-8", "replace").strip()[-_CHILD_ERROR_MAX:]
+        log.warning(
+            "openvino_child_compile_failed",
+            model=model,
+            reason=f"exit status {done.returncode}: {tail}",
+        )
+        return False
+    try:
+        marker.touch()
+    except OSError as exc:  # only costs a second child compile next time
+        log.debug("openvino_compile_marker_unwritten", reason=str(exc))
+    return True
 
 
 def _version(ov: Any) -> str:

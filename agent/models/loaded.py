@@ -12,7 +12,7 @@ import ctypes
 import functools
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ class LoadedVersion:
         choice: str = "",
         clock: Callable[[], float] = time.perf_counter,
         window: int = 2048,
-        closer: Callable[[Callable[[], None]], bool] | None = None,
+        closer: Callable[[Sequence[Callable[[], None]]], bool] | None = None,
     ) -> None:
         self.name = name
         self.version = version
@@ -163,10 +163,14 @@ class LoadedVersion:
             session, self._session = self._session, None
             self._closed.set()
         if session is not None:
-            release = functools.partial(_release_session, session)
+            # Two steps, each short enough for a closer to place between two frames: the
+            # runtime's release (which may hold the GIL), then handing the freed heap back
+            # (which holds the allocator's locks while it walks the arenas).
+            steps = (session.close, _return_freed_memory)
             del session
-            if self._closer is None or not self._closer(release):
-                release()
+            if self._closer is None or not self._closer(steps):
+                for step in steps:
+                    step()
         log.info("slot_version_unloaded", model=self.name, version=self.version)
 
     def health(self) -> Health:
@@ -185,12 +189,6 @@ def _malloc_trim() -> Callable[[int], int] | None:
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
         return None
     return trim
-
-
-def _release_session(session: Session) -> None:
-    session.close()
-    del session
-    _return_freed_memory()
 
 
 def _return_freed_memory() -> None:

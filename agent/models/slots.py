@@ -11,12 +11,14 @@ in-flight count and live health) and swaps in another from the store:
   session, which is closed when the last one leaves. Unless both the hot path
   (``BackendConfig.intra_op_threads``) and the loader run single-threaded, the vetted session is
   reloaded with the hot path's thread count and warmed before the switch ("promote"): runtimes
-  fix their thread pools at load time, and pool threads inherit the loader's priority.
+  fix their thread pools at load time, and pool threads inherit the loader's priority. A
+  CUDA-graph session (every node on the device, run by its own runner thread) is not promoted.
   With ``quiet_swap`` (default) the loader's work is timed to the hot loop: the load and each
   warm-up, validation or timing run start just after a serving request ends (waiting at most
   ``gap_wait_s``; at once when the slot is idle), so they fall between frames instead of on top
-  of one, and a retired version is closed on the loader thread, not inside the request that
-  happened to leave it last.
+  of one, loads are background loads (``LoadOptions.background_load``: OpenVINO compiles in a
+  child process and only imports here), and retired or replaced sessions are closed on the
+  loader thread in a gap, not inside the request that happened to leave them last.
 - **resource-preserving** (unload, then load): announced with a ``paused`` event; requests that
   arrive meanwhile wait (up to ``pause_timeout_s``) instead of failing. If the new version does
   not come up, the old one is loaded again.
@@ -252,6 +254,7 @@ class ModelSlot:
         loader_nice: int = 10,
         quiet_swap: bool = True,
         gap_wait_s: float = 0.25,
+        background_loads: bool = True,
     ) -> None:
         self.name = name
         self.store = store
@@ -270,6 +273,9 @@ class ModelSlot:
         self._latency_runs = latency_runs
         self._loader_nice = loader_nice
         self._quiet_swap = quiet_swap
+        # Quiet swaps load in the background (``LoadOptions.background_load``) unless told not
+        # to (the bench compares both).
+        self._background = quiet_swap and background_loads
         self._gap_wait_s = gap_wait_s
         # Between-frames scheduling of the loader's runs: requests that end bump the sequence
         # (only while a candidate is being prepared beside the serving version).
@@ -524,6 +530,21 @@ class ModelSlot:
             )
         return self._executor
 
+    def settle(self, timeout_s: float | None = None) -> bool:
+        """Wait until the loader thread has done the work queued so far: with quiet swaps, the
+        release of a retired version comes after ``swap`` returns. Whether it was done within
+        ``timeout_s`` (each release step waits for a frame gap, at most ``gap_wait_s``)."""
+        executor = self._executor
+        if executor is None:
+            return True
+        try:
+            executor.submit(lambda: None).result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            return False
+        except RuntimeError:  # shut down: nothing is left to do
+            return True
+        return True
+
     def swap(
         self, version: str, *, validate: bool = True, policy: Policy | None = None
     ) -> SwapReport:
@@ -649,7 +670,9 @@ class ModelSlot:
         choice: str = "",
     ) -> SwapReport:
         capped = dataclasses.replace(
-            self.load_options, intra_op_threads=self.swap_config.loader_threads
+            self.load_options,
+            intra_op_threads=self.swap_config.loader_threads,
+            background_load=self._background,
         )
         self._gap_watch = self._quiet_swap
         try:
@@ -674,18 +697,24 @@ class ModelSlot:
         ).result()
         promote_s = 0.0
         # The candidate serves as is only when it has no runtime thread pool of its own: pool
-        # threads would have inherited the loader thread's lower priority.
-        if not (self.load_options.intra_op_threads == self.swap_config.loader_threads == 1):
+        # threads would have inherited the loader thread's lower priority. A CUDA-graph session
+        # runs every node on the device, from a runner thread that takes the process's own
+        # priority back: reloading it would only repeat the load, the captures and a release.
+        single = self.load_options.intra_op_threads == self.swap_config.loader_threads == 1
+        if not (single or getattr(prepared.session, "cuda_graph", False) is True):
             start = self._clock()
+            options = dataclasses.replace(self.load_options, background_load=self._background)
             try:
                 self._await_gap()
-                serving = self._load(variant, bundle_dir, self.load_options)
+                serving = self._load(variant, bundle_dir, options)
                 try:
                     self._warm(serving, golden)
                 except BaseException:
                     serving.close()
                     raise
             finally:
+                # The vetted session's release holds the GIL too (milliseconds on a GPU session).
+                self._await_gap()
                 prepared.session.close()
             prepared.session = serving
             promote_s = self._clock() - start
@@ -843,18 +872,20 @@ class ModelSlot:
             closer=self._close_off_path,
         )
 
-    def _close_off_path(self, close: Callable[[], None]) -> bool:
+    def _close_off_path(self, steps: Sequence[Callable[[], None]]) -> bool:
         """Run a retired version's close on the loader thread, not on the request thread that
-        happened to leave it last, and just after a serving request ends: closing and handing
-        memory back take milliseconds, some of them (OpenVINO's compiled model, ONNX Runtime's
-        CUDA session) with the GIL held, which would stall a frame in flight."""
+        happened to leave it last, each step just after a serving request ends: closing takes
+        milliseconds with the GIL held (OpenVINO's compiled model; 13-20 ms for ONNX Runtime's
+        CUDA session), and handing the memory back holds the allocator's locks, either of which
+        would stall a frame in flight."""
         executor = self._executor
         if executor is None or not self._quiet_swap:
             return False
 
         def between_frames() -> None:
-            self._await_gap(watch=True)
-            close()
+            for step in steps:
+                self._await_gap(watch=True)
+                step()
 
         try:
             executor.submit(between_frames)

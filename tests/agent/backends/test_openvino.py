@@ -1,15 +1,19 @@
-"""What only the OpenVINO backend does: IR files, hints, model cache, thread cap, probe."""
+"""What only the OpenVINO backend does: IR files, hints, model cache, thread cap, probe, and
+background loads (compiled in a child process, imported here)."""
 
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 from agent.backends import Artifact, LoadOptions, load_first
-from agent.backends.openvino import OpenVinoBackend, onnx_header
+from agent.backends import openvino as openvino_backend
+from agent.backends.openvino import OpenVinoBackend, _compile_in_child, onnx_header
 from agent.errors import ModelLoadError
 from agent.samples import DigitsData
 
@@ -127,3 +131,64 @@ def test_read_only_feeds_run(digits_path: Path, digits: DigitsData) -> None:
         )
     finally:
         session.close()
+
+
+def _loaded_from_cache(session: object) -> bool:
+    return bool(session.raw.get_property("LOADED_FROM_CACHE"))  # type: ignore[attr-defined]
+
+
+def test_background_load_compiles_in_a_child_and_imports_here(
+    digits_path: Path, digits: DigitsData, tmp_path: Path
+) -> None:
+    """A swap's load compiles in a child process into the model cache; this process imports."""
+    backend = OpenVinoBackend()
+    here = backend.load(Artifact(digits_path), LoadOptions(openvino_device="CPU"))
+    options = LoadOptions(openvino_device="CPU", cache_dir=tmp_path, background_load=True)
+    background = backend.load(Artifact(digits_path), options)
+    assert _loaded_from_cache(background)
+    assert not _loaded_from_cache(here)
+    (key,) = (tmp_path / "openvino").iterdir()
+    assert len(list(key.glob("compiled-*"))) == 1  # the next background load skips the child
+    np.testing.assert_array_equal(
+        background.run({"input": digits.x_test})["logits"],
+        here.run({"input": digits.x_test})["logits"],
+    )
+    assert _loaded_from_cache(backend.load(Artifact(digits_path), options))
+
+
+def test_background_load_without_a_cache_dir_leaves_no_files(
+    digits_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    tempfile.tempdir = None  # read TMPDIR again
+    try:
+        options = LoadOptions(openvino_device="CPU", background_load=True)
+        session = OpenVinoBackend().load(Artifact(digits_path), options)
+    finally:
+        tempfile.tempdir = None
+    assert _loaded_from_cache(session)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_child_compile_is_logged_and_the_load_compiles_here(
+    digits_path: Path, digits: DigitsData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = OpenVinoBackend().config(Artifact(digits_path), LoadOptions(cache_dir=tmp_path))
+    with capture_logs() as logs:
+        done = _compile_in_child(digits_path, "CPU", cfg, "digits", timeout_s=0.001)
+    assert not done
+    assert [e["event"] for e in logs] == ["openvino_child_compile_failed"]
+    assert "timed out" in logs[0]["reason"]
+    with capture_logs() as logs:
+        done = _compile_in_child(tmp_path / "missing.onnx", "CPU", cfg, "digits")
+    assert not done
+    assert logs[0]["reason"].startswith("exit status 1:")
+    monkeypatch.setattr(openvino_backend, "CHILD_COMPILE_TIMEOUT_S", 0.001)
+    options = LoadOptions(openvino_device="CPU", background_load=True)
+    with capture_logs() as logs:
+        session = OpenVinoBackend().load(Artifact(digits_path, name="digits"), options)
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+        "openvino_child_compile_failed"
+    ]
+    assert not _loaded_from_cache(session)  # compiled here instead
+    assert session.run({"input": digits.x_test})["logits"].shape == (len(digits.x_test), 10)

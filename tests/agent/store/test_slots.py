@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -521,3 +522,92 @@ def test_a_retired_version_closes_between_frames(
             time.sleep(0.01)
     finally:
         slot.close()
+
+
+@pytest.mark.openvino
+@pytest.mark.parametrize(("quiet", "background"), [(True, True), (False, True), (True, False)])
+def test_quiet_swaps_load_openvino_in_the_background(
+    store: ModelStore,
+    model_files: dict[str, Path],
+    golden_x: np.ndarray,
+    tmp_path: Path,
+    quiet: bool,
+    background: bool,
+) -> None:
+    """A quiet swap compiles the new OpenVINO model in a child process and imports it here
+    (the compiled model reports that it came from the cache); a plain swap, or a quiet one
+    told not to load in the background, compiles here."""
+    for version in ("1.0.0", "2.0.0"):
+        build_bundle(
+            tmp_path / version,
+            "digits",
+            version,
+            [VariantSpec(model_files[version], runtime="openvino")],
+            golden_inputs=[{"input": golden_x}],
+        )
+        store.install(tmp_path / version)
+    store.activate("digits", "1.0.0")
+    slot = ModelSlot(
+        "digits",
+        store,
+        swap_config=SwapConfig(warmup_runs=1, loader_threads=1),
+        backend_config=BackendConfig(pin_backend="openvino"),
+        load_options=LoadOptions(intra_op_threads=1, openvino_device="CPU"),
+        latency_runs=1,
+        quiet_swap=quiet,
+        background_loads=background,
+    )
+    try:
+        slot.start("1.0.0")
+        assert slot.swap("2.0.0").backend == "openvino"
+        current = slot.current
+        assert current is not None
+        raw = current._session.raw  # type: ignore[union-attr]
+        assert bool(raw.get_property("LOADED_FROM_CACHE")) is (quiet and background)
+        out = slot.infer({"input": golden_x})["logits"]
+        np.testing.assert_allclose(out, expected_logits(model_files["2.0.0"], golden_x), atol=1e-4)
+    finally:
+        slot.close()
+
+
+def test_a_retired_version_is_released_in_two_steps(
+    store: ModelStore, two_versions: ModelStore
+) -> None:
+    """The runtime's release and the heap's return to the OS are separate steps, so a quiet
+    slot places each in a gap of its own."""
+    slot = ModelSlot("digits", store)
+    try:
+        slot.start("1.0.0")
+        old = slot.current
+        assert old is not None
+        session = old._session
+        handed: list[Sequence[Callable[[], None]]] = []
+        old._closer = lambda steps: handed.append(steps) or True
+        slot.swap("2.0.0")
+        assert old.closed
+        (steps,) = handed
+        assert len(steps) == 2
+        assert not session._closed  # type: ignore[union-attr]
+        steps[0]()
+        assert session._closed  # type: ignore[union-attr]
+        steps[1]()
+    finally:
+        slot.close()
+
+
+def test_settle_waits_for_the_release_of_the_retired_version(
+    store: ModelStore, two_versions: ModelStore
+) -> None:
+    slot = ModelSlot("digits", store, swap_config=SwapConfig(warmup_runs=1), latency_runs=1)
+    try:
+        assert slot.settle(1.0)  # nothing queued yet
+        slot.start("1.0.0")
+        old = slot.current
+        assert old is not None
+        session = old._session
+        slot.swap("2.0.0")
+        assert slot.settle(10.0)
+        assert session._closed  # type: ignore[union-attr]
+    finally:
+        slot.close()
+    assert slot.settle(1.0)
