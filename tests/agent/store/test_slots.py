@@ -520,6 +520,8 @@ def test_a_retired_version_closes_between_frames(
         while not session._closed:  # type: ignore[attr-defined]
             assert time.monotonic() < deadline, "the retired session was never released"
             time.sleep(0.01)
+        slot._gap_wait_s = 0.25
+        slot.infer(x)  # the gap the release's second step (the heap's return) waits for
     finally:
         slot.close()
 
