@@ -8,6 +8,7 @@ build takes a tenth of a second (the full build has its own test).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import socket
 import threading
@@ -190,9 +191,9 @@ def free_port() -> int:
         return port
 
 
-@pytest.fixture
-def live_server(app: FastAPI) -> Iterator[str]:
-    """The app under uvicorn on a free loopback port, in a thread; its base URL."""
+@contextlib.contextmanager
+def serve_app(app: FastAPI) -> Iterator[str]:
+    """``app`` under uvicorn on a free loopback port, in a thread; its base URL."""
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
@@ -204,9 +205,18 @@ def live_server(app: FastAPI) -> Iterator[str]:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=20)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+
+
+@pytest.fixture
+def live_server(app: FastAPI) -> Iterator[str]:
+    """The app under uvicorn on a free loopback port, in a thread; its base URL."""
+    with serve_app(app) as url:
+        yield url
 
 
 class _Forms(HTMLParser):

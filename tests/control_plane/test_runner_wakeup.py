@@ -5,16 +5,14 @@ changed through one replica is dropped from every replica's cache."""
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
-import uvicorn
 
 from control_plane.coordination import NotificationListener
 from control_plane.db import make_engine, make_sessionmaker, upgrade_database
@@ -27,9 +25,9 @@ from tests.control_plane.conftest import (
     create_app,
     enroll,
     fp32_build,
-    free_port,
     make_settings,
     push_version,
+    serve_app,
 )
 
 
@@ -124,7 +122,7 @@ def test_a_desired_state_changed_on_one_replica_is_never_served_stale_by_another
         for i in (1, 2)
     ]
     with contextlib.ExitStack() as stack:
-        url_a, url_b = (stack.enter_context(_serving(app)) for app in apps)
+        url_a, url_b = (stack.enter_context(serve_app(app)) for app in apps)
         a = stack.enter_context(httpx.Client(base_url=url_a, timeout=60))
         b = stack.enter_context(httpx.Client(base_url=url_b, timeout=60))
         push_version(a, digits_path, digits_sets, version="1.0.0")
@@ -151,23 +149,3 @@ def test_a_desired_state_changed_on_one_replica_is_never_served_stale_by_another
 
         waited = wait_until(fresh, 10, "replica B dropping its cached desired state")
         assert waited < 5.0
-
-
-@contextlib.contextmanager
-def _serving(app: object) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")  # type: ignore[arg-type]
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
