@@ -22,7 +22,7 @@ import pytest
 import structlog
 from fastapi import FastAPI
 
-from agent.contracts.state import DesiredModel, DesiredState
+from agent.contracts.state import DesiredModel, DesiredState, ReportedModel, ReportedState
 from control_plane.app import create_app
 from control_plane.builds import build_variants
 from control_plane.cli import main
@@ -453,3 +453,62 @@ def test_skipped_variants_are_shown_with_their_reason(
     rows = table_rows(page)
     skipped = ["onnx-int8", "-", "-", "skipped", "needs a calibration set"]
     assert any(r[i : i + 5] == skipped for r in rows for i in range(len(r))), rows
+
+
+def test_edgectl_starts_a_rollout_with_a_shadow_stage_and_its_devices_are_told(
+    client: httpx.Client, edgectl: Any, digits_path: Path, digits_sets: SampleFiles
+) -> None:
+    """``edgectl rollout create --shadow``: the devices of the stage get a ``shadow`` entry
+    beside the version they serve (none serves the new one), ``status --json`` carries the
+    stage, and an abort takes the shadow back."""
+    push_version(client, digits_path, digits_sets, version="1.0.0")
+    push_version(client, digits_path, digits_sets, version="1.1.0", create=False)
+    device_id, auth = enroll(client, "robot-shadow", labels={"site": "lab"})
+    assert edgectl("deploy", "digits", "1.0.0", "--to", f"device={device_id}")[0] == 0
+
+    def entry() -> DesiredModel:
+        state = client.get(f"/v1/devices/{device_id}/desired-state", headers=auth)
+        (model,) = DesiredState.model_validate_json(state.content).models
+        return model
+
+    # The device says it serves 1.0.0: only a device that serves the model can shadow it.
+    report = ReportedState(
+        device_id=device_id,
+        agent_version="test",
+        models=(ReportedModel(name="digits", active_version="1.0.0", phase="committed"),),
+        updated_at=datetime.now(timezone.utc),
+    )
+    r = client.put(
+        f"/v1/devices/{device_id}/reported-state",
+        json=report.model_dump(mode="json"),
+        headers=auth,
+    )
+    assert r.status_code == 200, r.text
+    code, _, err = edgectl("rollout", "create", "digits", "1.1.0", "--shadow", "2x")
+    assert code == 1
+    assert "--shadow: '2x' is neither N%, a device count nor 'wave'" in err
+    code, out, err = edgectl(
+        "rollout", "create", "digits", "1.1.0", "--to", "site=lab", "--id", "dark",
+        "--waves", "100%", "--shadow", "100%", "--shadow-soak", "10m",
+        "--shadow-sample", "0.2", "--shadow-min-samples", "5",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "shadow stage first" in out
+    wait_until(lambda: entry().shadow is not None, what="the shadow entry")
+    served = entry()
+    assert served.version == "1.0.0"  # the device keeps serving what it had
+    assert served.shadow is not None
+    assert (served.shadow.version, served.shadow.sample_share) == ("1.1.0", 0.2)
+    assert served.shadow.rollout_id == "dark"
+    code, out, _ = edgectl("rollout", "status", "dark", "--json")
+    assert code == 0
+    shown = json.loads(out)
+    assert shown["shadow"]["state"] == "running"
+    assert shown["shadow"]["stage"]["min_samples"] == 5
+    assert [d["device_id"] for d in shown["shadow"]["devices"]] == [device_id]
+    assert shown["assigned"] == 0
+    code, out, _ = edgectl("rollout", "status", "dark")
+    assert "shadow running" in out
+    assert edgectl("rollout", "abort", "dark", "--reason", "not now")[0] == 0
+    wait_until(lambda: entry().shadow is None, what="the shadow taken back")
+    assert entry().version == "1.0.0"
