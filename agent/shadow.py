@@ -189,7 +189,7 @@ class ShadowEvaluator:
 
     # -- the telemetry tick --------------------------------------------------------------
 
-    def take_window(self, variant_id: str | None = None) -> ShadowTelemetry:
+    def take_window(self) -> ShadowTelemetry:
         """The figures since the last call, and a new window."""
         now = self._clock()
         with self._lock:
@@ -200,7 +200,7 @@ class ShadowEvaluator:
             task = self._task or "generic"
             out = ShadowTelemetry(
                 version=self.version,
-                variant_id=variant_id or getattr(self._runner, "variant_id", None),
+                variant_id=self._runner.variant_id,
                 task=task,
                 metric=self._metric or _DEFAULT_METRIC[task],
                 samples=n,

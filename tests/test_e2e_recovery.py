@@ -61,6 +61,7 @@ def agent_config(
     backends: str = "",
     bandwidth_bps: int | None = None,
     event_resend_s: float | None = None,
+    loop_source: str = "",
 ) -> Path:
     api = (
         f"enabled = true\nhttp_port = {api_port}\ngrpc_port = {_other_port(api_port)}"
@@ -79,6 +80,7 @@ name = "digits"
 [loop]
 rate_hz = 50
 window_s = 0.5
+{loop_source}
 
 [swap]
 probation_s = 3
@@ -417,20 +419,29 @@ def _rollout(cp: ControlPlane, rollout_id: str) -> dict[str, Any]:
         return out
 
 
-def _start_rollout(cp: ControlPlane, rollout_id: str, version: str) -> None:
-    body = {
+def _start_rollout(
+    cp: ControlPlane,
+    rollout_id: str,
+    version: str,
+    *,
+    devices: int = 1,
+    shadow: dict[str, Any] | None = None,
+) -> None:
+    body: dict[str, Any] = {
         "id": rollout_id,
         "model": "digits",
         "version": version,
-        "waves": [{"count": 1, "soak_s": 1}],
+        "waves": [{"count": devices, "soak_s": 1}],
         "rules": {
             "max_failed_update_share": 0,
-            "min_devices_reporting": 1,
+            "min_devices_reporting": devices,
             "max_p99_regression": 100,
             "min_reporting_share": 1,
             "report_timeout_s": 120,
         },
     }
+    if shadow is not None:
+        body["shadow"] = shadow
     with cp.admin() as admin:
         r = admin.post("/v1/rollouts", json=body)
         assert r.status_code == 201, r.text

@@ -23,20 +23,30 @@ from rich.console import Console
 from agent.samples import DigitsData
 from control_plane.cli.rollout import status_view
 from tests.agent.store import models
-from tests.agent.updates.fleet import BOOTSTRAP_TOKEN, ControlPlane
 from tests.control_plane.test_lifecycle import table_rows
 from tests.test_e2e_fleet_truth import Agent, _wait
 from tests.test_e2e_recovery import (  # the rollout-ready control plane and its helpers
-    POLL_S,
     _committed,
     _device_ids,
     _ended,
     _reported,
     _rollout,
     _RolloutPlane,
+    _start_rollout,
+    agent_config,
 )
 
 pytestmark = pytest.mark.broker
+
+
+SHADOW = {
+    "count": 2,
+    "soak_s": 2,
+    "sample_share": 0.2,
+    "min_samples": 10,
+    "max_delta": 1.0,
+    "max_latency_ratio": None,  # two processes share two cores here: not judged
+}
 
 
 @pytest.fixture
@@ -62,78 +72,6 @@ def _digit_images(folder: Path, digits: DigitsData, n: int = 60) -> Path:
         pixels = np.clip(x[0] * 255.0, 0, 255).astype(np.uint8)
         Image.fromarray(pixels, mode="L").save(folder / f"{i:04d}.png")
     return folder
-
-
-def _config(path: Path, cp: ControlPlane, root: Path, broker: tuple[str, int], **kw: Any) -> Path:
-    path.write_text(
-        f"""
-device_id = "{kw["name"]}"
-state_dir = "{kw["state"]}"
-log_level = "info"
-log_json = true
-[[models]]
-name = "digits"
-
-[loop]
-rate_hz = 50
-window_s = 0.5
-
-[loop.source]
-kind = "images"
-path = "{kw["images"]}"
-repeat = true
-
-[swap]
-probation_s = 2
-warmup_runs = 1
-max_p99_ratio = 100000
-
-[api]
-enabled = false
-
-[mqtt]
-host = "{broker[0]}"
-port = {broker[1]}
-topic_prefix = "{cp.settings.mqtt_topic_prefix}"
-telemetry_interval_s = 0.5
-
-[control_plane]
-url = "{cp.url}"
-bootstrap_token = "{BOOTSTRAP_TOKEN}"
-tuf_root_path = "{root}"
-poll_interval_s = {POLL_S}
-poll_jitter = 0
-""",
-        encoding="utf-8",
-    )
-    return path
-
-
-def _shadow_rollout(cp: ControlPlane, rollout_id: str, version: str) -> None:
-    body = {
-        "id": rollout_id,
-        "model": "digits",
-        "version": version,
-        "waves": [{"count": 2, "soak_s": 1}],
-        "rules": {
-            "max_failed_update_share": 0,
-            "min_devices_reporting": 2,
-            "min_reporting_share": 1,
-            "max_p99_regression": 100,
-            "report_timeout_s": 120,
-        },
-        "shadow": {
-            "count": 2,
-            "soak_s": 2,
-            "sample_share": 0.2,
-            "min_samples": 10,
-            "max_delta": 1.0,
-            "max_latency_ratio": None,  # two processes share two cores here: not judged
-        },
-    }
-    with cp.admin() as admin:
-        r = admin.post("/v1/rollouts", json=body)
-        assert r.status_code == 201, r.text
 
 
 def _swapped_to(agent: Agent, version: str) -> list[dict[str, Any]]:
@@ -163,16 +101,18 @@ def test_a_shadow_stage_holds_back_a_disagreeing_version_and_promotes_an_equival
     )
     root = cp.root_json(tmp_path / "root.json")
     images = _digit_images(tmp_path / "images", digits)
+    source = f'[loop.source]\nkind = "images"\npath = "{images}"\nrepeat = true'
     agents = [
         Agent(
-            _config(
+            agent_config(
                 tmp_path / f"{n}.toml",
+                tmp_path / f"state-{n}",
                 cp,
                 root,
                 mqtt_broker,
                 name=n,
-                state=tmp_path / f"state-{n}",
-                images=images,
+                prefix=cp.settings.mqtt_topic_prefix,
+                loop_source=source,
             ),
             tmp_path / f"{n}.log",
         ).start()
@@ -186,7 +126,7 @@ def test_a_shadow_stage_holds_back_a_disagreeing_version_and_promotes_an_equival
             _wait("1.0.0 committed", _committed(cp, device_id, "1.0.0"))
 
         # (b) disagrees on the images: held back before a single device serves it.
-        _shadow_rollout(cp, "dark-bad", "2.0.0")
+        _start_rollout(cp, "dark-bad", "2.0.0", devices=2, shadow=SHADOW)
         final = _ended(cp, "dark-bad")
         assert final["status"] == "aborted", final
         assert "held back before serving" in final["reason"], final["reason"]
@@ -210,7 +150,7 @@ def test_a_shadow_stage_holds_back_a_disagreeing_version_and_promotes_an_equival
         assert all(r[4] == "agreement" and float(r[6]) > 50.0 for r in shadow_rows), shadow_rows
 
         # (a) an equivalent version: promoted on agreement, then served through the waves.
-        _shadow_rollout(cp, "dark-same", "2.1.0")
+        _start_rollout(cp, "dark-same", "2.1.0", devices=2, shadow=SHADOW)
         final = _ended(cp, "dark-same")
         assert final["status"] == "completed", final
         shadow = final["shadow"]

@@ -329,22 +329,23 @@ def _shadow_public(view: RolloutView) -> ShadowPublic | None:
         d = view.devices.get(s.device_id)
         status = d.status if d is not None else None
         f = status.shadow if status is not None else None
-        mine = f is not None and f.version == state.spec.version
+        if f is not None and f.version != state.spec.version:
+            f = None  # figures of another version are no figures of this stage
         devices.append(
             ShadowDevicePublic(
                 device_id=s.device_id,
                 online=status.online if status else False,
                 serving_version=status.version if status else None,
-                phase=d.shadow_phase if d is not None and mine else None,
-                reason=f.refused if f is not None and mine else None,
-                samples=f.samples if f is not None and mine else 0,
-                metric=f.metric if f is not None and mine else None,
-                value=f.value if f is not None and mine else None,
-                delta=f.delta if f is not None and mine else None,
-                p99_ms=f.p99_ms if f is not None and mine else None,
-                serving_p99_ms=f.serving_p99_ms if f is not None and mine else None,
-                latency_ratio=f.latency_ratio if f is not None and mine else None,
-                reported_at=_dt(f.reported_at) if f is not None and mine else None,
+                phase=d.shadow_phase if d is not None and f is not None else None,
+                reason=f.refused if f else None,
+                samples=f.samples if f else 0,
+                metric=f.metric if f else None,
+                value=f.value if f else None,
+                delta=f.delta if f else None,
+                p99_ms=f.p99_ms if f else None,
+                serving_p99_ms=f.serving_p99_ms if f else None,
+                latency_ratio=f.latency_ratio if f else None,
+                reported_at=_dt(f.reported_at) if f else None,
             )
         )
     return ShadowPublic(stage=stage, state=phase, health=state.shadow_health, devices=devices)
