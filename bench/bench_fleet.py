@@ -36,6 +36,7 @@ Mosquitto on 127.0.0.1:1883, haproxy and wrk (``make services``).
     .venv/bin/python bench/bench_fleet.py                       # 1,000 devices
     .venv/bin/python bench/bench_fleet.py --devices 10000 --rate 2000 --duration 10
     .venv/bin/python bench/bench_fleet.py --client httpx --devices 300 --duration 8
+    .venv/bin/python bench/bench_fleet.py --only-rollout --devices 10000 --rate 0
 """
 
 from __future__ import annotations
@@ -596,6 +597,10 @@ def run(replicas: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with Stack(replicas, stack_work) as stack:
         print(f"{replicas} replica(s):", flush=True)
+        if args.only_rollout:  # enrolled untimed, then the rollout and fail-over phase alone
+            devices, _, _ = asyncio.run(enroll_all(stack.url, args.devices, stack.bootstrap))
+            out.update(rollout(stack, devices, stack_work))
+            return out
         if args.client == "wrk":
             devices: list[Any] = []
             rates, p99s, paced_rates, paced_p99s, errors = [], [], [], [], 0.0
@@ -933,11 +938,16 @@ def main() -> None:
         action="store_false",
         help="skip the rollout and fail-over phase (2 replicas only)",
     )
+    parser.add_argument(
+        "--only-rollout",
+        action="store_true",
+        help="2 replicas, the rollout and fail-over phase only (devices enrolled untimed)",
+    )
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per phase")
     args = parser.parse_args()
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
-        results = {n: run(n, args, Path(tmp)) for n in (1, 2)}
+        results = {n: run(n, args, Path(tmp)) for n in ((2,) if args.only_rollout else (1, 2))}
     pinned = f"wrk pinned to CPU {LOAD_CPU} (taskset -c {LOAD_CPU})" if LOAD_PIN else "unpinned"
     how = (
         f"wrk: {args.repeats} runs per phase (medians), enrollment {args.enroll_s:g} s x 32 "
@@ -954,7 +964,7 @@ def main() -> None:
     )
     print(f"{'':24}{'1 replica':>14}{'2 replicas':>14}{'2/1':>8}")
     for key in results[2]:
-        one, two = results[1].get(key, ""), results[2][key]
+        one, two = results.get(1, {}).get(key, ""), results[2][key]
         ratio = f"{two / one:.2f}" if isinstance(one, float) and one else ""
         print(f"{key:24}{_cell(one):>14}{_cell(two):>14}{ratio:>8}")
     print(f"\nRolloutController.advance() at 10,000 devices: {advance_ms(10_000):.1f} ms (median)")

@@ -104,7 +104,7 @@ class Settings(BaseSettings):
     replica_id: str = Field(default="", max_length=64)
     build_lease_s: float = Field(default=60.0, ge=1)  # seconds a build's lease lasts unrenewed
     build_poll_s: float = Field(default=2.0, gt=0)  # seconds between looks for queued builds
-    rollout_lease_s: float = Field(default=6.0, ge=1)  # seconds the runner's lease lasts
+    rollout_lease_s: float = Field(default=4.0, ge=1)  # seconds the runner's lease lasts
     # MQTT 5 shared subscription group for telemetry and events; None: every replica gets all
     mqtt_shared_group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     # Where artifacts, bundles and TUF metadata live: a local directory or an S3-compatible store

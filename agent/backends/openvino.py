@@ -9,7 +9,9 @@ Precision is honoured, not guessed: an ``fp32`` artifact compiles with
 ``INFERENCE_PRECISION_HINT=f32`` (the CPU plugin would otherwise run bf16 on AVX512-BF16/AMX
 machines and f16 on ARM, which moves outputs by far more than FP32 tolerance); ``fp16`` lets the
 device use its reduced float type (bf16/f16); ``int8`` leaves QDQ graphs to the plugin's
-low-precision transformations.
+low-precision transformations and runs what stays in float at f32 too (with the default, bf16
+on an AMX machine, OpenVINO 2026.4 refused to compile ONNX Runtime's QDQ digits model: "No
+suitable implementations").
 
 The hot path is: one ``ov.Tensor`` wrapping each feed without a copy, ``InferRequest.infer()``
 (which releases the GIL), and a copy of each output (the request's buffers are reused by the next
@@ -212,7 +214,7 @@ class OpenVinoBackend:
         import openvino as ov
 
         cfg: dict[str, Any] = {"PERFORMANCE_HINT": options.openvino_hint}
-        if artifact.precision == "fp32":
+        if artifact.precision in ("fp32", "int8"):
             cfg["INFERENCE_PRECISION_HINT"] = "f32"
         if options.intra_op_threads:
             cfg["INFERENCE_NUM_THREADS"] = options.intra_op_threads

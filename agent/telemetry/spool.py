@@ -191,7 +191,8 @@ class Spool:
                 raise TelemetryError(
                     f"spool full: events fill {self.hard_max_bytes} bytes, event refused"
                 )
-            if kind == "telemetry" and size > self.max_bytes:
+            if kind == "telemetry" and self._event_bytes + size > self.max_bytes:
+                # no room even with every older window dropped: this one goes, they stay
                 self._dropped += 1
                 return None
             try:

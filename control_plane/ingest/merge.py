@@ -9,7 +9,10 @@ part, whichever side received that part last, so no ingester's write undoes anot
 - the telemetry part (its receive time, device time, sequence, system metrics) by
   ``telemetry_received_at``; ``clock_skew_s`` goes with the newer of the two parts;
 - each model's latest window and health by the health's ``reported_at``;
-- each model's latest update event by its ``received_at`` (then its sequence number).
+- each model's latest update event by its ``received_at`` (then its sequence number);
+- ``updated_at`` moves forward on every write, to the writer's time or, when the stored stamp
+  is later (another ingester's clock runs ahead), a microsecond past it: a reader that keeps
+  rows by their stamp (the rollout runner's snapshot) sees every write as a change.
 
 Pure: rows in, row out. The writer reads the stored rows under a row lock in the same
 transaction (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite's write lock is whole-database).
@@ -18,7 +21,7 @@ transaction (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite's write lock is who
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 __all__ = ["merge_link"]
@@ -86,6 +89,6 @@ def merge_link(stored: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict
             updates[name] = event
     out["updates"] = updates
     stored_at, new_at = stored.get("updated_at"), new.get("updated_at")
-    if _newer(stored_at, new_at):
-        out["updated_at"] = stored_at
+    if isinstance(stored_at, datetime) and not _newer(new_at, stored_at):
+        out["updated_at"] = stored_at + timedelta(microseconds=1)
     return out

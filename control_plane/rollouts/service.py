@@ -64,7 +64,7 @@ from control_plane.rollouts.controller import (
     ShadowPassed,
     ShadowStop,
 )
-from control_plane.rollouts.snapshot import SnapshotDevice, build_snapshot
+from control_plane.rollouts.snapshot import SnapshotCache, SnapshotDevice, build_snapshot
 from control_plane.rollouts.tables import RolloutDecisionRow, RolloutRow
 
 __all__ = ["CommandSender", "RolloutService", "RolloutView", "operator_rollback"]
@@ -165,6 +165,9 @@ class RolloutService:
         self.ticks = 0
         self.tick_failures = 0
         self.takeovers = 0  # times this replica became the runner
+        # the runner's snapshot of each active rollout, read again where rows changed
+        self._snapshots: dict[str, SnapshotCache] = {}
+        self._full_reads = 0  # full snapshot reads (every row) the runner made
 
     # -- the runner ------------------------------------------------------------------------
 
@@ -241,20 +244,26 @@ class RolloutService:
             self._nudged = False
             last_tick = now
             next_tick = now + self.interval_s
+            full_reads = self._full_reads
             try:
                 self.tick()
             except Exception:  # keep running: the next tick retries from the stored state
                 self.tick_failures += 1
                 log.exception("rollout_tick_failed")
-            # nudged ticks cost at most about a fifth of a core, however large the fleet
-            self.min_tick_gap_s = max(
-                min(MIN_TICK_GAP_S, self.interval_s), 4 * (self._wall() - now)
-            )
+            # nudged ticks cost at most about a fifth of a core, however large the fleet; a
+            # tick that read every row (every FULL_READ_S) does not set the pace of the others
+            if self._full_reads == full_reads:
+                self.min_tick_gap_s = max(
+                    min(MIN_TICK_GAP_S, self.interval_s), 4 * (self._wall() - now)
+                )
 
     def tick(self) -> dict[str, list[Action]]:
         """Advance every active rollout once; the actions taken, by rollout id."""
         with self._sessions() as session:
             ids = store.active_ids(session)
+        with self._lock:
+            for gone in self._snapshots.keys() - set(ids):
+                del self._snapshots[gone]
         taken: dict[str, list[Action]] = {}
         for rollout_id in ids:
             try:
@@ -411,7 +420,11 @@ class RolloutService:
 
                 def snapshot() -> FleetSnapshot:
                     assigned = {a.device_id: a.assigned_at for a in state.assigned}
-                    fleet, _ = build_snapshot(session, state.spec, assigned)
+                    cache = self._snapshots.get(rollout_id)
+                    if cache is None or cache.spec != state.spec:
+                        cache = self._snapshots[rollout_id] = SnapshotCache(state.spec)
+                    fleet, _ = cache.build(session, assigned)
+                    self._full_reads += cache.last_read_full
                     return fleet
 
                 new, actions = decide(state, snapshot)

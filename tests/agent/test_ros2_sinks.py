@@ -201,7 +201,11 @@ def test_the_ros2_sink_maps_results_and_counts_what_it_cannot(domain: int, token
         wait_for(lambda: classes.matched() >= 1 and boxes.matched() >= 1)
         sink.publish(LoopResult("m.v2", 3, 1_700_000_001.0, 2.0, top))
         sink.publish(LoopResult("m.v2", 4, 1_700_000_001.5, 2.0, found))
-        wait_for(lambda: classes.samples != [] and boxes.samples != [])
+        # the first two may or may not arrive (sent before the match): wait for the later two
+        wait_for(
+            lambda: any(m.header.stamp.sec == 1_700_000_001 for m in classes.samples)
+            and any(m.header.stamp.sec == 1_700_000_001 for m in boxes.samples)
+        )
         raw = RawOutputs(outputs={"y": OutputDigest(shape=[1, 10], argmax=3, max=0.9)})
         sink.publish(LoopResult("m.v2", 5, 1_700_000_002.0, 2.0, raw))
         assert sink.unmapped == 1  # no standard message for it: counted, not sent
@@ -209,10 +213,12 @@ def test_the_ros2_sink_maps_results_and_counts_what_it_cannot(domain: int, token
         sinks.close()
         classes.close()
         boxes.close()
-    cls = classes.samples[-1]
-    assert (cls.header.stamp.sec, cls.header.stamp.nanosec) == (1_700_000_001, 0)
+    cls = next(m for m in classes.samples if m.header.stamp.sec == 1_700_000_001)
+    assert cls.header.stamp.nanosec == 0
     assert [(h.class_id, h.score) for h in cls.results] == [("3", 0.9)]
-    det = boxes.samples[-1].detections[0]
+    later = next(m for m in boxes.samples if m.header.stamp.sec == 1_700_000_001)
+    assert later.header.stamp.nanosec == 500_000_000
+    det = later.detections[0]
     assert (det.bbox.center.position.x, det.bbox.center.position.y) == (7.0, 6.0)
     assert (det.bbox.size_x, det.bbox.size_y) == (10.0, 4.0)
     assert det.results[0].hypothesis.class_id == "1"
