@@ -115,9 +115,18 @@ class IngestCounters:
     commands_sent: int = 0
     commands_failed: int = 0
     connected: bool = False
+    # The broker's own count of messages it dropped (queue or in-flight limits), every client
+    # together, since the broker started: what never reached any ingester. Mosquitto publishes
+    # it in $SYS when it changes: 0 from the subscription until then; None when the broker
+    # refused the subscription (an ACL) or it is not acknowledged yet.
+    broker_dropped: int | None = None
 
 
 _Message = tuple[str, bytes, float]  # topic, payload, receive time (epoch seconds)
+
+# Mosquitto's count of the PUBLISH messages it dropped because a client's queue or in-flight
+# window was full (retained, published every sys_interval when it changed)
+BROKER_DROPPED_TOPIC = "$SYS/broker/publish/messages/dropped"
 
 
 class TelemetryIngester:
@@ -149,6 +158,7 @@ class TelemetryIngester:
         self._thread: threading.Thread | None = None
         self._connected = threading.Event()
         self._subscribed = threading.Event()
+        self._disconnected = threading.Event()
         self._n: dict[str, int] = dict.fromkeys(
             (
                 "received",
@@ -166,6 +176,8 @@ class TelemetryIngester:
             ),
             0,
         )
+        self._broker_dropped: int | None = None
+        self._sys_mid: int | None = None
         self._client = self._new_client()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -175,6 +187,8 @@ class TelemetryIngester:
         if self._thread is not None:
             raise StorageError("ingester already started")
         self.fleet.load(self._writer.load_links(self.options.limits.max_devices), self._clock())
+        if self._client.on_message is None:  # stopped before: a fresh client
+            self._client = self._new_client()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run_writer, name="ingest-writer", daemon=True)
         self._thread.start()
@@ -193,9 +207,19 @@ class TelemetryIngester:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Disconnect, write out everything applied, stop the writer. Idempotent."""
+        was_connected = self._connected.is_set()
         self._connected.clear()  # a disconnect we asked for is not worth a warning
+        self._disconnected.clear()
         self._client.disconnect()
+        if was_connected:  # let paho send DISCONNECT and close its socket before its loop ends
+            self._disconnected.wait(2.0)
         self._client.loop_stop()
+        # paho leaves its wake-up socket pair to the client's __del__, which the callbacks'
+        # reference cycle (client -> bound method -> ingester -> client) delays to a collection
+        # that may finalize the sockets first (ResourceWarning): break the cycle
+        client = self._client
+        client.on_connect = client.on_subscribe = client.on_disconnect = None
+        client.on_message = None
         if self._thread is not None:
             self._stop.set()
             self._wake.set()
@@ -246,6 +270,7 @@ class TelemetryIngester:
             commands_sent=n["commands_sent"],
             commands_failed=n["commands_failed"],
             connected=self._connected.is_set(),
+            broker_dropped=self._broker_dropped,
         )
 
     def _counts(self) -> dict[str, Any]:
@@ -322,6 +347,8 @@ class TelemetryIngester:
             return
         self._connected.set()
         client.subscribe(self.link.subscriptions())
+        # separately, so a broker that refuses $SYS to this user refuses only this one
+        self._sys_mid = client.subscribe(BROKER_DROPPED_TOPIC, 0)[1]
         log.info(
             "ingest_connected",
             host=self.link.host,
@@ -338,6 +365,13 @@ class TelemetryIngester:
         properties: Properties | None,
     ) -> None:
         refused = [str(rc) for rc in reason_codes if rc.is_failure]
+        if mid == self._sys_mid:
+            if refused:
+                log.warning("broker_drop_count_unavailable", topic=BROKER_DROPPED_TOPIC)
+            elif self._broker_dropped is None:
+                # Mosquitto publishes the count when it changes, not on subscribe: 0 until then
+                self._broker_dropped = 0
+            return
         if refused:
             log.error("ingest_subscribe_refused", reasons=refused)
             return
@@ -355,23 +389,39 @@ class TelemetryIngester:
             log.warning("ingest_disconnected", reason=str(reason_code))
         self._connected.clear()
         self._subscribed.clear()
+        self._disconnected.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         # Runs on paho's thread for every message: stamp, queue, nothing else.
         received = self._clock()
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            topic = None
+        if topic is not None and topic.startswith("$SYS/"):
+            self._on_broker_dropped(message.payload)
+            return
         self._n["received"] += 1
         queue = self._queue
         if len(queue) >= self.options.max_backlog:
             self._n["dropped_overload"] += 1
             return
-        try:
-            topic = message.topic
-        except UnicodeDecodeError:
+        if topic is None:
             self._n["dropped_malformed"] += 1
             return
         queue.append((topic, bytes(message.payload), received))
         if len(queue) == 1:
             self._wake.set()
+
+    def _on_broker_dropped(self, payload: bytes | bytearray) -> None:
+        try:
+            total = int(payload[:32])
+        except ValueError:
+            return
+        before, self._broker_dropped = self._broker_dropped or 0, total
+        if total > before:
+            # shed by the broker, before any ingester saw it: QoS 0 telemetry under overload
+            log.warning("broker_dropped_messages", dropped=total - before, total=total)
 
     # -- the writer thread -----------------------------------------------------------------
 

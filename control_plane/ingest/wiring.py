@@ -66,6 +66,13 @@ class IngestCollector(Collector):
             yield GaugeMetricFamily(
                 "edgefleet_cp_ingest_connected", "1 while the broker link is up", value=c.connected
             )
+            if c.broker_dropped is not None:
+                yield GaugeMetricFamily(
+                    "edgefleet_cp_broker_dropped_messages",
+                    "messages the broker dropped (queue or in-flight limits), every client, "
+                    "since it started: its $SYS count",
+                    value=c.broker_dropped,
+                )
         yield CounterMetricFamily(
             "edgefleet_cp_rollout_ticks", "rollout controller ticks", value=self._rollouts.ticks
         )
