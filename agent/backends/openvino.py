@@ -52,6 +52,7 @@ from agent.backends.base import (
     cache_key,
     validate_feeds,
 )
+from agent.backends.quiet import GATE
 from agent.contracts.manifest import ArtifactFormat, Precision
 from agent.contracts.tensors import TensorSpec, datatype_of
 from agent.errors import BackendUnavailableError, InferenceError, InputError, ModelLoadError
@@ -277,7 +278,8 @@ class OpenVinoBackend:
 def _compile_in_child(
     path: Path, device: str, cfg: dict[str, Any], model: str, timeout_s: float | None = None
 ) -> bool:
-    """Compile ``path`` into ``cfg["CACHE_DIR"]`` in a child process at nice 19; whether it did.
+    """Compile ``path`` into ``cfg["CACHE_DIR"]`` in a child process at nice 19, stopped while
+    requests are served (``quiet.GATE``); whether it did.
 
     A cache directory that already holds this compile (a marker per configuration, written after
     a child succeeded) is not compiled again. Failures are logged, not raised: the caller's own
@@ -289,11 +291,10 @@ def _compile_in_child(
         return True
     timeout_s = timeout_s or CHILD_COMPILE_TIMEOUT_S
     try:
-        done = subprocess.run(
+        # held still while the serving process runs a request (agent.backends.quiet)
+        done = GATE.run(
             [sys.executable, "-c", _CHILD_COMPILE, str(path), device, json.dumps(cfg)],
-            capture_output=True,
             timeout=timeout_s,
-            check=False,
         )
     except subprocess.TimeoutExpired:
         reason = f"timed out after {timeout_s:g} s"

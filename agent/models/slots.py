@@ -50,6 +50,7 @@ import pydantic
 from agent._fs import write_file_atomic
 from agent.backends import Artifact, LoadOptions, Session, load_first
 from agent.backends.choice import Candidate, Choice, choose, golden_from_manifest
+from agent.backends.quiet import GATE
 from agent.config import BackendConfig, SwapConfig
 from agent.contracts.events import EventStep
 from agent.contracts.fit import fitting
@@ -332,9 +333,11 @@ class ModelSlot:
         observer = self.observer
         try:
             if observer is None:
-                return current.computed, current._run(feeds)
+                with GATE.serving():  # a background compile's child stands still meanwhile
+                    return current.computed, current._run(feeds)
             start = self._clock()
-            outputs = current._run(feeds)
+            with GATE.serving():
+                outputs = current._run(feeds)
             try:
                 observer(feeds, outputs, self._clock() - start)
             except Exception as exc:  # an observer never fails the request it watched
