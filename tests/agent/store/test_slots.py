@@ -471,7 +471,14 @@ def test_bad_inputs_to_the_choice_keep_the_serving_version(
         )
         with capture_logs() as logs:
             slot.swap("2.0.0")
-        assert any(e["event"] == "choice_made" for e in logs)
+        # measured again, not taken from the cache (on a starved machine the loader, at nice
+        # +10, may spend the budget before the second candidate: that too is a new measurement)
+        events = [e["event"] for e in logs]
+        assert "choice_cached" not in events
+        assert "choice_made" in events or any(
+            e["event"] == "variant_choice_failed" and "time budget spent" in e["reason"]
+            for e in logs
+        ), events
         # Nothing fits any more (the runtime is gone): the swap fails with every reason, the
         # version serving before keeps serving.
         profile["now"] = _profile("openvino")
