@@ -127,6 +127,7 @@ class Device(Base):
     previous_token_hash: Mapped[str | None] = mapped_column(String(64), index=True)
     credential_rotate_by: Mapped[datetime | None]
     credential_revoked_at: Mapped[datetime | None]
+    changed_at: Mapped[datetime | None]  # labels or profile last changed (a snapshot's stamp)
 
 
 class Model(Base):

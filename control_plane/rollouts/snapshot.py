@@ -161,6 +161,7 @@ _DEVICE_COLUMNS = (
     Device.reported_at,
     Device.profile,
     Device.enrolled_at,
+    Device.changed_at,
 )
 _LINK_COLUMNS = (
     DeviceLink.device_id,
@@ -260,13 +261,14 @@ class SnapshotCache:
     A tick at 10,000 devices that read every device and link row spent most of a second
     decoding JSON it had decoded the tick before. This cache keeps the rows and the entries
     built from them. A partial read takes, without their JSON, the ids and stamps of every
-    device (``reported_at``, ``enrolled_at``) and of the link rows whose ``updated_at`` is later
-    than the latest it has read minus ``margin_s`` (a writer stamps a row before its
-    transaction commits, and replicas' clocks differ a little; every write moves the stamp,
-    ``ingest.merge``); then the whole rows of the ids whose stamps differ from the kept rows',
-    and drops the ids gone from the registry. An entry is rebuilt when its rows changed or its
-    device's assignment time did. What no stamp marks (an operator's label or profile edit) is
-    read by a full read, on the first use and at least every ``full_read_s`` by ``clock``.
+    device (``reported_at``, ``enrolled_at``, ``changed_at``: an operator's label edit or the
+    device's new profile) and of the link rows whose ``updated_at`` is later than the latest it
+    has read minus ``margin_s`` (a writer stamps a row before its transaction commits, and
+    replicas' clocks differ a little; every write moves the stamp, ``ingest.merge``); then the
+    whole rows of the ids whose stamps differ from the kept rows', and drops the ids gone from
+    the registry. An entry is rebuilt when its rows changed or its device's assignment time
+    did. A full read, on the first use and at least every ``full_read_s`` by ``clock``, catches
+    what no stamp marks (a row edited in the database by hand).
     """
 
     def __init__(
@@ -334,7 +336,9 @@ class SnapshotCache:
     def _read_changed(self, session: Session) -> None:
         # Two steps: ids and stamps of the rows stamped since the marks (no JSON to decode),
         # then whole rows only for the ids whose stamps differ from the kept rows'.
-        stamps = session.execute(select(Device.id, Device.reported_at, Device.enrolled_at)).all()
+        stamps = session.execute(
+            select(Device.id, Device.reported_at, Device.enrolled_at, Device.changed_at)
+        ).all()
         ids = {r.id for r in stamps}
         reorder = not ids.issubset(self._devices) or len(ids) != len(self._devices)
         changed = set(self._devices.keys() - ids)
@@ -345,7 +349,8 @@ class SnapshotCache:
             r.id
             for r in stamps
             if (kept := self._devices.get(r.id)) is None
-            or (kept.reported_at, kept.enrolled_at) != (r.reported_at, r.enrolled_at)
+            or (kept.reported_at, kept.enrolled_at, kept.changed_at)
+            != (r.reported_at, r.enrolled_at, r.changed_at)
         ]
         for d in self._rows(session, _DEVICE_COLUMNS, Device.id, stale):
             self._devices[d.id] = d

@@ -295,6 +295,42 @@ def test_healthy_rollout_is_promoted_wave_by_wave_and_completes(
         assert device.commands == ["check-update", "rollback"]
 
 
+def test_a_device_moved_out_of_the_selector_mid_rollout_is_not_assigned(
+    client: httpx.Client, app: Any, fleet: Callable[..., list[SimDevice]]
+) -> None:
+    """An operator's label edit between two waves reaches the runner's next tick (its cached
+    snapshot reads the device again by its stamp): the moved device is left out of the
+    next wave."""
+    devices = fleet(4, {"1.0.0": 10.0, "1.1.0": 10.0}, site="lab-m")
+    wait_for_baselines(ctx_of(app), devices)
+    body = {
+        "id": "digits-moved",
+        "model": MODEL,
+        "version": "1.1.0",
+        "selector": {"site": "lab-m"},
+        "waves": [{"count": 1, "soak_s": 3.0}, {"percent": 100, "soak_s": 0.5}],
+        "rules": {"min_devices_reporting": 1},
+    }
+    r = client.post("/v1/rollouts", json=body, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    wait_until(
+        lambda: rollout(client, "digits-moved")["wave_status"][0]["assigned"] == 1,
+        what="the first wave",
+    )
+    first = {d["device_id"] for d in rollout(client, "digits-moved")["devices"]}
+    moved = next(d for d in devices if d.device_id not in first)
+    r = client.patch(
+        f"/v1/devices/{moved.device_id}/labels", json={"set": {"site": "lab-x"}}, headers=ADMIN
+    )
+    assert r.status_code == 200, r.text
+    assert rollout(client, "digits-moved")["wave"] == 0  # still soaking: the edit came first
+    wait_until(lambda: rollout(client, "digits-moved")["status"] == "completed", what="completion")
+    status = rollout(client, "digits-moved")
+    assert [w["assigned"] for w in status["wave_status"]] == [1, 2]
+    assert moved.device_id not in {d["device_id"] for d in status["devices"]}
+    assert moved.version == "1.0.0"
+
+
 def test_p99_regression_aborts_and_rolls_the_canaries_back(
     client: httpx.Client, app: Any, fleet: Callable[..., list[SimDevice]]
 ) -> None:

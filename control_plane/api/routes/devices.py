@@ -191,6 +191,7 @@ def update_labels(
     if len(labels) > 32:
         raise InvalidInputError("a device holds at most 32 labels", field="set")
     device.labels = labels
+    device.changed_at = ctx.now()
     # a key the operator decided is no longer a request
     decided = set(body.set) | set(body.remove)
     device.requested_labels = {
@@ -225,6 +226,7 @@ def approve_labels(
         raise InvalidInputError("a device holds at most 32 labels", field="keys")
     device.labels = labels
     device.requested_labels = requested
+    device.changed_at = ctx.now()
     session.commit()
     ctx.desired.invalidate([device_id])
     log.info("labels_approved", device_id=device_id, keys=keys, labels=labels, by=operator.name)
@@ -242,7 +244,7 @@ def put_profile(
     _own(principal, device_id)
     device = _get(session, device_id)
     device.profile = body.model_dump(mode="json")
-    device.last_seen_at = ctx.now()
+    device.last_seen_at = device.changed_at = ctx.now()
     session.commit()
     ctx.desired.invalidate([device_id])
     return device_public(device)

@@ -1,7 +1,7 @@
 """The runner's cached snapshot (``SnapshotCache``) against a fresh ``build_snapshot`` of the same
 rows, on SQLite and PostgreSQL: a partial read sees every stamped change (a link row the
-ingester rewrote, a device's report, an enrollment, a removal); an unstamped label edit waits
-for the next full read."""
+ingester rewrote, a device's report, an enrollment, a removal, a label edit through the API);
+an unstamped edit (by hand in the database) waits for the next full read."""
 
 from __future__ import annotations
 
@@ -117,16 +117,26 @@ def test_a_partial_read_sees_every_stamped_change(sessions: sessionmaker[Session
     assert seen["d2"].update == "pending"
 
 
-def test_a_label_edit_waits_for_the_next_full_read(sessions: sessionmaker[Session]) -> None:
+def test_a_stamped_label_edit_is_read_at_once_an_unstamped_one_at_the_full_read(
+    sessions: sessionmaker[Session],
+) -> None:
     with sessions() as s, s.begin():
-        # d2 enrolled well before the latest stamp: a partial read does not read it again
-        for i, ago in enumerate((60.0, 60.0, 120.0)):
+        # enrolled well before the latest stamp: a partial read does not read them again
+        for i, ago in enumerate((60.0, 60.0, 120.0, 120.0)):
             s.add(_device(f"d{i}", enrolled_s_ago=ago))
     now = [0.0]
     cache = SnapshotCache(SPEC, full_read_s=30.0, clock=lambda: now[0])
     with sessions() as s:
-        assert len(cache.build(s, {})[0].devices) == 3
-    with sessions() as s, s.begin():  # an operator moves d2 to another site: no stamp
+        assert len(cache.build(s, {})[0].devices) == 4
+    with sessions() as s, s.begin():  # the API's edit: labels and changed_at together
+        s.execute(
+            update(Device).where(Device.id == "d3").values(labels={"site": "b"}, changed_at=_now())
+        )
+    now[0] = 1.0
+    with sessions() as s:
+        assert sorted(d.device_id for d in cache.build(s, {})[0].devices) == ["d0", "d1", "d2"]
+    assert cache.last_read_full is False
+    with sessions() as s, s.begin():  # edited in the database by hand: no stamp moves
         s.execute(update(Device).where(Device.id == "d2").values(labels={"site": "b"}))
     now[0] = 29.0
     with sessions() as s:
