@@ -25,8 +25,8 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 
 __all__ = ["GATE", "ChildGate"]
 
@@ -34,6 +34,7 @@ MAX_HOLD_S = 0.1  # the longest a child is held stopped at a time
 MIN_RUN_S = 0.05  # then the least it runs before it may be held again
 
 _CAN_STOP = hasattr(signal, "SIGSTOP")
+_NOTHING_TO_HOLD: AbstractContextManager[None] = nullcontext()
 
 
 @dataclass
@@ -41,8 +42,6 @@ class _Child:
     process: subprocess.Popen[bytes]
     stopped_at: float | None = None
     free_until: float = 0.0  # not held before this (after a forced run)
-    holds: int = 0
-    held_s: float = field(default=0.0)
 
 
 class ChildGate:
@@ -64,12 +63,13 @@ class ChildGate:
 
     # -- the serving side ----------------------------------------------------------------
 
+    def serving(self) -> AbstractContextManager[None]:
+        """Around one request: background children stand still until the last one ends. With
+        no child (nearly always) a shared no-op, so the inference path pays one check."""
+        return self._serving() if self._children else _NOTHING_TO_HOLD
+
     @contextmanager
-    def serving(self) -> Iterator[None]:
-        """Around one request: background children stand still until the last one ends."""
-        if not self._children:  # the common case: nothing to hold, no lock
-            yield
-            return
+    def _serving(self) -> Iterator[None]:
         with self._lock:
             self._busy += 1
             if self._busy == 1:
@@ -85,8 +85,8 @@ class ChildGate:
     # -- the background side -------------------------------------------------------------
 
     def run(self, args: Sequence[str], *, timeout: float) -> subprocess.CompletedProcess[bytes]:
-        """``subprocess.run(args, capture_output=True, timeout=timeout)``, gated. A stopped
-        child is continued before it is killed on timeout, so it can die."""
+        """``subprocess.run(args, capture_output=True, timeout=timeout)``, gated (a stopped
+        child is killed on timeout all the same: SIGKILL needs no SIGCONT)."""
         process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         child = _Child(process)
         with self._lock:
@@ -97,9 +97,6 @@ class ChildGate:
         try:
             out, err = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            with self._lock:
-                self._children.pop(process.pid, None)
-                self._continue(child, self._clock())
             process.kill()
             process.communicate()
             raise
@@ -107,12 +104,6 @@ class ChildGate:
             with self._lock:
                 self._children.pop(process.pid, None)
         return subprocess.CompletedProcess(args, process.returncode, out, err)
-
-    def held(self, pid: int) -> tuple[int, float]:
-        """How many times the child ``pid`` was held and for how long in all (for tests)."""
-        with self._lock:
-            child = self._children.get(pid)
-            return (0, 0.0) if child is None else (child.holds, child.held_s)
 
     # -- under the lock ------------------------------------------------------------------
 
@@ -123,21 +114,18 @@ class ChildGate:
         self._wake.notify_all()
 
     def _release_all(self) -> None:
-        now = self._clock()
         for child in self._children.values():
-            self._continue(child, now)
+            self._continue(child)
 
     def _hold(self, child: _Child, now: float) -> None:
         if not _CAN_STOP or child.stopped_at is not None or now < child.free_until:
             return
         if _signal(child.process, signal.SIGSTOP):
             child.stopped_at = now
-            child.holds += 1
 
-    def _continue(self, child: _Child, now: float) -> None:
+    def _continue(self, child: _Child) -> None:
         if child.stopped_at is None:
             return
-        child.held_s += now - child.stopped_at
         child.stopped_at = None
         _signal(child.process, signal.SIGCONT)
 
@@ -157,7 +145,7 @@ class ChildGate:
                     if child.stopped_at is not None:
                         due = child.stopped_at + self.max_hold_s
                         if now >= due:
-                            self._continue(child, now)
+                            self._continue(child)
                             child.free_until = now + self.min_run_s
                         else:
                             wait = min(wait, due - now)

@@ -332,16 +332,14 @@ class ModelSlot:
         assert entered, "the serving version is never closed"
         observer = self.observer
         try:
-            if observer is None:
-                with GATE.serving():  # a background compile's child stands still meanwhile
-                    return current.computed, current._run(feeds)
-            start = self._clock()
-            with GATE.serving():
+            start = self._clock() if observer is not None else 0.0
+            with GATE.serving():  # a background compile's child stands still meanwhile
                 outputs = current._run(feeds)
-            try:
-                observer(feeds, outputs, self._clock() - start)
-            except Exception as exc:  # an observer never fails the request it watched
-                log.warning("slot_observer_failed", model=self.name, reason=str(exc))
+            if observer is not None:
+                try:
+                    observer(feeds, outputs, self._clock() - start)
+                except Exception as exc:  # an observer never fails the request it watched
+                    log.warning("slot_observer_failed", model=self.name, reason=str(exc))
             return current.computed, outputs
         finally:
             current._exit()

@@ -221,34 +221,11 @@ def _entry(
 
 
 def build_snapshot(
-    session: Session,
-    spec: RolloutSpec,
-    assigned_at: Mapping[str, float],
-    *,
-    exclude: frozenset[str] = frozenset(),
+    session: Session, spec: RolloutSpec, assigned_at: Mapping[str, float]
 ) -> tuple[FleetSnapshot, dict[str, SnapshotDevice]]:
-    """Devices the rollout selects or already assigned (minus ``exclude``), as the controller
-    wants them, and the same entries by id with the extras for the status view."""
-    devices = session.execute(select(*_DEVICE_COLUMNS)).all()
-    variants = _variants(session, spec)
-    wanted = {
-        d.id: d
-        for d in devices
-        if d.id not in exclude and (d.id in assigned_at or spec.selects(dict(d.labels or {})))
-    }
-    links: dict[str, Any] = {}
-    if wanted:
-        rows = session.execute(
-            select(*_LINK_COLUMNS).where(DeviceLink.device_id.in_(list(wanted)))
-        ).all()
-        links = {r.device_id: r for r in rows}
-    out = {
-        device_id: _entry(
-            spec, variants, wanted[device_id], links.get(device_id), assigned_at.get(device_id)
-        )
-        for device_id in sorted(wanted)
-    }
-    return FleetSnapshot(devices=tuple(s.status for s in out.values())), out
+    """Devices the rollout selects or already assigned, as the controller wants them, and the
+    same entries by id with the extras for the status view: one full read, nothing kept."""
+    return SnapshotCache(spec).build(session, assigned_at)
 
 
 FULL_READ_S = 30.0  # seconds: the longest a cached snapshot goes without reading every row
@@ -340,8 +317,8 @@ class SnapshotCache:
             select(Device.id, Device.reported_at, Device.enrolled_at, Device.changed_at)
         ).all()
         ids = {r.id for r in stamps}
-        reorder = not ids.issubset(self._devices) or len(ids) != len(self._devices)
-        changed = set(self._devices.keys() - ids)
+        reorder = ids != self._devices.keys()
+        changed = self._devices.keys() - ids
         for gone in changed:
             del self._devices[gone]
             self._links.pop(gone, None)

@@ -6,7 +6,6 @@ rest (``$SYS/broker/publish/messages/dropped``), exported as a metric."""
 from __future__ import annotations
 
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from control_plane.ingest.wiring import IngestCollector
 from control_plane.rollouts.service import RolloutService
 from tests.agent.telemetry.conftest import Broker
 from tests.conftest import ROOT
+from tests.control_plane.test_ingest import wait_until
 
 pytestmark = pytest.mark.broker
 QUEUED = 20  # the broker's max_queued_messages
@@ -72,13 +72,6 @@ def _ingester(broker: Broker, engine: Engine, client_id: str) -> TelemetryIngest
     return ingester
 
 
-def _wait(predicate: object, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def test_what_the_broker_drops_is_counted_by_the_ingester(broker: Broker, engine: Engine) -> None:
     client_id = f"cp-{uuid.uuid4().hex[:8]}"
     first = _ingester(broker, engine, client_id)
@@ -100,8 +93,10 @@ def test_what_the_broker_drops_is_counted_by_the_ingester(broker: Broker, engine
         device.loop_stop()
     back = _ingester(broker, engine, client_id)
     try:
-        _wait(lambda: back.counters().broker_dropped == SENT - QUEUED)
-        _wait(lambda: back.counters().received == QUEUED)
+        wait_until(
+            lambda: back.counters().broker_dropped == SENT - QUEUED, 15, "the broker's count"
+        )
+        wait_until(lambda: back.counters().received == QUEUED, 15, "the queued messages")
         counters = back.counters()
         assert counters.received + (counters.broker_dropped or 0) == SENT  # none unaccounted
         registry = CollectorRegistry()
