@@ -86,6 +86,9 @@ class BackendConfig(_Section):
     ort_provider_options: dict[str, dict[str, str]] = Field(default_factory=dict)
     ort_disable_providers: tuple[str, ...] = ()
     spin_wait: bool = False  # idle runtime threads spin between runs (see LoadOptions)
+    # ONNX Runtime sessions in worker processes: "gpu" (sessions on a device provider),
+    # "always" or "never" (see LoadOptions.ort_process and docs/gpu.md).
+    ort_process: Literal["gpu", "always", "never"] = "gpu"
     choice_budget_s: float = Field(default=20.0, gt=0)
     choice_tolerance: float = Field(default=0.10, ge=0)  # fastest within 10% wins ties by accuracy
     # The daemon measures the fitting variants of a new version (at most ``max_candidates``, best

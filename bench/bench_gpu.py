@@ -39,6 +39,7 @@ from agent.backends.onnxruntime import (  # noqa: E402
     OnnxRuntimeBackend,
     OrtBoundSession,
 )
+from agent.backends.ort_worker import OrtWorkerSession  # noqa: E402
 from agent.gpu_metrics import NvmlReader  # noqa: E402
 from agent.logs import configure_logging  # noqa: E402
 from agent.samples import text_page  # noqa: E402
@@ -170,6 +171,7 @@ def bench_swap(
     cuda_options: dict[str, str] | None = None,
     switch_interval_s: float | None = None,
     graph_runner: bool = True,
+    ort_process: str = "gpu",
     collect: bool = False,
     warm_runs: int = 1 + CAPTURE_RUNS,
 ) -> dict[str, Any]:
@@ -182,6 +184,7 @@ def bench_swap(
         input_shapes={input_name: shape},
         ort_provider_options={"CUDAExecutionProvider": cuda_options or {}},
         ort_graph_runner=graph_runner,
+        ort_process=ort_process,  # type: ignore[arg-type]
     )
     default_interval = sys.getswitchinterval()
     if switch_interval_s is not None:
@@ -234,6 +237,8 @@ def bench_swap(
                 time.sleep(0.0005)
             t_switched = time.perf_counter()
             old.close()
+            if isinstance(old, OrtWorkerSession):
+                old.wait_exit(10)  # its teardown runs in its own process: inside the window
             del old
             t_closed = time.perf_counter()
             if collect:
@@ -379,17 +384,20 @@ def swap_section(work: Path, swaps: int) -> None:
     )
     shape = (1, 3, 224, 224)
     passes = [
-        ("graph runner", bench_swap(r16, "input", shape, swaps)),
-        ("runner, 3 warm", bench_swap(r16, "input", shape, swaps, warm_runs=3)),
-        ("runner, 0.5ms sw", bench_swap(r16, "input", shape, swaps, switch_interval_s=0.0005)),
-        ("caller's thread", bench_swap(r16, "input", shape, swaps, graph_runner=False)),
+        ("worker process", bench_swap(r16, "input", shape, swaps)),
+        ("runner here", bench_swap(r16, "input", shape, swaps, ort_process="never")),
+        (
+            "caller's thread",
+            bench_swap(r16, "input", shape, swaps, ort_process="never", graph_runner=False),
+        ),
     ]
     print()
     print("Swap on GPU: ResNet-50 fp16 b1 on the agent path, loop thread back to back; each swap =")
     print(
-        f"load + {1 + CAPTURE_RUNS} warm runs (3 in 'runner, 3 warm': the serving thread then"
-        " captures) + switch + drain + close of the old session, then 0.3 s steady;"
-        " '0.5ms sw': sys.setswitchinterval(0.0005)"
+        f"load + {1 + CAPTURE_RUNS} warm runs + switch + drain + close of the old session (for a"
+        " worker process: until it has exited), then 0.3 s steady. 'worker process': sessions in"
+        " worker processes (the default); 'runner here': in this process, every run on the"
+        " session's graph runner thread; 'caller's thread': in this process, on the loop thread"
     )
     head = (
         f"{'pass':<17}{'swaps':>6}{'steady p50/p99':>16}{'swap p50/p99':>15}{'ratio p99':>10}"

@@ -13,7 +13,9 @@ loader works whenever it likes and the request that leaves a retired version las
 loads, closes happen on the loader thread); ``--inproc`` adds ``inproc``, quiet swaps that load in
 this process (``ModelSlot(background_loads=False)``: OpenVINO compiles here). ``--gpu`` runs
 the same on ONNX Runtime's CUDA provider (shapes pinned so CUDA graphs capture) with a faster
-loop (``--rate``).
+loop (``--rate``), sessions in worker processes (the default there), and adds ``here``: quiet
+swaps with the sessions in this process (``LoadOptions(ort_process="never")``). On the GPU a
+swap window lasts until the retired version's worker has exited, and GPU memory is read too.
 
 Input 1x3x320x320 (640 makes each round several times longer on a 2-core box). The hot path runs
 with 1 intra-op thread and the loader with 1 (``SwapConfig.loader_threads``), so on 2 cores each
@@ -24,9 +26,12 @@ round. Run: ``.venv/bin/python bench/bench_swap.py [--rounds N] [--cycles N]``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +39,10 @@ import numpy as np
 import psutil
 
 from agent.backends import LoadOptions, get_backend
+from agent.backends.ort_worker import OrtWorkerSession
 from agent.config import BackendConfig, SwapConfig
 from agent.contracts.manifest import Tolerance
+from agent.gpu_metrics import NvmlReader
 from agent.logs import configure_logging
 from agent.models.bundle import VariantSpec, build_bundle
 from agent.models.probation import p99
@@ -45,8 +52,13 @@ from agent.samples import ppocr_detector
 
 SHAPE = (1, 3, 320, 320)
 RATE_HZ = 12.0
-# column suffix -> ModelSlot(quiet_swap=..., background_loads=...)
-MODES = {"plain": (False, False), "quiet": (True, True), "inproc": (True, False)}
+# column suffix -> ModelSlot(quiet_swap=..., background_loads=...), LoadOptions.ort_process
+MODES = {
+    "plain": (False, False, "gpu"),
+    "quiet": (True, True, "gpu"),
+    "inproc": (True, False, "gpu"),
+    "here": (True, True, "never"),
+}
 
 
 class HotLoop:
@@ -129,7 +141,50 @@ def text_image(shape: tuple[int, ...], seed: int = 0) -> np.ndarray[Any, Any]:
 
 
 def rss() -> int:
-    return int(psutil.Process().memory_info().rss)
+    """This process's RSS and its workers' (ONNX Runtime worker processes, compile children)."""
+    me = psutil.Process()
+    total = me.memory_info().rss
+    for child in me.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            total += child.memory_info().rss
+    return int(total)
+
+
+def gpu_memory() -> int | None:
+    """Device memory in use on GPU 0 (NVML), or ``None`` without a GPU."""
+    try:
+        with NvmlReader() as nvml:
+            return nvml.memory_used_bytes()
+    except Exception:
+        return None
+
+
+def retired_workers_exited(slots: Iterable[ModelSlot], timeout_s: float = 10.0) -> None:
+    """Wait until no worker process is left but those of the versions that serve."""
+    sessions = [getattr(s.current, "_session", None) for s in slots]
+    serving = {s.pid for s in sessions if isinstance(s, OrtWorkerSession)}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        workers = set()
+        for child in psutil.Process().children():
+            with contextlib.suppress(psutil.Error):  # gone, or a zombie: it has exited
+                argv = child.cmdline()
+                if child.status() != psutil.STATUS_ZOMBIE and "agent.backends.ort_worker" in argv:
+                    workers.add(child.pid)
+        if workers <= serving:
+            return
+        time.sleep(0.01)
+
+
+def swap_phase(report: SwapReport, at: float, took: float) -> str:
+    """The swap step a request started in: the report's steps in order, then until the swap
+    returned and the retired version was released ("retire"), then "after"."""
+    edge = 0.0
+    for field in ("load_s", "warmup_s", "validation_s", "promote_s", "switch_s"):
+        edge += getattr(report, field)
+        if at < edge:
+            return field[:-2]
+    return "retire" if at < took else "after"
 
 
 def main() -> int:
@@ -160,7 +215,7 @@ def main() -> int:
     options = (
         LoadOptions(input_shapes={"x": SHAPE}) if args.gpu else LoadOptions(intra_op_threads=1)
     )
-    modes = [m for m in MODES if m != "inproc" or args.inproc]
+    modes = [m for m in MODES if (m != "inproc" or args.inproc) and (m != "here" or args.gpu)]
     runtimes = [f"{rt[:4]}-{mode}" for rt in usable for mode in modes]
     slots = {
         col: ModelSlot(
@@ -168,7 +223,10 @@ def main() -> int:
             store,
             swap_config=SwapConfig(loader_threads=1, warmup_runs=5, policy="availability"),
             backend_config=BackendConfig(pin_backend=rt),  # type: ignore[arg-type]
-            load_options=options,
+            load_options=dataclasses.replace(
+                options,
+                ort_process=MODES[col.split("-")[1]][2],  # type: ignore[arg-type]
+            ),
             latency_runs=3,
             quiet_swap=MODES[col.split("-")[1]][0],
             background_loads=MODES[col.split("-")[1]][1],
@@ -184,7 +242,7 @@ def main() -> int:
     window: dict[str, list[float]] = {rt: [] for rt in runtimes}
     reports: dict[str, list[SwapReport]] = {rt: [] for rt in runtimes}
     failed = dict.fromkeys(runtimes, 0)
-    where: dict[str, list[tuple[float, float, float]]] = {rt: [] for rt in runtimes}
+    where: dict[str, list[tuple[float, float, float, str]]] = {rt: [] for rt in runtimes}
     dropped = dict.fromkeys(runtimes, 0)
     for r in range(args.rounds):
         for rt in runtimes:
@@ -193,6 +251,8 @@ def main() -> int:
                 time.sleep(args.steady_s)
                 swap_start = time.perf_counter()
                 reports[rt].append(slot.swap("1.0.1" if r % 2 == 0 else "1.0.0"))
+                slot.settle(10.0)  # the retired version released on the loader thread
+                retired_workers_exited(slots.values())
                 swap_end = time.perf_counter()
                 time.sleep(0.2)  # the retired session drains and closes inside the window
             for start, latency in loop.latencies:
@@ -200,11 +260,14 @@ def main() -> int:
                 in_window = end >= swap_start and start <= swap_end + 0.2
                 (window if in_window else steady)[rt].append(latency)
                 if in_window:
-                    where[rt].append((latency, start - swap_start, swap_end - swap_start))
+                    phase = swap_phase(reports[rt][-1], start - swap_start, swap_end - swap_start)
+                    where[rt].append((latency, start - swap_start, swap_end - swap_start, phase))
             failed[rt] += loop.failures
             dropped[rt] += loop.attempts - len(loop.latencies) - loop.failures
 
     memory: dict[str, tuple[int, int]] = {}
+    gpu: dict[str, tuple[int | None, int | None]] = {}
+    first_gpu: int | None = None
     for rt in runtimes:
         slot = slots[rt]
         version = slot.version
@@ -214,8 +277,12 @@ def main() -> int:
             slot.swap(version)
             slot.settle(5.0)  # quiet swaps release the retired version after swap() returns
             if cycle == 1:
+                retired_workers_exited(slots.values())
                 first = rss()
+                first_gpu = gpu_memory()
+        retired_workers_exited(slots.values())
         memory[rt] = (first, rss())
+        gpu[rt] = (first_gpu, gpu_memory())
 
     print(
         f"PP-OCR detector {'x'.join(map(str, SHAPE))}, hot loop {rate:g} Hz, 1 thread; "
@@ -256,11 +323,26 @@ def main() -> int:
         f"RSS {args.cycles} / 1 (<=1.05)",
         [f"{memory[rt][1] / memory[rt][0]:.3f}" for rt in runtimes],
     )
+    if args.gpu:
+        row(
+            f"GPU memory {args.cycles} / 1 (<=1.02)",
+            [
+                f"{(gpu[rt][1] or 0) / (gpu[rt][0] or 1):.3f}" if gpu[rt][0] else "-"
+                for rt in runtimes
+            ],
+        )
     if args.verbose:
         for rt in runtimes:
-            worst = sorted(where[rt], reverse=True)[:6]
+            worst = sorted(where[rt], reverse=True)[:12]
             print(rt, "slowest in windows (ms, started at ms after swap start, swap took ms):")
-            print("   ", [(round(a * 1e3), round(b * 1e3), round(c * 1e3)) for a, b, c in worst])
+            rows = [(round(a * 1e3), round(b * 1e3), round(c * 1e3), d) for a, b, c, d in worst]
+            print("   ", rows)
+            limit = 1.2 * (p99(steady[rt]) or 0)
+            by_phase: dict[str, int] = {}
+            for latency, _, _, phase in where[rt]:
+                if latency > limit:
+                    by_phase[phase] = by_phase.get(phase, 0) + 1
+            print("    over 1.2 x steady p99, by the swap step they started in:", by_phase)
     if missing:
         print(f"not measured (runtime not usable here): {', '.join(sorted(missing))}")
     for slot in slots.values():

@@ -69,6 +69,10 @@ class LoadOptions:
     # ONNX Runtime with CUDA graphs: run every call of a session on one thread of its own, so a
     # graph captured by the warm-up is replayed from any thread (see docs/gpu.md).
     ort_graph_runner: bool = True
+    # ONNX Runtime sessions in a worker process of their own (``agent.backends.ort_worker``):
+    # "gpu" for sessions on a device provider (creating and releasing those holds the GIL of
+    # the process that does it), "always", or "never".
+    ort_process: Literal["gpu", "always", "never"] = "gpu"
     # The load runs beside a version that serves (a swap's loader): keep its CPU work out of
     # the serving process where the runtime allows. OpenVINO compiles in a child process at the
     # lowest priority into its model cache, and this process only imports the compiled blob.

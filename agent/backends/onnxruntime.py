@@ -38,6 +38,7 @@ from agent.backends.base import (
     cache_key,
     validate_feeds,
 )
+from agent.backends.ort_worker import OrtWorkerSession, worker_supported
 from agent.contracts.manifest import ArtifactFormat, Precision
 from agent.contracts.tensors import TensorSpec
 from agent.cuda import CAPTURE_GATE
@@ -354,6 +355,8 @@ class OrtBoundSession(OrtSession):
         self._run_lock = threading.Lock()
         self._gate = CAPTURE_GATE if device == "cuda" else _NO_GATE
         self._runner = _GraphRunner(name) if cuda_graph and graph_runner else None
+        # A graph session runs from a runner thread that takes the process's priority back.
+        self.serves_as_loaded = self._runner is not None
 
     def run(self, feeds: Feeds) -> Outputs:
         try:
@@ -507,7 +510,7 @@ class OnnxRuntimeBackend:
             chosen.append((provider, opts) if opts else provider)
         return chosen
 
-    def load(self, artifact: Artifact, options: LoadOptions) -> OrtSession:
+    def load(self, artifact: Artifact, options: LoadOptions) -> OrtSession | OrtWorkerSession:
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -516,6 +519,13 @@ class OnnxRuntimeBackend:
             raise BackendUnavailableError(self.name, f"cannot load {artifact.format} artifacts")
         if not artifact.path.is_file():
             raise ModelLoadError(f"model file not found: {artifact.path}", model=artifact.name)
+        providers = self.providers(artifact, options)
+        on_gpu = any((p if isinstance(p, str) else p[0]) in _DEVICE_PROVIDERS for p in providers)
+        if options.ort_process == "always" or (options.ort_process == "gpu" and on_gpu):
+            unsupported = worker_supported()
+            if unsupported is None:
+                return OrtWorkerSession.start(artifact, options)
+            log.debug("ort_worker_unavailable", model=artifact.name, reason=unsupported)
         so = ort.SessionOptions()
         if options.intra_op_threads:
             so.intra_op_num_threads = options.intra_op_threads
@@ -528,9 +538,7 @@ class OnnxRuntimeBackend:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if options.input_shapes:
             _pin_input_shapes(ort, so, artifact, options.input_shapes)
-        providers = self.providers(artifact, options)
         graph = _wants_cuda_graph(providers)
-        on_gpu = any((p if isinstance(p, str) else p[0]) in _DEVICE_PROVIDERS for p in providers)
         with CAPTURE_GATE.shared() if on_gpu else nullcontext():
             sess, graph, providers = self._create(ort, artifact, so, providers, graph)
         first = sess.get_providers()[0]

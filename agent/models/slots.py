@@ -192,6 +192,7 @@ def load_options_from(config: BackendConfig, cache_dir: Path | None = None) -> L
         ort_provider_options=config.ort_provider_options,
         ort_disable_providers=config.ort_disable_providers,
         spin_wait=config.spin_wait,
+        ort_process=config.ort_process,
     )
 
 
@@ -700,9 +701,10 @@ class ModelSlot:
         # The candidate serves as is only when it has no runtime thread pool of its own: pool
         # threads would have inherited the loader thread's lower priority. A CUDA-graph session
         # runs every node on the device, from a runner thread that takes the process's own
-        # priority back: reloading it would only repeat the load, the captures and a release.
+        # priority back, and a session in a worker process takes it back itself: reloading
+        # either would only repeat the load, the captures and a release.
         single = self.load_options.intra_op_threads == self.swap_config.loader_threads == 1
-        if not (single or getattr(prepared.session, "cuda_graph", False) is True):
+        if not (single or getattr(prepared.session, "serves_as_loaded", False) is True):
             start = self._clock()
             options = dataclasses.replace(self.load_options, background_load=self._background)
             try:

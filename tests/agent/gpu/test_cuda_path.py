@@ -21,6 +21,7 @@ import pytest
 from agent import cuda
 from agent.backends import Artifact, LoadOptions
 from agent.backends.onnxruntime import OnnxRuntimeBackend, OrtBoundSession
+from agent.backends.ort_worker import OrtWorkerSession
 from agent.contracts.manifest import Precision
 from agent.errors import BackendError, InferenceError
 from agent.gpu_metrics import NvmlReader
@@ -31,6 +32,7 @@ from .conftest import fp16_variant, map_disagreement
 pytestmark = pytest.mark.gpu
 
 CPU_ONLY = LoadOptions(ort_disable_providers=("CUDAExecutionProvider", "TensorrtExecutionProvider"))
+HERE = LoadOptions(ort_process="never")  # the session in this process, to look inside it
 SWAPS = 200 if os.environ.get("EDGEFLEET_SOAK") == "1" else 50
 
 
@@ -46,7 +48,7 @@ def _load(
     path: Path, name: str, options: LoadOptions | None = None, precision: Precision = "fp32"
 ) -> Any:
     artifact = Artifact(path, name=name, precision=precision)
-    return OnnxRuntimeBackend().load(artifact, options or LoadOptions())
+    return OnnxRuntimeBackend().load(artifact, options or HERE)
 
 
 def test_device_and_pinned_round_trip() -> None:
@@ -149,7 +151,7 @@ def test_cuda_session_uses_binding_and_graphs(digits_path: Path, digits: DigitsD
 @pytest.mark.parametrize("batch", [1, 2])
 def test_ppocr_on_cuda_graph_matches_cpu(ppocr_model: Path, batch: int) -> None:
     shape = (batch, 3, 640, 640)
-    options = LoadOptions(input_shapes={"x": shape})
+    options = LoadOptions(input_shapes={"x": shape}, ort_process="never")
     gpu = _load(ppocr_model, "ppocr", options)
     cpu = _load(ppocr_model, "ppocr", CPU_ONLY)
     assert isinstance(gpu, OrtBoundSession)
@@ -186,7 +188,9 @@ def test_fp16_variants_within_tolerance(
 
     shape = (1, 3, 640, 640)
     ppocr32 = _load(ppocr_model, "ppocr", CPU_ONLY)
-    ppocr16 = _load(p16, "ppocr", LoadOptions(input_shapes={"x": shape}), precision="fp16")
+    ppocr16 = _load(
+        p16, "ppocr", LoadOptions(input_shapes={"x": shape}, ort_process="never"), precision="fp16"
+    )
     img = text_page(1, seed=3)
     want_map = next(iter(ppocr32.run({"x": img}).values()))
     got_map = next(iter(ppocr16.run({"x": img}).values()))
@@ -198,36 +202,48 @@ def test_fp16_variants_within_tolerance(
         s.close()
 
 
+@pytest.mark.parametrize("where", ["never", "gpu"])
 def test_gpu_memory_returned_after_swaps(
-    ppocr_model: Path, digits_path: Path, nvml: NvmlReader
+    ppocr_model: Path, digits_path: Path, nvml: NvmlReader, where: Any
 ) -> None:
+    """In this process, and in worker processes (the default): a closed worker's memory is
+    back once it has exited."""
     shape = (1, 3, 640, 640)
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
     d = np.zeros((4, 1, 8, 8), np.float32)
+    options = LoadOptions(ort_process=where)
 
     def swap() -> None:
-        det = _load(ppocr_model, "ppocr", LoadOptions(input_shapes={"x": shape}))
-        cls = _load(digits_path, "digits")
+        det = _load(ppocr_model, "ppocr", LoadOptions(input_shapes={"x": shape}, ort_process=where))
+        cls = _load(digits_path, "digits", options)
         det.run({"x": x})
         cls.run({"input": d})
         det.close()
         cls.close()
+        for session in (det, cls):
+            if isinstance(session, OrtWorkerSession):
+                assert session.wait_exit(10) == 0
         gc.collect()
 
     swap()
     after_first = nvml.memory_used_bytes()
-    for _ in range(SWAPS - 1):
+    for _ in range((SWAPS if where == "never" else SWAPS // 5) - 1):  # a worker starts in ~1 s
         swap()
     after_all = nvml.memory_used_bytes()
     assert after_all <= after_first * 1.05 + (16 << 20), (after_first, after_all)
 
 
-def test_swap_while_serving_never_fails_a_call(digits_path: Path, digits: DigitsData) -> None:
+@pytest.mark.parametrize("where", ["never", "gpu"])
+def test_swap_while_serving_never_fails_a_call(
+    digits_path: Path, digits: DigitsData, where: Any
+) -> None:
     """A loop thread serves one session while new ones are loaded, warmed (captured) and the old
-    ones closed: graph captures must not be broken by the other thread's CUDA calls."""
+    ones closed: graph captures must not be broken by the other thread's CUDA calls (in this
+    process), nor a worker's runs by another worker's start and teardown."""
     x = digits.x_test[:4]
+    options = LoadOptions(ort_process=where)
     want = _load(digits_path, "digits", CPU_ONLY).run({"input": x})["logits"]
-    holder = {"session": _load(digits_path, "digits")}
+    holder = {"session": _load(digits_path, "digits", options)}
     failures: list[BaseException] = []
     served = [0]
     stop = threading.Event()
@@ -248,7 +264,7 @@ def test_swap_while_serving_never_fails_a_call(digits_path: Path, digits: Digits
     thread.start()
     try:
         for _ in range(10):
-            new = _load(digits_path, "digits")
+            new = _load(digits_path, "digits", options)
             for _ in range(4):
                 new.run({"input": x})  # the warm runs capture the graph on this thread
             old, holder["session"] = holder["session"], new
@@ -259,3 +275,22 @@ def test_swap_while_serving_never_fails_a_call(digits_path: Path, digits: Digits
         holder["session"].close()
     assert not failures, failures[:3]
     assert served[0] > 10
+
+
+def test_worker_process_session_on_cuda(digits_path: Path, digits: DigitsData) -> None:
+    """The default on a GPU: the CUDA session lives in a worker process, captures its graphs
+    there, and answers as the CPU provider does."""
+    gpu = _load(digits_path, "digits", LoadOptions())
+    cpu = _load(digits_path, "digits", CPU_ONLY)
+    try:
+        assert isinstance(gpu, OrtWorkerSession)
+        assert gpu.pid != os.getpid()
+        assert gpu.device == "CUDAExecutionProvider"
+        assert gpu.cuda_graph
+        for i, batch in enumerate((1, 1, 1, 1, 8, 8, 8, 1, 8)):
+            x = digits.x_test[i * 8 : i * 8 + batch]
+            assert_close(gpu.run({"input": x})["logits"], cpu.run({"input": x})["logits"], 5e-3)
+    finally:
+        gpu.close()
+        cpu.close()
+    assert gpu.wait_exit(10) == 0

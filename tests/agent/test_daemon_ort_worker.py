@@ -1,0 +1,122 @@
+"""``edge-agent daemon`` with ONNX Runtime sessions in worker processes (``backends.ort_process``;
+"gpu" by default, forced to "always" here where no GPU is): it serves through the local API from
+a worker process, and a worker killed under it costs one request, not the daemon."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+
+from agent.backends import Artifact, LoadOptions
+from agent.backends.onnxruntime import OnnxRuntimeBackend
+from agent.models.bundle import VariantSpec, build_bundle
+from agent.models.store import ModelStore
+from agent.samples import DigitsData
+from tests.control_plane.conftest import free_port
+
+
+def _workers(pid: int) -> list[int]:
+    found = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if "agent.backends.ort_worker" in child.cmdline():
+                found.append(child.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_daemon_serves_from_a_worker_process_and_survives_its_death(
+    tmp_path: Path, digits_path: Path, digits: DigitsData
+) -> None:
+    state_dir = tmp_path / "state"
+    bundle = tmp_path / "bundle"
+    golden = {"input": digits.x_test[:1].astype(np.float32)}
+    build_bundle(bundle, "digits", "1.0.0", [VariantSpec(digits_path)], golden_inputs=[golden])
+    store = ModelStore(state_dir)
+    store.install(bundle)
+    store.activate("digits", "1.0.0")
+    port = free_port()
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'device_id = "worker-test"\nstate_dir = "{state_dir}"\n'
+        '[[models]]\nname = "digits"\n'
+        f"[api]\nhttp_port = {port}\ngrpc_port = 0\n"
+        '[backends]\npin_backend = "onnxruntime"\nort_process = "always"\nmeasure = false\n'
+        "[swap]\nwarmup_runs = 1\n"
+    )
+    log = (tmp_path / "daemon.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "daemon", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    x = digits.x_test[:2].astype(np.float32)
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 1, 8, 8],
+                        "data": x.ravel().tolist()}]}  # fmt: skip
+    here = OnnxRuntimeBackend().load(
+        Artifact(digits_path, name="digits"), LoadOptions(ort_process="never")
+    )
+    want = here.run({"input": x})["logits"]
+    here.close()
+
+    def infer() -> httpx.Response:
+        return httpx.post(f"{base}/v2/models/digits/infer", json=body, timeout=30)
+
+    def logits(r: httpx.Response) -> np.ndarray:  # type: ignore[type-arg]
+        out = r.json()["outputs"][0]
+        return np.asarray(out["data"], np.float32).reshape(out["shape"])
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "daemon not ready"
+            time.sleep(0.1)
+        workers = _workers(proc.pid)
+        assert len(workers) == 1, workers
+        r = infer()
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(logits(r), want, rtol=1e-5, atol=1e-5)
+
+        os.kill(workers[0], signal.SIGKILL)
+        codes = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            r = infer()
+            codes.append(r.status_code)
+            if r.status_code == 200:
+                break
+        assert codes[-1] == 200, codes
+        assert codes.count(500) + codes.count(503) <= 1, codes  # the death costs one request
+        np.testing.assert_allclose(logits(r), want, rtol=1e-5, atol=1e-5)
+        assert proc.poll() is None
+        again = _workers(proc.pid)
+        assert len(again) == 1
+        assert again != workers
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+    assert proc.returncode == 0, (tmp_path / "daemon.log").read_text()[-3000:]
+    deadline = time.monotonic() + 15
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+              for p in again) and time.monotonic() < deadline:  # fmt: skip
+        time.sleep(0.1)
+    assert not any(
+        psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in again
+    )
