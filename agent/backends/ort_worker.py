@@ -134,6 +134,7 @@ class OrtWorkerSession:
 
     backend = "onnxruntime"
     serves_as_loaded = True  # the worker takes the serving priority back itself: no reload
+    memory_elsewhere = True  # closing frees nothing here worth a heap trim: the worker exits
 
     def __init__(
         self,

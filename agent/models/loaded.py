@@ -166,7 +166,9 @@ class LoadedVersion:
             # Two steps, each short enough for a closer to place between two frames: the
             # runtime's release (which may hold the GIL), then handing the freed heap back
             # (which holds the allocator's locks while it walks the arenas).
-            steps = (session.close, _return_freed_memory)
+            # A session in a worker process frees its memory there, as the worker exits.
+            elsewhere = getattr(session, "memory_elsewhere", False) is True
+            steps = (session.close,) if elsewhere else (session.close, _return_freed_memory)
             del session
             if self._closer is None or not self._closer(steps):
                 for step in steps:
