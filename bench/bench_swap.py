@@ -69,6 +69,7 @@ class HotLoop:
     ) -> None:
         self.slot, self.feeds, self.rate_hz = slot, feeds, rate_hz
         self.latencies: list[tuple[float, float]] = []  # (start time, latency)
+        self.versions: list[str] = []  # the version that answered each one
         self.attempts = 0
         self.failures = 0
         self._stop = threading.Event()
@@ -80,8 +81,9 @@ class HotLoop:
             self.attempts += 1
             start = time.perf_counter()
             try:
-                self.slot.infer(self.feeds)
+                computed, _ = self.slot.infer_versioned(self.feeds)
                 self.latencies.append((start, time.perf_counter() - start))
+                self.versions.append(computed.version)
             except Exception:
                 self.failures += 1
             due += period
@@ -176,15 +178,12 @@ def retired_workers_exited(slots: Iterable[ModelSlot], timeout_s: float = 10.0) 
         time.sleep(0.01)
 
 
-def swap_phase(report: SwapReport, at: float, took: float) -> str:
-    """The swap step a request started in: the report's steps in order, then until the swap
-    returned and the retired version was released ("retire"), then "after"."""
-    edge = 0.0
-    for field in ("load_s", "warmup_s", "validation_s", "promote_s", "switch_s"):
-        edge += getattr(report, field)
-        if at < edge:
-            return field[:-2]
-    return "retire" if at < took else "after"
+def swap_phase(version: str, old: str, first_new: float | None, start: float) -> str:
+    """Where a request of a swap window fell: on the old version, the first one on the new
+    version, or a later one on it."""
+    if version == old:
+        return "old"
+    return "first new" if start == first_new else "new"
 
 
 def main() -> int:
@@ -255,12 +254,18 @@ def main() -> int:
                 retired_workers_exited(slots.values())
                 swap_end = time.perf_counter()
                 time.sleep(0.2)  # the retired session drains and closes inside the window
-            for start, latency in loop.latencies:
+            old_version = loop.versions[0] if loop.versions else ""
+            first_new = next(
+                (t for (t, _), v in zip(loop.latencies, loop.versions, strict=True)
+                 if v != old_version),
+                None,
+            )  # fmt: skip
+            for (start, latency), version in zip(loop.latencies, loop.versions, strict=True):
                 end = start + latency
                 in_window = end >= swap_start and start <= swap_end + 0.2
                 (window if in_window else steady)[rt].append(latency)
                 if in_window:
-                    phase = swap_phase(reports[rt][-1], start - swap_start, swap_end - swap_start)
+                    phase = swap_phase(version, old_version, first_new, start)
                     where[rt].append((latency, start - swap_start, swap_end - swap_start, phase))
             failed[rt] += loop.failures
             dropped[rt] += loop.attempts - len(loop.latencies) - loop.failures
@@ -334,7 +339,7 @@ def main() -> int:
     if args.verbose:
         for rt in runtimes:
             worst = sorted(where[rt], reverse=True)[:12]
-            print(rt, "slowest in windows (ms, started at ms after swap start, swap took ms):")
+            print(rt, "slowest in windows (ms; started, ms after swap start; swap took, ms; by):")
             rows = [(round(a * 1e3), round(b * 1e3), round(c * 1e3), d) for a, b, c, d in worst]
             print("   ", rows)
             limit = 1.2 * (p99(steady[rt]) or 0)
@@ -342,7 +347,7 @@ def main() -> int:
             for latency, _, _, phase in where[rt]:
                 if latency > limit:
                     by_phase[phase] = by_phase.get(phase, 0) + 1
-            print("    over 1.2 x steady p99, by the swap step they started in:", by_phase)
+            print("    over 1.2 x steady p99, by the version that answered:", by_phase)
     if missing:
         print(f"not measured (runtime not usable here): {', '.join(sorted(missing))}")
     for slot in slots.values():
