@@ -7,7 +7,9 @@ with FP32). For each variant prints, with ratios to its runtime's float variant 
 on the FP32 ONNX; OpenVINO on the same FP32 ONNX, read as is): weight bytes (goal <= 0.30),
 process RSS after load and one inference, in a fresh process
 (goal <= 0.5), latency at sequence 128 batch 1, timed in rounds (goal <= 1.0), cosine vs FP32
-(goal >= 0.99) and top-10 retrieval agreement (goal >= 0.95).
+(goal >= 0.99) and top-10 retrieval agreement (goal >= 0.95). Every variant is loaded and run
+as a device runs it, by the agent's own backend with the configuration it gives that precision
+(OpenVINO FP32 with ``INFERENCE_PRECISION_HINT=f32``; ONNX Runtime without spinning threads).
 
     .venv/bin/python bench/bench_int4.py [--rounds 5] [--cuda] [--budget 4]
 
@@ -17,6 +19,7 @@ process RSS after load and one inference, in a fresh process
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -32,6 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent import minilm
+from agent.backends import Artifact, LoadOptions, get_backend
 from agent.contracts.accuracy import score_task
 from agent.logs import configure_logging
 from control_plane.builds import build_variants
@@ -40,30 +44,49 @@ Run = Callable[[], Any]
 
 _RSS_SCRIPT = """
 import json, sys, psutil, numpy as np
-kind, path, providers = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+from pathlib import Path
+from agent.backends import Artifact, LoadOptions, get_backend
+runtime, path, fmt, precision, providers = sys.argv[1:6]
 feeds = {k: np.array(v, np.int64) for k, v in json.loads(sys.stdin.read()).items()}
 proc = psutil.Process()
-if kind == "onnx":
-    import onnxruntime as ort
-    base = proc.memory_info().rss
-    sess = ort.InferenceSession(path, providers=providers)
-    sess.run(None, feeds)
-else:
-    import openvino as ov
-    core = ov.Core()
-    base = proc.memory_info().rss
-    compiled = core.compile_model(path, "CPU")
-    compiled(feeds)
+backend = get_backend(runtime)
+backend.probe()  # imports the runtime
+if runtime == "openvino":
+    backend.core()
+base = proc.memory_info().rss
+options = LoadOptions(ort_disable_providers=tuple(
+    p for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") if p not in providers))
+session = backend.load(Artifact(Path(path), format=fmt, precision=precision), options)
+session.run(feeds)
 print(json.dumps({"base": base, "rss": proc.memory_info().rss}))
 """
 
+# name -> (runtime, format, precision) as the agent loads it
+KINDS = {
+    "onnx-fp32": ("onnxruntime", "onnx", "fp32"),
+    "onnx-int4": ("onnxruntime", "onnx", "int4"),
+    "openvino-fp32": ("openvino", "onnx", "fp32"),
+    "openvino-int4": ("openvino", "openvino-ir", "int4"),
+}
+
 
 def rss_after_load(
-    kind: str, path: Path, feeds: dict[str, Any], providers: list[str]
+    name: str, path: Path, feeds: dict[str, Any], providers: list[str]
 ) -> dict[str, int]:
-    """RSS of a fresh process after importing the runtime, and after loading + one inference."""
+    """RSS of a fresh process after importing the runtime, and after the agent's backend has
+    loaded the variant and run it once."""
+    runtime, fmt, precision = KINDS[name]
     out = subprocess.run(
-        [sys.executable, "-c", _RSS_SCRIPT, kind, str(path), ",".join(providers)],
+        [
+            sys.executable,
+            "-c",
+            _RSS_SCRIPT,
+            runtime,
+            str(path),
+            fmt,
+            precision,
+            ",".join(providers),
+        ],
         input=json.dumps({k: v.tolist() for k, v in feeds.items()}),
         capture_output=True,
         text=True,
@@ -73,19 +96,17 @@ def rss_after_load(
     return result
 
 
-def ort_run(path: Path, feeds: dict[str, Any], providers: list[str]) -> tuple[Run, Run]:
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=providers)
-    return (lambda: sess.run(None, feeds)), sess
-
-
-def ov_run(path: Path, feeds: dict[str, Any]) -> tuple[Run, Any]:
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY"})
-    request = compiled.create_infer_request()
-    return (lambda: request.infer(feeds)), compiled
+def agent_session(name: str, path: Path, providers: list[str]) -> Any:
+    """The variant as a device runs it: the agent's backend, with the config it gives that
+    precision (OpenVINO FP32 with ``INFERENCE_PRECISION_HINT=f32``)."""
+    runtime, fmt, precision = KINDS[name]
+    disabled = tuple(
+        p for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") if p not in providers
+    )
+    return get_backend(runtime).load(
+        Artifact(path, format=fmt, precision=precision, name=name),  # type: ignore[arg-type]
+        LoadOptions(ort_disable_providers=disabled),
+    )
 
 
 def time_side_by_side(runs: dict[str, Run], rounds: int, calls: int) -> dict[str, float]:
@@ -154,20 +175,11 @@ def main() -> None:
         outputs: dict[str, np.ndarray[Any, Any]] = {}
         feeds_all = minilm.encode(corpus)
         for name in float_of:
-            if name.startswith("onnx"):
-                run, sess = ort_run(paths[name], long, providers)
-                outputs[name] = sess.run(None, feeds_all)[0]
-            else:
-                run, compiled = ov_run(paths[name], long)
-                outputs[name] = compiled(feeds_all)[0]
-            runs[name] = run
+            session = agent_session(name, paths[name], providers)
+            outputs[name] = next(iter(session.run(feeds_all).values()))
+            runs[name] = functools.partial(session.run, long)
         latency = time_side_by_side(runs, args.rounds, args.calls)
-        rss = {
-            name: rss_after_load(
-                "onnx" if name.startswith("onnx") else "ir", paths[name], long, providers
-            )
-            for name in float_of
-        }
+        rss = {name: rss_after_load(name, paths[name], long, providers) for name in float_of}
         weights: dict[str, int] = {}
         for v in manifest.variants:
             if v.build is not None:
