@@ -10,7 +10,7 @@ naming the tensor, never with a runtime's stack trace.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
@@ -77,6 +77,10 @@ class LoadOptions:
     # the serving process where the runtime allows. OpenVINO compiles in a child process at the
     # lowest priority into its model cache, and this process only imports the compiled blob.
     background_load: bool = False
+    # With ``background_load``: called before the load's own in-process step (OpenVINO's import
+    # of the blob its child compiled), so that step starts just after a frame (a quiet swap's
+    # slot waits there for a gap between the hot loop's frames).
+    between_frames: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -258,6 +258,8 @@ class OpenVinoBackend:
                         tempfile.TemporaryDirectory(prefix="edgefleet-ov-")
                     )
                 _compile_in_child(path, options.openvino_device, cfg, artifact.name)
+                if options.between_frames is not None:
+                    options.between_frames()  # the import (about 30 ms) starts after a frame
             try:
                 compiled = self.core().compile_model(str(path), options.openvino_device, cfg)
             except RuntimeError as exc:

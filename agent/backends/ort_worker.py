@@ -325,7 +325,9 @@ def _spawn(
     finally:
         os.close(theirs)
     conn = Connection(ours)
-    worker_options = dataclasses.replace(options, ort_process="never", ort_graph_runner=False)
+    worker_options = dataclasses.replace(
+        options, ort_process="never", ort_graph_runner=False, between_frames=None
+    )
     try:
         # Fields rather than the frozen, slotted dataclass: plain values unpickle on any Python.
         fields = (artifact.path, artifact.format, artifact.precision, artifact.name)

@@ -675,6 +675,7 @@ class ModelSlot:
             self.load_options,
             intra_op_threads=self.swap_config.loader_threads,
             background_load=self._background,
+            between_frames=self._await_gap if self._background else None,
         )
         self._gap_watch = self._quiet_swap
         try:
@@ -706,7 +707,11 @@ class ModelSlot:
         single = self.load_options.intra_op_threads == self.swap_config.loader_threads == 1
         if not (single or getattr(prepared.session, "serves_as_loaded", False) is True):
             start = self._clock()
-            options = dataclasses.replace(self.load_options, background_load=self._background)
+            options = dataclasses.replace(
+                self.load_options,
+                background_load=self._background,
+                between_frames=self._await_gap if self._background else None,
+            )
             try:
                 self._await_gap()
                 serving = self._load(variant, bundle_dir, options)

@@ -143,8 +143,15 @@ def test_background_load_compiles_in_a_child_and_imports_here(
     """A swap's load compiles in a child process into the model cache; this process imports."""
     backend = OpenVinoBackend()
     here = backend.load(Artifact(digits_path), LoadOptions(openvino_device="CPU"))
-    options = LoadOptions(openvino_device="CPU", cache_dir=tmp_path, background_load=True)
+    cached: list[bool] = []  # what the cache held when the load waited for a frame's end
+    options = LoadOptions(
+        openvino_device="CPU",
+        cache_dir=tmp_path,
+        background_load=True,
+        between_frames=lambda: cached.append(any((tmp_path / "openvino").rglob("compiled-*"))),
+    )
     background = backend.load(Artifact(digits_path), options)
+    assert cached == [True]  # once: after the child's compile, before this process's import
     assert _loaded_from_cache(background)
     assert not _loaded_from_cache(here)
     (key,) = (tmp_path / "openvino").iterdir()
