@@ -4,8 +4,6 @@ and GPU gauges, and the daemon's own loop and update families (docs/inference-ap
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,10 +13,9 @@ import pytest
 
 from agent.api.metrics import COUNTERS, GAUGES, SUMMARIES
 from agent.events import EventBus
-from agent.models.bundle import VariantSpec, build_bundle
-from agent.models.store import ModelStore
 from agent.observability import AGENT_METRICS, UpdateEventMetrics
 from agent.samples import DigitsData
+from tests.agent.daemon_proc import install_digits, running_daemon
 from tests.control_plane.conftest import free_port
 
 _LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
@@ -45,12 +42,7 @@ def _families(text: str) -> set[str]:
 @pytest.mark.broker
 def test_daemon_metrics_scraped(tmp_path: Path, digits_path: Path, digits: DigitsData) -> None:
     state_dir = tmp_path / "state"
-    bundle = tmp_path / "bundle"
-    golden = {"input": digits.x_test[:1].astype(np.float32)}
-    build_bundle(bundle, "digits", "1.0.0", [VariantSpec(digits_path)], golden_inputs=[golden])
-    store = ModelStore(state_dir)
-    store.install(bundle)
-    store.activate("digits", "1.0.0")
+    install_digits(tmp_path, state_dir, digits_path, digits)
     port = free_port()
     config = tmp_path / "agent.toml"
     config.write_text(
@@ -61,24 +53,8 @@ def test_daemon_metrics_scraped(tmp_path: Path, digits_path: Path, digits: Digit
         '[mqtt]\nhost = "127.0.0.1"\nport = 1883\nspool_max_bytes = 1048576\n'
         f'topic_prefix = "metrics-test-{port}"\n'
     )
-    log = (tmp_path / "daemon.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "daemon", "--config", str(config)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, (tmp_path / "daemon.log").read_text()
-            assert time.monotonic() < deadline, "daemon not ready"
-            time.sleep(0.1)
+    with running_daemon(config, port, tmp_path / "daemon.log"):
         body = {
             "inputs": [
                 {
@@ -96,10 +72,6 @@ def test_daemon_metrics_scraped(tmp_path: Path, digits_path: Path, digits: Digit
         assert bad.status_code == 400
         time.sleep(1.2)  # a loop window closes
         text = httpx.get(f"{base}/metrics", timeout=10).text
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
     families = _families(text)
     expected = set(COUNTERS) | set(GAUGES) | set(SUMMARIES)
     expected |= set(AGENT_METRICS)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,9 +15,8 @@ import psutil
 
 from agent.backends import Artifact, LoadOptions
 from agent.backends.onnxruntime import OnnxRuntimeBackend
-from agent.models.bundle import VariantSpec, build_bundle
-from agent.models.store import ModelStore
 from agent.samples import DigitsData
+from tests.agent.daemon_proc import install_digits, running_daemon
 from tests.control_plane.conftest import free_port
 
 
@@ -38,12 +35,7 @@ def test_daemon_serves_from_a_worker_process_and_survives_its_death(
     tmp_path: Path, digits_path: Path, digits: DigitsData
 ) -> None:
     state_dir = tmp_path / "state"
-    bundle = tmp_path / "bundle"
-    golden = {"input": digits.x_test[:1].astype(np.float32)}
-    build_bundle(bundle, "digits", "1.0.0", [VariantSpec(digits_path)], golden_inputs=[golden])
-    store = ModelStore(state_dir)
-    store.install(bundle)
-    store.activate("digits", "1.0.0")
+    install_digits(tmp_path, state_dir, digits_path, digits)
     port = free_port()
     config = tmp_path / "agent.toml"
     config.write_text(
@@ -53,16 +45,10 @@ def test_daemon_serves_from_a_worker_process_and_survives_its_death(
         '[backends]\npin_backend = "onnxruntime"\nort_process = "always"\nmeasure = false\n'
         "[swap]\nwarmup_runs = 1\n"
     )
-    log = (tmp_path / "daemon.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "daemon", "--config", str(config)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
     base = f"http://127.0.0.1:{port}"
     x = digits.x_test[:2].astype(np.float32)
-    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 1, 8, 8],
-                        "data": x.ravel().tolist()}]}  # fmt: skip
+    tensor = {"name": "input", "datatype": "FP32", "shape": [2, 1, 8, 8]}
+    body = {"inputs": [{**tensor, "data": x.ravel().tolist()}]}
     here = OnnxRuntimeBackend().load(
         Artifact(digits_path, name="digits"), LoadOptions(ort_process="never")
     )
@@ -76,17 +62,7 @@ def test_daemon_serves_from_a_worker_process_and_survives_its_death(
         out = r.json()["outputs"][0]
         return np.asarray(out["data"], np.float32).reshape(out["shape"])
 
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "daemon not ready"
-            time.sleep(0.1)
+    with running_daemon(config, port, tmp_path / "daemon.log") as proc:
         workers = _workers(proc.pid)
         assert len(workers) == 1, workers
         r = infer()
@@ -108,15 +84,19 @@ def test_daemon_serves_from_a_worker_process_and_survives_its_death(
         again = _workers(proc.pid)
         assert len(again) == 1
         assert again != workers
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
     assert proc.returncode == 0, (tmp_path / "daemon.log").read_text()[-3000:]
     deadline = time.monotonic() + 15
-    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-              for p in again) and time.monotonic() < deadline:  # fmt: skip
+    while _running(again) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(
-        psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in again
-    )
+    assert not _running(again)  # the daemon's workers left with it
+
+
+def _running(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            continue
+    return alive

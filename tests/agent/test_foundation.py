@@ -56,5 +56,10 @@ def test_config_errors_are_clear(tmp_path: Path) -> None:
 def test_semver_ordering() -> None:
     versions = ["1.0.0", "1.0.0-rc.1", "0.9.10", "1.10.0", "1.2.0", "1.0.0-alpha"]
     assert sorted(versions, key=semver_key) == [
-        "0.9.10", "1.0.0-alpha", "1.0.0-rc.1", "1.0.0", "1.2.0", "1.10.0",
+        "0.9.10",
+        "1.0.0-alpha",
+        "1.0.0-rc.1",
+        "1.0.0",
+        "1.2.0",
+        "1.10.0",
     ]

@@ -203,8 +203,10 @@ def test_the_ros2_sink_maps_results_and_counts_what_it_cannot(domain: int, token
         sink.publish(LoopResult("m.v2", 4, 1_700_000_001.5, 2.0, found))
         # the first two may or may not arrive (sent before the match): wait for the later two
         wait_for(
-            lambda: any(m.header.stamp.sec == 1_700_000_001 for m in classes.samples)
-            and any(m.header.stamp.sec == 1_700_000_001 for m in boxes.samples)
+            lambda: (
+                any(m.header.stamp.sec == 1_700_000_001 for m in classes.samples)
+                and any(m.header.stamp.sec == 1_700_000_001 for m in boxes.samples)
+            )
         )
         raw = RawOutputs(outputs={"y": OutputDigest(shape=[1, 10], argmax=3, max=0.9)})
         sink.publish(LoopResult("m.v2", 5, 1_700_000_002.0, 2.0, raw))

@@ -88,9 +88,7 @@ def _profiles() -> dict[str, HardwareProfile]:
         out[folder.name] = board.model_copy(update={"runtimes": _runtimes(board)})
     desktop = out["x86-amd-zen4"].model_copy(
         update={
-            "gpus": (
-                GpuInfo(vendor="nvidia", name="NVIDIA RTX 4090", compute_capability="8.9"),
-            ),
+            "gpus": (GpuInfo(vendor="nvidia", name="NVIDIA RTX 4090", compute_capability="8.9"),),
             "runtimes": (
                 RuntimeInfo(name="onnxruntime", version="1.31.1", devices=_CUDA),
                 RuntimeInfo(name="tensorrt", version="10.13.0"),

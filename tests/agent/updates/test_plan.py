@@ -48,7 +48,6 @@ def test_each_desired_model_gets_one_decision() -> None:
     assert decisions[2].reason == "2.0.0 was rejected on this device"
 
 
-
 def test_a_rejected_version_is_tried_again_only_when_offered_on_purpose() -> None:
     """An unchanged entry never retries a rejected version; a new generation (a new rollout,
     an operator's ``edgectl devices retry``) does."""

@@ -1,0 +1,58 @@
+"""A real ``edge-agent daemon`` for tests: a digits bundle installed in its store, the process
+started on a config file, and a wait until its local API says it is ready."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from agent.models.bundle import VariantSpec, build_bundle
+from agent.models.store import ModelStore
+from agent.samples import DigitsData
+
+
+def install_digits(work: Path, state_dir: Path, digits_path: Path, digits: DigitsData) -> None:
+    """Build the digits CNN's bundle (version 1.0.0) and make it the store's active version."""
+    golden = {"input": digits.x_test[:1].astype(np.float32)}
+    bundle = work / "bundle"
+    build_bundle(bundle, "digits", "1.0.0", [VariantSpec(digits_path)], golden_inputs=[golden])
+    store = ModelStore(state_dir)
+    store.install(bundle)
+    store.activate("digits", "1.0.0")
+
+
+@contextmanager
+def running_daemon(
+    config: Path, port: int, log_path: Path, timeout_s: float = 60.0
+) -> Iterator[subprocess.Popen[bytes]]:
+    """The daemon on ``config``, once ``/v2/health/ready`` on ``port`` answers 200; terminated
+    (and waited for) when the block ends. Its output goes to ``log_path``."""
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "daemon", "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    ready = httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1)
+                    if ready.status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, "daemon not ready"
+                time.sleep(0.1)
+            yield proc
+        finally:
+            proc.terminate()
+            proc.wait(30)
