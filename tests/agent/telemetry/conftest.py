@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import random
 import socket
 import subprocess
 import threading
@@ -20,9 +21,27 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free loopback port below the kernel's ephemeral range. A broker here is often started
+    after clients have been trying to reach it: a client connecting to a port in that range
+    while nothing listens can be handed that same port as its source and connect to itself
+    (TCP simultaneous open), and then the broker cannot bind it."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def port_open(port: int) -> bool:
