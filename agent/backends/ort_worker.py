@@ -161,7 +161,7 @@ class OrtWorkerSession:
         self._region: _Region | None = None
         self._closed = False
         self._reaper: threading.Thread | None = None
-        # A session dropped without close(): the worker is told to exit and reaped all the same.
+        # Lets the worker go: on close() or a restart, or when the session is dropped unclosed.
         self._abandoned = weakref.finalize(self, _abandon, process, conn)
 
     @property
@@ -212,10 +212,7 @@ class OrtWorkerSession:
 
     def _restart(self) -> None:
         """Replace a dead worker with a new one that loads the same model (under the lock)."""
-        self._abandoned()  # the old one's socket closed, its process reaped
-        if self._region is not None:
-            self._region.close()
-            self._region = None
+        self._let_go()
         try:
             process, conn, _ = _spawn(self._artifact, self._options)
         except Exception as exc:
@@ -283,17 +280,16 @@ class OrtWorkerSession:
             if self._closed:
                 return
             self._closed = True
-            self._abandoned.detach()
-            with contextlib.suppress(OSError, ValueError):
-                self._conn.send(("close",))
-            self._conn.close()
-            if self._region is not None:
-                self._region.close()
-                self._region = None
-        self._reaper = threading.Thread(
-            target=_reap, args=(self._process, CLOSE_TIMEOUT_S), name="ort-worker-reap", daemon=True
-        )
-        self._reaper.start()
+            self._reaper = self._let_go()
+
+    def _let_go(self) -> threading.Thread | None:
+        """Tell the current worker to exit, close its socket and region, and reap it in the
+        background (the reaper thread); under the lock."""
+        reaper: threading.Thread | None = self._abandoned()  # runs ``_abandon`` once
+        if self._region is not None:
+            self._region.close()
+            self._region = None
+        return reaper
 
     def wait_exit(self, timeout: float | None = None) -> int | None:
         """After ``close``: wait until the worker has exited (its device memory is back), and
@@ -408,13 +404,16 @@ def _await_reply(
     raise InferenceError(f"onnxruntime worker {process.pid} did not answer a {what} in time")
 
 
-def _abandon(process: subprocess.Popen[bytes], conn: Connection) -> None:
+def _abandon(process: subprocess.Popen[bytes], conn: Connection) -> threading.Thread:
+    """Ask a worker to exit, close our end of its socket, and reap it in a thread (returned)."""
     with contextlib.suppress(OSError, ValueError):
         conn.send(("close",))
     conn.close()
-    threading.Thread(
+    reaper = threading.Thread(
         target=_reap, args=(process, CLOSE_TIMEOUT_S), name="ort-worker-reap", daemon=True
-    ).start()
+    )
+    reaper.start()
+    return reaper
 
 
 def _reap(process: subprocess.Popen[bytes], timeout: float) -> None:

@@ -3,6 +3,7 @@ with the CPU provider (``ort_process="always"``); the GPU tests run the same cla
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 
 from agent.backends import Artifact, LoadOptions
@@ -140,16 +142,12 @@ def test_a_model_the_runtime_refuses_fails_the_load_and_leaves_no_worker(
 
 
 def _children() -> set[int]:
-    me = os.getpid()
+    """This process's live children (zombies have exited)."""
     found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == me and fields[0] != "Z":
-                found.add(int(entry.name))
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            if child.status() != psutil.STATUS_ZOMBIE:
+                found.add(child.pid)
     return found
 
 
