@@ -409,7 +409,8 @@ def test_retention_keeps_buckets_by_age_and_by_rows(engine: Engine) -> None:
 
 def test_failed_flush_loses_nothing(engine: Engine) -> None:
     dev = device_id()
-    start = time.time()
+    # On a minute's start: ``start + 121 s`` must fall in the third minute's bucket.
+    start = (time.time() // 60) * 60
     fleet = _fleet_with_minutes(dev, 3, start)
     writer = TelemetryWriter(engine)
     with engine.begin() as conn:  # the table disappears under the writer
