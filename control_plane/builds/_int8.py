@@ -196,12 +196,13 @@ def search_onnx_int8(
         nonlocal best
         step_started = clock()
         path = work / f"int8-{method.lower()}-{len(exclude)}.onnx"
+        settings = Int8Recipe(calibrate_method=method)
         quantize_int8(
             fp32_path,
             path,
             calibration,
             batch=batch,
-            recipe=Int8Recipe(calibrate_method=method),
+            recipe=settings,
             nodes_to_exclude=exclude,
             calibration_cache=work / f"calibration-{method.lower()}.json",
         )
@@ -211,7 +212,8 @@ def search_onnx_int8(
             raise VariantBuildError(
                 f"the quantized file does not run: {first_line(exc)}", target="onnx-int8"
             ) from exc
-        recipe = f"QDQ U8/S8 per-channel, {method} calibration"
+        weights = "S7 (reduce_range)" if settings.reduce_range else "S8"
+        recipe = f"QDQ U8/{weights} per-channel, {method} calibration"
         action = recipe if not exclude else f"{recipe}, {len(exclude)} costliest nodes in float"
         steps.append(_step(action, score, len(exclude), step_started, clock))
         passed = gate.passes(score)

@@ -79,8 +79,12 @@ def make_model(path: Path, *, opset: int = 13, dynamic: bool = True) -> Path:
 def digits_int8(
     digits_path: Path, digits: DigitsData, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
-    """The digits CNN quantized by ONNX Runtime (static, QDQ, per-channel), calibrated on train."""
+    """The digits CNN quantized by ONNX Runtime (static, QDQ, per-channel), calibrated on train.
+    On an x86 CPU without integer dot products (AVX2 only), with ``reduce_range``, as the
+    control plane's build does there: ONNX Runtime's u8 x s8 kernels saturate in int16."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    from control_plane.builds._onnx import host_int8_saturates
 
     class Reader(CalibrationDataReader):  # type: ignore[misc]
         def __init__(self) -> None:
@@ -91,6 +95,11 @@ def digits_int8(
 
     out = tmp_path_factory.mktemp("int8") / "digits-int8.onnx"
     quantize_static(
-        str(digits_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True
+        str(digits_path),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        reduce_range=host_int8_saturates(),
     )
     return out
