@@ -89,6 +89,8 @@ class BackendConfig(_Section):
     # ONNX Runtime sessions in worker processes: "gpu" (sessions on a device provider),
     # "always" or "never" (see LoadOptions.ort_process and docs/gpu.md).
     ort_process: Literal["gpu", "always", "never"] = "gpu"
+    # Keep one retired worker (and its CUDA context) for the next load (see docs/gpu.md).
+    ort_spare_worker: bool = True
     choice_budget_s: float = Field(default=20.0, gt=0)
     choice_tolerance: float = Field(default=0.10, ge=0)  # fastest within 10% wins ties by accuracy
     # The daemon measures the fitting variants of a new version (at most ``max_candidates``, best

@@ -172,6 +172,7 @@ def bench_swap(
     switch_interval_s: float | None = None,
     graph_runner: bool = True,
     ort_process: str = "gpu",
+    spare: bool = True,
     collect: bool = False,
     warm_runs: int = 1 + CAPTURE_RUNS,
 ) -> dict[str, Any]:
@@ -185,6 +186,7 @@ def bench_swap(
         ort_provider_options={"CUDAExecutionProvider": cuda_options or {}},
         ort_graph_runner=graph_runner,
         ort_process=ort_process,  # type: ignore[arg-type]
+        ort_spare_worker=spare,
     )
     default_interval = sys.getswitchinterval()
     if switch_interval_s is not None:
@@ -238,7 +240,7 @@ def bench_swap(
             t_switched = time.perf_counter()
             old.close()
             if isinstance(old, OrtWorkerSession):
-                old.wait_exit(10)  # its teardown runs in its own process: inside the window
+                old.wait_released(10)  # released in its own process: inside the window
             del old
             t_closed = time.perf_counter()
             if collect:
@@ -384,7 +386,8 @@ def swap_section(work: Path, swaps: int) -> None:
     )
     shape = (1, 3, 224, 224)
     passes = [
-        ("worker process", bench_swap(r16, "input", shape, swaps)),
+        ("worker, spare", bench_swap(r16, "input", shape, swaps)),
+        ("worker, exits", bench_swap(r16, "input", shape, swaps, spare=False)),
         ("runner here", bench_swap(r16, "input", shape, swaps, ort_process="never")),
         (
             "caller's thread",
@@ -395,9 +398,10 @@ def swap_section(work: Path, swaps: int) -> None:
     print("Swap on GPU: ResNet-50 fp16 b1 on the agent path, loop thread back to back; each swap =")
     print(
         f"load + {1 + CAPTURE_RUNS} warm runs + switch + drain + close of the old session (for a"
-        " worker process: until it has exited), then 0.3 s steady. 'worker process': sessions in"
-        " worker processes (the default); 'runner here': in this process, every run on the"
-        " session's graph runner thread; 'caller's thread': in this process, on the loop thread"
+        " worker process: until it has released the model), then 0.3 s steady. 'worker, spare':"
+        " sessions in worker processes, the retired one kept for the next load (the default);"
+        " 'worker, exits': the retired worker exits; 'runner here': in this process, every run on"
+        " the session's graph runner thread; 'caller's thread': in this process, on the loop thread"
     )
     head = (
         f"{'pass':<17}{'swaps':>6}{'steady p50/p99':>16}{'swap p50/p99':>15}{'ratio p99':>10}"

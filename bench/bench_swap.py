@@ -13,9 +13,12 @@ loader works whenever it likes and the request that leaves a retired version las
 loads, closes happen on the loader thread); ``--inproc`` adds ``inproc``, quiet swaps that load in
 this process (``ModelSlot(background_loads=False)``: OpenVINO compiles here). ``--gpu`` runs
 the same on ONNX Runtime's CUDA provider (shapes pinned so CUDA graphs capture) with a faster
-loop (``--rate``), sessions in worker processes (the default there), and adds ``here``: quiet
-swaps with the sessions in this process (``LoadOptions(ort_process="never")``). On the GPU a
-swap window lasts until the retired version's worker has exited, and GPU memory is read too.
+loop (``--rate``), sessions in worker processes (the default there), the retired version's worker
+kept as the spare that loads the next one (the default), and adds ``qexit``: quiet swaps whose
+retired worker exits (``LoadOptions(ort_spare_worker=False)``), and ``here``: quiet swaps with the
+sessions in this process (``LoadOptions(ort_process="never")``). On the GPU a swap window lasts
+until the retired version's worker has released its model (kept) or exited, and GPU memory is
+read too.
 
 Input 1x3x320x320 (640 makes each round several times longer on a 2-core box). The hot path runs
 with 1 intra-op thread and the loader with 1 (``SwapConfig.loader_threads``), so on 2 cores each
@@ -39,7 +42,7 @@ import numpy as np
 import psutil
 
 from agent.backends import LoadOptions, get_backend
-from agent.backends.ort_worker import OrtWorkerSession
+from agent.backends.ort_worker import OrtWorkerSession, spare_pids
 from agent.config import BackendConfig, SwapConfig
 from agent.contracts.manifest import Tolerance
 from agent.gpu_metrics import NvmlReader
@@ -52,13 +55,16 @@ from agent.samples import ppocr_detector
 
 SHAPE = (1, 3, 320, 320)
 RATE_HZ = 12.0
-# column suffix -> ModelSlot(quiet_swap=..., background_loads=...), LoadOptions.ort_process
+# column suffix -> ModelSlot(quiet_swap=..., background_loads=...), LoadOptions.ort_process,
+# LoadOptions.ort_spare_worker
 MODES = {
-    "plain": (False, False, "gpu"),
-    "quiet": (True, True, "gpu"),
-    "inproc": (True, False, "gpu"),
-    "here": (True, True, "never"),
+    "plain": (False, False, "gpu", True),
+    "quiet": (True, True, "gpu", True),
+    "qexit": (True, True, "gpu", False),
+    "inproc": (True, False, "gpu", True),
+    "here": (True, True, "never", True),
 }
+GPU_ONLY = ("qexit", "here")
 
 
 class HotLoop:
@@ -162,7 +168,8 @@ def gpu_memory() -> int | None:
 
 
 def retired_workers_exited(slots: Iterable[ModelSlot], timeout_s: float = 10.0) -> None:
-    """Wait until no worker process is left but those of the versions that serve."""
+    """Wait until no worker process is left but those of the versions that serve and the
+    spare (a retired version's worker once it has released its model)."""
     sessions = [getattr(s.current, "_session", None) for s in slots]
     serving = {s.pid for s in sessions if isinstance(s, OrtWorkerSession)}
     deadline = time.monotonic() + timeout_s
@@ -173,7 +180,7 @@ def retired_workers_exited(slots: Iterable[ModelSlot], timeout_s: float = 10.0) 
                 argv = child.cmdline()
                 if child.status() != psutil.STATUS_ZOMBIE and "agent.backends.ort_worker" in argv:
                     workers.add(child.pid)
-        if workers <= serving:
+        if workers <= serving | set(spare_pids()):
             return
         time.sleep(0.01)
 
@@ -214,7 +221,7 @@ def main() -> int:
     options = (
         LoadOptions(input_shapes={"x": SHAPE}) if args.gpu else LoadOptions(intra_op_threads=1)
     )
-    modes = [m for m in MODES if (m != "inproc" or args.inproc) and (m != "here" or args.gpu)]
+    modes = [m for m in MODES if (m != "inproc" or args.inproc) and (m not in GPU_ONLY or args.gpu)]
     runtimes = [f"{rt[:4]}-{mode}" for rt in usable for mode in modes]
     slots = {
         col: ModelSlot(
@@ -225,6 +232,7 @@ def main() -> int:
             load_options=dataclasses.replace(
                 options,
                 ort_process=MODES[col.split("-")[1]][2],  # type: ignore[arg-type]
+                ort_spare_worker=MODES[col.split("-")[1]][3],
             ),
             latency_runs=3,
             quiet_swap=MODES[col.split("-")[1]][0],

@@ -73,6 +73,9 @@ class LoadOptions:
     # "gpu" for sessions on a device provider (creating and releasing those holds the GIL of
     # the process that does it), "always", or "never".
     ort_process: Literal["gpu", "always", "never"] = "gpu"
+    # A retired session's worker is kept (one at most, its CUDA context included) and loads the
+    # next version, instead of exiting: no context is created or torn down beside a serving one.
+    ort_spare_worker: bool = True
     # The load runs beside a version that serves (a swap's loader): keep its CPU work out of
     # the serving process where the runtime allows. OpenVINO compiles in a child process at the
     # lowest priority into its model cache, and this process only imports the compiled blob.

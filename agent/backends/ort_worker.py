@@ -18,15 +18,25 @@ it. Object tensors (strings) and outputs that do not fit travel pickled instead.
 The worker dies with the parent (``PR_SET_PDEATHSIG``, and an end-of-file on the socket). A
 worker that dies or hangs fails the run in flight with ``InferenceError`` without taking the
 agent with it, and the next run starts a new worker on the same model.
-The worker loads at the priority it was started with (a swap's loader runs lower) and takes the
-serving process's priority back before it reports ready, where the system allows it.
+The worker loads at the priority of the thread that asked for the load (a swap's loader runs
+lower) and takes the serving process's priority back before it reports ready, where the system
+allows it.
+
+A closed session's worker releases its model and is kept as the spare (one at most,
+``LoadOptions.ort_spare_worker``): the next load runs in it, so a swap neither creates nor tears
+down a CUDA context beside the one that serves. Workers are started from one long-lived thread:
+the parent-death signal follows the thread that started a process, and a loader or request
+thread may end while its worker serves on.
 """
 
 from __future__ import annotations
 
+import atexit
+import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
+import gc
 import mmap
 import os
 import signal
@@ -42,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.backends.base import Artifact, Feeds, LoadOptions, Outputs, validate_feeds
+from agent.backends.base import Artifact, Feeds, LoadOptions, Outputs, Session, validate_feeds
 from agent.contracts.manifest import Precision
 from agent.contracts.tensors import TensorSpec, numpy_dtype
 from agent.errors import (
@@ -54,7 +64,7 @@ from agent.errors import (
 )
 from agent.logs import get_logger
 
-__all__ = ["MAX_REGION_BYTES", "OrtWorkerSession", "worker_supported"]
+__all__ = ["MAX_REGION_BYTES", "OrtWorkerSession", "spare_pids", "worker_supported"]
 
 log = get_logger(__name__)
 
@@ -62,7 +72,8 @@ ALIGN = 64
 MAX_REGION_BYTES = 1 << 31  # 2 GiB: larger runs travel pickled (the API bounds requests anyway)
 RUN_TIMEOUT_S = 120.0  # a run that takes longer: the worker is killed and the run fails
 LOAD_POLL_S = 0.5  # how often a load checks that the worker is still alive
-CLOSE_TIMEOUT_S = 10.0  # a closed worker that has not exited by then is killed
+CLOSE_TIMEOUT_S = 10.0  # a closed worker that has not exited (or released its model) is killed
+MAX_SPARES = 1  # idle workers kept for the next load
 _PR_SET_PDEATHSIG = 1
 
 
@@ -129,29 +140,35 @@ def _error_reply(exc: BaseException) -> tuple[str, str, str]:
     return ("error", "inference", f"{type(exc).__name__}: {exc}")
 
 
+@dataclasses.dataclass(eq=False)
+class _Worker:
+    """A worker process and our end of its socket."""
+
+    process: subprocess.Popen[bytes]
+    conn: Connection
+    healthy: bool = True  # false once it died or hung: never kept as the spare
+
+
 class OrtWorkerSession:
     """A ``Session`` whose ONNX Runtime session lives in a worker process."""
 
     backend = "onnxruntime"
     serves_as_loaded = True  # the worker takes the serving priority back itself: no reload
-    memory_elsewhere = True  # closing frees nothing here worth a heap trim: the worker exits
+    memory_elsewhere = True  # closing frees nothing here worth a heap trim: the worker's memory
 
     def __init__(
         self,
-        process: subprocess.Popen[bytes],
-        conn: Connection,
+        worker: _Worker,
         *,
         artifact: Artifact,
         options: LoadOptions,
         ready: dict[str, Any],
     ) -> None:
-        self._process = process
-        self._conn = conn
+        self._worker = worker
         self._artifact = artifact
         self._options = options
         self._name = artifact.name
         self.precision: Precision = artifact.precision
-        self._dead = False  # the worker died: the next run starts another
         self.device: str = ready["device"]
         self.inputs: tuple[TensorSpec, ...] = tuple(ready["inputs"])
         self.outputs: tuple[TensorSpec, ...] = tuple(ready["outputs"])
@@ -160,22 +177,26 @@ class OrtWorkerSession:
         self._lock = threading.Lock()
         self._region: _Region | None = None
         self._closed = False
-        self._reaper: threading.Thread | None = None
+        self._releaser: threading.Thread | None = None
         # Lets the worker go: on close() or a restart, or when the session is dropped unclosed.
-        self._abandoned = weakref.finalize(self, _abandon, process, conn)
+        self._abandoned = weakref.finalize(self, _let_go, worker, options.ort_spare_worker)
 
     @property
     def pid(self) -> int:
-        return self._process.pid
+        return self._worker.process.pid
+
+    @property
+    def _process(self) -> subprocess.Popen[bytes]:
+        return self._worker.process
 
     # -- starting ------------------------------------------------------------------------
 
     @classmethod
     def start(cls, artifact: Artifact, options: LoadOptions) -> OrtWorkerSession:
-        """Start a worker, have it load ``artifact``, and return once it can serve. A load that
-        fails in the worker raises here as the same class of error."""
-        process, conn, ready = _spawn(artifact, options)
-        return cls(process, conn, artifact=artifact, options=options, ready=ready)
+        """Have a worker (the spare, or a new one) load ``artifact``, and return once it can
+        serve. A load that fails in the worker raises here as the same class of error."""
+        worker, ready = _worker_with(artifact, options)
+        return cls(worker, artifact=artifact, options=options, ready=ready)
 
     # -- running -------------------------------------------------------------------------
 
@@ -190,36 +211,38 @@ class OrtWorkerSession:
         with self._lock:
             if self._closed:
                 raise InferenceError(f"{self._name}: session is closed")
-            if self._dead:
-                self._restart()
+            worker = self._worker
+            if not worker.healthy:
+                worker = self._restart()
             try:
                 if any(a.dtype.hasobject for a in arrays):
                     inline = dict(zip(self._input_names, arrays, strict=True))
-                    self._conn.send(("run-inline", inline))
+                    worker.conn.send(("run-inline", inline))
                 else:
                     self._send_run(arrays)
-                reply = _await_reply(self._conn, self._process, timeout=RUN_TIMEOUT_S, what="run")
+                reply = _await_reply(worker, timeout=RUN_TIMEOUT_S, what="run")
             except (InferenceError, OSError) as exc:  # it died or hung (and was killed)
-                self._dead = True
+                worker.healthy = False
                 log.warning("ort_worker_lost", model=self._name, pid=self.pid, reason=str(exc))
                 if isinstance(exc, InferenceError):
                     raise
-                code = self._process.poll()
+                code = worker.process.poll()
                 raise InferenceError(
                     f"onnxruntime worker {self.pid} is gone (code {code}): {exc}"
                 ) from exc
             return self._outputs(reply)
 
-    def _restart(self) -> None:
-        """Replace a dead worker with a new one that loads the same model (under the lock)."""
+    def _restart(self) -> _Worker:
+        """Replace a dead worker with one that loads the same model (under the lock)."""
         self._let_go()
         try:
-            process, conn, _ = _spawn(self._artifact, self._options)
+            worker, _ = _worker_with(self._artifact, self._options)
         except Exception as exc:
             raise InferenceError(f"{self._name}: worker restart failed: {exc}") from exc
-        self._process, self._conn, self._dead = process, conn, False
-        self._abandoned = weakref.finalize(self, _abandon, process, conn)
-        log.warning("ort_worker_restarted", model=self._name, pid=process.pid)
+        self._worker = worker
+        self._abandoned = weakref.finalize(self, _let_go, worker, self._options.ort_spare_worker)
+        log.warning("ort_worker_restarted", model=self._name, pid=worker.process.pid)
+        return worker
 
     def _send_run(self, arrays: list[np.ndarray[Any, Any]]) -> None:
         offsets, end = _layout(arrays, 0)
@@ -229,13 +252,14 @@ class OrtWorkerSession:
             self._replace_region(min(max(estimate, 1 << 16), MAX_REGION_BYTES), need=end)
             region = self._region
         if region is None or end > region.size:  # larger than any region: pickled
-            self._conn.send(("run-inline", dict(zip(self._input_names, arrays, strict=True))))
+            inline = dict(zip(self._input_names, arrays, strict=True))
+            self._worker.conn.send(("run-inline", inline))
             return
         header = []
         for name, arr, offset in zip(self._input_names, arrays, offsets, strict=True):
             region.view(arr.dtype.str, arr.shape, offset)[...] = arr
             header.append((name, arr.dtype.str, arr.shape, offset))
-        self._conn.send(("run", header, end))
+        self._worker.conn.send(("run", header, end))
 
     def _outputs(self, reply: tuple[Any, ...]) -> Outputs:
         kind = reply[0]
@@ -265,8 +289,8 @@ class OrtWorkerSession:
         if size < need:
             return
         region = _Region(size)
-        self._conn.send(("region", size))
-        send_handle(self._conn, region.fd, self._process.pid)
+        self._worker.conn.send(("region", size))
+        send_handle(self._worker.conn, region.fd, self._worker.process.pid)
         old, self._region = self._region, region
         if old is not None:
             old.close()
@@ -274,43 +298,155 @@ class OrtWorkerSession:
     # -- closing -------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Ask the worker to exit and return at once: its teardown (device memory, handles)
-        runs in its own process; a reaper kills it if it has not exited in time."""
+        """Let the worker go and return at once: it releases the model in its own process
+        (device memory, handles) and stays as the spare, or exits; a thread in the background
+        waits for that and kills a worker that takes too long."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            self._reaper = self._let_go()
+            self._releaser = self._let_go()
 
     def _let_go(self) -> threading.Thread | None:
-        """Tell the current worker to exit, close its socket and region, and reap it in the
-        background (the reaper thread); under the lock."""
-        reaper: threading.Thread | None = self._abandoned()  # runs ``_abandon`` once
+        """Let the current worker go (the finalizer's ``_let_go``), and close our region;
+        under the lock."""
+        releaser: threading.Thread | None = self._abandoned()  # runs ``_let_go`` once
         if self._region is not None:
             self._region.close()
             self._region = None
-        return reaper
+        return releaser
+
+    def wait_released(self, timeout: float | None = None) -> bool:
+        """After ``close``: wait until the worker has let the model go (its device memory is
+        back), kept as the spare or exited. Whether it has."""
+        if self._releaser is not None:
+            self._releaser.join(timeout)
+            return not self._releaser.is_alive()
+        return self._closed
 
     def wait_exit(self, timeout: float | None = None) -> int | None:
-        """After ``close``: wait until the worker has exited (its device memory is back), and
-        return its exit code (``None`` if it still runs)."""
-        if self._reaper is not None:
-            self._reaper.join(timeout)
-        return self._process.poll()
+        """After ``close`` of a session whose worker is not kept: wait until the worker has
+        exited, and return its exit code (``None`` if it still runs or was kept)."""
+        self.wait_released(timeout)
+        return self._worker.process.poll()
 
 
-def _spawn(
-    artifact: Artifact, options: LoadOptions
-) -> tuple[subprocess.Popen[bytes], Connection, dict[str, Any]]:
-    """A worker that has loaded ``artifact``: its process, its end of the socket, and what it
-    reported (provider, tensor specs, whether CUDA graphs are captured)."""
+class _Spares:
+    """Idle workers, their model released, kept for the next load (``MAX_SPARES`` at most)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[_Worker] = []
+
+    def take(self) -> _Worker | None:
+        with self._lock:
+            while self._idle:
+                worker = self._idle.pop()
+                if worker.process.poll() is None:
+                    return worker
+                worker.conn.close()  # it died while idle
+        return None
+
+    def offer(self, worker: _Worker) -> bool:
+        with self._lock:
+            if len(self._idle) >= MAX_SPARES:
+                return False
+            self._idle.append(worker)
+            return True
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [w.process.pid for w in self._idle]
+
+    def close(self) -> None:
+        """At exit: tell the idle workers to exit, and reap them."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            _close(worker, timeout=1.0)
+
+
+_SPARES = _Spares()
+atexit.register(_SPARES.close)
+
+
+def spare_pids() -> list[int]:
+    """The process ids of the idle workers kept for the next load."""
+    return _SPARES.pids()
+
+
+def _worker_with(artifact: Artifact, options: LoadOptions) -> tuple[_Worker, dict[str, Any]]:
+    """A worker that has loaded ``artifact`` (the spare when there is one), and what it
+    reported: provider, tensor specs, whether CUDA graphs are captured."""
+    if options.ort_spare_worker:
+        spare = _SPARES.take()
+        if spare is not None:
+            try:
+                return spare, _load_in(spare, artifact, options)
+            except InferenceError as exc:  # it died: a new one loads instead
+                log.info("ort_spare_lost", model=artifact.name, reason=str(exc))
+    worker = _start_worker()
+    return worker, _load_in(worker, artifact, options)
+
+
+def _load_in(worker: _Worker, artifact: Artifact, options: LoadOptions) -> dict[str, Any]:
+    """Have ``worker`` load ``artifact``. On any failure the worker is gone (it exits after a
+    load it could not do) and the error is raised as its own class."""
+    worker_options = dataclasses.replace(
+        options, ort_process="never", ort_graph_runner=False, between_frames=None
+    )
+    try:
+        # Fields rather than the frozen, slotted dataclass: plain values unpickle on any Python.
+        fields = (artifact.path, artifact.format, artifact.precision, artifact.name)
+        load_nice = _thread_nice()
+        worker.conn.send(
+            ("load", (*fields, artifact.digest), worker_options, load_nice, _serving_nice())
+        )
+        # Not held still while requests are served (``agent.backends.quiet``): on the GPU
+        # machine that put 33 slow frames in the loads of 6 quiet swaps, against 3 ungated.
+        reply = _await_reply(worker, timeout=None, what="load")
+    except OSError as exc:  # its socket is closed: it is gone
+        _close(worker, timeout=0)
+        raise InferenceError(f"onnxruntime worker {worker.process.pid} is gone: {exc}") from exc
+    except BaseException:
+        _close(worker, timeout=0)
+        raise
+    if reply[0] == "error":
+        _close(worker, timeout=CLOSE_TIMEOUT_S)
+        _, kind, message = reply
+        if kind == "unavailable":
+            raise BackendUnavailableError("onnxruntime", message)
+        raise ModelLoadError(message, model=artifact.name)
+    ready: dict[str, Any] = reply[1]
+    log.debug(
+        "ort_worker_ready",
+        model=artifact.name,
+        pid=worker.process.pid,
+        provider=ready["device"],
+        cuda_graph=ready["cuda_graph"],
+    )
+    return ready
+
+
+# One long-lived thread starts every worker: a worker's parent-death signal fires when the thread
+# that started it ends (prctl(2)), and loader and request threads come and go.
+_STARTER = concurrent.futures.ThreadPoolExecutor(
+    max_workers=1, thread_name_prefix="ort-worker-start"
+)
+
+
+def _start_worker() -> _Worker:
+    return _STARTER.submit(_popen_worker).result()
+
+
+def _popen_worker() -> _Worker:
     ours, theirs = _socketpair()
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])  # the directory holding ``agent``
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "agent.backends.ort_worker", str(theirs)],
+            [sys.executable, "-m", "agent.backends.ort_worker", str(theirs), str(os.getpid())],
             pass_fds=(theirs,),
             stdin=subprocess.DEVNULL,
             env=env,
@@ -320,37 +456,7 @@ def _spawn(
         raise BackendUnavailableError("onnxruntime", f"cannot start a worker: {exc}") from exc
     finally:
         os.close(theirs)
-    conn = Connection(ours)
-    worker_options = dataclasses.replace(
-        options, ort_process="never", ort_graph_runner=False, between_frames=None
-    )
-    try:
-        # Fields rather than the frozen, slotted dataclass: plain values unpickle on any Python.
-        fields = (artifact.path, artifact.format, artifact.precision, artifact.name)
-        conn.send(("load", (*fields, artifact.digest), worker_options, _serving_nice()))
-        # Not held still while requests are served (``agent.backends.quiet``): on the GPU
-        # machine that put 33 slow frames in the loads of 6 quiet swaps, against 3 ungated.
-        reply = _await_reply(conn, process, timeout=None, what="load")
-    except BaseException:
-        conn.close()
-        _reap(process, timeout=0)
-        raise
-    if reply[0] == "error":
-        conn.close()
-        _reap(process, timeout=CLOSE_TIMEOUT_S)
-        _, kind, message = reply
-        if kind == "unavailable":
-            raise BackendUnavailableError("onnxruntime", message)
-        raise ModelLoadError(message, model=artifact.name)
-    ready: dict[str, Any] = reply[1]
-    log.debug(
-        "ort_worker_ready",
-        model=artifact.name,
-        pid=process.pid,
-        provider=ready["device"],
-        cuda_graph=ready["cuda_graph"],
-    )
-    return process, conn, ready
+    return _Worker(process, Connection(ours))
 
 
 def _itemsize(datatype: str) -> int:
@@ -376,11 +482,18 @@ def _serving_nice() -> int | None:
         return None
 
 
-def _await_reply(
-    conn: Connection, process: subprocess.Popen[bytes], *, timeout: float | None, what: str
-) -> tuple[Any, ...]:
+def _thread_nice() -> int | None:
+    """The calling thread's priority (Linux: ``PRIO_PROCESS`` 0 names the calling thread)."""
+    try:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+    except OSError:
+        return None
+
+
+def _await_reply(worker: _Worker, *, timeout: float | None, what: str) -> tuple[Any, ...]:
     """The worker's answer; ``InferenceError`` when it dies first or (with ``timeout``) hangs,
     in which case it is killed."""
+    conn, process = worker.conn, worker.process
     waited = 0.0
     while timeout is None or waited < timeout:
         step = LOAD_POLL_S if timeout is None else min(LOAD_POLL_S, timeout - waited)
@@ -389,6 +502,7 @@ def _await_reply(
                 reply: tuple[Any, ...] = conn.recv()
                 return reply
         except (EOFError, OSError):  # its end closed: it exited or is exiting
+            worker.healthy = False
             try:
                 code = process.wait(timeout=5)
             except subprocess.TimeoutExpired:
@@ -399,21 +513,42 @@ def _await_reply(
         waited += step
         if process.poll() is not None:
             continue  # its last words may still be in the socket: the next poll reads them
+    worker.healthy = False
     process.kill()
     process.wait()
     raise InferenceError(f"onnxruntime worker {process.pid} did not answer a {what} in time")
 
 
-def _abandon(process: subprocess.Popen[bytes], conn: Connection) -> threading.Thread:
-    """Ask a worker to exit, close our end of its socket, and reap it in a thread (returned)."""
-    with contextlib.suppress(OSError, ValueError):
-        conn.send(("close",))
-    conn.close()
-    reaper = threading.Thread(
-        target=_reap, args=(process, CLOSE_TIMEOUT_S), name="ort-worker-reap", daemon=True
+def _let_go(worker: _Worker, keep: bool) -> threading.Thread:
+    """Let a session's worker go, in a thread (returned): it releases its model and becomes
+    the spare when ``keep`` and there is room, or is told to exit and reaped."""
+    thread = threading.Thread(
+        target=_release, args=(worker, keep), name="ort-worker-release", daemon=True
     )
-    reaper.start()
-    return reaper
+    thread.start()
+    return thread
+
+
+def _release(worker: _Worker, keep: bool) -> None:
+    if keep and worker.healthy and worker.process.poll() is None:
+        try:
+            worker.conn.send(("release",))
+            reply = _await_reply(worker, timeout=CLOSE_TIMEOUT_S, what="release")
+        except (InferenceError, OSError, ValueError):
+            reply = ("lost",)
+        if reply == ("released",) and _SPARES.offer(worker):
+            log.debug("ort_worker_spare", pid=worker.process.pid)
+            return
+    _close(worker, timeout=CLOSE_TIMEOUT_S)
+
+
+def _close(worker: _Worker, timeout: float) -> None:
+    """Tell a worker to exit, close our end of its socket, and reap it (killed after
+    ``timeout``)."""
+    with contextlib.suppress(OSError, ValueError):
+        worker.conn.send(("close",))
+    worker.conn.close()
+    _reap(worker.process, timeout)
 
 
 def _reap(process: subprocess.Popen[bytes], timeout: float) -> None:
@@ -427,56 +562,79 @@ def _reap(process: subprocess.Popen[bytes], timeout: float) -> None:
 # -- the worker's side -------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int | None) -> None:
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if parent is not None and os.getppid() != parent:  # it died before the signal was set
+        os._exit(1)
 
 
-def _take_priority(nice: int | None) -> None:
+def _set_priority(nice: int | None, *, lower_only: bool) -> None:
+    """Take ``nice`` for this process's loading thread (lowering is always allowed; raising
+    needs root or ``RLIMIT_NICE``)."""
     if nice is None:
         return
     with contextlib.suppress(OSError):
-        if os.getpriority(os.PRIO_PROCESS, 0) > nice:
+        now = os.getpriority(os.PRIO_PROCESS, 0)
+        if (now < nice) if lower_only else (now > nice):
             os.setpriority(os.PRIO_PROCESS, 0, nice)
 
 
 def serve(conn: Connection) -> None:
-    """The worker's loop: one load, then runs until told to close or the parent goes away."""
+    """The worker's loop: load a model, answer runs until told to release it (then wait for
+    the next load) or to close, or until the parent goes away."""
     from agent.backends.onnxruntime import OnnxRuntimeBackend
 
-    try:
-        _, fields, options, nice = conn.recv()
-    except (EOFError, OSError):
-        return
-    artifact = Artifact(*fields)
-    try:
-        session = OnnxRuntimeBackend().load(artifact, options)
-    except Exception as exc:
-        conn.send(_error_reply(exc))
-        return
-    _take_priority(nice)
-    conn.send(
-        (
-            "ready",
-            {
-                "device": session.device,
-                "inputs": list(session.inputs),
-                "outputs": list(session.outputs),
-                "cuda_graph": bool(getattr(session, "cuda_graph", False)),
-            },
+    backend = OnnxRuntimeBackend()
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message[0] != "load":  # "close"
+            return
+        _, fields, options, load_nice, nice = message
+        _set_priority(load_nice, lower_only=True)
+        try:
+            session = backend.load(Artifact(*fields), options)
+        except Exception as exc:
+            conn.send(_error_reply(exc))
+            return
+        _set_priority(nice, lower_only=False)
+        conn.send(
+            (
+                "ready",
+                {
+                    "device": session.device,
+                    "inputs": list(session.inputs),
+                    "outputs": list(session.outputs),
+                    "cuda_graph": bool(getattr(session, "cuda_graph", False)),
+                },
+            )
         )
-    )
+        if not _serve_session(conn, session):
+            return
+        from agent.models.loaded import return_freed_memory
+
+        gc.collect()
+        return_freed_memory()
+        conn.send(("released",))
+
+
+def _serve_session(conn: Connection, session: Session) -> bool:
+    """Answer runs on ``session`` and close it; whether the parent asked for a release (rather
+    than a close, or going away)."""
     region: _Region | None = None
     try:
         while True:
             try:
                 message = conn.recv()
             except (EOFError, OSError):
-                return
+                return False
             kind = message[0]
-            if kind == "close":
-                return
+            if kind in ("close", "release"):
+                return bool(kind == "release")
             if kind == "region":
                 fd = recv_handle(conn)
                 if region is not None:
@@ -518,7 +676,7 @@ def _output_reply(outputs: Outputs, region: _Region | None, start: int | None) -
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    _die_with_parent()
+    _die_with_parent(int(args[1]) if len(args) > 1 else None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when this one stops
     from agent.logs import configure_logging
 

@@ -168,7 +168,7 @@ class LoadedVersion:
             # (which holds the allocator's locks while it walks the arenas).
             # A session in a worker process frees its memory there, as the worker exits.
             elsewhere = getattr(session, "memory_elsewhere", False) is True
-            steps = (session.close,) if elsewhere else (session.close, _return_freed_memory)
+            steps = (session.close,) if elsewhere else (session.close, return_freed_memory)
             del session
             if self._closer is None or not self._closer(steps):
                 for step in steps:
@@ -193,7 +193,7 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return trim
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Give the pages of an unloaded session back to the OS. glibc keeps freed memory in its
     arenas (one per thread that allocated), so without this RSS creeps up with every swap."""
     trim = _malloc_trim()

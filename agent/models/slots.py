@@ -193,6 +193,7 @@ def load_options_from(config: BackendConfig, cache_dir: Path | None = None) -> L
         ort_disable_providers=config.ort_disable_providers,
         spin_wait=config.spin_wait,
         ort_process=config.ort_process,
+        ort_spare_worker=config.ort_spare_worker,
     )
 
 

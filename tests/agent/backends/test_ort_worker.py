@@ -18,13 +18,15 @@ import pytest
 
 from agent.backends import Artifact, LoadOptions
 from agent.backends.onnxruntime import OnnxRuntimeBackend, OrtSession
-from agent.backends.ort_worker import OrtWorkerSession, worker_supported
+from agent.backends.ort_worker import OrtWorkerSession, spare_pids, worker_supported
 from agent.errors import InferenceError, InputError, ModelLoadError
 from agent.samples import DigitsData
 
 pytestmark = pytest.mark.skipif(worker_supported() is not None, reason=str(worker_supported()))
 
-WORKER = LoadOptions(ort_process="always", intra_op_threads=1)
+# Workers that exit when their session closes; SPARE keeps one for the next load (the default).
+WORKER = LoadOptions(ort_process="always", intra_op_threads=1, ort_spare_worker=False)
+SPARE = LoadOptions(ort_process="always", intra_op_threads=1)
 HERE = LoadOptions(ort_process="never", intra_op_threads=1)
 
 
@@ -201,3 +203,92 @@ def test_a_session_dropped_without_close_does_not_leave_its_worker(digits_path: 
     del worker
     gc.collect()
     assert process.wait(timeout=10) == 0
+
+
+def _released(session: OrtWorkerSession) -> None:
+    assert session.wait_released(10)
+
+
+def test_a_closed_session_leaves_its_worker_for_the_next_load(
+    digits_path: Path, ppocr_path: Path, digits: DigitsData
+) -> None:
+    """The worker of a closed session releases its model and loads the next one (another
+    model here); one spare at most: a second closed session's worker exits."""
+    x = digits.x_test[:3]
+    first = _load(digits_path, SPARE, "digits")
+    want = first.run({"input": x})["logits"]
+    pid = first.pid
+    first.close()
+    _released(first)
+    assert pid in spare_pids()
+    assert _alive(pid)
+    second = _load(ppocr_path, SPARE, "ppocr")
+    third = _load(digits_path, SPARE, "digits")
+    try:
+        assert second.pid == pid  # the spare loaded it
+        assert pid not in spare_pids()
+        assert third.pid != pid
+        y = np.random.default_rng(0).random((1, 3, 64, 96), dtype=np.float32)
+        assert next(iter(second.run({"x": y}).values())).shape == (1, 1, 64, 96)
+        np.testing.assert_array_equal(third.run({"input": x})["logits"], want)
+    finally:
+        second.close()
+        third.close()
+    _released(second)
+    _released(third)
+    assert len(spare_pids()) == 1
+    exited = second if second.pid not in spare_pids() else third
+    assert exited._process.poll() == 0
+
+
+def test_a_spare_that_died_idle_is_replaced_at_the_next_load(
+    digits_path: Path, digits: DigitsData
+) -> None:
+    first = _load(digits_path, SPARE, "digits")
+    first.close()
+    _released(first)
+    for pid in spare_pids():
+        os.kill(pid, signal.SIGKILL)
+    dead = first.pid
+    second = _load(digits_path, SPARE, "digits")
+    try:
+        assert second.pid != dead
+        assert second.run({"input": digits.x_test[:2]})["logits"].shape == (2, 10)
+    finally:
+        second.close()
+    _released(second)
+
+
+def test_a_spare_refusing_a_model_fails_the_load_as_itself(
+    digits_path: Path, tmp_path: Path, digits: DigitsData
+) -> None:
+    first = _load(digits_path, SPARE, "digits")
+    first.close()
+    _released(first)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07not a model" * 100)
+    with pytest.raises(ModelLoadError, match=r"^bad: "):
+        _load(bad, SPARE, "bad")
+    again = _load(digits_path, SPARE, "digits")  # a new worker, since that one exited
+    try:
+        assert again.run({"input": digits.x_test[:1]})["logits"].shape == (1, 10)
+    finally:
+        again.close()
+
+
+def test_a_worker_loaded_from_a_thread_that_ended_serves_on(
+    digits_path: Path, digits: DigitsData
+) -> None:
+    """The parent-death signal follows the thread that started a process: workers are started
+    from one long-lived thread, so a loader thread that ends takes no worker with it."""
+    got: list[Any] = []
+    thread = threading.Thread(target=lambda: got.append(_load(digits_path, WORKER, "digits")))
+    thread.start()
+    thread.join()
+    worker = got[0]
+    try:
+        time.sleep(0.5)
+        assert _alive(worker.pid)
+        assert worker.run({"input": digits.x_test[:2]})["logits"].shape == (2, 10)
+    finally:
+        worker.close()

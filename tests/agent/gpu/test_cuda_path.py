@@ -222,7 +222,7 @@ def test_gpu_memory_returned_after_swaps(
         cls.close()
         for session in (det, cls):
             if isinstance(session, OrtWorkerSession):
-                assert session.wait_exit(10) == 0
+                assert session.wait_released(10)
         gc.collect()
 
     swap()
@@ -293,4 +293,4 @@ def test_worker_process_session_on_cuda(digits_path: Path, digits: DigitsData) -
     finally:
         gpu.close()
         cpu.close()
-    assert gpu.wait_exit(10) == 0
+    assert gpu.wait_released(10)
