@@ -11,9 +11,12 @@ process RSS after load and one inference, in a fresh process
 as a device runs it, by the agent's own backend with the configuration it gives that precision
 (OpenVINO FP32 with ``INFERENCE_PRECISION_HINT=f32``; ONNX Runtime without spinning threads).
 
-    .venv/bin/python bench/bench_int4.py [--rounds 5] [--cuda] [--budget 4]
+    .venv/bin/python bench/bench_int4.py [--rounds 5] [--cuda] [--budget 4] [--save DIR]
 
 ``--cuda`` times and loads the ONNX variants with ONNX Runtime's CUDA provider (GPU machine).
+``--save DIR`` keeps the built bundle and the tokenized inputs; ``--load DIR`` measures those
+instead of building (a machine without the build tools or the MiniLM wheel: the GPU machine),
+the OpenVINO variants only where OpenVINO is installed.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent import minilm
 from agent.backends import Artifact, LoadOptions, get_backend
 from agent.contracts.accuracy import score_task
+from agent.contracts.manifest import MANIFEST_FILE, BundleManifest
 from agent.logs import configure_logging
-from control_plane.builds import build_variants
 
 Run = Callable[[], Any]
 
@@ -53,12 +57,18 @@ backend = get_backend(runtime)
 backend.probe()  # imports the runtime
 if runtime == "openvino":
     backend.core()
+nvml = None
+if "CUDAExecutionProvider" in providers:
+    from agent.gpu_metrics import NvmlReader
+    nvml = NvmlReader().__enter__()
+    gpu_base = nvml.memory_used_bytes()
 base = proc.memory_info().rss
-options = LoadOptions(ort_disable_providers=tuple(
+options = LoadOptions(ort_process="never", ort_disable_providers=tuple(
     p for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") if p not in providers))
 session = backend.load(Artifact(Path(path), format=fmt, precision=precision), options)
 session.run(feeds)
-print(json.dumps({"base": base, "rss": proc.memory_info().rss}))
+gpu = None if nvml is None else nvml.memory_used_bytes() - gpu_base
+print(json.dumps({"base": base, "rss": proc.memory_info().rss, "gpu": gpu}))
 """
 
 # name -> (runtime, format, precision) as the agent loads it
@@ -74,7 +84,7 @@ def rss_after_load(
     name: str, path: Path, feeds: dict[str, Any], providers: list[str]
 ) -> dict[str, int]:
     """RSS of a fresh process after importing the runtime, and after the agent's backend has
-    loaded the variant and run it once."""
+    loaded the variant (in that process) and run it once; on CUDA, the device memory that took."""
     runtime, fmt, precision = KINDS[name]
     out = subprocess.run(
         [
@@ -98,14 +108,15 @@ def rss_after_load(
 
 def agent_session(name: str, path: Path, providers: list[str]) -> Any:
     """The variant as a device runs it: the agent's backend, with the config it gives that
-    precision (OpenVINO FP32 with ``INFERENCE_PRECISION_HINT=f32``)."""
+    precision (OpenVINO FP32 with ``INFERENCE_PRECISION_HINT=f32``), in this process (a CUDA
+    session too, which the daemon would put in a worker: the ratios compare the runtimes)."""
     runtime, fmt, precision = KINDS[name]
     disabled = tuple(
         p for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") if p not in providers
     )
     return get_backend(runtime).load(
         Artifact(path, format=fmt, precision=precision, name=name),  # type: ignore[arg-type]
-        LoadOptions(ort_disable_providers=disabled),
+        LoadOptions(ort_disable_providers=disabled, ort_process="never"),
     )
 
 
@@ -135,34 +146,54 @@ def main() -> None:
         help="accuracy budget in points (100: every variant accepted as first built; 4: the "
         "ONNX Runtime INT4 search keeps the costliest MatMul nodes in 8 bits until it holds)",
     )
+    parser.add_argument("--save", type=Path, help="keep the bundle and inputs in this directory")
+    parser.add_argument("--load", type=Path, help="measure a saved bundle instead of building")
     args = parser.parse_args()
     configure_logging(level="WARNING")
     providers = (
         ["CUDAExecutionProvider", "CPUExecutionProvider"] if args.cuda else ["CPUExecutionProvider"]
     )
-    source = minilm.minilm_onnx()
-    corpus = minilm.corpus()
-    # one input of exactly 128 tokens: corpus sentences joined, truncated at 128
-    long = minilm.encode([" ".join(corpus[:40])], max_length=128)
-    assert long["input_ids"].shape == (1, 128)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        val = work / "val.npz"
-        np.savez(val, **minilm.encode(corpus))  # type: ignore[arg-type]
-        started = time.monotonic()
-        manifest = build_variants(
-            source,
-            work / "bundle",
-            name="minilm",
-            version="1.0.0",
-            calibration=None,
-            validation=val,
-            golden=None,
-            accuracy_budget=args.budget,
-            targets=("onnx-fp32", "onnx-int4", "openvino-fp16", "openvino-int4"),
-        )
-        build_s = time.monotonic() - started
-        bundle = work / "bundle"
+        if args.load is not None:
+            saved = np.load(args.load / "inputs.npz")
+            long = {k[5:]: saved[k] for k in saved.files if k.startswith("long_")}
+            feeds_all = {k[4:]: saved[k] for k in saved.files if k.startswith("all_")}
+            bundle = args.load / "bundle"
+            manifest = BundleManifest.model_validate_json((bundle / MANIFEST_FILE).read_text())
+            build_s = float(saved["build_s"])
+            sentences = int(saved["sentences"])
+        else:
+            from control_plane.builds import build_variants  # not needed with --load
+
+            corpus = minilm.corpus()
+            sentences = len(corpus)
+            # one input of exactly 128 tokens: corpus sentences joined, truncated at 128
+            long = minilm.encode([" ".join(corpus[:40])], max_length=128)
+            assert long["input_ids"].shape == (1, 128)
+            feeds_all = minilm.encode(corpus)
+            val = work / "val.npz"
+            np.savez(val, **feeds_all)  # type: ignore[arg-type]
+            started = time.monotonic()
+            manifest = build_variants(
+                minilm.minilm_onnx(),
+                work / "bundle",
+                name="minilm",
+                version="1.0.0",
+                calibration=None,
+                validation=val,
+                golden=None,
+                accuracy_budget=args.budget,
+                targets=("onnx-fp32", "onnx-int4", "openvino-fp16", "openvino-int4"),
+            )
+            build_s = time.monotonic() - started
+            bundle = work / "bundle"
+            if args.save is not None:
+                shutil.copytree(bundle, args.save / "bundle", dirs_exist_ok=True)
+                arrays: dict[str, Any] = {"build_s": build_s, "sentences": sentences}
+                arrays.update({f"long_{k}": v for k, v in long.items()})
+                arrays.update({f"all_{k}": v for k, v in feeds_all.items()})
+                np.savez(args.save / "inputs.npz", **arrays)
         paths = {v.id: bundle / v.entrypoint for v in manifest.variants}
         paths["openvino-fp32"] = paths["onnx-fp32"]  # OpenVINO reads the FP32 ONNX as is
         float_of = {
@@ -171,9 +202,10 @@ def main() -> None:
             "openvino-fp32": "openvino-fp32",
             "openvino-int4": "openvino-fp32",
         }
+        if not get_backend("openvino").probe().usable:
+            float_of = {k: v for k, v in float_of.items() if not k.startswith("openvino")}
         runs: dict[str, Run] = {}
         outputs: dict[str, np.ndarray[Any, Any]] = {}
-        feeds_all = minilm.encode(corpus)
         for name in float_of:
             session = agent_session(name, paths[name], providers)
             outputs[name] = next(iter(session.run(feeds_all).values()))
@@ -186,7 +218,7 @@ def main() -> None:
                 weights[v.id] = v.build.weight_bytes
         weights["openvino-fp32"] = weights["onnx-fp32"]
         print(
-            f"all-MiniLM-L6-v2, {len(corpus)} sentences; build {build_s:.1f} s;"
+            f"all-MiniLM-L6-v2, {sentences} sentences; build {build_s:.1f} s;"
             f" providers {providers[0] if args.cuda else 'CPU'}"
         )
         header = (
@@ -194,6 +226,13 @@ def main() -> None:
             f"{'ms s128':>9}{'ratio':>7}{'cosine':>8}{'top10':>7}  precisions"
         )
         print(header)
+        if args.cuda:
+            taken = {n: (rss[n]["gpu"] or 0) / 1e6 for n in float_of}
+            print(
+                "GPU memory taken by the load and one run (MB): "
+                + ", ".join(f"{n} {mb:.0f}" for n, mb in taken.items())
+                + f"; INT4 / FP32 {taken['onnx-int4'] / (taken['onnx-fp32'] or 1):.2f}"
+            )
         for name, ref in float_of.items():
             score = score_task("embedding", [outputs["onnx-fp32"]], [outputs[name]])
             loaded = rss[name]["rss"] - rss[name]["base"]

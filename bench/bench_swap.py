@@ -205,6 +205,7 @@ def main() -> int:
     parser.add_argument(
         "--inproc", action="store_true", help="also quiet swaps that load in this process"
     )
+    parser.add_argument("--modes", default=None, help="comma-separated columns (default: all)")
     args = parser.parse_args()
     configure_logging("error")
     rate = args.rate or (100.0 if args.gpu else RATE_HZ)
@@ -222,6 +223,8 @@ def main() -> int:
         LoadOptions(input_shapes={"x": SHAPE}) if args.gpu else LoadOptions(intra_op_threads=1)
     )
     modes = [m for m in MODES if (m != "inproc" or args.inproc) and (m not in GPU_ONLY or args.gpu)]
+    if args.modes:
+        modes = [m for m in modes if m in args.modes.split(",")]
     runtimes = [f"{rt[:4]}-{mode}" for rt in usable for mode in modes]
     slots = {
         col: ModelSlot(
