@@ -158,11 +158,20 @@ def rss() -> int:
     return int(total)
 
 
-def gpu_memory() -> int | None:
-    """Device memory in use on GPU 0 (NVML), or ``None`` without a GPU."""
+def gpu_memory(settle_s: float = 5.0) -> int | None:
+    """Device memory in use on GPU 0 (NVML) once it has stopped changing (the driver frees an
+    exited worker's context a moment after the process is gone), or ``None`` without a GPU."""
     try:
         with NvmlReader() as nvml:
-            return nvml.memory_used_bytes()
+            used = nvml.memory_used_bytes()
+            deadline = time.monotonic() + settle_s
+            while time.monotonic() < deadline:
+                time.sleep(0.2)
+                again = nvml.memory_used_bytes()
+                if again == used:
+                    break
+                used = again
+            return used
     except Exception:
         return None
 
@@ -205,6 +214,7 @@ def main() -> int:
     parser.add_argument(
         "--inproc", action="store_true", help="also quiet swaps that load in this process"
     )
+    parser.add_argument("--trace-gpu", action="store_true", help="GPU memory after each cycle")
     parser.add_argument("--modes", default=None, help="comma-separated columns (default: all)")
     args = parser.parse_args()
     configure_logging("error")
@@ -296,6 +306,11 @@ def main() -> int:
                 retired_workers_exited(slots.values())
                 first = rss()
                 first_gpu = gpu_memory()
+            if args.trace_gpu:
+                retired_workers_exited(slots.values())
+                workers = [c.pid for c in psutil.Process().children() if c.status() != "zombie"]
+                print(f"cycle {cycle}: GPU {(gpu_memory() or 0) >> 20} MiB, workers {workers},"
+                      f" spare {spare_pids()}")  # fmt: skip
         retired_workers_exited(slots.values())
         memory[rt] = (first, rss())
         gpu[rt] = (first_gpu, gpu_memory())
