@@ -43,6 +43,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
@@ -74,6 +75,7 @@ RUN_TIMEOUT_S = 120.0  # a run that takes longer: the worker is killed and the r
 LOAD_POLL_S = 0.5  # how often a load checks that the worker is still alive
 CLOSE_TIMEOUT_S = 10.0  # a closed worker that has not exited (or released its model) is killed
 MAX_SPARES = 1  # idle workers kept for the next load
+SPARE_WAIT_S = 5.0  # a load waits this long for a worker still releasing its model
 _PR_SET_PDEATHSIG = 1
 
 
@@ -332,35 +334,53 @@ class OrtWorkerSession:
 
 
 class _Spares:
-    """Idle workers, their model released, kept for the next load (``MAX_SPARES`` at most)."""
+    """Idle workers, their model released, kept for the next load (``MAX_SPARES`` at most),
+    and the count of workers releasing a model on their way to becoming one."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self._idle: list[_Worker] = []
+        self._releasing = 0
 
-    def take(self) -> _Worker | None:
-        with self._lock:
-            while self._idle:
-                worker = self._idle.pop()
-                if worker.process.poll() is None:
-                    return worker
-                worker.conn.close()  # it died while idle
-        return None
+    def take(self, wait_s: float) -> _Worker | None:
+        """An idle worker; while none is idle but one is releasing its model, wait for it up
+        to ``wait_s`` (a release takes tens of milliseconds, a new worker a second or more)."""
+        deadline = time.monotonic() + wait_s
+        with self._cond:
+            while True:
+                while self._idle:
+                    worker = self._idle.pop()
+                    if worker.process.poll() is None:
+                        return worker
+                    worker.conn.close()  # it died while idle
+                left = deadline - time.monotonic()
+                if self._releasing == 0 or left <= 0:
+                    return None
+                self._cond.wait(left)
 
-    def offer(self, worker: _Worker) -> bool:
-        with self._lock:
-            if len(self._idle) >= MAX_SPARES:
-                return False
-            self._idle.append(worker)
-            return True
+    def releasing(self) -> None:
+        with self._cond:
+            self._releasing += 1
+
+    def released(self, worker: _Worker | None) -> bool:
+        """A release is over: ``worker`` (when it released its model) becomes a spare if
+        there is room. Whether it did."""
+        with self._cond:
+            self._releasing -= 1
+            kept = worker is not None and len(self._idle) < MAX_SPARES
+            if kept:
+                assert worker is not None
+                self._idle.append(worker)
+            self._cond.notify_all()
+            return kept
 
     def pids(self) -> list[int]:
-        with self._lock:
+        with self._cond:
             return [w.process.pid for w in self._idle]
 
     def close(self) -> None:
         """At exit: tell the idle workers to exit, and reap them."""
-        with self._lock:
+        with self._cond:
             idle, self._idle = self._idle, []
         for worker in idle:
             _close(worker, timeout=1.0)
@@ -379,7 +399,7 @@ def _worker_with(artifact: Artifact, options: LoadOptions) -> tuple[_Worker, dic
     """A worker that has loaded ``artifact`` (the spare when there is one), and what it
     reported: provider, tensor specs, whether CUDA graphs are captured."""
     if options.ort_spare_worker:
-        spare = _SPARES.take()
+        spare = _SPARES.take(wait_s=SPARE_WAIT_S)
         if spare is not None:
             try:
                 return spare, _load_in(spare, artifact, options)
@@ -522,6 +542,9 @@ def _await_reply(worker: _Worker, *, timeout: float | None, what: str) -> tuple[
 def _let_go(worker: _Worker, keep: bool) -> threading.Thread:
     """Let a session's worker go, in a thread (returned): it releases its model and becomes
     the spare when ``keep`` and there is room, or is told to exit and reaped."""
+    keep = keep and worker.healthy and worker.process.poll() is None
+    if keep:
+        _SPARES.releasing()  # a load from now on waits for this one rather than start another
     thread = threading.Thread(
         target=_release, args=(worker, keep), name="ort-worker-release", daemon=True
     )
@@ -530,13 +553,16 @@ def _let_go(worker: _Worker, keep: bool) -> threading.Thread:
 
 
 def _release(worker: _Worker, keep: bool) -> None:
-    if keep and worker.healthy and worker.process.poll() is None:
+    if keep:
+        reply: tuple[Any, ...] = ("lost",)
         try:
             worker.conn.send(("release",))
             reply = _await_reply(worker, timeout=CLOSE_TIMEOUT_S, what="release")
         except (InferenceError, OSError, ValueError):
-            reply = ("lost",)
-        if reply == ("released",) and _SPARES.offer(worker):
+            pass
+        finally:
+            kept = _SPARES.released(worker if reply == ("released",) else None)
+        if kept:
             log.debug("ort_worker_spare", pid=worker.process.pid)
             return
     _close(worker, timeout=CLOSE_TIMEOUT_S)

@@ -620,3 +620,38 @@ def test_settle_waits_for_the_release_of_the_retired_version(
     finally:
         slot.close()
     assert slot.settle(1.0)
+
+
+def test_swaps_of_worker_sessions_reuse_the_retired_worker(
+    store: ModelStore, two_versions: ModelStore, model_files: dict[str, Path], digits: DigitsData
+) -> None:
+    """Sessions in worker processes (as on a GPU): under a 100 Hz loop every request is
+    answered by the version it names, each retired version is released, and from the second
+    swap on a version loads in the worker its predecessor left (two workers in all)."""
+    xs = digits.x_test[:16]
+    expected = {v: expected_logits(model_files[v], xs) for v in ("1.0.0", "2.0.0")}
+    slot = ModelSlot(
+        "digits",
+        store,
+        swap_config=SwapConfig(warmup_runs=2, loader_threads=1),
+        backend_config=BackendConfig(pin_backend="onnxruntime"),
+        load_options=LoadOptions(intra_op_threads=1, ort_process="always"),
+        latency_runs=1,
+    )
+    pids: list[int] = []
+    try:
+        slot.start("1.0.0")
+        for _ in range(4):
+            current = slot.current
+            assert current is not None
+            pids.append(current._session.pid)  # type: ignore[union-attr]
+            results, failures, attempts = _swaps_under_load(slot, 1, xs, expected, rate_hz=100)
+            assert failures == []
+            assert len(results) == attempts
+            _check_attribution(results, xs, expected)
+            assert slot.settle(10.0)
+        assert slot.loaded_versions() == [slot.version]
+    finally:
+        slot.close()
+    assert len(set(pids)) == 2, pids
+    assert pids[0] == pids[2] and pids[1] == pids[3]
