@@ -403,8 +403,10 @@ def _worker_with(artifact: Artifact, options: LoadOptions) -> tuple[_Worker, dic
         if spare is not None:
             try:
                 return spare, _load_in(spare, artifact, options)
-            except InferenceError as exc:  # it died: a new one loads instead
-                log.info("ort_spare_lost", model=artifact.name, reason=str(exc))
+            except (InferenceError, ModelLoadError, BackendUnavailableError) as exc:
+                # It died, or could not load: a new worker tries, so that a spare whose
+                # runtime state went bad (a CUDA context after a fault) fails no good model.
+                log.info("ort_spare_failed", model=artifact.name, reason=str(exc))
     worker = _start_worker()
     return worker, _load_in(worker, artifact, options)
 

@@ -265,11 +265,17 @@ def test_a_spare_refusing_a_model_fails_the_load_as_itself(
     first = _load(digits_path, SPARE, "digits")
     first.close()
     _released(first)
+    spare = spare_pids()
+    before = _children()
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x07not a model" * 100)
     with pytest.raises(ModelLoadError, match=r"^bad: "):
-        _load(bad, SPARE, "bad")
-    again = _load(digits_path, SPARE, "digits")  # a new worker, since that one exited
+        _load(bad, SPARE, "bad")  # the spare tries, then a new worker: both exit
+    deadline = time.monotonic() + 10
+    while _children() - (before - set(spare)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _children() - (before - set(spare))
+    again = _load(digits_path, SPARE, "digits")  # a new worker, since those exited
     try:
         assert again.run({"input": digits.x_test[:1]})["logits"].shape == (1, 10)
     finally:

@@ -654,4 +654,5 @@ def test_swaps_of_worker_sessions_reuse_the_retired_worker(
     finally:
         slot.close()
     assert len(set(pids)) == 2, pids
-    assert pids[0] == pids[2] and pids[1] == pids[3]
+    assert pids[0] == pids[2]
+    assert pids[1] == pids[3]
