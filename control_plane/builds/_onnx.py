@@ -474,12 +474,14 @@ def host_int8_saturates() -> bool:
     """Whether ONNX Runtime's u8 x s8 kernels saturate on this build host: an x86 CPU with AVX2
     but no integer dot products (VNNI, AMX), where ``vpmaddubsw`` sums pairs in int16."""
     from agent.contracts.fit import INT8_DOT_FLAGS
-    from agent.hardware import parse_cpuinfo
 
     try:
-        flags = set(parse_cpuinfo(Path("/proc/cpuinfo").read_text()).flags)
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
+    # The first processor's ``flags`` line (x86; ARM lists ``Features`` and never saturates).
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    flags = set(line.partition(":")[2].split())
     return "avx2" in flags and not flags & INT8_DOT_FLAGS
 
 
