@@ -28,7 +28,7 @@ AGENTS = ("robot-a", "robot-b")
 
 
 def _agent_config(
-    path: Path, name: str, state_dir: Path, cp_url: str, root: Path, token: str
+    path: Path, name: str, state_dir: Path, cp_url: str, root: Path, token: str, extra: str = ""
 ) -> Path:
     path.write_text(
         f"""
@@ -56,7 +56,7 @@ url = "{cp_url}"
 bootstrap_token = "{token}"
 tuf_root_path = "{root}"
 poll_interval_s = 0.3
-""",
+{extra}""",
         encoding="utf-8",
     )
     return path
@@ -89,9 +89,11 @@ def cp(tmp_path: Path) -> Iterator[ControlPlane]:
     plane.stop()
 
 
-def _wait_for(cp: ControlPlane, version: str, timeout_s: float = 60) -> list[dict[str, Any]]:
-    """Until every agent reports ``version`` committed; the devices as the control plane shows
-    them."""
+def _wait_for(
+    cp: ControlPlane, version: str, timeout_s: float = 60, agents: int = len(AGENTS)
+) -> list[dict[str, Any]]:
+    """Until every agent (``agents`` of them) reports ``version`` committed; the devices as the
+    control plane shows them."""
     deadline = time.monotonic() + timeout_s
     while True:
         with cp.admin() as c:
@@ -106,7 +108,7 @@ def _wait_for(cp: ControlPlane, version: str, timeout_s: float = 60) -> list[dic
                 for m in (d.get("reported") or {}).get("models", [])
             )
         ]
-        if len(devices) == len(AGENTS) and len(done) == len(AGENTS):
+        if len(devices) == agents and len(done) == agents:
             return devices
         assert time.monotonic() < deadline, f"agents did not reach {version}: {devices}"
         time.sleep(0.2)
@@ -198,3 +200,76 @@ def test_two_agents_swap_to_v2_with_no_dropped_inference(
         assert reported["digits"]["active_version"] == "2.0.0"
         assert reported["digits"]["last_error"] is None
     assert listing.count("digits@2.0.0") == len(AGENTS), listing
+
+
+def _workers(pid: int) -> set[int]:
+    """The daemon's live ONNX Runtime worker processes."""
+    import psutil
+
+    found = set()
+    for child in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if child.status() != psutil.STATUS_ZOMBIE and "agent.backends.ort_worker" in (
+                child.cmdline()
+            ):
+                found.add(child.pid)
+    return found
+
+
+def test_rollouts_to_a_daemon_with_worker_sessions_reuse_the_retired_worker(
+    cp: ControlPlane, tmp_path: Path, digits_path: Path, digits: DigitsData
+) -> None:
+    """Sessions in worker processes (as on a GPU, forced here): three versions rolled out by
+    the operator, no failed or dropped inference, and the third loads in the worker the first
+    left, so two workers serve all three versions."""
+    cal = tmp_path / "cal.npz"
+    np.savez(cal, input=digits.x_train[:64])
+    edgectl = Operator(cp.url, tmp_path)
+    root = tmp_path / "root.json"
+    root.write_bytes(edgectl("tuf", "root"))
+    created = edgectl("bootstrap-tokens", "create", "w", "--label", "fleet=w", "--uses", "1")
+    token = created.decode().split()[-1]
+    config = _agent_config(
+        tmp_path / "w.toml",
+        "robot-w",
+        tmp_path / "w",
+        cp.url,
+        root,
+        token,
+        extra='[backends]\npin_backend = "onnxruntime"\nort_process = "always"\nmeasure = false\n',
+    )
+    edgectl("models", "create", "digits")
+    workers: list[set[int]] = []
+    with (tmp_path / "w.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [str(BIN / "edge-agent"), "daemon", "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=log,
+        )
+        try:
+            for version, shift in (("1.0.0", None), ("2.0.0", 5.0), ("3.0.0", 7.0)):
+                model = (
+                    digits_path
+                    if shift is None
+                    else models.shifted(digits_path, tmp_path / f"v{version}.onnx", shift)
+                )
+                edgectl(
+                    "models", "push", str(model), "--name", "digits", "--version", version,
+                    "--calibration", str(cal),
+                )  # fmt: skip
+                edgectl("deploy", "digits", version, "--to", "fleet=w")
+                _wait_for(cp, version, agents=1)
+                time.sleep(0.5)  # the loop runs on it for a while, the retired worker released
+                workers.append(_workers(proc.pid))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, (tmp_path / "w.log").read_text()[-3000:]
+    lines = [json.loads(x) for x in out.decode().splitlines() if x.startswith("{")]
+    loop = lines[-1]["loops"]["digits"]
+    assert loop["failed"] == 0, loop
+    assert loop["dropped"] == 0, loop
+    assert all(loop["by_version"][v] > 0 for v in ("1.0.0", "2.0.0", "3.0.0")), loop
+    assert len(workers[0]) == 1, workers
+    assert len(workers[1]) == 2, workers  # v2's worker and v1's, kept as the spare
+    assert workers[2] == workers[1], workers  # v3 loaded in v1's worker: no third process
