@@ -207,6 +207,7 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
 
 
 DESIRED_CHANNEL = "edgefleet_desired"  # PostgreSQL NOTIFY: desired states changed
+MAX_DROPPED_MARKS = 100_000  # devices whose latest invalidation the cache remembers
 
 
 class DesiredStateCache:
@@ -214,14 +215,27 @@ class DesiredStateCache:
 
     ``broadcast``, when set (replicas on PostgreSQL), tells every other replica what this one
     invalidated, so none answers a poll from a copy older than the last committed change;
-    ``invalidate_local`` is what a replica does when it hears of one."""
+    ``invalidate_local`` is what a replica does when it hears of one.
+
+    A state computed from a read that began before an invalidation must not be cached after it
+    (it would be served stale for ``ttl_s``): a reader takes a ``ticket()`` before it reads and
+    hands it to ``put``, which keeps the state only if no invalidation of that device came in
+    between."""
 
     def __init__(self, *, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._ttl = ttl_s
         self._clock = clock
         self._entries: dict[str, CachedState] = {}
         self._lock = threading.Lock()
+        self._epoch = 0  # counts invalidations
+        self._dropped_at: dict[str, int] = {}  # device -> epoch of its latest invalidation
+        self._all_dropped_at = 0  # epoch of the latest invalidation of every entry
         self.broadcast: Callable[[list[str] | None], None] | None = None
+
+    def ticket(self) -> int:
+        """Taken before reading the database for a ``put``: the invalidations so far."""
+        with self._lock:
+            return self._epoch
 
     def get(self, device_id: str) -> CachedState | None:
         entry = self._entries.get(device_id)
@@ -229,13 +243,19 @@ class DesiredStateCache:
             return None
         return entry
 
-    def put(self, state: DesiredState) -> CachedState:
+    def put(self, state: DesiredState, ticket: int | None = None) -> CachedState:
+        """The entry for ``state``, kept unless the device was invalidated after ``ticket``
+        (then it is returned for this answer only); without a ticket, kept."""
         body = json.dumps(
             state.model_dump(mode="json"), sort_keys=True, separators=(",", ":")
         ).encode()
         entry = CachedState(_etag(body), body, state, self._clock() + self._ttl)
         with self._lock:
-            self._entries[state.device_id] = entry
+            if ticket is None or (
+                self._all_dropped_at <= ticket
+                and self._dropped_at.get(state.device_id, 0) <= ticket
+            ):
+                self._entries[state.device_id] = entry
         return entry
 
     def invalidate(self, device_ids: Iterable[str] | None = None) -> None:
@@ -252,11 +272,20 @@ class DesiredStateCache:
     def invalidate_local(self, device_ids: Iterable[str] | None = None) -> None:
         """Forget some devices' entries in this process only."""
         with self._lock:
+            self._epoch += 1
             if device_ids is None:
                 self._entries.clear()
+                self._dropped_at.clear()  # the fleet-wide mark covers every device
+                self._all_dropped_at = self._epoch
             else:
                 for device_id in device_ids:
                     self._entries.pop(device_id, None)
+                    self._dropped_at[device_id] = self._epoch
+                if len(self._dropped_at) > MAX_DROPPED_MARKS:
+                    # bounded: one fleet-wide mark instead (reads in flight are not cached,
+                    # which only costs them a read on their next poll)
+                    self._dropped_at.clear()
+                    self._all_dropped_at = self._epoch
 
 
 class CredentialCache:

@@ -195,6 +195,7 @@ DeviceOrViewer = Annotated[DevicePrincipal | Operator, Depends(require_device_or
 
 
 def _fresh_state(ctx: AppContext, device_id: str) -> CachedState:
+    ticket = ctx.desired.ticket()  # before the read: a change committed during it is not cached
     with ctx.sessions() as session:
         device = session.get(Device, device_id)
         if device is None:
@@ -202,7 +203,7 @@ def _fresh_state(ctx: AppContext, device_id: str) -> CachedState:
         state = compute_desired_state(session, device)
         if ctx.deltas is not None:
             state = ctx.deltas.offer(session, device, state)
-    return ctx.desired.put(state)
+    return ctx.desired.put(state, ticket)
 
 
 async def desired_state_entry(ctx: AppContext, device_id: str) -> tuple[CachedState, bool]:
