@@ -54,7 +54,7 @@ def ppocr_detector(cache_dir: Path | None = None) -> Path:
         raise ModelError(f"no detector ONNX file in {models}", model="ppocr-det")
     dest = (cache_dir or sample_cache_dir()) / "ppocr-det.onnx"
     if not dest.exists() or dest.stat().st_size != found[0].stat().st_size:
-        tmp = dest.with_suffix(".tmp")
+        tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")  # test workers copy at once
         shutil.copyfile(found[0], tmp)
         tmp.replace(dest)
     return dest
