@@ -97,17 +97,23 @@ def create_app(
     store = store or artifact_store(settings)
     metrics = Metrics()
     desired = DesiredStateCache(ttl_s=settings.desired_state_cache_ttl_s)
+    credentials = CredentialCache(ttl_s=settings.desired_state_cache_ttl_s)
     replica = replica_name(settings.replica_id)
     desired_listener: NotificationListener | None = None
     if is_postgres(engine):
         # Replicas: a desired state changed on one is dropped from every replica's cache at
         # once, not when its entry expires.
         desired.broadcast = lambda ids: notify(engine, DESIRED_CHANNEL, invalidation_payload(ids))
-        desired_listener = NotificationListener(
-            engine,
-            DESIRED_CHANNEL,
-            lambda payload: desired.invalidate_local(parse_invalidation(payload)),
-        )
+
+        def heard(payload: str) -> None:
+            # a device named is also forgotten among the cached credentials: a credential
+            # deleted, revoked or asked to rotate through another replica is looked up again
+            ids = parse_invalidation(payload)
+            desired.invalidate_local(ids)
+            for device_id in ids or ():
+                credentials.forget_device(device_id)
+
+        desired_listener = NotificationListener(engine, DESIRED_CHANNEL, heard)
 
     signed = tuf_repository(settings, engine)
     presence = (
@@ -156,7 +162,7 @@ def create_app(
         store=store,
         worker=worker,
         desired=desired,
-        credentials=CredentialCache(ttl_s=settings.desired_state_cache_ttl_s),
+        credentials=credentials,
         metrics=metrics,
         now=now,
         tuf=signed,

@@ -210,6 +210,43 @@ DESIRED_CHANNEL = "edgefleet_desired"  # PostgreSQL NOTIFY: desired states chang
 MAX_DROPPED_MARKS = 100_000  # devices whose latest invalidation the cache remembers
 
 
+class _Invalidations:
+    """Which keys were dropped after which ticket: a cache keeps what a read found only if no
+    key of it was dropped while the read was in flight (a read that began before a change
+    committed would otherwise be cached after the change dropped the old entry, and served for
+    the whole TTL). The caller holds its cache's lock around every method."""
+
+    def __init__(self) -> None:
+        self.epoch = 0  # counts drops
+        self._dropped_at: dict[str, int] = {}  # key -> epoch of its latest drop
+        self._all_dropped_at = 0  # epoch of the latest drop of every key
+
+    def drop(self, keys: Iterable[str] | None) -> None:
+        self.epoch += 1
+        if keys is None:
+            self._dropped_at.clear()  # the cache-wide mark covers every key
+            self._all_dropped_at = self.epoch
+            return
+        for key in keys:
+            self._dropped_at[key] = self.epoch
+        if len(self._dropped_at) > MAX_DROPPED_MARKS:
+            # bounded: one cache-wide mark instead (reads in flight are not cached, which only
+            # costs them a read next time)
+            self._dropped_at.clear()
+            self._all_dropped_at = self.epoch
+
+    def keeps(self, ticket: int | None, keys: Iterable[str]) -> bool:
+        """Whether a read that took ``ticket`` before it began may be cached (no ticket: yes)."""
+        if ticket is None:
+            return True
+        if self._all_dropped_at > ticket:
+            return False
+        return all(self._dropped_at.get(key, 0) <= ticket for key in keys)
+
+    def __len__(self) -> int:
+        return len(self._dropped_at)
+
+
 class DesiredStateCache:
     """The serialized desired state and its ETag per device.
 
@@ -227,15 +264,13 @@ class DesiredStateCache:
         self._clock = clock
         self._entries: dict[str, CachedState] = {}
         self._lock = threading.Lock()
-        self._epoch = 0  # counts invalidations
-        self._dropped_at: dict[str, int] = {}  # device -> epoch of its latest invalidation
-        self._all_dropped_at = 0  # epoch of the latest invalidation of every entry
+        self._dropped = _Invalidations()
         self.broadcast: Callable[[list[str] | None], None] | None = None
 
     def ticket(self) -> int:
         """Taken before reading the database for a ``put``: the invalidations so far."""
         with self._lock:
-            return self._epoch
+            return self._dropped.epoch
 
     def get(self, device_id: str) -> CachedState | None:
         entry = self._entries.get(device_id)
@@ -251,10 +286,7 @@ class DesiredStateCache:
         ).encode()
         entry = CachedState(_etag(body), body, state, self._clock() + self._ttl)
         with self._lock:
-            if ticket is None or (
-                self._all_dropped_at <= ticket
-                and self._dropped_at.get(state.device_id, 0) <= ticket
-            ):
+            if self._dropped.keeps(ticket, (state.device_id,)):
                 self._entries[state.device_id] = entry
         return entry
 
@@ -271,30 +303,28 @@ class DesiredStateCache:
 
     def invalidate_local(self, device_ids: Iterable[str] | None = None) -> None:
         """Forget some devices' entries in this process only."""
+        ids = None if device_ids is None else list(device_ids)
         with self._lock:
-            self._epoch += 1
-            if device_ids is None:
+            self._dropped.drop(ids)
+            if ids is None:
                 self._entries.clear()
-                self._dropped_at.clear()  # the fleet-wide mark covers every device
-                self._all_dropped_at = self._epoch
             else:
-                for device_id in device_ids:
+                for device_id in ids:
                     self._entries.pop(device_id, None)
-                    self._dropped_at[device_id] = self._epoch
-                if len(self._dropped_at) > MAX_DROPPED_MARKS:
-                    # bounded: one fleet-wide mark instead (reads in flight are not cached,
-                    # which only costs them a read on their next poll)
-                    self._dropped_at.clear()
-                    self._all_dropped_at = self._epoch
 
 
 class CredentialCache:
-    """Device credential hash -> device id, so a cached poll touches no database."""
+    """Device credential hash -> device id, so a cached poll touches no database.
+
+    A lookup takes a ``ticket()`` before it reads and hands it to ``put``: a credential revoked
+    (its device or its hash forgotten) while the lookup was in flight is not cached."""
 
     def __init__(self, *, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._ttl = ttl_s
         self._clock = clock
         self._entries: dict[str, tuple[str, float]] = {}
+        self._lock = threading.Lock()
+        self._dropped = _Invalidations()  # keys: "d:" + device id, "h:" + credential hash
 
     def get(self, token_hash: str) -> str | None:
         hit = self._entries.get(token_hash)
@@ -302,20 +332,33 @@ class CredentialCache:
             return None
         return hit[0]
 
-    def put(self, token_hash: str, device_id: str) -> None:
-        self._entries[token_hash] = (device_id, self._clock() + self._ttl)
+    def ticket(self) -> int:
+        """Taken before reading the database for a ``put``: the forgets so far."""
+        with self._lock:
+            return self._dropped.epoch
+
+    def put(self, token_hash: str, device_id: str, ticket: int | None = None) -> None:
+        with self._lock:
+            if self._dropped.keeps(ticket, (f"d:{device_id}", f"h:{token_hash}")):
+                self._entries[token_hash] = (device_id, self._clock() + self._ttl)
 
     def forget(self, token_hash: str) -> None:
-        self._entries.pop(token_hash, None)
+        with self._lock:
+            self._dropped.drop((f"h:{token_hash}",))
+            self._entries.pop(token_hash, None)
 
     def forget_device(self, device_id: str) -> None:
-        """Drop every cached credential of ``device_id`` (the device was deleted)."""
-        for token_hash, (cached_id, _expires) in list(self._entries.items()):
-            if cached_id == device_id:
-                self._entries.pop(token_hash, None)
+        """Drop every cached credential of ``device_id`` (deleted, revoked, rotated)."""
+        with self._lock:
+            self._dropped.drop((f"d:{device_id}",))
+            for token_hash, (cached_id, _expires) in list(self._entries.items()):
+                if cached_id == device_id:
+                    self._entries.pop(token_hash, None)
 
     def clear(self) -> None:
-        self._entries.clear()
+        with self._lock:
+            self._dropped.drop(None)
+            self._entries.clear()
 
 
 def invalidation_payload(device_ids: list[str] | None) -> str:

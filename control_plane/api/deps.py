@@ -107,6 +107,7 @@ def _lookup_operator(ctx: AppContext, token: str) -> Operator:
 
 
 def _lookup_device(ctx: AppContext, token_hash: str) -> DevicePrincipal:
+    ticket = ctx.credentials.ticket()  # before the read: a revocation during it is not cached
     with ctx.sessions() as session:
         device = session.scalar(
             select(Device).where(
@@ -135,7 +136,7 @@ def _lookup_device(ctx: AppContext, token_hash: str) -> DevicePrincipal:
             session.commit()
             log.info("credential_rotated", device_id=device.id)
         device_id = device.id
-    ctx.credentials.put(token_hash, device_id)
+    ctx.credentials.put(token_hash, device_id, ticket)
     return DevicePrincipal(device_id)
 
 

@@ -1,10 +1,12 @@
-"""The desired-state cache never keeps a state read before a change it was told of.
+"""The desired-state and credential caches never keep what a read found before a change they
+were told of.
 
 A poll that misses the cache reads the database and caches what it read. When the operator's
 change commits and invalidates the device while that read is in flight, the read's (older)
 state must not be cached after the invalidation: it would be served, with its ETag, until the
 entry expires (five minutes by default), and the device would not see the change until then.
-The window is the few microseconds between a commit and its invalidation, too narrow to hit
+The same holds for a credential revoked while a request with it is being looked up. The window
+is the few microseconds between a commit and its invalidation, too narrow to hit
 from outside the process on purpose; the interleaving is driven here on the real cache.
 """
 
@@ -14,7 +16,7 @@ import pytest
 
 from agent.contracts.state import DesiredState
 from control_plane import desired as desired_module
-from control_plane.desired import DesiredStateCache
+from control_plane.desired import CredentialCache, DesiredStateCache
 
 
 def _state(device_id: str, generation: int = 1) -> DesiredState:
@@ -56,9 +58,27 @@ def test_the_marks_stay_bounded_and_safe(monkeypatch: pytest.MonkeyPatch) -> Non
     ticket = cache.ticket()
     for i in range(20):
         cache.invalidate([f"dev-{i}"])
-    assert len(cache._dropped_at) <= 8
+    assert len(cache._dropped) <= 8
     for i in range(20):  # every read that began before its device's invalidation: none kept
         cache.put(_state(f"dev-{i}"), ticket)
         assert cache.get(f"dev-{i}") is None
     cache.put(_state("dev-0"), cache.ticket())
     assert cache.get("dev-0") is not None
+
+
+def test_a_credential_revoked_during_its_lookup_is_not_cached() -> None:
+    cache = CredentialCache(ttl_s=300)
+    ticket = cache.ticket()  # the lookup read the credential as valid...
+    cache.forget_device("dev-a")  # ...and the operator revoked it meanwhile
+    cache.put("hash-a", "dev-a", ticket)
+    assert cache.get("hash-a") is None
+
+    ticket = cache.ticket()
+    cache.forget("hash-b")  # a credential replaced by a fetch of the new one
+    cache.put("hash-b", "dev-b", ticket)
+    assert cache.get("hash-b") is None
+    cache.put("hash-c", "dev-c", ticket)  # another device's lookup is kept
+    assert cache.get("hash-c") == "dev-c"
+
+    cache.put("hash-a", "dev-a", cache.ticket())  # a lookup after the change is kept
+    assert cache.get("hash-a") == "dev-a"

@@ -149,3 +149,49 @@ def test_a_desired_state_changed_on_one_replica_is_never_served_stale_by_another
 
         waited = wait_until(fresh, 10, "replica B dropping its cached desired state")
         assert waited < 5.0
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("how", ["revoke", "delete"])
+def test_a_credential_revoked_on_one_replica_is_refused_by_another_at_once(
+    postgres_dsn: str, tmp_path: Path, how: str
+) -> None:
+    """Replica B has the device's credential cached (it answers the idle poll with 304 from
+    its caches); the operator revokes the credential, or deletes the device, through replica A.
+    B refuses the credential within seconds, not when its cache entry expires (300 s)."""
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA public CASCADE")
+        conn.execute("CREATE SCHEMA public")
+    data = tmp_path / "shared-data"
+    apps = [
+        create_app(make_settings(data, postgres_dsn, replica_id=f"r{i}"), build_variants=fp32_build)
+        for i in (1, 2)
+    ]
+    with contextlib.ExitStack() as stack:
+        url_a, url_b = (stack.enter_context(serve_app(app)) for app in apps)
+        a = stack.enter_context(httpx.Client(base_url=url_a, timeout=60))
+        b = stack.enter_context(httpx.Client(base_url=url_b, timeout=60))
+        device_id, auth = enroll(a, f"robot-{how}")
+        url = f"/v1/devices/{device_id}/desired-state"
+        first = b.get(url, headers=auth)
+        assert first.status_code == 200, first.text
+        cached = {**auth, "If-None-Match": first.headers["etag"]}
+        assert b.get(url, headers=cached).status_code == 304  # B answers from its caches
+
+        if how == "revoke":
+            r = a.post(f"/v1/devices/{device_id}/revoke-credential", headers=ADMIN)
+            assert r.status_code == 200, r.text
+        else:
+            r = a.delete(f"/v1/devices/{device_id}", headers=ADMIN)
+            assert r.status_code == 204, r.text
+
+        waited = wait_until(
+            lambda: b.get(url, headers=cached).status_code == 401,
+            10,
+            "replica B refusing the credential",
+        )
+        assert waited < 5.0
+        refused = b.put(
+            f"/v1/devices/{device_id}/reported-state", json={}, headers=auth
+        )  # a route behind the cached credential lookup, not only the idle poll
+        assert refused.status_code == 401, refused.text

@@ -385,11 +385,13 @@ def delete_device(
 
 
 def _forget_credentials(ctx: Context, device: Device) -> None:
-    """Drop this process's cached credentials of ``device``: its next request is looked up."""
+    """Drop the cached credentials of ``device`` here and, through the desired-state
+    invalidation every replica hears, on every replica: its next request is looked up."""
     ctx.credentials.forget_device(device.id)
     ctx.credentials.forget(device.token_hash)
     if device.previous_token_hash is not None:
         ctx.credentials.forget(device.previous_token_hash)
+    ctx.desired.invalidate([device.id])
 
 
 @router.post(
@@ -440,7 +442,6 @@ def revoke_credential(
         device.credential_rotate_by = None
         session.commit()
     _forget_credentials(ctx, device)
-    ctx.desired.invalidate([device_id])
     log.info("credential_revoked", device_id=device_id, by=operator.name)
     return device_public(device)
 
