@@ -113,7 +113,11 @@ def create_app(
             for device_id in ids or ():
                 credentials.forget_device(device_id)
 
-        desired_listener = NotificationListener(engine, DESIRED_CHANNEL, heard)
+        def missed() -> None:  # listening again after a lost connection: forget it all
+            desired.invalidate_local(None)
+            credentials.clear()
+
+        desired_listener = NotificationListener(engine, DESIRED_CHANNEL, heard, on_relisten=missed)
 
     signed = tuf_repository(settings, engine)
     presence = (

@@ -191,14 +191,26 @@ class NotificationListener:
     """``LISTEN`` on a PostgreSQL channel in a thread of its own, calling ``on_notify`` for each
     notification: how a replica hears at once what another replica committed (the ingester's
     stored update events, for the rollout runner). Reconnects with backoff when the database
-    goes away; a missed notification only delays the work to the next regular tick."""
+    goes away. What was sent while it was not listening is lost: ``on_relisten`` is called each
+    time it listens again after losing its connection, so the caller can drop what it may have
+    missed (the desired-state and credential caches); for the runner a missed notification only
+    delays the work to the next regular tick."""
 
-    def __init__(self, engine: Engine, channel: str, on_notify: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        channel: str,
+        on_notify: Callable[[str], None],
+        *,
+        on_relisten: Callable[[], None] | None = None,
+    ) -> None:
         if not channel.isidentifier():
             raise ValueError(f"not a channel name: {channel!r}")
         self._dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._channel = channel
         self._on_notify = on_notify
+        self._on_relisten = on_relisten
+        self.relistens = 0  # times it listened again after losing its connection
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.listening = threading.Event()
@@ -223,18 +235,26 @@ class NotificationListener:
         import psycopg
 
         backoff = 0.5
+        lost = False  # whether a connection that listened (or tried to) was lost
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self._dsn, autocommit=True, connect_timeout=5) as conn:
                     conn.execute(f"LISTEN {self._channel}")
                     self.listening.set()
                     backoff = 0.5
+                    if lost:
+                        lost = False
+                        self.relistens += 1
+                        log.info("listening_again", channel=self._channel)
+                        if self._on_relisten is not None:
+                            self._on_relisten()
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=0.5):
                             self.received += 1
                             self._on_notify(note.payload)
             except psycopg.Error as exc:
                 self.listening.clear()
+                lost = True
                 log.warning("listen_failed", channel=self._channel, error=str(exc))
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)

@@ -16,6 +16,7 @@ import pytest
 
 from control_plane.coordination import NotificationListener
 from control_plane.db import make_engine, make_sessionmaker, upgrade_database
+from control_plane.desired import DESIRED_CHANNEL
 from control_plane.ingest.fleet import Writes
 from control_plane.ingest.writer import EVENTS_CHANNEL, TelemetryWriter
 from control_plane.rollouts.service import RolloutService
@@ -195,3 +196,59 @@ def test_a_credential_revoked_on_one_replica_is_refused_by_another_at_once(
             f"/v1/devices/{device_id}/reported-state", json={}, headers=auth
         )  # a route behind the cached credential lookup, not only the idle poll
         assert refused.status_code == 401, refused.text
+
+
+def _listeners(dsn: str) -> list[int]:
+    """Backends of this database listening for desired-state invalidations."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query = %s",
+            (f"LISTEN {DESIRED_CHANNEL}",),
+        ).fetchall()
+    return [int(pid) for (pid,) in rows]
+
+
+@pytest.mark.postgres
+def test_a_revocation_sent_while_a_replica_was_not_listening_is_not_missed(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    """The database drops every replica's LISTEN connection (a restart, a failover); a credential
+    revoked before they listen again sends a notification no replica hears. Replica B, which had
+    the credential cached, forgets its caches when it listens again, so it refuses the
+    credential within seconds all the same."""
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA public CASCADE")
+        conn.execute("CREATE SCHEMA public")
+    data = tmp_path / "shared-data"
+    apps = [
+        create_app(make_settings(data, postgres_dsn, replica_id=f"r{i}"), build_variants=fp32_build)
+        for i in (1, 2)
+    ]
+    with contextlib.ExitStack() as stack:
+        url_a, url_b = (stack.enter_context(serve_app(app)) for app in apps)
+        a = stack.enter_context(httpx.Client(base_url=url_a, timeout=60))
+        b = stack.enter_context(httpx.Client(base_url=url_b, timeout=60))
+        for attempt in range(5):
+            wait_until(lambda: len(_listeners(postgres_dsn)) == 2, 20, "both replicas listening")
+            device_id, auth = enroll(a, f"robot-missed-{attempt}")
+            url = f"/v1/devices/{device_id}/desired-state"
+            first = b.get(url, headers=auth)
+            assert first.status_code == 200, first.text
+            cached = {**auth, "If-None-Match": first.headers["etag"]}
+            assert b.get(url, headers=cached).status_code == 304  # B answers from its caches
+
+            with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+                for pid in _listeners(postgres_dsn):
+                    conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            r = a.post(f"/v1/devices/{device_id}/revoke-credential", headers=ADMIN)
+            assert r.status_code == 200, r.text
+            if _listeners(postgres_dsn):
+                continue  # a replica listened again before the revocation: try once more
+            waited = wait_until(
+                lambda: b.get(url, headers=cached).status_code == 401,  # noqa: B023
+                10,
+                "replica B refusing a credential revoked while it was not listening",
+            )
+            assert waited < 5.0
+            return
+        pytest.fail("the replicas listened again before every revocation: nothing was missed")
