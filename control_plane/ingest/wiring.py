@@ -164,7 +164,12 @@ def fleet_telemetry(
     if ingester is not None:  # this replica's own stored events, without a round trip
         ingester.on_events_stored = rollouts.nudge
     events = (
-        NotificationListener(engine, EVENTS_CHANNEL, lambda _payload: rollouts.nudge())
+        NotificationListener(
+            engine,
+            EVENTS_CHANNEL,
+            lambda _payload: rollouts.nudge(),
+            on_relisten=rollouts.nudge,  # events stored meanwhile: look now, not at the interval
+        )
         if is_postgres(engine)
         else None
     )
