@@ -110,8 +110,8 @@ def create_app(
             # deleted, revoked or asked to rotate through another replica is looked up again
             ids = parse_invalidation(payload)
             desired.invalidate_local(ids)
-            for device_id in ids or ():
-                credentials.forget_device(device_id)
+            if ids is not None:
+                credentials.forget_devices(ids)
 
         def missed() -> None:  # listening again after a lost connection: forget it all
             desired.invalidate_local(None)

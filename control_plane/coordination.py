@@ -210,7 +210,6 @@ class NotificationListener:
         self._channel = channel
         self._on_notify = on_notify
         self._on_relisten = on_relisten
-        self.relistens = 0  # times it listened again after losing its connection
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.listening = threading.Event()
@@ -244,7 +243,6 @@ class NotificationListener:
                     backoff = 0.5
                     if lost:
                         lost = False
-                        self.relistens += 1
                         log.info("listening_again", channel=self._channel)
                         if self._on_relisten is not None:
                             self._on_relisten()

@@ -207,7 +207,7 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
 
 
 DESIRED_CHANNEL = "edgefleet_desired"  # PostgreSQL NOTIFY: desired states changed
-MAX_DROPPED_MARKS = 100_000  # devices whose latest invalidation the cache remembers
+MAX_DROPPED_MARKS = 100_000  # keys (devices, credentials) whose latest drop a cache remembers
 
 
 class _Invalidations:
@@ -323,6 +323,7 @@ class CredentialCache:
         self._ttl = ttl_s
         self._clock = clock
         self._entries: dict[str, tuple[str, float]] = {}
+        self._hashes: dict[str, set[str]] = {}  # device id -> its cached credential hashes
         self._lock = threading.Lock()
         self._dropped = _Invalidations()  # keys: "d:" + device id, "h:" + credential hash
 
@@ -340,25 +341,41 @@ class CredentialCache:
     def put(self, token_hash: str, device_id: str, ticket: int | None = None) -> None:
         with self._lock:
             if self._dropped.keeps(ticket, (f"d:{device_id}", f"h:{token_hash}")):
+                self._pop(token_hash)
                 self._entries[token_hash] = (device_id, self._clock() + self._ttl)
+                self._hashes.setdefault(device_id, set()).add(token_hash)
 
     def forget(self, token_hash: str) -> None:
         with self._lock:
             self._dropped.drop((f"h:{token_hash}",))
-            self._entries.pop(token_hash, None)
+            self._pop(token_hash)
+
+    def forget_devices(self, device_ids: Iterable[str]) -> None:
+        """Drop every cached credential of these devices (deleted, revoked, rotated)."""
+        ids = list(device_ids)
+        with self._lock:
+            self._dropped.drop(f"d:{device_id}" for device_id in ids)
+            for device_id in ids:
+                for token_hash in self._hashes.pop(device_id, ()):
+                    self._entries.pop(token_hash, None)
 
     def forget_device(self, device_id: str) -> None:
-        """Drop every cached credential of ``device_id`` (deleted, revoked, rotated)."""
-        with self._lock:
-            self._dropped.drop((f"d:{device_id}",))
-            for token_hash, (cached_id, _expires) in list(self._entries.items()):
-                if cached_id == device_id:
-                    self._entries.pop(token_hash, None)
+        self.forget_devices((device_id,))
 
     def clear(self) -> None:
         with self._lock:
             self._dropped.drop(None)
             self._entries.clear()
+            self._hashes.clear()
+
+    def _pop(self, token_hash: str) -> None:
+        old = self._entries.pop(token_hash, None)
+        if old is not None:
+            hashes = self._hashes.get(old[0])
+            if hashes is not None:
+                hashes.discard(token_hash)
+                if not hashes:
+                    del self._hashes[old[0]]
 
 
 def invalidation_payload(device_ids: list[str] | None) -> str:

@@ -82,3 +82,17 @@ def test_a_credential_revoked_during_its_lookup_is_not_cached() -> None:
 
     cache.put("hash-a", "dev-a", cache.ticket())  # a lookup after the change is kept
     assert cache.get("hash-a") == "dev-a"
+
+
+def test_forgetting_a_device_drops_each_of_its_credentials_and_no_other() -> None:
+    cache = CredentialCache(ttl_s=300)
+    cache.put("old", "dev-a")  # a device mid-rotation has two credentials cached
+    cache.put("new", "dev-a")
+    cache.put("other", "dev-b")
+    cache.forget("old")
+    assert cache.get("new") == "dev-a"
+    cache.put("old", "dev-a")
+    cache.forget_devices(["dev-a", "dev-gone"])
+    assert (cache.get("old"), cache.get("new"), cache.get("other")) == (None, None, "dev-b")
+    cache.clear()
+    assert cache.get("other") is None

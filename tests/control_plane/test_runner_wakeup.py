@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -108,12 +108,9 @@ def test_stored_events_notify_every_replicas_runner(postgres_dsn: str) -> None:
         engine.dispose()
 
 
-@pytest.mark.postgres
-def test_a_desired_state_changed_on_one_replica_is_never_served_stale_by_another(
-    postgres_dsn: str, tmp_path: Path, digits_path: Path, digits_sets: SampleFiles
-) -> None:
-    """Replica B caches a device's desired state (ETag); an assignment made through replica A
-    reaches the device's next poll through B at once, not when B's entry expires (300 s)."""
+@contextlib.contextmanager
+def _two_replicas(postgres_dsn: str, tmp_path: Path) -> Iterator[tuple[httpx.Client, httpx.Client]]:
+    """Replicas A and B of one control plane on a clean PostgreSQL schema, a client of each."""
     with psycopg.connect(postgres_dsn, autocommit=True) as conn:
         conn.execute("DROP SCHEMA public CASCADE")
         conn.execute("CREATE SCHEMA public")
@@ -126,6 +123,16 @@ def test_a_desired_state_changed_on_one_replica_is_never_served_stale_by_another
         url_a, url_b = (stack.enter_context(serve_app(app)) for app in apps)
         a = stack.enter_context(httpx.Client(base_url=url_a, timeout=60))
         b = stack.enter_context(httpx.Client(base_url=url_b, timeout=60))
+        yield a, b
+
+
+@pytest.mark.postgres
+def test_a_desired_state_changed_on_one_replica_is_never_served_stale_by_another(
+    postgres_dsn: str, tmp_path: Path, digits_path: Path, digits_sets: SampleFiles
+) -> None:
+    """Replica B caches a device's desired state (ETag); an assignment made through replica A
+    reaches the device's next poll through B at once, not when B's entry expires (300 s)."""
+    with _two_replicas(postgres_dsn, tmp_path) as (a, b):
         push_version(a, digits_path, digits_sets, version="1.0.0")
         push_version(a, digits_path, digits_sets, version="1.1.0", create=False)
         device_id, auth = enroll(a, "robot-replicas")
@@ -160,18 +167,7 @@ def test_a_credential_revoked_on_one_replica_is_refused_by_another_at_once(
     """Replica B has the device's credential cached (it answers the idle poll with 304 from
     its caches); the operator revokes the credential, or deletes the device, through replica A.
     B refuses the credential within seconds, not when its cache entry expires (300 s)."""
-    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
-        conn.execute("DROP SCHEMA public CASCADE")
-        conn.execute("CREATE SCHEMA public")
-    data = tmp_path / "shared-data"
-    apps = [
-        create_app(make_settings(data, postgres_dsn, replica_id=f"r{i}"), build_variants=fp32_build)
-        for i in (1, 2)
-    ]
-    with contextlib.ExitStack() as stack:
-        url_a, url_b = (stack.enter_context(serve_app(app)) for app in apps)
-        a = stack.enter_context(httpx.Client(base_url=url_a, timeout=60))
-        b = stack.enter_context(httpx.Client(base_url=url_b, timeout=60))
+    with _two_replicas(postgres_dsn, tmp_path) as (a, b):
         device_id, auth = enroll(a, f"robot-{how}")
         url = f"/v1/devices/{device_id}/desired-state"
         first = b.get(url, headers=auth)
@@ -216,18 +212,7 @@ def test_a_revocation_sent_while_a_replica_was_not_listening_is_not_missed(
     revoked before they listen again sends a notification no replica hears. Replica B, which had
     the credential cached, forgets its caches when it listens again, so it refuses the
     credential within seconds all the same."""
-    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
-        conn.execute("DROP SCHEMA public CASCADE")
-        conn.execute("CREATE SCHEMA public")
-    data = tmp_path / "shared-data"
-    apps = [
-        create_app(make_settings(data, postgres_dsn, replica_id=f"r{i}"), build_variants=fp32_build)
-        for i in (1, 2)
-    ]
-    with contextlib.ExitStack() as stack:
-        url_a, url_b = (stack.enter_context(serve_app(app)) for app in apps)
-        a = stack.enter_context(httpx.Client(base_url=url_a, timeout=60))
-        b = stack.enter_context(httpx.Client(base_url=url_b, timeout=60))
+    with _two_replicas(postgres_dsn, tmp_path) as (a, b):
         for attempt in range(5):
             wait_until(lambda: len(_listeners(postgres_dsn)) == 2, 20, "both replicas listening")
             device_id, auth = enroll(a, f"robot-missed-{attempt}")
