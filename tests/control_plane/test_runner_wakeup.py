@@ -159,6 +159,21 @@ def test_a_desired_state_changed_on_one_replica_is_never_served_stale_by_another
         assert waited < 5.0
 
 
+def _cached_on(
+    b: httpx.Client, enrolled: tuple[str, dict[str, str]]
+) -> tuple[str, dict[str, str], str, dict[str, str]]:
+    """Have replica B cache a device's credential and desired state: the device id, its
+    Authorization header, its desired-state path, and the headers of an idle poll B answers
+    from its caches (304)."""
+    device_id, auth = enrolled
+    url = f"/v1/devices/{device_id}/desired-state"
+    first = b.get(url, headers=auth)
+    assert first.status_code == 200, first.text
+    cached = {**auth, "If-None-Match": first.headers["etag"]}
+    assert b.get(url, headers=cached).status_code == 304
+    return device_id, auth, url, cached
+
+
 @pytest.mark.postgres
 @pytest.mark.parametrize("how", ["revoke", "delete"])
 def test_a_credential_revoked_on_one_replica_is_refused_by_another_at_once(
@@ -168,12 +183,7 @@ def test_a_credential_revoked_on_one_replica_is_refused_by_another_at_once(
     its caches); the operator revokes the credential, or deletes the device, through replica A.
     B refuses the credential within seconds, not when its cache entry expires (300 s)."""
     with _two_replicas(postgres_dsn, tmp_path) as (a, b):
-        device_id, auth = enroll(a, f"robot-{how}")
-        url = f"/v1/devices/{device_id}/desired-state"
-        first = b.get(url, headers=auth)
-        assert first.status_code == 200, first.text
-        cached = {**auth, "If-None-Match": first.headers["etag"]}
-        assert b.get(url, headers=cached).status_code == 304  # B answers from its caches
+        device_id, auth, url, cached = _cached_on(b, enroll(a, f"robot-{how}"))
 
         if how == "revoke":
             r = a.post(f"/v1/devices/{device_id}/revoke-credential", headers=ADMIN)
@@ -215,12 +225,7 @@ def test_a_revocation_sent_while_a_replica_was_not_listening_is_not_missed(
     with _two_replicas(postgres_dsn, tmp_path) as (a, b):
         for attempt in range(5):
             wait_until(lambda: len(_listeners(postgres_dsn)) == 2, 20, "both replicas listening")
-            device_id, auth = enroll(a, f"robot-missed-{attempt}")
-            url = f"/v1/devices/{device_id}/desired-state"
-            first = b.get(url, headers=auth)
-            assert first.status_code == 200, first.text
-            cached = {**auth, "If-None-Match": first.headers["etag"]}
-            assert b.get(url, headers=cached).status_code == 304  # B answers from its caches
+            device_id, _, url, cached = _cached_on(b, enroll(a, f"robot-missed-{attempt}"))
 
             with psycopg.connect(postgres_dsn, autocommit=True) as conn:
                 for pid in _listeners(postgres_dsn):
