@@ -40,6 +40,7 @@ class Events:
     def __init__(self, broker: tuple[str, int]) -> None:
         self.got: queue.Queue[dict[str, Any]] = queue.Queue()
         self.seen: list[dict[str, Any]] = []
+        self.device_id: str | None = None  # set once known: other tests' devices publish too
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self.client.on_message = lambda _c, _u, msg: self.got.put(json.loads(msg.payload))
         self.client.connect(*broker)
@@ -52,7 +53,9 @@ class Events:
         return [
             e
             for e in self.seen
-            if e.get("version") == version and (step is None or e.get("step") == step)
+            if e.get("version") == version
+            and (step is None or e.get("step") == step)
+            and e.get("device_id") == self.device_id
         ]
 
     def close(self) -> None:
@@ -104,6 +107,7 @@ def test_next_version_travels_as_a_delta(
     v2 = models.shifted(digits_path, tmp_path / "v2.onnx", 0.5)  # the head retrained
     cp.push(v2, cal, name="digits", version="2.0.0")
     agent, device_id, edgectl = _start(cp, tmp_path, mqtt_broker)
+    events.device_id = device_id
     try:
         _update(cp, device_id, "1.0.0")
         assert events.of("1.0.0", "delta_applied") == []  # nothing to start from: full
@@ -160,6 +164,7 @@ def test_bad_deltas_are_refused_and_the_full_archive_is_used(
         return blob
 
     agent, device_id, _ = _start(cp, tmp_path, mqtt_broker)
+    events.device_id = device_id
     reasons: dict[str, str] = {}
     try:
         _update(cp, device_id, "1.0.0")

@@ -197,11 +197,15 @@ def watcher(mqtt_broker: tuple[str, int]) -> Iterator[tuple[mqtt.Client, queue.Q
     client.disconnect()
 
 
-def _event(got: queue.Queue[Any], step: str, timeout_s: float = 60) -> tuple[float, Any]:
+def _event(
+    got: queue.Queue[Any], step: str, device_id: str, timeout_s: float = 60
+) -> tuple[float, Any]:
+    """The next ``step`` event of ``device_id`` (the broker is shared: other tests' devices
+    publish events too)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        t, _topic, payload = got.get(timeout=max(0.1, deadline - time.monotonic()))
-        if payload and payload.get("step") == step:
+        t, topic, payload = got.get(timeout=max(0.1, deadline - time.monotonic()))
+        if payload and payload.get("step") == step and topic.split("/")[2] == device_id:
             return t, payload
 
 
@@ -260,7 +264,7 @@ def test_every_rollback_shows_in_the_operators_view_within_a_report_interval(
         }
         t0 = time.time()
         client.publish(f"edgefleet/v1/{device_id}/cmd", json.dumps(command), qos=1)
-        t_event, _ = _event(got, "rolled_back")
+        t_event, _ = _event(got, "rolled_back", device_id)
         _wait(
             "the rollback in the view",
             lambda: _api_view(cp, device_id).get("active_version") == "1.0.0",
@@ -282,7 +286,7 @@ def test_every_rollback_shows_in_the_operators_view_within_a_report_interval(
 
         # 2. A probation verdict: 3.0.0 errors on the loop's frames.
         cp.deploy("digits", "3.0.0", device_id)
-        t_event, event = _event(got, "rolled_back")
+        t_event, event = _event(got, "rolled_back", device_id)
         assert event["from_version"] == "3.0.0"
         _wait(
             "the probation rollback in the view",
@@ -419,7 +423,7 @@ def test_a_dead_camera_and_a_wrong_shape_model_are_reported_while_running(
         ghost = _api_view(cp, device_id, "ghost")
         assert ghost["loop"] == "not_installed"
         assert "no version of it is installed" in ghost["loop_error"]
-        _t, event = _event(got, "loop_failed")
+        _t, event = _event(got, "loop_failed", device_id)
         assert "video file not found" in event["reason"]
         with httpx.Client(base_url=api, timeout=10) as local:
             assert local.get("/v2/health/ready").status_code != 200
