@@ -247,7 +247,23 @@ class _Invalidations:
         return len(self._dropped_at)
 
 
-class DesiredStateCache:
+class _TicketedCache:
+    """A TTL cache whose readers take a ``ticket()`` before they read the database and hand it
+    to ``put``, which keeps what they read only if none of its keys was dropped in between."""
+
+    def __init__(self, *, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl = ttl_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._dropped = _Invalidations()
+
+    def ticket(self) -> int:
+        """Taken before reading the database for a ``put``: the drops so far."""
+        with self._lock:
+            return self._dropped.epoch
+
+
+class DesiredStateCache(_TicketedCache):
     """The serialized desired state and its ETag per device.
 
     ``broadcast``, when set (replicas on PostgreSQL), tells every other replica what this one
@@ -260,17 +276,9 @@ class DesiredStateCache:
     between."""
 
     def __init__(self, *, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self._ttl = ttl_s
-        self._clock = clock
+        super().__init__(ttl_s=ttl_s, clock=clock)
         self._entries: dict[str, CachedState] = {}
-        self._lock = threading.Lock()
-        self._dropped = _Invalidations()
         self.broadcast: Callable[[list[str] | None], None] | None = None
-
-    def ticket(self) -> int:
-        """Taken before reading the database for a ``put``: the invalidations so far."""
-        with self._lock:
-            return self._dropped.epoch
 
     def get(self, device_id: str) -> CachedState | None:
         entry = self._entries.get(device_id)
@@ -313,30 +321,22 @@ class DesiredStateCache:
                     self._entries.pop(device_id, None)
 
 
-class CredentialCache:
+class CredentialCache(_TicketedCache):
     """Device credential hash -> device id, so a cached poll touches no database.
 
     A lookup takes a ``ticket()`` before it reads and hands it to ``put``: a credential revoked
     (its device or its hash forgotten) while the lookup was in flight is not cached."""
 
     def __init__(self, *, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self._ttl = ttl_s
-        self._clock = clock
+        super().__init__(ttl_s=ttl_s, clock=clock)  # dropped keys: "d:" + device, "h:" + hash
         self._entries: dict[str, tuple[str, float]] = {}
         self._hashes: dict[str, set[str]] = {}  # device id -> its cached credential hashes
-        self._lock = threading.Lock()
-        self._dropped = _Invalidations()  # keys: "d:" + device id, "h:" + credential hash
 
     def get(self, token_hash: str) -> str | None:
         hit = self._entries.get(token_hash)
         if hit is None or hit[1] <= self._clock():
             return None
         return hit[0]
-
-    def ticket(self) -> int:
-        """Taken before reading the database for a ``put``: the forgets so far."""
-        with self._lock:
-            return self._dropped.epoch
 
     def put(self, token_hash: str, device_id: str, ticket: int | None = None) -> None:
         with self._lock:

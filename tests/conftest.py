@@ -96,7 +96,26 @@ def postgres_dsn() -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--alone",
+        choices=("include", "skip", "only"),
+        default="include",
+        help="tests marked `alone` (they judge that no frame is dropped, so they want the "
+        "machine to themselves): run them with the rest (include), leave them out (skip), or "
+        "run only them (only); `make pytest` runs the rest in parallel workers, then these",
+    )
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[Any]) -> None:
+    alone = config.getoption("--alone")
+    if alone != "include":
+        keep = alone == "only"
+        chosen = [i for i in items if (i.get_closest_marker("alone") is not None) == keep]
+        left = [i for i in items if (i.get_closest_marker("alone") is not None) != keep]
+        if left:
+            config.hook.pytest_deselected(items=left)
+            items[:] = chosen
     skip_gpu = pytest.mark.skip(
         reason="needs an NVIDIA GPU: run `pytest -m gpu` on the GPU machine (docs/gpu.md)"
     )

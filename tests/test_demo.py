@@ -64,6 +64,7 @@ def reap(tmp_path: Path) -> Iterator[None]:
             os.kill(int(line.split(":", 1)[0]), signal.SIGKILL)
 
 
+@pytest.mark.alone
 @pytest.mark.timeout(180)
 @pytest.mark.usefixtures("reap")
 def test_demo_rolls_out_v2_with_no_failed_or_dropped_inference(tmp_path: Path) -> None:

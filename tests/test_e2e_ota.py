@@ -114,6 +114,7 @@ def _wait_for(
         time.sleep(0.2)
 
 
+@pytest.mark.alone
 def test_two_agents_swap_to_v2_with_no_dropped_inference(
     cp: ControlPlane, tmp_path: Path, digits_path: Path, digits: DigitsData
 ) -> None:
@@ -216,6 +217,7 @@ def _workers(pid: int) -> set[int]:
     return found
 
 
+@pytest.mark.alone
 def test_rollouts_to_a_daemon_with_worker_sessions_reuse_the_retired_worker(
     cp: ControlPlane, tmp_path: Path, digits_path: Path, digits: DigitsData
 ) -> None:

@@ -369,29 +369,22 @@ def retry(
 def delete_device(
     device_id: DeviceIdPath, session: SessionDep, operator: OperatorWriter, ctx: Context
 ) -> Response:
-    device = _get(session, device_id)
-    hashes = [device.token_hash, device.previous_token_hash]
+    _get(session, device_id)
     session.execute(delete(Device).where(Device.id == device_id))  # assignments cascade
     session.commit()
-    ctx.credentials.forget_device(device_id)
-    for token_hash in hashes:
-        if token_hash is not None:
-            ctx.credentials.forget(token_hash)
-    ctx.desired.invalidate([device_id])
+    _forget_credentials(ctx, device_id)
     if ctx.presence is not None:
         ctx.presence.forget(device_id)
     log.info("device_deleted", device_id=device_id, by=operator.name)
     return Response(status_code=204)
 
 
-def _forget_credentials(ctx: Context, device: Device) -> None:
-    """Drop the cached credentials of ``device`` here and, through the desired-state
-    invalidation every replica hears, on every replica: its next request is looked up."""
-    ctx.credentials.forget_device(device.id)
-    ctx.credentials.forget(device.token_hash)
-    if device.previous_token_hash is not None:
-        ctx.credentials.forget(device.previous_token_hash)
-    ctx.desired.invalidate([device.id])
+def _forget_credentials(ctx: Context, device_id: str) -> None:
+    """Drop every cached credential of the device (current and previous) here and, through the
+    desired-state invalidation every replica hears, on every replica: its next request is
+    looked up."""
+    ctx.credentials.forget_device(device_id)
+    ctx.desired.invalidate([device_id])
 
 
 @router.post(
@@ -411,7 +404,7 @@ def rotate_credential(
         raise ConflictError(f"device {device_id!r}: its credential is revoked; enroll it again")
     device.credential_rotate_by = ctx.now() + timedelta(seconds=body.grace_s)
     session.commit()
-    _forget_credentials(ctx, device)
+    _forget_credentials(ctx, device_id)
     log.info(
         "credential_rotation_asked",
         device_id=device_id,
@@ -441,7 +434,7 @@ def revoke_credential(
         device.credential_revoked_at = ctx.now()
         device.credential_rotate_by = None
         session.commit()
-    _forget_credentials(ctx, device)
+    _forget_credentials(ctx, device_id)
     log.info("credential_revoked", device_id=device_id, by=operator.name)
     return device_public(device)
 
