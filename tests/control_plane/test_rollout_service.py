@@ -134,8 +134,8 @@ class SimDevice:
 
     def _spawn(self) -> None:
         thread = threading.Thread(target=self._reconcile, daemon=True)  # handlers must not block
+        thread.start()  # then listed: close() may be joining the list from another thread
         self._threads.append(thread)
-        thread.start()
 
     def _on_check_update(self, command: Command) -> None:
         self.commands.append(command.command)
