@@ -135,11 +135,19 @@ def test_the_host_starts_samples_and_stops_a_shadow(serving: ModelSlot, digits: 
     host.start("digits", serving, desired)
     assert host.report("digits") is not None
     assert host.wanted("digits", desired) is False
-    _drive(serving, digits, 40)
-    time.sleep(0.2)
-    window = host.take_window("digits")
-    assert window is not None
-    assert window.samples >= 10
+    # The shadow runs at a lower priority and takes a sample only while it is idle: on a busy
+    # machine some of those offered are skipped, so drive until ten were taken (bounded).
+    samples = 0
+    for _ in range(25):
+        _drive(serving, digits, 40)
+        time.sleep(0.2)
+        window = host.take_window("digits")
+        assert window is not None
+        assert window.version == "2.0.0"
+        samples += window.samples
+        if samples >= 10:
+            break
+    assert samples >= 10
     host.stop("digits")
     assert serving.observer is None
     assert host.report("digits") is None
