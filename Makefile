@@ -46,8 +46,13 @@ soak: $(STAMP) services
 demo: $(STAMP) services
 	$(BIN)/python -m demo.fleet
 
+# the GPU-only benches (bench_*gpu*) run where ONNX Runtime has the CUDA provider (docs/gpu.md)
 bench: $(STAMP)
-	@for f in bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+	@cuda=$$($(BIN)/python -c 'import onnxruntime as o; print(int("CUDAExecutionProvider" in o.get_available_providers()))'); \
+	for f in bench/bench_*.py; do \
+	  case $$f in *gpu*) if [ "$$cuda" != 1 ]; then echo "== $$f: skipped, needs ONNX Runtime's CUDA provider"; continue; fi;; esac; \
+	  echo "== $$f"; $(BIN)/python $$f || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -197,6 +197,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        sys.exit("bench_daemon_gpu: the CUDA provider is not available (install onnxruntime-gpu)")
     with tempfile.TemporaryDirectory(prefix="bench-daemon-gpu-") as tmp:
         work = Path(tmp)
         bundle, fp32, x = make_bundle(work)
