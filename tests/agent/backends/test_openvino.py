@@ -3,6 +3,7 @@ background loads (compiled in a child process, imported here)."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -96,6 +97,53 @@ def test_probe_reports_version_and_devices() -> None:
     assert probe.version
     assert probe.version[0].isdigit()
     assert "CPU" in probe.devices
+
+
+_PROBE_MAPS = """
+import sys
+from pathlib import Path
+from agent.backends import openvino as backend
+folder = sys.argv[1]
+backend.DEVICE_NODES = {"GPU": (folder, "renderD"), "NPU": (folder, "accel")}
+probe = backend.OpenVinoBackend().probe()
+maps = Path("/proc/self/maps").read_text()
+print(",".join(probe.devices))
+print(",".join(p for p in ("cpu", "gpu", "npu") if f"libopenvino_intel_{p}_plugin" in maps))
+"""
+
+
+@pytest.mark.parametrize(
+    ("nodes", "plugins"), [((), "cpu"), (("renderD128", "accel0"), "cpu,gpu,npu")]
+)
+def test_probe_loads_the_plugin_of_a_device_kind_only_where_its_device_node_is(
+    tmp_path: Path, nodes: tuple[str, ...], plugins: str
+) -> None:
+    """Asking a plugin for its devices loads it (about 28 MiB for the GPU and NPU plugins): the
+    probe asks the GPU and NPU plugins only where /dev shows such a device. A fresh process,
+    so no other test has loaded them."""
+    for node in nodes:
+        (tmp_path / node).touch()
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE_MAPS, str(tmp_path)],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout.splitlines()  # fmt: skip
+    assert out[0].split(",")[0] == "CPU"
+    assert out[1] == plugins
+
+
+def test_available_devices_matches_openvinos_own_list_where_every_node_is_present(
+    tmp_path: Path,
+) -> None:
+    import openvino as ov
+
+    (tmp_path / "renderD128").touch()
+    (tmp_path / "accel0").touch()
+    core = ov.Core()
+    nodes = {"GPU": (str(tmp_path), "renderD"), "NPU": (str(tmp_path), "accel")}
+    assert openvino_backend.available_devices(core, nodes) == list(core.available_devices)
+    assert openvino_backend.available_devices(core, {"GPU": (str(tmp_path / "no"), "x")}) == [
+        d for d in core.available_devices if not d.startswith("GPU") and not d.startswith("NPU")
+    ]
 
 
 def test_not_installed_is_unusable_with_reason(
