@@ -96,7 +96,8 @@ def test_demo_rolls_out_v2_with_no_failed_or_dropped_inference(tmp_path: Path) -
         assert cells[1] == "1.1.0", row
         assert "1.0.0: " in cells[2], row  # it served v1.0.0 before the swap ...
         assert "1.1.0: " in cells[2], row  # ... and v1.1.0 after it
-        assert cells[3:] == ["0", "0"], row
+        assert cells[3:5] == ["0", "0"], row  # none failed; none dropped across the rollout
+        assert cells[5].isdigit(), row  # dropped while the fleet booted: shown, not judged
     # Every agent's summary came from its own process, and nothing is left running.
     for name, _labels in AGENTS:
         assert (tmp_path / "demo" / "logs" / f"{name}.out").read_text().count('"stopped"') == 1
