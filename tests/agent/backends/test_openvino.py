@@ -247,3 +247,41 @@ def test_a_failed_child_compile_is_logged_and_the_load_compiles_here(
     ]
     assert not _loaded_from_cache(session)  # compiled here instead
     assert session.run({"input": digits.x_test})["logits"].shape == (len(digits.x_test), 10)
+
+
+def _node_present(folder: str, prefix: str) -> bool:
+    try:
+        return any(n.name.startswith(prefix) for n in Path(folder).iterdir())
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(
+    any(_node_present(*node) for node in openvino_backend.DEVICE_NODES.values()),
+    reason="this machine has an Intel GPU or NPU device node: the daemon asks that plugin",
+)
+def test_a_daemon_without_an_intel_gpu_or_npu_maps_neither_plugin(
+    tmp_path: Path, digits_path: Path, digits: DigitsData
+) -> None:
+    """The real daemon probes every backend at start: OpenVINO's CPU plugin is in its memory,
+    the GPU and NPU plugins (28 MiB) are not."""
+    from tests.agent.daemon_proc import install_digits, running_daemon
+    from tests.control_plane.conftest import free_port
+
+    state_dir = tmp_path / "state"
+    install_digits(tmp_path, state_dir, digits_path, digits)
+    port = free_port()
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'device_id = "ov-plugins"\nstate_dir = "{state_dir}"\n'
+        '[[models]]\nname = "digits"\n'
+        f"[api]\nhttp_port = {port}\ngrpc_port = 0\n"
+        "[loop]\nrate_hz = 20\n[swap]\nwarmup_runs = 1\n"
+        '[mqtt]\nhost = "127.0.0.1"\nport = 1883\n'
+        f'topic_prefix = "ov-plugins-{port}"\n'
+    )
+    with running_daemon(config, port, tmp_path / "daemon.log") as proc:
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+    assert "libopenvino_intel_cpu_plugin" in maps  # it probed OpenVINO ...
+    assert "libopenvino_intel_gpu_plugin" not in maps  # ... and asked no plugin for nothing
+    assert "libopenvino_intel_npu_plugin" not in maps
