@@ -111,8 +111,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[Any]) -> No
     alone = config.getoption("--alone")
     if alone != "include":
         keep = alone == "only"
-        chosen = [i for i in items if (i.get_closest_marker("alone") is not None) == keep]
-        left = [i for i in items if (i.get_closest_marker("alone") is not None) != keep]
+        chosen: list[Any] = []
+        left: list[Any] = []
+        for item in items:
+            marked = item.get_closest_marker("alone") is not None
+            (chosen if marked == keep else left).append(item)
         if left:
             config.hook.pytest_deselected(items=left)
             items[:] = chosen

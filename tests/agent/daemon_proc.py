@@ -28,6 +28,25 @@ def install_digits(work: Path, state_dir: Path, digits_path: Path, digits: Digit
     store.activate("digits", "1.0.0")
 
 
+def digits_daemon(
+    work: Path, digits_path: Path, digits: DigitsData, device_id: str, sections: str
+) -> tuple[Path, int]:
+    """The digits bundle installed in ``work/state`` and a daemon config serving it, its local
+    API on a free port (gRPC off), with ``sections`` (TOML) appended: (config path, port)."""
+    from tests.control_plane.conftest import free_port
+
+    state_dir = work / "state"
+    install_digits(work, state_dir, digits_path, digits)
+    port = free_port()
+    config = work / "agent.toml"
+    config.write_text(
+        f'device_id = "{device_id}"\nstate_dir = "{state_dir}"\n'
+        '[[models]]\nname = "digits"\n'
+        f"[api]\nhttp_port = {port}\ngrpc_port = 0\n" + sections
+    )
+    return config, port
+
+
 @contextmanager
 def running_daemon(
     config: Path, port: int, log_path: Path, timeout_s: float = 60.0

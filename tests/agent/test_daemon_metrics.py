@@ -3,6 +3,7 @@ and GPU gauges, and the daemon's own loop and update families (docs/inference-ap
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
@@ -15,8 +16,7 @@ from agent.api.metrics import COUNTERS, GAUGES, SUMMARIES
 from agent.events import EventBus
 from agent.observability import AGENT_METRICS, UpdateEventMetrics
 from agent.samples import DigitsData
-from tests.agent.daemon_proc import install_digits, running_daemon
-from tests.control_plane.conftest import free_port
+from tests.agent.daemon_proc import digits_daemon, running_daemon
 
 _LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
@@ -41,17 +41,14 @@ def _families(text: str) -> set[str]:
 
 @pytest.mark.broker
 def test_daemon_metrics_scraped(tmp_path: Path, digits_path: Path, digits: DigitsData) -> None:
-    state_dir = tmp_path / "state"
-    install_digits(tmp_path, state_dir, digits_path, digits)
-    port = free_port()
-    config = tmp_path / "agent.toml"
-    config.write_text(
-        f'device_id = "metrics-test"\nstate_dir = "{state_dir}"\n'
-        '[[models]]\nname = "digits"\n'
-        f"[api]\nhttp_port = {port}\ngrpc_port = 0\n"
+    config, port = digits_daemon(
+        tmp_path,
+        digits_path,
+        digits,
+        "metrics-test",
         "[loop]\nrate_hz = 50\nwindow_s = 0.5\n[swap]\nwarmup_runs = 1\n"
         '[mqtt]\nhost = "127.0.0.1"\nport = 1883\nspool_max_bytes = 1048576\n'
-        f'topic_prefix = "metrics-test-{port}"\n'
+        f'topic_prefix = "metrics-test-{os.getpid()}"\n',
     )
     base = f"http://127.0.0.1:{port}"
     with running_daemon(config, port, tmp_path / "daemon.log"):

@@ -16,8 +16,7 @@ import psutil
 from agent.backends import Artifact, LoadOptions
 from agent.backends.onnxruntime import OnnxRuntimeBackend
 from agent.samples import DigitsData
-from tests.agent.daemon_proc import install_digits, running_daemon
-from tests.control_plane.conftest import free_port
+from tests.agent.daemon_proc import digits_daemon, running_daemon
 
 
 def _workers(pid: int) -> list[int]:
@@ -34,16 +33,13 @@ def _workers(pid: int) -> list[int]:
 def test_daemon_serves_from_a_worker_process_and_survives_its_death(
     tmp_path: Path, digits_path: Path, digits: DigitsData
 ) -> None:
-    state_dir = tmp_path / "state"
-    install_digits(tmp_path, state_dir, digits_path, digits)
-    port = free_port()
-    config = tmp_path / "agent.toml"
-    config.write_text(
-        f'device_id = "worker-test"\nstate_dir = "{state_dir}"\n'
-        '[[models]]\nname = "digits"\n'
-        f"[api]\nhttp_port = {port}\ngrpc_port = 0\n"
+    config, port = digits_daemon(
+        tmp_path,
+        digits_path,
+        digits,
+        "worker-test",
         '[backends]\npin_backend = "onnxruntime"\nort_process = "always"\nmeasure = false\n'
-        "[swap]\nwarmup_runs = 1\n"
+        "[swap]\nwarmup_runs = 1\n",
     )
     base = f"http://127.0.0.1:{port}"
     x = digits.x_test[:2].astype(np.float32)

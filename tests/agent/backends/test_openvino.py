@@ -3,6 +3,7 @@ background loads (compiled in a child process, imported here)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -265,20 +266,15 @@ def test_a_daemon_without_an_intel_gpu_or_npu_maps_neither_plugin(
 ) -> None:
     """The real daemon probes every backend at start: OpenVINO's CPU plugin is in its memory,
     the GPU and NPU plugins (28 MiB) are not."""
-    from tests.agent.daemon_proc import install_digits, running_daemon
-    from tests.control_plane.conftest import free_port
+    from tests.agent.daemon_proc import digits_daemon, running_daemon
 
-    state_dir = tmp_path / "state"
-    install_digits(tmp_path, state_dir, digits_path, digits)
-    port = free_port()
-    config = tmp_path / "agent.toml"
-    config.write_text(
-        f'device_id = "ov-plugins"\nstate_dir = "{state_dir}"\n'
-        '[[models]]\nname = "digits"\n'
-        f"[api]\nhttp_port = {port}\ngrpc_port = 0\n"
-        "[loop]\nrate_hz = 20\n[swap]\nwarmup_runs = 1\n"
-        '[mqtt]\nhost = "127.0.0.1"\nport = 1883\n'
-        f'topic_prefix = "ov-plugins-{port}"\n'
+    config, port = digits_daemon(
+        tmp_path,
+        digits_path,
+        digits,
+        "ov-plugins",
+        '[loop]\nrate_hz = 20\n[swap]\nwarmup_runs = 1\n[mqtt]\nhost = "127.0.0.1"\n'
+        f'port = 1883\ntopic_prefix = "ov-plugins-{os.getpid()}"\n',
     )
     with running_daemon(config, port, tmp_path / "daemon.log") as proc:
         maps = Path(f"/proc/{proc.pid}/maps").read_text()
