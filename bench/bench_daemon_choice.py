@@ -34,10 +34,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.backends import Artifact, LoadOptions, load_first
+from agent.backends import LoadOptions, load_first
 from agent.contracts.fit import fitting
 from agent.hardware import detect_profile
-from agent.models.slots import read_serving_record
+from agent.models.slots import read_serving_record, variant_artifact
 from agent.models.store import ModelStore
 from agent.samples import digits_cnn, digits_data, ppocr_detector, text_page
 
@@ -177,7 +177,7 @@ def exhaustive(
     sessions = {}
     # The variants that fit this machine by the variant contract: what the daemon chose among.
     for v in fitting(manifest.variants, detect_profile()).ranked:
-        artifact = Artifact(bundle / v.entrypoint, format=v.format, precision=v.precision)
+        artifact = variant_artifact(name, v, bundle)
         try:
             sessions[v.id] = load_first(artifact, LoadOptions(), order=(v.runtime,))
         except Exception as exc:
@@ -227,9 +227,7 @@ def run(name: str, work: Path, builds: Path) -> dict[str, Any]:
             from agent.models.bundle import read_manifest
 
             variant = next(v for v in read_manifest(bundle).variants if v.id == record.variant_id)
-            artifact = Artifact(
-                bundle / variant.entrypoint, format=variant.format, precision=variant.precision
-            )
+            artifact = variant_artifact(name, variant, bundle)
             session = load_first(artifact, LoadOptions(), order=(variant.runtime,))
             try:
                 api, local = api_vs_inprocess(port, name, feeds, session, API_ROUNDS[name])

@@ -50,7 +50,7 @@ _RSS_SCRIPT = """
 import json, sys, psutil, numpy as np
 from pathlib import Path
 from agent.backends import Artifact, LoadOptions, get_backend
-runtime, path, fmt, precision, providers = sys.argv[1:6]
+runtime, path, fmt, precision, providers, reduced = sys.argv[1:7]
 feeds = {k: np.array(v, np.int64) for k, v in json.loads(sys.stdin.read()).items()}
 proc = psutil.Process()
 backend = get_backend(runtime)
@@ -65,7 +65,9 @@ if "CUDAExecutionProvider" in providers:
 base = proc.memory_info().rss
 options = LoadOptions(ort_process="never", ort_disable_providers=tuple(
     p for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") if p not in providers))
-session = backend.load(Artifact(Path(path), format=fmt, precision=precision), options)
+gated = frozenset(reduced.split(",")) - {""}
+artifact = Artifact(Path(path), format=fmt, precision=precision, reduced_compute=gated)
+session = backend.load(artifact, options)
 session.run(feeds)
 gpu = None if nvml is None else nvml.memory_used_bytes() - gpu_base
 print(json.dumps({"base": base, "rss": proc.memory_info().rss, "gpu": gpu}))
@@ -81,7 +83,7 @@ KINDS = {
 
 
 def rss_after_load(
-    name: str, path: Path, feeds: dict[str, Any], providers: list[str]
+    name: str, path: Path, feeds: dict[str, Any], providers: list[str], reduced: frozenset[str]
 ) -> dict[str, int]:
     """RSS of a fresh process after importing the runtime, and after the agent's backend has
     loaded the variant (in that process) and run it once; on CUDA, the device memory that took."""
@@ -96,6 +98,7 @@ def rss_after_load(
             fmt,
             precision,
             ",".join(providers),
+            ",".join(sorted(reduced)),
         ],
         input=json.dumps({k: v.tolist() for k, v in feeds.items()}),
         capture_output=True,
@@ -106,16 +109,17 @@ def rss_after_load(
     return result
 
 
-def agent_session(name: str, path: Path, providers: list[str]) -> Any:
+def agent_session(name: str, path: Path, providers: list[str], reduced: frozenset[str]) -> Any:
     """The variant as a device runs it: the agent's backend, with the config it gives that
-    precision (OpenVINO FP32 with ``INFERENCE_PRECISION_HINT=f32``), in this process (a CUDA
-    session too, which the daemon would put in a worker: the ratios compare the runtimes)."""
+    precision (OpenVINO FP32 with ``INFERENCE_PRECISION_HINT=f32``; INT4 in the CPU's reduced
+    float type only where the gate accepted it, ``reduced``), in this process (a CUDA session
+    too, which the daemon would put in a worker: the ratios compare the runtimes)."""
     runtime, fmt, precision = KINDS[name]
     disabled = tuple(
         p for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") if p not in providers
     )
     return get_backend(runtime).load(
-        Artifact(path, format=fmt, precision=precision, name=name),  # type: ignore[arg-type]
+        Artifact(path, format=fmt, precision=precision, name=name, reduced_compute=reduced),  # type: ignore[arg-type]
         LoadOptions(ort_disable_providers=disabled, ort_process="never"),
     )
 
@@ -196,6 +200,7 @@ def main() -> None:
                 np.savez(args.save / "inputs.npz", **arrays)
         paths = {v.id: bundle / v.entrypoint for v in manifest.variants}
         paths["openvino-fp32"] = paths["onnx-fp32"]  # OpenVINO reads the FP32 ONNX as is
+        gated = {v.id: v.reduced_compute for v in manifest.variants}
         float_of = {
             "onnx-fp32": "onnx-fp32",
             "onnx-int4": "onnx-fp32",
@@ -207,11 +212,14 @@ def main() -> None:
         runs: dict[str, Run] = {}
         outputs: dict[str, np.ndarray[Any, Any]] = {}
         for name in float_of:
-            session = agent_session(name, paths[name], providers)
+            session = agent_session(name, paths[name], providers, gated.get(name, frozenset()))
             outputs[name] = next(iter(session.run(feeds_all).values()))
             runs[name] = functools.partial(session.run, long)
         latency = time_side_by_side(runs, args.rounds, args.calls)
-        rss = {name: rss_after_load(name, paths[name], long, providers) for name in float_of}
+        rss = {
+            name: rss_after_load(name, paths[name], long, providers, gated.get(name, frozenset()))
+            for name in float_of
+        }
         weights: dict[str, int] = {}
         for v in manifest.variants:
             if v.build is not None:

@@ -32,9 +32,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.backends import Artifact, LoadOptions, get_backend
+from agent.backends import LoadOptions, get_backend
 from agent.contracts.accuracy import box_f1
 from agent.logs import configure_logging
+from agent.models.slots import variant_artifact
 from agent.samples import digits_cnn, digits_data, ppocr_detector, text_page
 from control_plane.builds import Int8Search, build_variants
 
@@ -46,17 +47,10 @@ def agent_run(bundle: Path, variant: Any, feeds: dict[str, Any]) -> Run:
     """The variant as a device runs it: the agent's own backend, with the configuration it
     gives that precision (OpenVINO: ``INFERENCE_PRECISION_HINT=f32`` for FP32 and INT8, so the
     parts INT8 leaves in float do not run in bf16 on AMX or AVX512-BF16 CPUs)."""
-    session = get_backend(variant.runtime).load(artifact(bundle, variant), LoadOptions())
-    return lambda: session.run(feeds)
-
-
-def artifact(bundle: Path, variant: Any) -> Artifact:
-    return Artifact(
-        bundle / variant.entrypoint,
-        format=variant.format,
-        precision=variant.precision,
-        name=variant.id,
+    session = get_backend(variant.runtime).load(
+        variant_artifact(variant.id, variant, bundle), LoadOptions()
     )
+    return lambda: session.run(feeds)
 
 
 def time_side_by_side(runs: dict[str, Run], rounds: int, calls: int) -> dict[str, float]:
@@ -231,7 +225,7 @@ def held_out_f1(bundle: Path, fp32: Any, variant: Any, pages: np.ndarray[Any, An
     as a device runs them (the agent's backends)."""
     outputs = []
     for v in (fp32, variant):
-        session = get_backend(v.runtime).load(artifact(bundle, v), LoadOptions())
+        session = get_backend(v.runtime).load(variant_artifact(v.id, v, bundle), LoadOptions())
         outputs.append(
             np.concatenate([next(iter(session.run({"x": p[None]}).values())) for p in pages])
         )

@@ -45,6 +45,10 @@ class Artifact:
     precision: Precision = "fp32"
     name: str = "model"
     digest: str | None = None  # sha256 of the file; computed lazily when a cache key needs it
+    # Reduced float types (bf16, f16) an accuracy gate accepted for an fp16/int4 artifact; a
+    # runtime that would compute its float parts in another reduced type pins f32 instead.
+    # None: no gate judged it (a bare file), the runtime's default stands.
+    reduced_compute: frozenset[str] | None = None
 
     def sha256(self) -> str:
         return self.digest or file_sha256(self.path)

@@ -24,7 +24,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -210,6 +210,7 @@ def candidates_from_manifest(
             precision=variant.precision,
             name=manifest.name,
             digest=entry.sha256,
+            reduced_compute=frozenset(),  # another runtime: its reduced types were not gated
         )
         runtimes: list[str] = [variant.runtime]
         if variant.format == "onnx":
@@ -219,8 +220,15 @@ def candidates_from_manifest(
                 continue
             if variant.format not in _FORMATS_BY_BACKEND.get(runtime, ()):
                 continue
+            gated = replace(artifact, reduced_compute=variant.reduced_compute)
             out.append(
-                Candidate(runtime, artifact, variant.tolerance, variant.target, label=variant.id)
+                Candidate(
+                    runtime,
+                    gated if runtime == variant.runtime else artifact,
+                    variant.tolerance,
+                    variant.target,
+                    label=variant.id,
+                )
             )
     return out
 

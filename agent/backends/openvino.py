@@ -216,6 +216,7 @@ class OpenVinoBackend:
     name: ClassVar[str] = "openvino"
     formats: ClassVar[tuple[ArtifactFormat, ...]] = ("onnx", "openvino-ir")
     _core: ClassVar[Any] = None
+    _cpu_type: ClassVar[str | None] = None
     _core_lock = threading.Lock()
 
     @classmethod
@@ -227,6 +228,18 @@ class OpenVinoBackend:
 
                 cls._core = ov.Core()
             return cls._core
+
+    @classmethod
+    def cpu_inference_type(cls) -> str:
+        """The float type the CPU plugin computes in by default: ``bf16`` on AVX512-BF16 and
+        AMX CPUs, ``f16`` on ARM, ``f32`` elsewhere (or without a CPU plugin)."""
+        if cls._cpu_type is None:
+            try:
+                hint = cls.core().get_property("CPU", "INFERENCE_PRECISION_HINT")
+                cls._cpu_type = str(hint.get_type_name())
+            except Exception:  # no CPU plugin in this build: nothing computes in its type
+                cls._cpu_type = "f32"
+        return cls._cpu_type
 
     def probe(self) -> Probe:
         try:
@@ -253,6 +266,16 @@ class OpenVinoBackend:
         cfg: dict[str, Any] = {"PERFORMANCE_HINT": options.openvino_hint}
         if artifact.precision in ("fp32", "int8"):
             cfg["INFERENCE_PRECISION_HINT"] = "f32"
+        elif artifact.reduced_compute is not None:
+            # An fp16/int4 artifact lets the CPU plugin compute in its reduced type; where the
+            # accuracy gate did not accept that type, the CPU computes in f32 (a GPU keeps f16).
+            reduced = self.cpu_inference_type()
+            if reduced != "f32" and reduced not in artifact.reduced_compute:
+                device = options.openvino_device
+                if device == "CPU" or device.startswith("CPU."):
+                    cfg["INFERENCE_PRECISION_HINT"] = "f32"
+                elif not device.startswith(("GPU", "NPU")):  # AUTO, MULTI, HETERO
+                    cfg["DEVICE_PROPERTIES"] = {"CPU": {"INFERENCE_PRECISION_HINT": "f32"}}
         if options.intra_op_threads:
             cfg["INFERENCE_NUM_THREADS"] = options.intra_op_threads
         if options.cache_dir is not None:
@@ -309,8 +332,14 @@ class OpenVinoBackend:
             device=session.device,
             hint=options.openvino_hint,
             precision=artifact.precision,
+            compute="f32" if _pins_f32(cfg) else "device default",
         )
         return session
+
+
+def _pins_f32(cfg: Mapping[str, Any]) -> bool:
+    cpu = cfg.get("DEVICE_PROPERTIES", {}).get("CPU", {})
+    return "f32" in (cfg.get("INFERENCE_PRECISION_HINT"), cpu.get("INFERENCE_PRECISION_HINT"))
 
 
 def _compile_in_child(

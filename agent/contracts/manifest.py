@@ -32,6 +32,7 @@ __all__ = [
     "AccuracyReport",
     "BuildReport",
     "BundleManifest",
+    "ComputeCheck",
     "FileEntry",
     "GoldenCase",
     "Precision",
@@ -52,6 +53,10 @@ Runtime = Literal["onnxruntime", "openvino", "tensorrt"]
 ArtifactFormat = Literal["onnx", "openvino-ir", "tensorrt-plan"]
 Precision = Literal["fp32", "fp16", "int8", "int4"]  # int4: weight-only, activations float
 Accelerator = Literal["cpu", "nvidia-gpu", "intel-gpu", "npu"]
+# The reduced float types a runtime may compute in when the artifact lets it choose (OpenVINO's
+# CPU plugin: bf16 on AVX512-BF16/AMX CPUs, f16 on ARM): an ``fp16`` or ``int4`` variant's float
+# parts, unless the device pins f32.
+ReducedType = Literal["bf16", "f16"]
 
 NAME_RE = r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}$"
 _SEMVER = re.compile(
@@ -117,12 +122,25 @@ class GoldenCase(_Frozen):
     file: FileEntry
 
 
+class ComputeCheck(_Frozen):
+    """The deciding metric of a variant again, with the runtime computing its float parts in a
+    reduced type (``AccuracyReport.reduced_compute``)."""
+
+    value: float
+    delta: float
+    accepted: bool
+
+
 class AccuracyReport(_Frozen):
     """A quantized or FP16 variant measured against FP32 on the validation set.
 
     ``metric`` is the one that decided (``agent.contracts.accuracy`` defines each); ``delta``
     is the points it lost, gated by ``budget`` in the same points; ``metrics`` holds every
-    metric measured for ``task``, in percent."""
+    metric measured for ``task``, in percent. The variant's own figures are for its float parts
+    computed in f32; ``reduced_compute`` holds the same metric with them computed in a reduced
+    float type the build host's runtime uses by default (OpenVINO on an AVX512-BF16 host: bf16).
+    A device lets its runtime compute in a reduced type only where that type is listed here and
+    accepted; otherwise it pins f32 (``Variant.reduced_compute``)."""
 
     metric: Metric
     reference: float
@@ -134,6 +152,7 @@ class AccuracyReport(_Frozen):
     reason: str | None = None
     task: Task | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
+    reduced_compute: dict[ReducedType, ComputeCheck] = Field(default_factory=dict)
 
 
 class QuantStep(_Frozen):
@@ -295,6 +314,14 @@ class Variant(_Frozen):
         if self.entrypoint not in {f.path for f in self.files}:
             raise ValueError(f"variant {self.id}: entrypoint {self.entrypoint!r} not in files")
         return self
+
+    @property
+    def reduced_compute(self) -> frozenset[str]:
+        """The reduced float types the accuracy gate accepted this variant computing in, for
+        its own runtime (empty: the device computes its float parts in f32)."""
+        if self.accuracy is None:
+            return frozenset()
+        return frozenset(t for t, c in self.accuracy.reduced_compute.items() if c.accepted)
 
     def file(self, path: str) -> FileEntry:
         for entry in self.files:

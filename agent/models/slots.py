@@ -115,13 +115,16 @@ def _live_profile() -> HardwareProfile:
     return _detected_profile()
 
 
-def _artifact(model: str, variant: Variant, bundle_dir: Path) -> Artifact:
+def variant_artifact(model: str, variant: Variant, bundle_dir: Path) -> Artifact:
+    """What a runtime loads for ``variant`` of an installed bundle, as the agent serves it (the
+    entrypoint's digest for cache keys; the reduced float types its gate accepted)."""
     return Artifact(
         bundle_dir / variant.entrypoint,
         format=variant.format,
         precision=variant.precision,
         name=model,
         digest=variant.file(variant.entrypoint).sha256,
+        reduced_compute=variant.reduced_compute,
     )
 
 
@@ -445,7 +448,7 @@ class ModelSlot:
         candidates = [
             Candidate(
                 v.runtime,
-                _artifact(self.name, v, bundle_dir),
+                variant_artifact(self.name, v, bundle_dir),
                 v.tolerance,
                 v.target,
                 label=v.id,
@@ -857,7 +860,7 @@ class ModelSlot:
     def _load(self, variant: Variant, bundle_dir: Path, options: LoadOptions) -> Session:
         try:
             return load_first(
-                _artifact(self.name, variant, bundle_dir), options, order=(variant.runtime,)
+                variant_artifact(self.name, variant, bundle_dir), options, order=(variant.runtime,)
             )
         except BackendError as exc:
             raise ModelLoadError(f"variant {variant.id}: {exc}", model=self.name) from exc

@@ -17,6 +17,7 @@ from urllib.parse import urlencode
 from sqlalchemy import String, cast, func, inspect, or_, select
 from sqlalchemy.orm import Session
 
+from control_plane.cli._format import reduced_compute_text
 from control_plane.db.models import BuildJob, Device, Model
 from control_plane.jobs import skipped_variants
 
@@ -523,7 +524,7 @@ def _gate(spec: dict[str, Any]) -> str:
         text = (
             f"{acc.get('metric')} {float(acc['value']):.2f} "
             f"(delta {float(acc['delta']):+.2f}, budget {float(acc['budget']):g})"
-        )
+        ) + reduced_compute_text(acc)
     except (KeyError, TypeError, ValueError):
         return "-"
     return text + (f"; {acc['reason']}" if acc.get("reason") else "")

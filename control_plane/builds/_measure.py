@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from agent.contracts.accuracy import Task, TaskScore, is_classifier, rel_l2, score_task
-from agent.contracts.manifest import AccuracyReport, Precision, Tolerance
+from agent.contracts.manifest import AccuracyReport, ComputeCheck, Precision, Tolerance
 from control_plane.builds._samples import Feeds, SampleSet
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "Runner",
     "accuracy_report",
     "compiled_runner",
+    "host_reduced_type",
     "is_classifier",
     "latency_ms",
     "openvino_runner",
@@ -39,6 +40,7 @@ __all__ = [
     "rel_l2",
     "run_samples",
     "tolerance",
+    "with_reduced_compute",
 ]
 
 Runner = Callable[[Feeds], list[np.ndarray[Any, Any]]]
@@ -184,6 +186,26 @@ def accuracy_report(score: TaskScore, *, budget: float) -> AccuracyReport:
         task=score.task,
         metrics={k: round(v, 4) for k, v in score.metrics.items()},
     )
+
+
+def host_reduced_type() -> str | None:
+    """The reduced float type OpenVINO's CPU plugin computes in by default on this host (``bf16``
+    on AVX512-BF16/AMX CPUs), or ``None`` where it computes in f32."""
+    from agent.backends.openvino import OpenVinoBackend
+
+    found = OpenVinoBackend.cpu_inference_type()
+    return None if found == "f32" else found
+
+
+def with_reduced_compute(report: AccuracyReport, kind: str, score: TaskScore) -> AccuracyReport:
+    """``report`` with the same metric measured again while the runtime computed the variant's
+    float parts in ``kind``, gated by the same budget."""
+    check = ComputeCheck(
+        value=round(score.value, 4),
+        delta=round(score.delta, 4),
+        accepted=bool(score.delta <= report.budget + 1e-9),
+    )
+    return report.model_copy(update={"reduced_compute": {**report.reduced_compute, kind: check}})
 
 
 def tolerance(

@@ -55,7 +55,7 @@ from rich.table import Table
 from agent._fs import file_sha256
 from agent.contracts.manifest import Preprocessing
 from control_plane.cli._client import ControlPlaneClient
-from control_plane.cli._format import human_size, human_time
+from control_plane.cli._format import human_size, human_time, reduced_compute_text
 from control_plane.cli.identity import bootstrap_tokens_app, parse_duration_s, tokens_app
 from control_plane.cli.images import images_app
 from control_plane.cli.rollout import rollout_app
@@ -519,7 +519,7 @@ def _print_version(v: dict[str, Any], console: Console) -> None:
         acc = var.get("accuracy")
         acc_text = (
             f"{acc['metric']} {acc['value']:.4g} (delta {acc['delta']:+.3g}, "
-            f"budget {acc['budget']:g})"
+            f"budget {acc['budget']:g}){reduced_compute_text(acc)}"
             if acc
             else "-"
         )

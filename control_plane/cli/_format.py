@@ -3,11 +3,13 @@ their age (``2026-12-04 03:50 (5 min ago)``). ``--json`` prints the API's raw va
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime, timezone
+from typing import Any
 
 from rich.filesize import decimal
 
-__all__ = ["human_age", "human_size", "human_time"]
+__all__ = ["human_age", "human_size", "human_time", "reduced_compute_text"]
 
 
 def human_size(value: int | float | None) -> str:
@@ -44,3 +46,19 @@ def human_time(value: str | None, *, now: datetime | None = None, never: str = "
     text = at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M")
     age = human_age(abs(delta))
     return f"{text} ({age} ago)" if delta >= 0 else f"{text} (in {age})"
+
+
+def reduced_compute_text(accuracy: Mapping[str, Any]) -> str:
+    """A variant's metric with its float parts computed in a reduced type (the manifest's
+    ``accuracy.reduced_compute``) and what a device does about it: ``; bf16 96.4 (delta +3.64):
+    f32 on such CPUs``. Empty where none was measured."""
+    parts = []
+    checks = accuracy.get("reduced_compute")
+    for kind, check in checks.items() if isinstance(checks, Mapping) else ():
+        try:
+            value, delta = float(check["value"]), float(check["delta"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        verdict = f"runs {kind}" if check.get("accepted") else f"f32 on {kind} CPUs"
+        parts.append(f"; {kind} {value:.4g} (delta {delta:+.3g}): {verdict}")
+    return "".join(parts)

@@ -164,5 +164,14 @@ def test_transformer_gets_int4_variants_gated_on_embeddings(
         assert v["build"]["precisions"]["int4"] >= (30 if target == "onnx-int4" else 12)
         assert v["build"]["latency_ms"] > 0
         assert v["artifact_path"] is not None
+    # OpenVINO's variants gated again with the CPU plugin's reduced float type where this host
+    # has one (bf16 on AVX512-BF16/AMX), and the figure shown
+    from agent.backends.openvino import OpenVinoBackend
+
+    kind = OpenVinoBackend.cpu_inference_type()
+    for target in ("openvino-fp16", "openvino-int4"):
+        checks = by_id[target]["accuracy"]["reduced_compute"]
+        assert set(checks) == {kind} - {"f32"}, checks
+    assert (f"{kind} " in variants_table) == (kind != "f32")
     skipped = {s["id"]: s["reason"] for s in version.get("skipped") or []}
     assert "calibration" in skipped.get("onnx-int8", ""), version.get("skipped")

@@ -85,6 +85,37 @@ def test_hints_threads_and_precision_reach_the_compiled_model(digits_path: Path)
     assert fp32.device == "CPU"
 
 
+@pytest.mark.parametrize("device", ["CPU", "AUTO"])
+def test_an_fp16_artifact_computes_in_the_cpus_reduced_type_only_where_a_gate_accepted_it(
+    digits_path: Path, digits: DigitsData, tmp_path: Path, device: str
+) -> None:
+    import openvino as ov
+
+    xml = tmp_path / "fp16.xml"
+    ov.save_model(ov.convert_model(str(digits_path)), str(xml), compress_to_fp16=True)
+    feeds = {"input": digits.x_test[:64]}
+    core = ov.Core()
+    f32 = core.compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(feeds)[0]
+    default = core.compile_model(str(xml), "CPU")(feeds)[0]
+    kind = OpenVinoBackend.cpu_inference_type()
+    assert kind == str(core.get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name())
+    if kind != "f32":
+        assert not np.array_equal(f32, default)
+
+    def served(reduced: frozenset[str] | None) -> np.ndarray:  # type: ignore[type-arg]
+        artifact = Artifact(xml, format="openvino-ir", precision="fp16", reduced_compute=reduced)
+        session = OpenVinoBackend().load(artifact, LoadOptions(openvino_device=device))
+        try:
+            return session.run(feeds)["logits"]
+        finally:
+            session.close()
+
+    np.testing.assert_array_equal(served(frozenset()), f32)  # no reduced type gated
+    np.testing.assert_array_equal(served(frozenset({"f16"} - {kind})), f32)  # another type
+    np.testing.assert_array_equal(served(frozenset({kind})), default)  # this CPU's, accepted
+    np.testing.assert_array_equal(served(None), default)  # a bare file: the plugin's choice
+
+
 def test_unknown_device_is_a_clear_error(digits_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"digits: openvino device FOO is not usable"):
         OpenVinoBackend().load(
