@@ -154,6 +154,15 @@ class AccuracyReport(_Frozen):
     metrics: dict[str, float] = Field(default_factory=dict)
     reduced_compute: dict[ReducedType, ComputeCheck] = Field(default_factory=dict)
 
+    @model_serializer(mode="wrap")
+    def _without_empty_reduced(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """``reduced_compute`` is left out when nothing was measured in a reduced type: an agent
+        older than it (its manifest model forbids unknown fields) still reads such a manifest."""
+        data: dict[str, Any] = handler(self)
+        if not data.get("reduced_compute"):
+            data.pop("reduced_compute", None)
+        return data
+
 
 class QuantStep(_Frozen):
     """One step of an accuracy-aware quantization: what was tried and what it cost."""

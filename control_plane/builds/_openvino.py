@@ -1,24 +1,19 @@
-"""OpenVINO IR files of a build: FP16-compressed IR and NNCF INT8 IR from the normalized ONNX.
-
-Owns the calls into ``openvino`` and ``nncf`` and the translation of their errors. The ONNX
-side is ``_onnx``'s; running the IR to measure it is ``_measure``'s.
+"""OpenVINO IR files of a build: the FP16-compressed IR of the normalized ONNX (NNCF's INT8 IR
+is ``_int8``'s). Owns the calls into ``openvino`` for it and the translation of their errors;
+running the IR to measure it is ``_measure``'s.
 """
 
 from __future__ import annotations
 
-import time
 import warnings
 from pathlib import Path
 
 from agent.logs import get_logger
-from control_plane.builds._samples import SampleSet
 from control_plane.builds.errors import VariantBuildError, first_line
 
-__all__ = ["MAX_CALIBRATION_SAMPLES", "convert_ir", "quantize_ir"]
+__all__ = ["convert_ir"]
 
 log = get_logger(__name__)
-
-MAX_CALIBRATION_SAMPLES = 300  # NNCF's own default subset size
 
 
 def convert_ir(onnx_path: Path, xml_path: Path, *, target: str) -> None:
@@ -38,26 +33,3 @@ def convert_ir(onnx_path: Path, xml_path: Path, *, target: str) -> None:
         raise VariantBuildError(
             f"OpenVINO conversion failed: {first_line(exc)}", target=target
         ) from exc
-
-
-def quantize_ir(
-    onnx_path: Path, xml_path: Path, calibration: SampleSet, *, target: str = "openvino-int8"
-) -> None:
-    """ONNX -> OpenVINO model -> ``nncf.quantize`` (default preset, calibration set) -> IR."""
-    import nncf
-    import openvino as ov
-
-    samples = calibration.head(MAX_CALIBRATION_SAMPLES)
-    feeds = [samples.feed(i) for i in range(len(samples))]
-    started = time.monotonic()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = ov.convert_model(str(onnx_path))
-            quantized = nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds))
-            ov.save_model(quantized, str(xml_path), compress_to_fp16=True)
-    except Exception as exc:  # NNCF and OpenVINO raise anything
-        raise VariantBuildError(
-            f"NNCF quantization failed: {first_line(exc)}", target=target
-        ) from exc
-    log.info("nncf_quantized", samples=len(feeds), seconds=round(time.monotonic() - started, 2))

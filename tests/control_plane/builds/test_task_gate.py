@@ -91,6 +91,38 @@ def test_detector_int8_kept_boxes_accepted_though_its_l2_is_large(
     assert len(steps) == len(build.steps)
 
 
+def test_detector_int8_searches_nncf_presets_until_one_keeps_the_boxes(
+    ppocr_path: Path, tmp_path: Path
+) -> None:
+    """Symmetric activations (NNCF's ``performance`` preset) lose a quarter of the detector's
+    boxes: its hard-swish outputs have a negative tail. The search goes on to asymmetric
+    activations (``mixed``), which keep them, without returning any operation to float."""
+    manifest = _ppocr_build(
+        ppocr_path,
+        tmp_path / "bundle",
+        size=640,
+        pages=8,
+        calibration=text_page(8, seed=1, size=640),
+        targets=("onnx-fp32", "openvino-int8"),
+        budget=2.0,
+        search=Int8Search(max_steps=0),  # presets only: no accuracy control
+    )
+    int8 = manifest.variant("openvino-int8")
+    report, build = int8.accuracy, int8.build
+    assert report is not None
+    assert build is not None
+    assert [s.action for s in build.steps] == [
+        "nncf.quantize, performance preset",
+        "nncf.quantize, mixed preset",
+    ]
+    assert build.steps[0].delta > 10.0
+    assert build.steps[1].delta <= 2.0
+    assert int8.status == "accepted", report
+    assert report.delta == build.steps[1].delta
+    assert build.recipe == "NNCF mixed preset"
+    assert build.kept_float == ()
+
+
 def test_detector_int8_that_breaks_the_boxes_is_rejected_naming_box_f1(
     ppocr_path: Path, tmp_path: Path
 ) -> None:
