@@ -43,6 +43,7 @@ from agent.backends import Artifact, LoadOptions, get_backend
 from agent.contracts.accuracy import score_task
 from agent.contracts.manifest import MANIFEST_FILE, BundleManifest
 from agent.logs import configure_logging
+from control_plane.cli._format import reduced_compute_text
 
 Run = Callable[[], Any]
 
@@ -263,6 +264,7 @@ def main() -> None:
                 print(
                     f"gate {v.id}: {v.accuracy.metric} {v.accuracy.value:.2f}"
                     f" (delta {v.accuracy.delta:.2f} points)"
+                    + reduced_compute_text(v.accuracy.model_dump(mode="json"))
                 )
 
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import numpy as np
@@ -18,25 +19,39 @@ from agent.models.store import ModelStore
 from agent.samples import DigitsData
 
 
-def install_digits(work: Path, state_dir: Path, digits_path: Path, digits: DigitsData) -> None:
-    """Build the digits CNN's bundle (version 1.0.0) and make it the store's active version."""
+def install_digits(
+    work: Path,
+    state_dir: Path,
+    digits_path: Path,
+    digits: DigitsData,
+    runtime: Literal["onnxruntime", "openvino"] = "onnxruntime",
+) -> None:
+    """Build the digits CNN's bundle (version 1.0.0, one FP32 variant for ``runtime``) and make
+    it the store's active version."""
     golden = {"input": digits.x_test[:1].astype(np.float32)}
     bundle = work / "bundle"
-    build_bundle(bundle, "digits", "1.0.0", [VariantSpec(digits_path)], golden_inputs=[golden])
+    variant = VariantSpec(digits_path, runtime=runtime)
+    build_bundle(bundle, "digits", "1.0.0", [variant], golden_inputs=[golden])
     store = ModelStore(state_dir)
     store.install(bundle)
     store.activate("digits", "1.0.0")
 
 
 def digits_daemon(
-    work: Path, digits_path: Path, digits: DigitsData, device_id: str, sections: str
+    work: Path,
+    digits_path: Path,
+    digits: DigitsData,
+    device_id: str,
+    sections: str,
+    runtime: Literal["onnxruntime", "openvino"] = "onnxruntime",
 ) -> tuple[Path, int]:
-    """The digits bundle installed in ``work/state`` and a daemon config serving it, its local
-    API on a free port (gRPC off), with ``sections`` (TOML) appended: (config path, port)."""
+    """The digits bundle (its variant for ``runtime``) installed in ``work/state`` and a daemon
+    config serving it, its local API on a free port (gRPC off), with ``sections`` (TOML)
+    appended: (config path, port)."""
     from tests.control_plane.conftest import free_port
 
     state_dir = work / "state"
-    install_digits(work, state_dir, digits_path, digits)
+    install_digits(work, state_dir, digits_path, digits, runtime)
     port = free_port()
     config = work / "agent.toml"
     config.write_text(

@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from structlog.testing import capture_logs
@@ -141,6 +142,14 @@ probe = backend.OpenVinoBackend().probe()
 maps = Path("/proc/self/maps").read_text()
 print(",".join(probe.devices))
 print(",".join(p for p in ("cpu", "gpu", "npu") if f"libopenvino_intel_{p}_plugin" in maps))
+if len(sys.argv) > 2:  # then serve a model on AUTO, the default device
+    import numpy as np
+    from agent.backends import Artifact, LoadOptions
+    session = backend.OpenVinoBackend().load(Artifact(Path(sys.argv[2])), LoadOptions())
+    session.run({"input": np.zeros((1, 1, 8, 8), np.float32)})
+    maps = Path("/proc/self/maps").read_text()
+    print(",".join(p for p in ("cpu", "gpu", "npu", "auto") if f"libopenvino_{p}" in maps
+                   or f"libopenvino_intel_{p}_plugin" in maps), session.device)
 """
 
 
@@ -161,6 +170,22 @@ def test_probe_loads_the_plugin_of_a_device_kind_only_where_its_device_node_is(
     ).stdout.splitlines()  # fmt: skip
     assert out[0].split(",")[0] == "CPU"
     assert out[1] == plugins
+
+
+def test_auto_on_a_machine_whose_only_device_is_its_cpu_compiles_for_the_cpu(
+    tmp_path: Path, digits_path: Path
+) -> None:
+    """``AUTO`` (the default device) loads every device plugin and its own to pick a device;
+    where the probe found the CPU alone, the model is compiled for ``CPU`` and none of them is
+    loaded (43 MB resident with MiniLM INT4)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE_MAPS, str(tmp_path), str(digits_path)],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout.splitlines()  # fmt: skip
+    assert out[1] == "cpu"
+    assert out[-1] == "cpu CPU"  # (log lines before it)
+    assert OpenVinoBackend.compile_device("AUTO") in ("CPU", "AUTO")
+    assert OpenVinoBackend.compile_device("GPU.1") == "GPU.1"
 
 
 def test_available_devices_matches_openvinos_own_list_where_every_node_is_present(
@@ -292,11 +317,13 @@ def _node_present(folder: str, prefix: str) -> bool:
     any(_node_present(*node) for node in openvino_backend.DEVICE_NODES.values()),
     reason="this machine has an Intel GPU or NPU device node: the daemon asks that plugin",
 )
+@pytest.mark.parametrize("serving", ["any", "openvino"])
 def test_a_daemon_without_an_intel_gpu_or_npu_maps_neither_plugin(
-    tmp_path: Path, digits_path: Path, digits: DigitsData
+    tmp_path: Path, digits_path: Path, digits: DigitsData, serving: str
 ) -> None:
     """The real daemon probes every backend at start: OpenVINO's CPU plugin is in its memory,
-    the GPU and NPU plugins (28 MiB) are not."""
+    the GPU and NPU plugins (28 MiB) are not; nor are they, nor AUTO's plugin, when it serves
+    the model on OpenVINO's default device (``AUTO``: compiled for the CPU, the only device)."""
     from tests.agent.daemon_proc import digits_daemon, running_daemon
 
     config, port = digits_daemon(
@@ -306,9 +333,14 @@ def test_a_daemon_without_an_intel_gpu_or_npu_maps_neither_plugin(
         "ov-plugins",
         '[loop]\nrate_hz = 20\n[swap]\nwarmup_runs = 1\n[mqtt]\nhost = "127.0.0.1"\n'
         f'port = 1883\ntopic_prefix = "ov-plugins-{os.getpid()}"\n',
+        runtime="openvino" if serving == "openvino" else "onnxruntime",
     )
     with running_daemon(config, port, tmp_path / "daemon.log") as proc:
         maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        meta = httpx.get(f"http://127.0.0.1:{port}/v2/models/digits", timeout=5).json()
     assert "libopenvino_intel_cpu_plugin" in maps  # it probed OpenVINO ...
     assert "libopenvino_intel_gpu_plugin" not in maps  # ... and asked no plugin for nothing
     assert "libopenvino_intel_npu_plugin" not in maps
+    assert "libopenvino_auto_plugin" not in maps
+    if serving == "openvino":
+        assert meta["platform"] == "openvino"
