@@ -12,6 +12,7 @@ build) have room without hiding a broken artifact. Deciding what to build is the
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -188,12 +189,14 @@ def accuracy_report(score: TaskScore, *, budget: float) -> AccuracyReport:
     )
 
 
+@functools.cache
 def host_reduced_type() -> str | None:
     """The reduced float type OpenVINO's CPU plugin computes in by default on this host (``bf16``
-    on AVX512-BF16/AMX CPUs), or ``None`` where it computes in f32."""
-    from agent.backends.openvino import OpenVinoBackend
+    on AVX512-BF16/AMX CPUs), or ``None`` where it computes in f32 (the same question a
+    device's agent asks, ``OpenVinoBackend.cpu_inference_type``)."""
+    import openvino as ov
 
-    found = OpenVinoBackend.cpu_inference_type()
+    found = str(ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name())
     return None if found == "f32" else found
 
 
