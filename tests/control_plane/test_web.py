@@ -113,6 +113,7 @@ def test_accuracy_numbers_of_a_quantized_variant(
                 "budget": 1.0,
                 "accepted": False,
                 "reason": "top1 dropped 1.85 points > budget 1",
+                "reduced_compute": {"bf16": {"value": 95.1, "delta": 3.05, "accepted": False}},
             },
         }
         row.status = "rejected"
@@ -125,6 +126,7 @@ def test_accuracy_numbers_of_a_quantized_variant(
     assert "budget 1" in page
     assert "rejected" in page
     assert html.escape("top1 dropped 1.85 points > budget 1") in page
+    assert "bf16 95.1 (delta +3.05): f32 on bf16 CPUs" in page  # what a bf16 CPU runs
 
 
 def test_refused_without_a_valid_operator_token(client: httpx.Client) -> None:
