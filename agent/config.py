@@ -82,6 +82,10 @@ class BackendConfig(_Section):
     intra_op_threads: int | None = Field(default=None, ge=1)
     openvino_hint: Literal["LATENCY", "THROUGHPUT"] = "LATENCY"
     openvino_device: str = "AUTO"
+    # "gated": an fp16/int4 OpenVINO variant computes in the CPU's reduced float type (bf16, f16)
+    # only where its accuracy gate accepted that type, else in f32; "device": always in the
+    # CPU's own type (for a fleet whose build host cannot measure it: f16 on ARM robots).
+    openvino_reduced_float: Literal["gated", "device"] = "gated"
     # ONNX Runtime provider options by provider name, e.g. {"CUDAExecutionProvider": {...}}.
     ort_provider_options: dict[str, dict[str, str]] = Field(default_factory=dict)
     ort_disable_providers: tuple[str, ...] = ()

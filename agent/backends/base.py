@@ -62,6 +62,9 @@ class LoadOptions:
     cache_dir: Path | None = None  # engine/timing/model caches live under it
     openvino_hint: Literal["LATENCY", "THROUGHPUT"] = "LATENCY"
     openvino_device: str = "AUTO"
+    # "gated": ``Artifact.reduced_compute`` decides whether the CPU computes an fp16/int4
+    # artifact in its reduced float type; "device": the CPU plugin's own choice, always.
+    openvino_reduced_float: Literal["gated", "device"] = "gated"
     ort_provider_options: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     ort_disable_providers: tuple[str, ...] = ()
     compute_capability: str | None = None  # part of the engine cache key on NVIDIA

@@ -283,7 +283,7 @@ class OpenVinoBackend:
         cfg: dict[str, Any] = {"PERFORMANCE_HINT": options.openvino_hint}
         if artifact.precision in ("fp32", "int8"):
             cfg["INFERENCE_PRECISION_HINT"] = "f32"
-        elif artifact.reduced_compute is not None:
+        elif artifact.reduced_compute is not None and options.openvino_reduced_float == "gated":
             # An fp16/int4 artifact lets the CPU plugin compute in its reduced type; where the
             # accuracy gate did not accept that type, the CPU computes in f32 (a GPU keeps f16).
             reduced = self.cpu_inference_type()

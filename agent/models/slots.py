@@ -192,6 +192,7 @@ def load_options_from(config: BackendConfig, cache_dir: Path | None = None) -> L
         cache_dir=cache_dir,
         openvino_hint=config.openvino_hint,
         openvino_device=config.openvino_device,
+        openvino_reduced_float=config.openvino_reduced_float,
         ort_provider_options=config.ort_provider_options,
         ort_disable_providers=config.ort_disable_providers,
         spin_wait=config.spin_wait,

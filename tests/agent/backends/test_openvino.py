@@ -17,7 +17,9 @@ from structlog.testing import capture_logs
 from agent.backends import Artifact, LoadOptions, load_first
 from agent.backends import openvino as openvino_backend
 from agent.backends.openvino import OpenVinoBackend, _compile_in_child, onnx_header
+from agent.config import BackendConfig
 from agent.errors import ModelLoadError
+from agent.models.slots import load_options_from
 from agent.samples import DigitsData
 
 pytestmark = pytest.mark.openvino
@@ -103,9 +105,10 @@ def test_an_fp16_artifact_computes_in_the_cpus_reduced_type_only_where_a_gate_ac
     if kind != "f32":
         assert not np.array_equal(f32, default)
 
-    def served(reduced: frozenset[str] | None) -> np.ndarray:  # type: ignore[type-arg]
+    def served(reduced: frozenset[str] | None, config: BackendConfig | None = None) -> np.ndarray:  # type: ignore[type-arg]
         artifact = Artifact(xml, format="openvino-ir", precision="fp16", reduced_compute=reduced)
-        session = OpenVinoBackend().load(artifact, LoadOptions(openvino_device=device))
+        options = load_options_from(config or BackendConfig(openvino_device=device))
+        session = OpenVinoBackend().load(artifact, options)
         try:
             return session.run(feeds)["logits"]
         finally:
@@ -115,6 +118,9 @@ def test_an_fp16_artifact_computes_in_the_cpus_reduced_type_only_where_a_gate_ac
     np.testing.assert_array_equal(served(frozenset({"f16"} - {kind})), f32)  # another type
     np.testing.assert_array_equal(served(frozenset({kind})), default)  # this CPU's, accepted
     np.testing.assert_array_equal(served(None), default)  # a bare file: the plugin's choice
+    # an operator who takes the device's own type for every variant ([backends] in agent.toml)
+    config = BackendConfig(openvino_device=device, openvino_reduced_float="device")
+    np.testing.assert_array_equal(served(frozenset(), config), default)
 
 
 def test_unknown_device_is_a_clear_error(digits_path: Path) -> None:
