@@ -29,6 +29,7 @@ import argparse
 import ctypes
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -68,7 +69,8 @@ def _maker(env_arena: bool) -> Callable[[], Any]:
 
         ort.SessionOptions = _EnvAllocatorOptions  # what the agent's backend creates
     backend = get_backend("onnxruntime")
-    model = ppocr_detector()
+    given = os.environ.get("EDGEFLEET_PPOCR_ONNX")
+    model = Path(given) if given else ppocr_detector()
     options = LoadOptions(input_shapes={"x": SHAPE}, ort_process="never")
     return lambda: backend.load(Artifact(model, format="onnx", precision="fp32"), options)
 
