@@ -103,3 +103,54 @@ def test_the_agent_serves_a_variant_whose_reduced_type_failed_in_f32(
     np.testing.assert_array_equal(next(iter(served.values())), f32)
     if OpenVinoBackend.cpu_inference_type() != "f32":
         assert not np.array_equal(f32, default)  # the reduced type would have served otherwise
+
+
+def test_a_daemon_serves_it_over_http_in_f32(bundle: Path, tmp_path: Path) -> None:
+    """The same bundle installed on a real ``edge-agent daemon`` (OpenVINO pinned): the local
+    API's answer is the f32 compile's, not the plugin's bf16 one."""
+    import os
+
+    import httpx
+
+    from tests.agent.daemon_proc import running_daemon
+    from tests.control_plane.conftest import free_port
+
+    store = ModelStore(tmp_path / "state")
+    store.install(bundle)
+    store.activate("ppocr-det", "1.0.0")
+    port = free_port()
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'device_id = "reduced-f32"\nstate_dir = "{tmp_path / "state"}"\n'
+        '[[models]]\nname = "ppocr-det"\n'
+        f"[api]\nhttp_port = {port}\ngrpc_port = 0\n"
+        '[backends]\npin_backend = "openvino"\n[swap]\nwarmup_runs = 1\n'
+        f'[mqtt]\nhost = "127.0.0.1"\nport = 1883\ntopic_prefix = "reduced-{os.getpid()}"\n'
+    )
+    page = text_page(1, seed=7, size=SIZE)
+    body = {
+        "inputs": [
+            {
+                "name": "x",
+                "datatype": "FP32",
+                "shape": list(page.shape),
+                "data": page.ravel().tolist(),
+            }
+        ]
+    }
+    with running_daemon(config, port, tmp_path / "daemon.log"):
+        r = httpx.post(f"http://127.0.0.1:{port}/v2/models/ppocr-det/infer", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    (out,) = r.json()["outputs"]
+    served = np.asarray(out["data"], np.float32).reshape(out["shape"])
+    xml = str(bundle / "openvino-fp16" / "model.xml")
+    core = ov.Core()
+    f32 = core.compile_model(xml, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})({"x": page})[0]
+    default = core.compile_model(xml, "CPU")({"x": page})[0]
+
+    def rel(a: np.ndarray, b: np.ndarray) -> float:  # type: ignore[type-arg]
+        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+    assert rel(served, f32) < 1e-5
+    if OpenVinoBackend.cpu_inference_type() != "f32":
+        assert rel(default, f32) > 1e-3  # what it would have served
