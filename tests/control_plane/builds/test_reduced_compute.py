@@ -148,7 +148,7 @@ def test_a_daemon_serves_it_over_http_in_f32(bundle: Path, tmp_path: Path) -> No
     f32 = core.compile_model(xml, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})({"x": page})[0]
     default = core.compile_model(xml, "CPU")({"x": page})[0]
 
-    def rel(a: np.ndarray, b: np.ndarray) -> float:  # type: ignore[type-arg]
+    def rel(a: np.ndarray, b: np.ndarray) -> float:
         return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
     assert rel(served, f32) < 1e-5
