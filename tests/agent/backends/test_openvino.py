@@ -105,9 +105,7 @@ def test_an_fp16_artifact_computes_in_the_cpus_reduced_type_only_where_a_gate_ac
     if kind != "f32":
         assert not np.array_equal(f32, default)
 
-    def served(
-        reduced: frozenset[str] | None, config: BackendConfig | None = None
-    ) -> np.ndarray:
+    def served(reduced: frozenset[str] | None, config: BackendConfig | None = None) -> np.ndarray:
         artifact = Artifact(xml, format="openvino-ir", precision="fp16", reduced_compute=reduced)
         options = load_options_from(config or BackendConfig(openvino_device=device))
         session = OpenVinoBackend().load(artifact, options)
