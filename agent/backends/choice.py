@@ -212,6 +212,7 @@ def candidates_from_manifest(
             digest=entry.sha256,
             reduced_compute=frozenset(),  # another runtime: its reduced types were not gated
         )
+        gated = replace(artifact, reduced_compute=variant.reduced_compute)  # its own runtime
         runtimes: list[str] = [variant.runtime]
         if variant.format == "onnx":
             runtimes += [b for b in _FORMATS_BY_BACKEND if b != variant.runtime]
@@ -220,7 +221,6 @@ def candidates_from_manifest(
                 continue
             if variant.format not in _FORMATS_BY_BACKEND.get(runtime, ()):
                 continue
-            gated = replace(artifact, reduced_compute=variant.reduced_compute)
             out.append(
                 Candidate(
                     runtime,

@@ -19,22 +19,26 @@ from agent.models.store import ModelStore
 from agent.samples import DigitsData
 
 
-def install_digits(
-    work: Path,
-    state_dir: Path,
-    digits_path: Path,
-    digits: DigitsData,
-    runtime: Literal["onnxruntime", "openvino"] = "onnxruntime",
-) -> None:
-    """Build the digits CNN's bundle (version 1.0.0, one FP32 variant for ``runtime``) and make
-    it the store's active version."""
-    golden = {"input": digits.x_test[:1].astype(np.float32)}
-    bundle = work / "bundle"
-    variant = VariantSpec(digits_path, runtime=runtime)
-    build_bundle(bundle, "digits", "1.0.0", [variant], golden_inputs=[golden])
+def bundle_daemon(
+    work: Path, bundle: Path, model: str, version: str, device_id: str, sections: str
+) -> tuple[Path, int]:
+    """``bundle`` installed in ``work/state`` as the active ``version`` of ``model`` and a daemon
+    config serving it, its local API on a free port (gRPC off), with ``sections`` (TOML)
+    appended: (config path, port)."""
+    from tests.control_plane.conftest import free_port
+
+    state_dir = work / "state"
     store = ModelStore(state_dir)
     store.install(bundle)
-    store.activate("digits", "1.0.0")
+    store.activate(model, version)
+    port = free_port()
+    config = work / "agent.toml"
+    config.write_text(
+        f'device_id = "{device_id}"\nstate_dir = "{state_dir}"\n'
+        f'[[models]]\nname = "{model}"\n'
+        f"[api]\nhttp_port = {port}\ngrpc_port = 0\n" + sections
+    )
+    return config, port
 
 
 def digits_daemon(
@@ -45,21 +49,13 @@ def digits_daemon(
     sections: str,
     runtime: Literal["onnxruntime", "openvino"] = "onnxruntime",
 ) -> tuple[Path, int]:
-    """The digits bundle (its variant for ``runtime``) installed in ``work/state`` and a daemon
-    config serving it, its local API on a free port (gRPC off), with ``sections`` (TOML)
-    appended: (config path, port)."""
-    from tests.control_plane.conftest import free_port
-
-    state_dir = work / "state"
-    install_digits(work, state_dir, digits_path, digits, runtime)
-    port = free_port()
-    config = work / "agent.toml"
-    config.write_text(
-        f'device_id = "{device_id}"\nstate_dir = "{state_dir}"\n'
-        '[[models]]\nname = "digits"\n'
-        f"[api]\nhttp_port = {port}\ngrpc_port = 0\n" + sections
-    )
-    return config, port
+    """``bundle_daemon`` for the digits CNN's bundle (version 1.0.0, one FP32 variant for
+    ``runtime``)."""
+    golden = {"input": digits.x_test[:1].astype(np.float32)}
+    bundle = work / "bundle"
+    variant = VariantSpec(digits_path, runtime=runtime)
+    build_bundle(bundle, "digits", "1.0.0", [variant], golden_inputs=[golden])
+    return bundle_daemon(work, bundle, "digits", "1.0.0", device_id, sections)
 
 
 @contextmanager

@@ -112,20 +112,16 @@ def test_a_daemon_serves_it_over_http_in_f32(bundle: Path, tmp_path: Path) -> No
 
     import httpx
 
-    from tests.agent.daemon_proc import running_daemon
-    from tests.control_plane.conftest import free_port
+    from tests.agent.daemon_proc import bundle_daemon, running_daemon
 
-    store = ModelStore(tmp_path / "state")
-    store.install(bundle)
-    store.activate("ppocr-det", "1.0.0")
-    port = free_port()
-    config = tmp_path / "agent.toml"
-    config.write_text(
-        f'device_id = "reduced-f32"\nstate_dir = "{tmp_path / "state"}"\n'
-        '[[models]]\nname = "ppocr-det"\n'
-        f"[api]\nhttp_port = {port}\ngrpc_port = 0\n"
+    config, port = bundle_daemon(
+        tmp_path,
+        bundle,
+        "ppocr-det",
+        "1.0.0",
+        "reduced-f32",
         '[backends]\npin_backend = "openvino"\n[swap]\nwarmup_runs = 1\n'
-        f'[mqtt]\nhost = "127.0.0.1"\nport = 1883\ntopic_prefix = "reduced-{os.getpid()}"\n'
+        f'[mqtt]\nhost = "127.0.0.1"\nport = 1883\ntopic_prefix = "reduced-{os.getpid()}"\n',
     )
     page = text_page(1, seed=7, size=SIZE)
     body = {
