@@ -95,6 +95,8 @@ class BackendConfig(_Section):
     ort_process: Literal["gpu", "always", "never"] = "gpu"
     # Keep one retired worker (and its CUDA context) for the next load (see docs/gpu.md).
     ort_spare_worker: bool = True
+    # A retired worker releases its model this long after the switch (see docs/gpu.md).
+    ort_release_delay_s: float = Field(default=0.3, ge=0, le=10)
     choice_budget_s: float = Field(default=20.0, gt=0)
     choice_tolerance: float = Field(default=0.10, ge=0)  # fastest within 10% wins ties by accuracy
     # The daemon measures the fitting variants of a new version (at most ``max_candidates``, best

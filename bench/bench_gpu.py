@@ -18,6 +18,7 @@ p99, and GPU memory (NVML) after the 50th swap / after the first.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import itertools
 import os
@@ -173,13 +174,15 @@ def bench_swap(
     graph_runner: bool = True,
     ort_process: str = "gpu",
     spare: bool = True,
+    release_delay_s: float | None = None,
     collect: bool = False,
     warm_runs: int = 1 + CAPTURE_RUNS,
 ) -> dict[str, Any]:
     """``graph_runner=False``: runs on the caller's thread (graphs captured per thread);
     ``collect``: a full ``gc.collect()`` after each close, as the session's close once did;
     ``warm_runs``: runs before the switch (the default reaches the capture: the binding's own
-    first run, then the runs up to the capture; with fewer, the serving thread captures)."""
+    first run, then the runs up to the capture; with fewer, the serving thread captures);
+    ``release_delay_s``: ``LoadOptions.ort_release_delay_s`` (``None``: its default)."""
     backend = OnnxRuntimeBackend()
     options = LoadOptions(
         input_shapes={input_name: shape},
@@ -188,6 +191,8 @@ def bench_swap(
         ort_process=ort_process,  # type: ignore[arg-type]
         ort_spare_worker=spare,
     )
+    if release_delay_s is not None:
+        options = dataclasses.replace(options, ort_release_delay_s=release_delay_s)
     default_interval = sys.getswitchinterval()
     if switch_interval_s is not None:
         sys.setswitchinterval(switch_interval_s)
@@ -387,6 +392,7 @@ def swap_section(work: Path, swaps: int) -> None:
     shape = (1, 3, 224, 224)
     passes = [
         ("worker, spare", bench_swap(r16, "input", shape, swaps)),
+        ("spare, no delay", bench_swap(r16, "input", shape, swaps, release_delay_s=0.0)),
         ("worker, exits", bench_swap(r16, "input", shape, swaps, spare=False)),
         ("runner here", bench_swap(r16, "input", shape, swaps, ort_process="never")),
         (

@@ -14,7 +14,9 @@ loads, closes happen on the loader thread); ``--inproc`` adds ``inproc``, quiet 
 this process (``ModelSlot(background_loads=False)``: OpenVINO compiles here). ``--gpu`` runs
 the same on ONNX Runtime's CUDA provider (shapes pinned so CUDA graphs capture) with a faster
 loop (``--rate``), sessions in worker processes (the default there), the retired version's worker
-kept as the spare that loads the next one (the default), and adds ``qexit``: quiet swaps whose
+kept as the spare that loads the next one (the default) and releasing its model
+``LoadOptions.ort_release_delay_s`` after the switch, and adds ``qnow``: quiet swaps whose retired
+worker releases at once (``ort_release_delay_s=0``), ``qexit``: quiet swaps whose
 retired worker exits (``LoadOptions(ort_spare_worker=False)``), and ``here``: quiet swaps with the
 sessions in this process (``LoadOptions(ort_process="never")``). On the GPU a swap window lasts
 until the retired version's worker has released its model (kept) or exited, and GPU memory is
@@ -24,7 +26,9 @@ Input 1x3x320x320 (640 makes each round several times longer on a 2-core box). T
 with 1 intra-op thread and the loader with 1 (``SwapConfig.loader_threads``), so on 2 cores each
 has its own. Rounds interleave the backends: steady window, then swap window, per backend per
 round (20 rounds on CPU, 6 on the GPU where the loop runs at 100 Hz). Run:
-``.venv/bin/python bench/bench_swap.py [--rounds N] [--cycles N]``.
+``.venv/bin/python bench/bench_swap.py [--rounds N] [--cycles N]``. A swap window ends when the
+retired version has let its model go, seen by a join on its releaser (``--window-end poll``: by
+polling the process table, as the bench did before; see docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import sys
 import tempfile
 import threading
 import time
@@ -57,15 +62,17 @@ from agent.samples import ppocr_detector
 SHAPE = (1, 3, 320, 320)
 RATE_HZ = 12.0
 # column suffix -> ModelSlot(quiet_swap=..., background_loads=...), LoadOptions.ort_process,
-# LoadOptions.ort_spare_worker
-MODES = {
-    "plain": (False, False, "gpu", True),
-    "quiet": (True, True, "gpu", True),
-    "qexit": (True, True, "gpu", False),
-    "inproc": (True, False, "gpu", True),
-    "here": (True, True, "never", True),
+# LoadOptions.ort_spare_worker, LoadOptions.ort_release_delay_s (None: the default, or
+# --release-delay-ms)
+MODES: dict[str, tuple[bool, bool, str, bool, float | None]] = {
+    "plain": (False, False, "gpu", True, None),
+    "quiet": (True, True, "gpu", True, None),
+    "qnow": (True, True, "gpu", True, 0.0),
+    "qexit": (True, True, "gpu", False, None),
+    "inproc": (True, False, "gpu", True, None),
+    "here": (True, True, "never", True, None),
 }
-GPU_ONLY = ("qexit", "here")
+GPU_ONLY = ("qnow", "qexit", "here")
 
 
 class HotLoop:
@@ -195,6 +202,20 @@ def retired_workers_exited(slots: Iterable[ModelSlot], timeout_s: float = 10.0) 
         time.sleep(0.01)
 
 
+def released(session: object, timeout_s: float = 10.0) -> None:
+    """Wait until a retired session has let its model go: a worker session's releaser thread
+    has seen its worker release (kept as the spare) or exit. A join, not a poll of the process
+    table: walking ``/proc`` from the bench's thread every few ms holds the GIL that the hot
+    loop's thread needs the moment its worker answers, and on the GPU (2 ms frames) that wait
+    was most of the slow frames counted in the window."""
+    wait = getattr(session, "wait_released", None)
+    if wait is None:  # a session in this process: closed on the loader thread (settle)
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not wait(0.05):
+        time.sleep(0.005)  # not closed yet: the last request on it has not left
+
+
 def swap_phase(version: str, old: str, first_new: float | None, start: float) -> str:
     """Where a request of a swap window fell: on the old version, the first one on the new
     version, or a later one on it."""
@@ -219,8 +240,30 @@ def main() -> int:
     )
     parser.add_argument("--trace-gpu", action="store_true", help="GPU memory after each cycle")
     parser.add_argument("--modes", default=None, help="comma-separated columns (default: all)")
+    parser.add_argument(
+        "--window-end",
+        choices=("join", "poll"),
+        default="join",
+        help="how the bench sees a retired worker's release end: a join on the session's "
+        "releaser (default) or a poll of the process table every 10 ms (the old way)",
+    )
+    parser.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=None,
+        help="the interpreter's thread switch interval (sys.setswitchinterval; Python's is 5 ms)",
+    )
+    parser.add_argument(
+        "--release-delay-ms",
+        type=float,
+        default=None,
+        help="a retired worker releases its model this long after the switch (default: "
+        "LoadOptions.ort_release_delay_s; the qnow column: 0)",
+    )
     args = parser.parse_args()
     configure_logging("error")
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1e3)
     rate = args.rate or (100.0 if args.gpu else RATE_HZ)
     # At 12 Hz a round's swap window holds 12-20 frames: with 6 rounds the p99 of the windows is
     # their second-slowest frame and one stray frame moves the ratio by tenths. 20 rounds (about
@@ -239,25 +282,33 @@ def main() -> int:
     options = (
         LoadOptions(input_shapes={"x": SHAPE}) if args.gpu else LoadOptions(intra_op_threads=1)
     )
+    if args.release_delay_ms is not None:
+        options = dataclasses.replace(options, ort_release_delay_s=args.release_delay_ms / 1e3)
     modes = [m for m in MODES if (m != "inproc" or args.inproc) and (m not in GPU_ONLY or args.gpu)]
     if args.modes:
         modes = [m for m in modes if m in args.modes.split(",")]
     runtimes = [f"{rt[:4]}-{mode}" for rt in usable for mode in modes]
-    slots = {
-        col: ModelSlot(
+
+    def slot_for(rt: str, mode: str) -> ModelSlot:
+        quiet, background, process, spare, delay = MODES[mode]
+        return ModelSlot(
             "ppocr-det",
             store,
             swap_config=SwapConfig(loader_threads=1, warmup_runs=5, policy="availability"),
             backend_config=BackendConfig(pin_backend=rt),  # type: ignore[arg-type]
             load_options=dataclasses.replace(
                 options,
-                ort_process=MODES[col.split("-")[1]][2],  # type: ignore[arg-type]
-                ort_spare_worker=MODES[col.split("-")[1]][3],
+                ort_process=process,  # type: ignore[arg-type]
+                ort_spare_worker=spare,
+                ort_release_delay_s=options.ort_release_delay_s if delay is None else delay,
             ),
             latency_runs=3,
-            quiet_swap=MODES[col.split("-")[1]][0],
-            background_loads=MODES[col.split("-")[1]][1],
+            quiet_swap=quiet,
+            background_loads=background,
         )
+
+    slots = {
+        col: slot_for(rt, col.split("-")[1])
         for rt in usable
         for col in runtimes
         if col.startswith(rt[:4])
@@ -269,17 +320,22 @@ def main() -> int:
     window: dict[str, list[float]] = {rt: [] for rt in runtimes}
     reports: dict[str, list[SwapReport]] = {rt: [] for rt in runtimes}
     failed = dict.fromkeys(runtimes, 0)
-    where: dict[str, list[tuple[float, float, float, str]]] = {rt: [] for rt in runtimes}
+    # (latency, start after swap start, first new-version frame after it, swap end after it, by)
+    where: dict[str, list[tuple[float, float, float, float, str]]] = {rt: [] for rt in runtimes}
     dropped = dict.fromkeys(runtimes, 0)
     for r in range(args.rounds):
         for rt in runtimes:
             slot = slots[rt]
             with HotLoop(slot, feeds, rate) as loop:
                 time.sleep(args.steady_s)
+                retiring = getattr(slot.current, "_session", None)
                 swap_start = time.perf_counter()
                 reports[rt].append(slot.swap("1.0.1" if r % 2 == 0 else "1.0.0"))
                 slot.settle(10.0)  # the retired version released on the loader thread
-                retired_workers_exited(slots.values())
+                if args.window_end == "poll":
+                    retired_workers_exited(slots.values())
+                else:
+                    released(retiring)
                 swap_end = time.perf_counter()
                 time.sleep(0.2)  # the retired session drains and closes inside the window
             old_version = loop.versions[0] if loop.versions else ""
@@ -288,13 +344,16 @@ def main() -> int:
                  if v != old_version),
                 None,
             )  # fmt: skip
+            switched = (first_new or swap_end) - swap_start
             for (start, latency), version in zip(loop.latencies, loop.versions, strict=True):
                 end = start + latency
                 in_window = end >= swap_start and start <= swap_end + 0.2
                 (window if in_window else steady)[rt].append(latency)
                 if in_window:
                     phase = swap_phase(version, old_version, first_new, start)
-                    where[rt].append((latency, start - swap_start, swap_end - swap_start, phase))
+                    where[rt].append(
+                        (latency, start - swap_start, switched, swap_end - swap_start, phase)
+                    )
             failed[rt] += loop.failures
             dropped[rt] += loop.attempts - len(loop.latencies) - loop.failures
 
@@ -325,6 +384,8 @@ def main() -> int:
     print(
         f"PP-OCR detector {'x'.join(map(str, SHAPE))}, hot loop {rate:g} Hz, 1 thread; "
         f"loader 1 thread; {args.rounds} rounds interleaved; {psutil.cpu_count()} CPUs; "
+        f"window end by {args.window_end}; switch interval {sys.getswitchinterval() * 1e3:g} ms; "
+        f"release delay {options.ort_release_delay_s * 1e3:g} ms (qnow 0); "
         f"device {next(iter(slots.values())).current.device}"  # type: ignore[union-attr]
     )
     header = f"{'':34}" + "".join(f"{rt:>14}" for rt in runtimes)
@@ -372,12 +433,16 @@ def main() -> int:
     if args.verbose:
         for rt in runtimes:
             worst = sorted(where[rt], reverse=True)[:12]
-            print(rt, "slowest in windows (ms; started, ms after swap start; swap took, ms; by):")
-            rows = [(round(a * 1e3), round(b * 1e3), round(c * 1e3), d) for a, b, c, d in worst]
+            print(
+                rt,
+                "slowest in windows (ms; ms after swap start: started, new version's first "
+                "frame, window end; by):",
+            )
+            rows = [(*(round(x * 1e3) for x in w[:4]), w[4]) for w in worst]
             print("   ", rows)
             limit = 1.2 * (p99(steady[rt]) or 0)
             by_phase: dict[str, int] = {}
-            for latency, _, _, phase in where[rt]:
+            for latency, *_, phase in where[rt]:
                 if latency > limit:
                     by_phase[phase] = by_phase.get(phase, 0) + 1
             print("    over 1.2 x steady p99, by the version that answered:", by_phase)

@@ -83,6 +83,10 @@ class LoadOptions:
     # A retired session's worker is kept (one at most, its CUDA context included) and loads the
     # next version, instead of exiting: no context is created or torn down beside a serving one.
     ort_spare_worker: bool = True
+    # A retired session's worker lets its model go this long after the close (the switch): a
+    # release in one worker just as the next version's worker starts serving slowed that
+    # worker's first frames (docs/gpu.md, "The release, after the switch").
+    ort_release_delay_s: float = 0.3
     # The load runs beside a version that serves (a swap's loader): keep its CPU work out of
     # the serving process where the runtime allows. OpenVINO compiles in a child process at the
     # lowest priority into its model cache, and this process only imports the compiled blob.

@@ -181,7 +181,9 @@ class OrtWorkerSession:
         self._closed = False
         self._releaser: threading.Thread | None = None
         # Lets the worker go: on close() or a restart, or when the session is dropped unclosed.
-        self._abandoned = weakref.finalize(self, _let_go, worker, options.ort_spare_worker)
+        self._abandoned = weakref.finalize(
+            self, _let_go, worker, options.ort_spare_worker, options.ort_release_delay_s
+        )
 
     @property
     def pid(self) -> int:
@@ -242,7 +244,13 @@ class OrtWorkerSession:
         except Exception as exc:
             raise InferenceError(f"{self._name}: worker restart failed: {exc}") from exc
         self._worker = worker
-        self._abandoned = weakref.finalize(self, _let_go, worker, self._options.ort_spare_worker)
+        self._abandoned = weakref.finalize(
+            self,
+            _let_go,
+            worker,
+            self._options.ort_spare_worker,
+            self._options.ort_release_delay_s,
+        )
         log.warning("ort_worker_restarted", model=self._name, pid=worker.process.pid)
         return worker
 
@@ -541,20 +549,30 @@ def _await_reply(worker: _Worker, *, timeout: float | None, what: str) -> tuple[
     raise InferenceError(f"onnxruntime worker {process.pid} did not answer a {what} in time")
 
 
-def _let_go(worker: _Worker, keep: bool) -> threading.Thread:
-    """Let a session's worker go, in a thread (returned): it releases its model and becomes
-    the spare when ``keep`` and there is room, or is told to exit and reaped."""
-    keep = keep and worker.healthy and worker.process.poll() is None
+def _let_go(worker: _Worker, keep: bool, delay_s: float = 0.0) -> threading.Thread:
+    """Let a session's worker go, in a thread (returned): ``delay_s`` later (a live worker) it
+    releases its model and becomes the spare when ``keep`` and there is room, or is told to
+    exit and reaped."""
+    alive = worker.healthy and worker.process.poll() is None
+    keep = keep and alive
     if keep:
         _SPARES.releasing()  # a load from now on waits for this one rather than start another
     thread = threading.Thread(
-        target=_release, args=(worker, keep), name="ort-worker-release", daemon=True
+        target=_release,
+        args=(worker, keep, delay_s if alive else 0.0),
+        name="ort-worker-release",
+        daemon=True,
     )
     thread.start()
     return thread
 
 
-def _release(worker: _Worker, keep: bool) -> None:
+def _release(worker: _Worker, keep: bool, delay_s: float = 0.0) -> None:
+    if delay_s > 0:
+        # After a swap the next version's worker has just started serving: a release (device
+        # memory, cuDNN/cuBLAS handles and CUDA graphs freed) in this worker at that moment
+        # slowed its first frames, and one a few hundred ms later hardly any.
+        time.sleep(delay_s)
     if keep:
         reply: tuple[Any, ...] = ("lost",)
         try:

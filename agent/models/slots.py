@@ -198,6 +198,7 @@ def load_options_from(config: BackendConfig, cache_dir: Path | None = None) -> L
         spin_wait=config.spin_wait,
         ort_process=config.ort_process,
         ort_spare_worker=config.ort_spare_worker,
+        ort_release_delay_s=config.ort_release_delay_s,
     )
 
 

@@ -19,7 +19,9 @@ import pytest
 from agent.backends import Artifact, LoadOptions
 from agent.backends.onnxruntime import OnnxRuntimeBackend, OrtSession
 from agent.backends.ort_worker import OrtWorkerSession, spare_pids, worker_supported
+from agent.config import BackendConfig
 from agent.errors import InferenceError, InputError, ModelLoadError
+from agent.models.slots import load_options_from
 from agent.samples import DigitsData
 
 pytestmark = pytest.mark.skipif(worker_supported() is not None, reason=str(worker_supported()))
@@ -239,6 +241,33 @@ def test_a_closed_session_leaves_its_worker_for_the_next_load(
     assert len(spare_pids()) == 1
     exited = second if second.pid not in spare_pids() else third
     assert exited._process.poll() == 0
+
+
+def test_a_retired_worker_lets_its_model_go_after_the_release_delay(
+    digits_path: Path, digits: DigitsData
+) -> None:
+    """``backends.ort_release_delay_s``: the worker of a closed session keeps its model that
+    long (the next version's worker serves its first frames meanwhile), then becomes the
+    spare; a load that comes during the delay waits for it rather than start another worker."""
+    config = BackendConfig(ort_process="always", intra_op_threads=1, ort_release_delay_s=1.0)
+    options = load_options_from(config)
+    assert options.ort_release_delay_s == 1.0
+    first = _load(digits_path, options, "digits")
+    pid = first.pid
+    closed = time.monotonic()
+    first.close()
+    assert not first.wait_released(0.4)
+    assert pid not in spare_pids()
+    second = _load(digits_path, options, "digits")
+    try:
+        assert second.pid == pid
+        assert time.monotonic() - closed >= 1.0
+        x = digits.x_test[:2]
+        assert second.run({"input": x})["logits"].shape == (2, 10)
+    finally:
+        second.close()
+    _released(second)
+    assert pid in spare_pids()
 
 
 def test_a_spare_that_died_idle_is_replaced_at_the_next_load(
