@@ -11,6 +11,10 @@ process RSS after load and one inference, in a fresh process
 as a device runs it, by the agent's own backend with the configuration it gives that precision
 (OpenVINO FP32 with ``INFERENCE_PRECISION_HINT=f32``; ONNX Runtime without spinning threads).
 
+The build gets a calibration set of 64 other sentences of the corpus's topics
+(``--calibration N``; 0: none), so the ``onnx-int4`` blocks are GPTQ's; without one they are
+rounded to nearest.
+
     .venv/bin/python bench/bench_int4.py [--rounds 5] [--cuda] [--budget 4] [--save DIR]
 
 ``--cuda`` times and loads the ONNX variants with ONNX Runtime's CUDA provider (GPU machine).
@@ -151,6 +155,13 @@ def main() -> None:
         help="accuracy budget in points (100: every variant accepted as first built; 4: the "
         "ONNX Runtime INT4 search keeps the costliest MatMul nodes in 8 bits until it holds)",
     )
+    parser.add_argument(
+        "--calibration",
+        type=int,
+        default=64,
+        help="calibration sentences (other sentences of the corpus's topics): the ONNX Runtime "
+        "INT4 variant's blocks are GPTQ's over them; 0: none, round-to-nearest",
+    )
     parser.add_argument("--save", type=Path, help="keep the bundle and inputs in this directory")
     parser.add_argument("--load", type=Path, help="measure a saved bundle instead of building")
     args = parser.parse_args()
@@ -179,13 +190,18 @@ def main() -> None:
             feeds_all = minilm.encode(corpus)
             val = work / "val.npz"
             np.savez(val, **feeds_all)  # type: ignore[arg-type]
+            calibration = None
+            if args.calibration > 0:
+                calibration = work / "cal.npz"
+                other = minilm.encode(minilm.corpus(args.calibration, seed=7))
+                np.savez(calibration, **other)  # type: ignore[arg-type]
             started = time.monotonic()
             manifest = build_variants(
                 minilm.minilm_onnx(),
                 work / "bundle",
                 name="minilm",
                 version="1.0.0",
-                calibration=None,
+                calibration=calibration,
                 validation=val,
                 golden=None,
                 accuracy_budget=args.budget,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,10 @@ from typing import Any
 from agent.contracts.accuracy import TaskScore
 from agent.contracts.manifest import QuantStep
 from agent.logs import get_logger
+from control_plane.builds import _gptq
 from control_plane.builds._int8 import Int8Outcome, rank_onnx_nodes
 from control_plane.builds._measure import Gate, ort_runner
+from control_plane.builds._samples import SampleSet
 from control_plane.builds.errors import VariantBuildError, first_line
 
 __all__ = [
@@ -114,11 +116,13 @@ def quantize_onnx_int4(
     *,
     target: str = "onnx-int4",
     keep_int8: Sequence[str] = (),
+    blocks: Mapping[str, _gptq.Blocks] | None = None,
 ) -> None:
     """MatMul weights -> ``MatMulNBits`` and embedding tables -> ``GatherBlockQuantized``,
-    4-bit asymmetric blocks of ``BLOCK_SIZE`` (data-free round-to-nearest; on MiniLM the
-    zero point is worth about half a point of cosine over symmetric blocks). The MatMul nodes
-    named in ``keep_int8`` get 8-bit blocks instead (``MatMulNBits`` with ``bits=8``)."""
+    4-bit asymmetric blocks of ``BLOCK_SIZE`` (on MiniLM the zero point is worth about half a
+    point of cosine over symmetric blocks). The MatMul nodes in ``blocks`` take those (GPTQ's,
+    ``_gptq.gptq_blocks``); the others are rounded to nearest. The MatMul nodes named in
+    ``keep_int8`` get 8-bit blocks instead (``MatMulNBits`` with ``bits=8``)."""
     import onnx
 
     started = time.monotonic()
@@ -129,7 +133,11 @@ def quantize_onnx_int4(
             if keep_int8:
                 others = [n for n in matmul_nodes(fp32_path) if n not in set(keep_int8)]
                 model = _nbits(model, 8, ops=("MatMul",), exclude=others)
-            # The 8-bit nodes are MatMulNBits by now: this pass leaves them alone.
+            if blocks:
+                keep = set(keep_int8)
+                chosen = {n: b for n, b in blocks.items() if n not in keep}
+                model = _gptq.apply_blocks(model, chosen, accuracy_level=ACCURACY_LEVEL)
+            # The 8-bit and GPTQ nodes are MatMulNBits by now: this pass leaves them alone.
             model = _nbits(model, 4, ops=("MatMul", "Gather"))
             onnx.save(model, str(out_path))
     except Exception as exc:  # the quantizer raises anything, asserts included
@@ -140,6 +148,7 @@ def quantize_onnx_int4(
         "int4_quantized",
         tool="onnxruntime",
         int8_nodes=len(keep_int8),
+        gptq=bool(blocks),
         seconds=round(time.monotonic() - started, 2),
     )
 
@@ -188,6 +197,7 @@ class Int4Search:
     max_steps: int = 5  # 8-bit steps: 1, 2, 4, 8, 16 of the costliest MatMul nodes
     max_int8_share: float = 0.5  # of the MatMul nodes; past it the variant is no INT4 model
     sensitivity_samples: int = 4
+    gptq_samples: int = 64  # of the calibration set, for GPTQ's activation statistics
 
 
 def search_onnx_int4(
@@ -198,11 +208,15 @@ def search_onnx_int4(
     output_names: Sequence[str],
     work: Path,
     search: Int4Search | None = None,
+    calibration: SampleSet | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> Int8Outcome:
     """Write the ONNX Runtime INT4 variant that holds the budget with the fewest 8-bit nodes,
     or, when none does within the bounds, the one that came closest.
 
+    With a calibration set the MatMul weights' 4-bit blocks are GPTQ's over its first
+    ``gptq_samples`` samples (computed once, before the first step, and counted in its
+    seconds); without one, round-to-nearest (data-free).
     Every MatMul and embedding table in 4 bits first; over budget, a sensitivity pass runs
     the FP32 and the INT4 model side by side on a few samples and ranks the MatMul nodes by the
     relative error each adds to its input's (``rank_onnx_nodes``, as the INT8 search does),
@@ -214,19 +228,34 @@ def search_onnx_int4(
     deadline = started + limits.seconds
     steps: list[QuantStep] = []
     best: tuple[TaskScore, Path, tuple[str, ...]] | None = None
+    blocks: dict[str, _gptq.Blocks] | None = None
+    gptq_started = clock()
+    rounding = "round-to-nearest"
+    if calibration is not None and len(calibration) > 0:
+        try:
+            blocks = _gptq.gptq_blocks(
+                fp32_path, calibration, block_size=BLOCK_SIZE, max_samples=limits.gptq_samples
+            )
+        except Exception as exc:  # the calibration set does not feed the model, any class
+            raise VariantBuildError(
+                f"GPTQ statistics failed: {first_line(exc)}", target="onnx-int4"
+            ) from exc
+        rounding = f"GPTQ over {min(len(calibration), limits.gptq_samples)} calibration samples"
+        log.info("int4_gptq", nodes=len(blocks), seconds=round(clock() - gptq_started, 2))
+    gptq_s = clock() - gptq_started
 
     def attempt(keep: tuple[str, ...]) -> bool:
         nonlocal best
-        step_started = clock()
+        step_started = clock() - (gptq_s if not steps else 0.0)
         path = work / f"int4-{len(keep)}.onnx"
-        quantize_onnx_int4(fp32_path, path, keep_int8=keep)
+        quantize_onnx_int4(fp32_path, path, keep_int8=keep, blocks=blocks)
         try:
             score = gate.run(ort_runner(path, output_names))
         except Exception as exc:  # ORT refusing the file, any type
             raise VariantBuildError(
                 f"the quantized file does not run: {first_line(exc)}", target="onnx-int4"
             ) from exc
-        action = "MatMulNBits 4-bit blocks" + (
+        action = f"MatMulNBits 4-bit blocks ({rounding})" + (
             f", {len(keep)} costliest MatMul nodes in 8-bit blocks" if keep else ""
         )
         step = QuantStep(
@@ -268,7 +297,10 @@ def search_onnx_int4(
     assert best is not None
     _score, path, keep = best
     shutil.copyfile(path, out_path)
-    recipe = f"MatMulNBits 4-bit asymmetric blocks of {BLOCK_SIZE}, accuracy level {ACCURACY_LEVEL}"
+    recipe = (
+        f"MatMulNBits 4-bit asymmetric blocks of {BLOCK_SIZE} ({rounding}), "
+        f"accuracy level {ACCURACY_LEVEL}"
+    )
     if keep:
         recipe += f", {len(keep)} MatMul nodes in 8-bit blocks"
     return Int8Outcome(recipe=recipe, steps=tuple(steps), kept_float=keep)

@@ -425,6 +425,7 @@ class _Build:
                 search=_int4.Int4Search(seconds=limits.seconds, max_steps=limits.max_steps)
                 if (limits := self.request.search) is not None
                 else None,
+                calibration=calibration,
             )
         elif target.id == "openvino-int4":
             _int4.compress_ir_int4(reference_path, entry, target=target.id)
