@@ -170,7 +170,7 @@ def test_transformer_gets_int4_variants_gated_on_embeddings(
 
     kind = OpenVinoBackend.cpu_inference_type()
     for target in ("openvino-fp16", "openvino-int4"):
-        checks = by_id[target]["accuracy"]["reduced_compute"]
+        checks = by_id[target]["accuracy"].get("reduced_compute", {})  # omitted when empty
         assert set(checks) == {kind} - {"f32"}, checks
     assert (f"{kind} " in variants_table) == (kind != "f32")
     skipped = {s["id"]: s["reason"] for s in version.get("skipped") or []}
