@@ -446,6 +446,9 @@ class StreamSource:
         while not self._stop.wait(delay):
             attempt += 1
             cap = self._connect()
+            if cap is not None and self._stop.is_set():
+                cap.release()  # connected as the source closed: not a reconnect anyone reads
+                return None
             if cap is not None:
                 now = time.monotonic()
                 with self._cond:

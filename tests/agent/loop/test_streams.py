@@ -176,7 +176,8 @@ def test_stream_cut_mid_run_reconnects_and_reports_the_gap(
         f'[loop.source]\nkind = "url"\nurl = "{camera.url}"\n'
         "reconnect_min_s = 0.1\nreconnect_max_s = 0.4\nstall_timeout_s = 2.0\n"
     )
-    run_args = ["--model", str(digits_path), "--duration", "4"]
+    # 6 s: room for a slow reconnect under load (two test workers) before the run ends
+    run_args = ["--model", str(digits_path), "--duration", "6"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "agent.cli", "run", "--config", str(config), *run_args],
         cwd=ROOT,
