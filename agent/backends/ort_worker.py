@@ -230,9 +230,14 @@ class OrtWorkerSession:
                 log.warning("ort_worker_lost", model=self._name, pid=self.pid, reason=str(exc))
                 if isinstance(exc, InferenceError):
                     raise
-                code = worker.process.poll()
+                # The request could not be sent: its end is closed, so it exited or is exiting
+                # (said as _await_reply says it, whichever of the two noticed first).
+                try:
+                    code: int | None = worker.process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    code = None
                 raise InferenceError(
-                    f"onnxruntime worker {self.pid} is gone (code {code}): {exc}"
+                    f"onnxruntime worker {self.pid} exited (code {code}) during a run: {exc}"
                 ) from exc
             return self._outputs(reply)
 

@@ -130,6 +130,31 @@ def test_a_worker_that_dies_fails_one_run_and_the_next_starts_another(
     assert worker.wait_exit(10) == 0
 
 
+def test_a_worker_found_dead_when_a_run_is_sent_says_it_exited(
+    digits_path: Path, digits: DigitsData
+) -> None:
+    """The run cannot even be sent (the worker's end is closed): the same error as a worker that
+    dies while it runs one, and the next run starts another worker."""
+    worker = _load(digits_path, WORKER, "digits")
+    x = digits.x_test[:2]
+    want = worker.run({"input": x})["logits"]
+    first = worker.pid
+    try:
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while psutil.Process(first).status() != psutil.STATUS_ZOMBIE:  # dead, not yet reaped
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.3)  # Linux releases a dead process's sockets a moment after it exits
+        with pytest.raises(InferenceError, match=r"exited \(code -9\) during a run"):
+            worker.run({"input": x})
+        np.testing.assert_array_equal(worker.run({"input": x})["logits"], want)
+        assert worker.pid != first
+    finally:
+        worker.close()
+    assert worker.wait_exit(10) == 0
+
+
 def test_a_model_the_runtime_refuses_fails_the_load_and_leaves_no_worker(
     tmp_path: Path,
 ) -> None:
