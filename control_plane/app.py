@@ -39,16 +39,10 @@ from control_plane.api.routes import rollouts as rollout_routes
 from control_plane.api.routes import web as web_page
 from control_plane.artifacts import ArtifactStore
 from control_plane.context import AppContext
-from control_plane.coordination import NotificationListener, is_postgres, notify, replica_name
+from control_plane.coordination import NotificationListener, is_postgres, replica_name
 from control_plane.db.engine import make_engine, make_sessionmaker, upgrade_database
 from control_plane.deltas import DeltaService
-from control_plane.desired import (
-    DESIRED_CHANNEL,
-    CredentialCache,
-    DesiredStateCache,
-    invalidation_payload,
-    parse_invalidation,
-)
+from control_plane.desired import CredentialCache, DesiredStateCache, share_invalidations
 from control_plane.fleet_metrics import FleetCollector
 from control_plane.ingest.wiring import IngestCollector, fleet_telemetry
 from control_plane.jobs import BuildWorker, JobLeases
@@ -103,21 +97,7 @@ def create_app(
     if is_postgres(engine):
         # Replicas: a desired state changed on one is dropped from every replica's cache at
         # once, not when its entry expires.
-        desired.broadcast = lambda ids: notify(engine, DESIRED_CHANNEL, invalidation_payload(ids))
-
-        def heard(payload: str) -> None:
-            # a device named is also forgotten among the cached credentials: a credential
-            # deleted, revoked or asked to rotate through another replica is looked up again
-            ids = parse_invalidation(payload)
-            desired.invalidate_local(ids)
-            if ids is not None:
-                credentials.forget_devices(ids)
-
-        def missed() -> None:  # listening again after a lost connection: forget it all
-            desired.invalidate_local(None)
-            credentials.clear()
-
-        desired_listener = NotificationListener(engine, DESIRED_CHANNEL, heard, on_relisten=missed)
+        desired_listener = share_invalidations(engine, desired, credentials)
 
     signed = tuf_repository(settings, engine)
     presence = (

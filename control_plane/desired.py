@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import Engine, or_, select
 from sqlalchemy.orm import Session
 
 from agent.contracts.fit import fitting
@@ -40,6 +41,7 @@ from agent.contracts.state import (
     DesiredVariant,
 )
 from agent.logs import get_logger
+from control_plane.coordination import NotificationListener, notify
 from control_plane.db.models import Assignment, Device, Model, ModelVersion, ShadowAssignment
 from control_plane.registry import archive_path
 
@@ -378,24 +380,64 @@ class CredentialCache(_TicketedCache):
                     del self._hashes[old[0]]
 
 
-def invalidation_payload(device_ids: list[str] | None) -> str:
-    """What a replica sends on ``DESIRED_CHANNEL``: a JSON list of device ids, or ``*`` for
-    every device (asked for, or a list too long for one notification)."""
-    if device_ids is None:
-        return "*"
-    payload = json.dumps(device_ids, separators=(",", ":"))
-    return payload if len(payload.encode()) <= 7900 else "*"
+def invalidation_payload(device_ids: list[str] | None, sender: str = "") -> str:
+    """What a replica sends on ``DESIRED_CHANNEL``: ``{"from": sender, "ids": [...]}``, the
+    device ids or ``"*"`` for every device (asked for, or a list too long for one
+    notification). ``sender`` names the process, so it can tell its own notifications, which
+    PostgreSQL delivers to it too, from another replica's."""
+    ids: list[str] | str = "*" if device_ids is None else device_ids
+    payload = json.dumps({"from": sender, "ids": ids}, separators=(",", ":"))
+    if len(payload.encode()) <= 7900:
+        return payload
+    return json.dumps({"from": sender, "ids": "*"}, separators=(",", ":"))
 
 
-def parse_invalidation(payload: str) -> list[str] | None:
-    """The device ids a notification names; None for every device (or one that does not
-    parse: dropping every cached entry is always safe)."""
-    if payload == "*":
-        return None
+def parse_invalidation(payload: str) -> tuple[str | None, list[str] | None]:
+    """``(sender, device ids)`` of a notification: ids None for every device (or for one that
+    does not parse: dropping every cached entry is always safe), sender None where it names
+    none (the bare list or ``*`` an older replica sends)."""
     try:
-        ids = json.loads(payload)
+        message = json.loads(payload)
     except ValueError:
-        return None
+        return None, None
+    sender: str | None = None
+    ids = message
+    if isinstance(message, dict):
+        sender = message.get("from") if isinstance(message.get("from"), str) else None
+        ids = message.get("ids")
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        return None
-    return ids
+        return sender, None
+    return sender, ids
+
+
+def share_invalidations(
+    engine: Engine, desired: DesiredStateCache, credentials: CredentialCache
+) -> NotificationListener:
+    """Replicas on PostgreSQL: what ``desired`` invalidates is sent on ``DESIRED_CHANNEL``, and
+    what another replica sends is dropped here, from ``desired`` and from ``credentials`` (a
+    credential deleted, revoked or asked to rotate through another replica is looked up again).
+    Listening again after a lost connection drops both caches whole (what was sent meanwhile is
+    lost). The listener is returned unstarted.
+
+    Each process names itself in what it sends (a random name, not ``replica_id``, which two
+    replicas could share by mistake) and ignores its own notifications, which PostgreSQL
+    delivers to it too: it dropped those entries itself before it sent them, and dropping them
+    again would drop what it cached since (every device's next poll a database read)."""
+    sender = secrets.token_hex(8)
+    desired.broadcast = lambda ids: notify(
+        engine, DESIRED_CHANNEL, invalidation_payload(ids, sender)
+    )
+
+    def heard(payload: str) -> None:
+        origin, ids = parse_invalidation(payload)
+        if origin == sender:
+            return
+        desired.invalidate_local(ids)
+        if ids is not None:
+            credentials.forget_devices(ids)
+
+    def missed() -> None:
+        desired.invalidate_local(None)
+        credentials.clear()
+
+    return NotificationListener(engine, DESIRED_CHANNEL, heard, on_relisten=missed)

@@ -14,9 +14,17 @@ import httpx
 import psycopg
 import pytest
 
+from agent.contracts.state import DesiredState
 from control_plane.coordination import NotificationListener
 from control_plane.db import make_engine, make_sessionmaker, upgrade_database
-from control_plane.desired import DESIRED_CHANNEL
+from control_plane.desired import (
+    DESIRED_CHANNEL,
+    CredentialCache,
+    DesiredStateCache,
+    invalidation_payload,
+    parse_invalidation,
+    share_invalidations,
+)
 from control_plane.ingest.fleet import Writes
 from control_plane.ingest.writer import EVENTS_CHANNEL, TelemetryWriter
 from control_plane.rollouts.service import RolloutService
@@ -242,3 +250,48 @@ def test_a_revocation_sent_while_a_replica_was_not_listening_is_not_missed(
             assert waited < 5.0
             return
         pytest.fail("the replicas listened again before every revocation: nothing was missed")
+
+
+@pytest.mark.postgres
+def test_a_replica_drops_what_another_sends_and_not_its_own_notifications(
+    postgres_dsn: str,
+) -> None:
+    """PostgreSQL delivers a replica's own NOTIFY to it too. A replica that invalidated a
+    device (dropping it itself), then cached the device's new state, keeps that state when its
+    own notification comes back; another replica's notification drops the device it names."""
+    engine = make_engine(postgres_dsn)
+    mine, other = DesiredStateCache(ttl_s=300), DesiredStateCache(ttl_s=300)
+    credentials = CredentialCache(ttl_s=300)
+    listener = share_invalidations(engine, mine, credentials).start()
+    others = share_invalidations(engine, other, CredentialCache(ttl_s=300))  # sends only
+    try:
+        assert listener.listening.wait(10)
+        credentials.put("hash-b", "dev-b")
+        mine.put(DesiredState(device_id="dev-b", generation=1))
+        mine.invalidate(["dev-a"])  # a change to dev-a committed here: dropped, and sent
+        ticket = mine.ticket()
+        mine.put(DesiredState(device_id="dev-a", generation=2), ticket)  # its next poll
+        assert mine.broadcast is not None
+        mine.broadcast(["dev-a"])  # the same notification again, surely after the poll
+        other.invalidate(["dev-b"])  # sent after ours: heard after ours
+        wait_until(lambda: mine.get("dev-b") is None, 10, "the other replica's notification")
+        assert listener.received == 3
+        kept = mine.get("dev-a")
+        assert kept is not None
+        assert kept.state.generation == 2
+        assert credentials.get("hash-b") is None  # a device another replica names: looked up
+    finally:
+        listener.stop()
+        others.stop()
+        engine.dispose()
+
+
+def test_invalidation_payloads_name_their_sender_and_old_ones_still_parse() -> None:
+    assert parse_invalidation(invalidation_payload(["d1", "d2"], "s1")) == ("s1", ["d1", "d2"])
+    assert parse_invalidation(invalidation_payload(None, "s1")) == ("s1", None)
+    too_many = [f"device-{i:06d}" for i in range(1000)]  # past one notification's 8000 bytes
+    assert parse_invalidation(invalidation_payload(too_many, "s1")) == ("s1", None)
+    assert parse_invalidation('["d1"]') == (None, ["d1"])  # a replica of the last release
+    assert parse_invalidation("*") == (None, None)
+    for garbage in ("", "{", '{"from": 3, "ids": [1]}', '{"ids": "d1"}', "[1, 2]", "null"):
+        assert parse_invalidation(garbage)[1] is None  # unreadable: drop every entry
