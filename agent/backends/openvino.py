@@ -281,11 +281,14 @@ class OpenVinoBackend:
         import openvino as ov
 
         cfg: dict[str, Any] = {"PERFORMANCE_HINT": options.openvino_hint}
-        if artifact.precision in ("fp32", "int8"):
+        if artifact.precision == "fp32" or (
+            artifact.precision == "int8" and artifact.reduced_compute is None
+        ):
             cfg["INFERENCE_PRECISION_HINT"] = "f32"
         elif artifact.reduced_compute is not None and options.openvino_reduced_float == "gated":
-            # An fp16/int4 artifact lets the CPU plugin compute in its reduced type; where the
-            # accuracy gate did not accept that type, the CPU computes in f32 (a GPU keeps f16).
+            # An fp16/int4/int8 artifact lets the CPU plugin compute its float parts in its
+            # reduced type; where the accuracy gate did not accept that type, the CPU computes
+            # in f32 (a GPU keeps f16). An INT8 artifact known to no gate stays f32.
             reduced = self.cpu_inference_type()
             if reduced != "f32" and reduced not in artifact.reduced_compute:
                 device = self.compile_device(options.openvino_device)

@@ -315,7 +315,7 @@ class _Build:
             if target.precision != "fp32" and not self.source.quantized:
                 accuracy = _measure.accuracy_report(gate.run(runner), budget=self.request.budget)
                 reduced = _measure.host_reduced_type()
-                if default is not None and target.precision != "int8" and reduced is not None:
+                if default is not None and reduced is not None:
                     # A device's CPU plugin computes this variant's float parts in its reduced
                     # type only where the gate accepted that type: measure it where this host can.
                     accuracy = _measure.with_reduced_compute(accuracy, reduced, gate.run(default))

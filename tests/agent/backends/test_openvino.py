@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import numpy as np
@@ -121,6 +122,38 @@ def test_an_fp16_artifact_computes_in_the_cpus_reduced_type_only_where_a_gate_ac
     # an operator who takes the device's own type for every variant ([backends] in agent.toml)
     config = BackendConfig(openvino_device=device, openvino_reduced_float="device")
     np.testing.assert_array_equal(served(frozenset(), config), default)
+
+
+def test_an_int8_artifact_computes_its_float_parts_in_the_reduced_type_only_where_gated(
+    digits_path: Path, digits: DigitsData, tmp_path: Path
+) -> None:
+    """As for fp16 (above), except that an INT8 file no gate measured (a bare artifact)
+    computes in f32: what accuracy control returned to float was chosen in f32."""
+    import openvino as ov
+
+    xml = tmp_path / "int8.xml"  # the compile hint is all that differs: the file's own
+    ov.save_model(ov.convert_model(str(digits_path)), str(xml), compress_to_fp16=False)
+    feeds = {"input": digits.x_test[:64]}
+    core = ov.Core()
+    f32 = core.compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(feeds)[0]
+    default = core.compile_model(str(xml), "CPU")(feeds)[0]
+    kind = OpenVinoBackend.cpu_inference_type()
+
+    def served(
+        reduced: frozenset[str] | None, how: Literal["gated", "device"] = "gated"
+    ) -> np.ndarray:
+        artifact = Artifact(xml, format="openvino-ir", precision="int8", reduced_compute=reduced)
+        config = BackendConfig(openvino_device="CPU", openvino_reduced_float=how)
+        session = OpenVinoBackend().load(artifact, load_options_from(config))
+        try:
+            return session.run(feeds)["logits"]
+        finally:
+            session.close()
+
+    np.testing.assert_array_equal(served(None), f32)  # a bare file
+    np.testing.assert_array_equal(served(frozenset()), f32)  # no reduced type gated
+    np.testing.assert_array_equal(served(frozenset({kind})), default)  # this CPU's, accepted
+    np.testing.assert_array_equal(served(frozenset(), "device"), default)
 
 
 def test_unknown_device_is_a_clear_error(digits_path: Path) -> None:

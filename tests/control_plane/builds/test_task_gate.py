@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
+from agent.backends.openvino import OpenVinoBackend
 from agent.contracts.manifest import BundleManifest
 from agent.samples import DigitsData, text_page
 from control_plane.builds import BuildInputError, Int8Search, build_variants
@@ -123,6 +124,12 @@ def test_detector_int8_searches_nncf_presets_until_one_keeps_the_boxes(
     assert report.delta == build.steps[1].delta
     assert build.recipe == "NNCF mixed preset"
     assert build.kept_float == ()
+    # gated again in the host CPU's reduced float type (bf16 on AVX512-BF16/AMX), in which a
+    # device computes the INT8 model's float parts only where that held too
+    kind = OpenVinoBackend.cpu_inference_type()
+    assert set(report.reduced_compute) == {kind} - {"f32"}
+    accepted = {t for t, c in report.reduced_compute.items() if c.accepted}
+    assert int8.reduced_compute == accepted
 
 
 def test_detector_int8_that_breaks_the_boxes_is_rejected_naming_box_f1(
