@@ -89,6 +89,18 @@ def test_hints_threads_and_precision_reach_the_compiled_model(digits_path: Path)
     assert fp32.device == "CPU"
 
 
+def _ir_computed_both_ways(
+    onnx_path: Path, xml: Path, feeds: dict[str, np.ndarray], *, fp16: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """``onnx_path`` saved as IR at ``xml``; its output in f32 and in the CPU plugin's default."""
+    import openvino as ov
+
+    ov.save_model(ov.convert_model(str(onnx_path)), str(xml), compress_to_fp16=fp16)
+    core = ov.Core()
+    f32 = core.compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(feeds)[0]
+    return f32, core.compile_model(str(xml), "CPU")(feeds)[0]
+
+
 @pytest.mark.parametrize("device", ["CPU", "AUTO"])
 def test_an_fp16_artifact_computes_in_the_cpus_reduced_type_only_where_a_gate_accepted_it(
     digits_path: Path, digits: DigitsData, tmp_path: Path, device: str
@@ -96,13 +108,10 @@ def test_an_fp16_artifact_computes_in_the_cpus_reduced_type_only_where_a_gate_ac
     import openvino as ov
 
     xml = tmp_path / "fp16.xml"
-    ov.save_model(ov.convert_model(str(digits_path)), str(xml), compress_to_fp16=True)
     feeds = {"input": digits.x_test[:64]}
-    core = ov.Core()
-    f32 = core.compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(feeds)[0]
-    default = core.compile_model(str(xml), "CPU")(feeds)[0]
+    f32, default = _ir_computed_both_ways(digits_path, xml, feeds, fp16=True)
     kind = OpenVinoBackend.cpu_inference_type()
-    assert kind == str(core.get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name())
+    assert kind == str(ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name())
     if kind != "f32":
         assert not np.array_equal(f32, default)
 
@@ -129,14 +138,9 @@ def test_an_int8_artifact_computes_its_float_parts_in_the_reduced_type_only_wher
 ) -> None:
     """As for fp16 (above), except that an INT8 file no gate measured (a bare artifact)
     computes in f32: what accuracy control returned to float was chosen in f32."""
-    import openvino as ov
-
     xml = tmp_path / "int8.xml"  # the compile hint is all that differs: the file's own
-    ov.save_model(ov.convert_model(str(digits_path)), str(xml), compress_to_fp16=False)
     feeds = {"input": digits.x_test[:64]}
-    core = ov.Core()
-    f32 = core.compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(feeds)[0]
-    default = core.compile_model(str(xml), "CPU")(feeds)[0]
+    f32, default = _ir_computed_both_ways(digits_path, xml, feeds, fp16=False)
     kind = OpenVinoBackend.cpu_inference_type()
 
     def served(
