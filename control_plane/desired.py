@@ -380,7 +380,7 @@ class CredentialCache(_TicketedCache):
                     del self._hashes[old[0]]
 
 
-def invalidation_payload(device_ids: list[str] | None, sender: str = "") -> str:
+def invalidation_payload(device_ids: list[str] | None, sender: str) -> str:
     """What a replica sends on ``DESIRED_CHANNEL``: ``{"from": sender, "ids": [...]}``, the
     device ids or ``"*"`` for every device (asked for, or a list too long for one
     notification). ``sender`` names the process, so it can tell its own notifications, which

@@ -38,6 +38,7 @@ from tests.control_plane.conftest import (
     push_version,
     serve_app,
 )
+from tests.control_plane.test_fast_poll import fast_hits
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
@@ -284,6 +285,34 @@ def test_a_replica_drops_what_another_sends_and_not_its_own_notifications(
         listener.stop()
         others.stop()
         engine.dispose()
+
+
+@pytest.mark.postgres
+def test_after_a_change_the_replica_that_made_it_answers_idle_polls_from_its_cache(
+    postgres_dsn: str, tmp_path: Path, digits_path: Path, digits_sets: SampleFiles
+) -> None:
+    """Through the wire: an assignment made through replica A, the device's next poll through A
+    caches the new state; once the notification has gone round (replica B has dropped its copy),
+    the device's idle polls through A are still answered from A's cache."""
+    with _two_replicas(postgres_dsn, tmp_path) as (a, b):
+        push_version(a, digits_path, digits_sets, version="1.0.0")
+        enrolled = enroll(a, "robot-own-echo")
+        device_id, auth, url, stale = _cached_on(b, enrolled)
+        r = a.post(
+            "/v1/assignments",
+            json={"model": "digits", "version": "1.0.0", "device_id": device_id},
+            headers=ADMIN,
+        )
+        assert r.status_code == 201, r.text
+        fresh = a.get(url, headers=auth)
+        assert fresh.status_code == 200
+        assert fresh.json()["models"][0]["version"] == "1.0.0"
+        wait_until(lambda: b.get(url, headers=stale).status_code == 200, 10, "B hearing of it")
+        time.sleep(0.5)  # A's listener got the same notification by now
+        before = fast_hits(a)
+        idle = a.get(url, headers={**auth, "If-None-Match": fresh.headers["etag"]})
+        assert idle.status_code == 304
+        assert fast_hits(a) == before + 1  # from A's cache, no database read
 
 
 def test_invalidation_payloads_name_their_sender_and_old_ones_still_parse() -> None:
