@@ -118,6 +118,7 @@ class InferenceService:
                 "variant": served.variant_id,
                 "backend": served.backend,
                 "device": served.device,
+                "compute": served.compute,
                 "choice": served.choice,
             },
             "inputs": [

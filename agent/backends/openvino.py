@@ -105,6 +105,9 @@ class OpenVinoSession:
         self.precision: Precision = precision
         devices = _execution_devices(compiled)
         self.device: str = ",".join(devices) if devices else "unknown"
+        # The float type the plugin computes in ("f32", "bf16", "f16"), read back from the
+        # compiled model; "" where the device does not say (AUTO, MULTI).
+        self.compute: str = _compute_type(compiled)
         self.inputs = tuple(_spec(port, ()) for port in compiled.inputs)
         self.outputs = tuple(_spec(port, onnx_outputs) for port in compiled.outputs)
         self._input_order = tuple((i, s.name, s.dtype) for i, s in enumerate(self.inputs))
@@ -145,6 +148,9 @@ class OpenVinoSession:
         if len(feeds) != len(self._input_order):
             validate_feeds(self._name, self.inputs, feeds)
         tensor = self._ov_tensor
+        # The request shares the arrays' memory but holds no reference to them: the copies made
+        # here must outlive the inference (the caller keeps its own feeds alive).
+        copies: list[np.ndarray[Any, Any]] = []
         try:
             for index, name, dtype in self._input_order:
                 array = feeds.get(name)
@@ -156,6 +162,7 @@ class OpenVinoSession:
                     # OpenVINO shares only writeable memory; the API's binary tensors are
                     # read-only views of the request body.
                     array = np.array(array, order="C")
+                    copies.append(array)
                 request.set_input_tensor(index, tensor(array, shared_memory=True))
             request.infer()
         except InputError:
@@ -353,7 +360,7 @@ class OpenVinoBackend:
             device=session.device,
             hint=options.openvino_hint,
             precision=artifact.precision,
-            compute="f32" if _pins_f32(cfg) else "device default",
+            compute=session.compute or ("f32" if _pins_f32(cfg) else "device default"),
         )
         return session
 
@@ -437,6 +444,13 @@ def _execution_devices(compiled: Any) -> list[str]:
         return [str(d) for d in compiled.get_property("EXECUTION_DEVICES")]
     except RuntimeError:
         return []
+
+
+def _compute_type(compiled: Any) -> str:
+    try:
+        return str(compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name())
+    except (RuntimeError, AttributeError):
+        return ""
 
 
 def _spec(port: Any, preferred_names: tuple[str, ...]) -> TensorSpec:

@@ -345,4 +345,5 @@ def _size(n: int) -> str:
 def _serving(record: dict[str, Any] | None) -> str:
     if not record:
         return "-"
-    return f"{record['variant_id']} on {record['backend']} ({record['device']})"
+    where = ", ".join(x for x in (record["device"], record.get("compute")) if x)
+    return f"{record['variant_id']} on {record['backend']} ({where})"

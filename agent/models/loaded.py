@@ -73,6 +73,8 @@ class LoadedVersion:
         self.variant_id = variant.id
         self.backend = session.backend
         self.device = session.device
+        # The float type it computes in where the runtime says (OpenVINO: "f32", "bf16", "f16")
+        self.compute: str = str(getattr(session, "compute", ""))
         self.inputs: tuple[TensorSpec, ...] = session.inputs
         self.outputs: tuple[TensorSpec, ...] = session.outputs
         self.max_batch_size = batch_limit(self.inputs)

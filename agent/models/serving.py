@@ -31,6 +31,7 @@ class ServedModel(Protocol):
     variant_id: str
     backend: str  # e.g. "onnxruntime"
     device: str  # where it runs, e.g. "CPUExecutionProvider", "CPU"
+    compute: str  # the float type it computes in where the runtime says ("bf16"), else ""
     choice: str  # why this variant serves
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]

@@ -165,6 +165,7 @@ class ServingRecord(pydantic.BaseModel):
     backend: str
     device: str
     choice: str
+    compute: str = ""  # the float type it computes in, where the runtime says (records of 1.x: "")
 
     def to_json(self) -> bytes:
         return self.model_dump_json(indent=2).encode()
@@ -302,6 +303,7 @@ class ModelSlot:
         self.variant_id = ""
         self.backend = ""
         self.device = ""
+        self.compute = ""
         self.choice = ""
         self.max_batch_size = 0
         self.inputs: tuple[TensorSpec, ...] = ()
@@ -650,6 +652,7 @@ class ModelSlot:
             backend=current.backend,
             device=current.device,
             choice=current.choice,
+            compute=current.compute,
         )
         try:
             self.choice_dir.mkdir(parents=True, exist_ok=True)
@@ -913,6 +916,7 @@ class ModelSlot:
             old, self._current = self._current, new
             self.version, self.variant_id = new.version, new.variant_id
             self.backend, self.device, self.choice = new.backend, new.device, new.choice
+            self.compute = new.compute
             self.inputs, self.outputs = new.inputs, new.outputs
             self.max_batch_size = new.max_batch_size
             self._retired = [v for v in self._retired if not v.closed]
