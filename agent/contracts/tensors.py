@@ -9,7 +9,13 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 __all__ = [
     "DTYPES",
@@ -86,13 +92,34 @@ def datatype_of(dtype: np.dtype[Any]) -> Datatype:
 
 
 class TensorSpec(BaseModel):
-    """A named input or output: protocol datatype and shape (``-1`` = dynamic)."""
+    """A named input or output: protocol datatype and shape (``-1`` = dynamic).
+
+    ``value_range`` (inclusive) bounds the values of an integer input where the model says what
+    it takes: an index into a table of its own (token ids into an embedding of 30522 rows:
+    ``(0, 30521)``). Runtimes disagree on an index outside its table (ONNX Runtime refuses it,
+    OpenVINO answers from whatever it reads), so the bound is checked before either runs. Left
+    out of the JSON when unset: manifests without it read as before, and agents that predate
+    it ignore it (this model ignores unknown fields)."""
 
     model_config = ConfigDict(frozen=True)
 
     name: str
     datatype: Datatype
     shape: tuple[int, ...]
+    value_range: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _ordered_range(self) -> TensorSpec:
+        if self.value_range is not None and self.value_range[0] > self.value_range[1]:
+            raise ValueError(f"{self.name}: value_range {list(self.value_range)} is empty")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_range(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("value_range") is None:
+            data.pop("value_range", None)
+        return data
 
     @property
     def dtype(self) -> np.dtype[Any]:
@@ -116,6 +143,12 @@ def check_feed(spec: TensorSpec, array: np.ndarray[Any, Any]) -> str | None:
         want = "x".join("?" if d < 0 else str(d) for d in spec.shape)
         got = "x".join(str(d) for d in array.shape)
         return f"input {spec.name!r}: shape {got} where {want} is expected"
+    if spec.value_range is not None and array.size and array.dtype.kind in "iu":
+        low, high = spec.value_range
+        smallest, largest = int(array.min()), int(array.max())
+        if smallest < low or largest > high:
+            found = smallest if smallest < low else largest
+            return f"input {spec.name!r}: values must lie in [{low}, {high}] (found {found})"
     return None
 
 

@@ -75,7 +75,13 @@ class LoadedVersion:
         self.device = session.device
         # The float type it computes in where the runtime says (OpenVINO: "f32", "bf16", "f16")
         self.compute: str = str(getattr(session, "compute", ""))
-        self.inputs: tuple[TensorSpec, ...] = session.inputs
+        # The runtime's specs, with the bounds the build found for index inputs (token ids):
+        # checked by the local API before a runtime sees the values (TensorSpec.value_range).
+        bounds = {s.name: s.value_range for s in variant.inputs if s.value_range is not None}
+        self.inputs: tuple[TensorSpec, ...] = tuple(
+            s.model_copy(update={"value_range": bounds[s.name]}) if s.name in bounds else s
+            for s in session.inputs
+        )
         self.outputs: tuple[TensorSpec, ...] = session.outputs
         self.max_batch_size = batch_limit(self.inputs)
         self.choice = choice  # why this variant serves (measured figures), for reports

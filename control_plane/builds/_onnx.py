@@ -71,7 +71,39 @@ class SourceModel:
     task: Task | None = None  # declared in the file's metadata (``task``), if at all
 
 
-def _tensor_specs(values: Any, skip: set[str]) -> tuple[TensorSpec, ...]:
+def index_ranges(graph: Any) -> dict[str, tuple[int, int]]:
+    """The graph's integer inputs that index a constant table of its own (``Gather`` on an
+    initializer: token ids into an embedding), each with the rows it may name: ``(0, rows - 1)``
+    of its smallest such table. Negative indices, which ``Gather`` would count from the end, are
+    left out: no tokenizer or lookup makes them, and one that arrives is a client's mistake."""
+    from onnx import TensorProto
+
+    tables = {i.name: tuple(i.dims) for i in graph.initializer}
+    rows: dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type != "Gather" or len(node.input) < 2 or node.input[0] not in tables:
+            continue
+        dims = tables[node.input[0]]
+        if not dims:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0) % len(dims)
+        name = node.input[1]
+        rows[name] = min(rows.get(name, dims[axis]), dims[axis])
+    integer = {TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64}
+    integer |= {TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64}
+    return {
+        value.name: (0, rows[value.name] - 1)
+        for value in graph.input
+        if value.name in rows
+        and rows[value.name] > 0
+        and value.type.tensor_type.elem_type in integer
+    }
+
+
+def _tensor_specs(
+    values: Any, skip: set[str], ranges: dict[str, tuple[int, int]] | None = None
+) -> tuple[TensorSpec, ...]:
+    ranges = ranges or {}
     specs = []
     for value in values:
         if value.name in skip:
@@ -87,7 +119,10 @@ def _tensor_specs(values: Any, skip: set[str]) -> tuple[TensorSpec, ...]:
                 f"tensor {value.name!r} has an unsupported element type {tensor.elem_type}",
                 field="onnx",
             )
-        specs.append(TensorSpec(name=value.name, datatype=datatype, shape=shape))
+        spec = TensorSpec(
+            name=value.name, datatype=datatype, shape=shape, value_range=ranges.get(value.name)
+        )
+        specs.append(spec)
     return tuple(specs)
 
 
@@ -269,7 +304,7 @@ def read_source(path: Path, *, max_constant_bytes: int = MAX_CONSTANT_BYTES) -> 
         path=path,
         opset=default_opset(model),
         ir_version=model.ir_version,
-        inputs=_tensor_specs(model.graph.input, initializers),
+        inputs=_tensor_specs(model.graph.input, initializers, index_ranges(model.graph)),
         outputs=_tensor_specs(model.graph.output, set()),
         quantized=is_quantized(model),
         task=declared,  # type: ignore[arg-type]  # checked against TASKS above

@@ -2,8 +2,9 @@
 weight-only OpenVINO variant (gated on the corpus's cosine and top-10 retrieval, in f32 and in
 the CPU's reduced float type), a real ``edge-agent daemon`` serves it from its store, with an
 inference loop on synthetic token tensors, and the unmodified Triton HTTP client sends it INT64
-tokens in binary form (read-only views of the request body, each copied for OpenVINO). The
-local API says what computes the answers: the variant, and the float type the CPU plugin
+tokens in binary form (read-only views of the request body, each copied for OpenVINO); a
+token id outside the model's tables is refused by name. The local API says what computes the
+answers: the variant, and the float type the CPU plugin
 computes in, which is the CPU's reduced type only where the gate accepted it."""
 
 from __future__ import annotations
@@ -104,6 +105,25 @@ def test_daemon_serves_minilm_int4_tokens_over_http_and_its_loop(
             item.set_data_from_numpy(array, binary_data=True)
             inputs.append(item)
         got = client.infer("minilm", inputs).as_numpy(minilm.OUTPUT_NAME)
+        refused = {}
+        for name, value in (("input_ids", 30522), ("input_ids", -1), ("token_type_ids", 2)):
+            # an id from another tokenizer's vocabulary: OpenVINO alone would answer it
+            wrong = {k: v.copy() for k, v in feeds.items()}
+            wrong[name][0, 1] = value
+            body = {
+                "inputs": [
+                    {
+                        "name": k,
+                        "datatype": "INT64",
+                        "shape": list(v.shape),
+                        "data": v.ravel().tolist(),
+                    }
+                    for k, v in wrong.items()
+                ]
+            }
+            answer = httpx.post(f"http://127.0.0.1:{port}/v2/models/minilm/infer", json=body)
+            refused[(name, value)] = (answer.status_code, answer.json().get("error", ""))
+        again = client.infer("minilm", inputs).as_numpy(minilm.OUTPUT_NAME)  # nothing lost
         client.close()
         time.sleep(1.2)  # a loop window closes
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
@@ -128,6 +148,23 @@ def test_daemon_serves_minilm_int4_tokens_over_http_and_its_loop(
     assert row["serving"]["compute"] == expected  # what the daemon recorded for the CLI
     assert got is not None
     assert got.shape == (3, 384)
+    np.testing.assert_array_equal(again, got)
+    ranges = {s.name: s.value_range for s in variant.inputs}
+    assert ranges == {"input_ids": (0, 30521), "attention_mask": None, "token_type_ids": (0, 1)}
+    assert refused == {
+        ("input_ids", 30522): (
+            400,
+            "minilm: input 'input_ids': values must lie in [0, 30521] (found 30522)",
+        ),
+        ("input_ids", -1): (
+            400,
+            "minilm: input 'input_ids': values must lie in [0, 30521] (found -1)",
+        ),
+        ("token_type_ids", 2): (
+            400,
+            "minilm: input 'token_type_ids': values must lie in [0, 1] (found 2)",
+        ),
+    }
     ref = _in_process_fp32(samples_dir, feeds)
     cosine = np.sum(got * ref, axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
     assert float(cosine.min()) > 0.95, cosine  # 4-bit weights keep each sentence's meaning
