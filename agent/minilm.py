@@ -38,7 +38,7 @@ __all__ = [
     "minilm_weights",
 ]
 
-MINILM_VERSION = 2  # bump when the graph changes
+MINILM_VERSION = 3  # bump when the graph changes
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAME = "sentence_embedding"
 _OPSET = 17  # LayerNormalization
@@ -215,7 +215,11 @@ def _graph(weights: dict[str, Array], config: dict[str, Any]) -> Any:
         graph, opset_imports=[helper.make_opsetid("", _OPSET)], producer_name="edgefleet"
     )
     model.ir_version = 8
-    helper.set_model_props(model, {"task": "embedding"})
+    # the sequence its table of positions holds: a longer one fails inside the graph, so the
+    # model says so and the local API refuses it by name (TensorSpec.max_shape)
+    rows = int(weights["embeddings.position_embeddings.weight"].shape[0])
+    max_shape = json.dumps({name: [-1, rows] for name in INPUT_NAMES})
+    helper.set_model_props(model, {"task": "embedding", "max_shape": max_shape})
     onnx.checker.check_model(model, full_check=True)
     return model
 

@@ -97,9 +97,12 @@ class TensorSpec(BaseModel):
     ``value_range`` (inclusive) bounds the values of an integer input where the model says what
     it takes: an index into a table of its own (token ids into an embedding of 30522 rows:
     ``(0, 30521)``). Runtimes disagree on an index outside its table (ONNX Runtime refuses it,
-    OpenVINO answers from whatever it reads), so the bound is checked before either runs. Left
-    out of the JSON when unset: manifests without it read as before, and agents that predate
-    it ignore it (this model ignores unknown fields)."""
+    OpenVINO answers from whatever it reads), so the bound is checked before either runs.
+    ``max_shape`` bounds dynamic dimensions the model cannot exceed (``-1``: no bound), such as
+    a transformer's sequence, which its table of positions caps (MiniLM: 512): past it the
+    runtimes fail inside the graph. Both are left out of the JSON when unset: manifests without
+    them read as before, and agents that predate them ignore them (this model ignores unknown
+    fields)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -107,18 +110,25 @@ class TensorSpec(BaseModel):
     datatype: Datatype
     shape: tuple[int, ...]
     value_range: tuple[int, int] | None = None
+    max_shape: tuple[int, ...] | None = None
 
     @model_validator(mode="after")
-    def _ordered_range(self) -> TensorSpec:
+    def _bounds_fit(self) -> TensorSpec:
         if self.value_range is not None and self.value_range[0] > self.value_range[1]:
             raise ValueError(f"{self.name}: value_range {list(self.value_range)} is empty")
+        if self.max_shape is not None and not _bounds_shape(self.shape, self.max_shape):
+            raise ValueError(
+                f"{self.name}: max_shape {list(self.max_shape)} does not fit shape "
+                f"{list(self.shape)} (one bound per dimension, -1 for none)"
+            )
         return self
 
     @model_serializer(mode="wrap")
-    def _without_unset_range(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+    def _without_unset_bounds(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
-        if data.get("value_range") is None:
-            data.pop("value_range", None)
+        for key in ("value_range", "max_shape"):
+            if data.get(key) is None:
+                data.pop(key, None)
         return data
 
     @property
@@ -135,6 +145,14 @@ class TensorSpec(BaseModel):
         )
 
 
+def _bounds_shape(shape: tuple[int, ...], most: tuple[int, ...]) -> bool:
+    """Whether ``most`` is one bound per dimension of ``shape``: ``-1`` or at least 1, and a
+    fixed dimension's own size (or ``-1``) where ``shape`` fixes it."""
+    return len(most) == len(shape) and all(
+        m == -1 or (m >= 1 and d in (-1, m)) for d, m in zip(shape, most, strict=True)
+    )
+
+
 def check_feed(spec: TensorSpec, array: np.ndarray[Any, Any]) -> str | None:
     """Why ``array`` does not fit ``spec``, or ``None`` when it does."""
     if array.dtype != spec.dtype:
@@ -143,6 +161,13 @@ def check_feed(spec: TensorSpec, array: np.ndarray[Any, Any]) -> str | None:
         want = "x".join("?" if d < 0 else str(d) for d in spec.shape)
         got = "x".join(str(d) for d in array.shape)
         return f"input {spec.name!r}: shape {got} where {want} is expected"
+    if spec.max_shape is not None:
+        for axis, (most, size) in enumerate(zip(spec.max_shape, array.shape, strict=True)):
+            if 0 < most < size:
+                return (
+                    f"input {spec.name!r}: dimension {axis} is {size} where the model takes "
+                    f"at most {most}"
+                )
     if spec.value_range is not None and array.size and array.dtype.kind in "iu":
         low, high = spec.value_range
         smallest, largest = int(array.min()), int(array.max())

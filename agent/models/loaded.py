@@ -75,11 +75,16 @@ class LoadedVersion:
         self.device = session.device
         # The float type it computes in where the runtime says (OpenVINO: "f32", "bf16", "f16")
         self.compute: str = str(getattr(session, "compute", ""))
-        # The runtime's specs, with the bounds the build found for index inputs (token ids):
-        # checked by the local API before a runtime sees the values (TensorSpec.value_range).
-        bounds = {s.name: s.value_range for s in variant.inputs if s.value_range is not None}
+        # The runtime's specs, with the bounds the manifest gives (token ids' range, the longest
+        # sequence): the local API checks them before a runtime sees the values.
+        # (A bound of another rank than the runtime's input is dropped: bundle and file differ.)
+        bounds = {
+            s.name: {"value_range": s.value_range, "max_shape": s.max_shape}
+            for s in variant.inputs
+            if s.value_range is not None or s.max_shape is not None
+        }
         self.inputs: tuple[TensorSpec, ...] = tuple(
-            s.model_copy(update={"value_range": bounds[s.name]}) if s.name in bounds else s
+            s.model_copy(update=_fitting(bounds[s.name], s)) if s.name in bounds else s
             for s in session.inputs
         )
         self.outputs: tuple[TensorSpec, ...] = session.outputs
@@ -207,3 +212,11 @@ def return_freed_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def _fitting(bounds: dict[str, Any], spec: TensorSpec) -> dict[str, Any]:
+    """``bounds`` without a ``max_shape`` that does not fit ``spec``'s shape."""
+    most = bounds.get("max_shape")
+    if most is not None and len(most) != len(spec.shape):
+        return {**bounds, "max_shape": None}
+    return bounds

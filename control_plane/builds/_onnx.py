@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pydantic
 
 from agent.contracts.accuracy import TASKS, Task
 from agent.contracts.tensors import ONNX_ELEM_TO_DATATYPE, TensorSpec
@@ -39,6 +42,7 @@ __all__ = [
 log = get_logger(__name__)
 
 TASK_METADATA_KEY = "task"  # ONNX metadata_props entry a model may declare its task in
+MAX_SHAPE_METADATA_KEY = "max_shape"  # ... and the largest shape each input takes
 QUANT_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (``axis``) needs opset 13
 _QUANT_OPS = frozenset(
     {
@@ -100,10 +104,46 @@ def index_ranges(graph: Any) -> dict[str, tuple[int, int]]:
     }
 
 
+def declared_max_shapes(model: Any) -> dict[str, tuple[int, ...]]:
+    """The largest shape each input takes, as the model declares it in its metadata
+    (``metadata_props`` key ``max_shape``: a JSON object of input name -> one bound per
+    dimension, ``-1`` for none, e.g. ``{"input_ids": [-1, 512]}``); ``BuildInputError`` when
+    the declaration does not fit the inputs."""
+    text = {p.key: p.value for p in model.metadata_props}.get(MAX_SHAPE_METADATA_KEY)
+    if text is None:
+        return {}
+    try:
+        declared = json.loads(text)
+        if not isinstance(declared, dict) or not all(
+            isinstance(v, list) and all(type(d) is int for d in v) for v in declared.values()
+        ):
+            raise ValueError("not an object of integer lists")
+    except ValueError as exc:
+        raise BuildInputError(
+            f"the model's {MAX_SHAPE_METADATA_KEY!r} metadata is not a JSON object of input "
+            f'name -> one bound per dimension (-1 for none), e.g. {{"input_ids": [-1, 512]}}: '
+            f"{first_line(exc)}",
+            field="onnx",
+        ) from exc
+    inputs = {i.name for i in model.graph.input}
+    unknown = sorted(set(declared) - inputs)
+    if unknown:
+        raise BuildInputError(
+            f"the model's {MAX_SHAPE_METADATA_KEY!r} metadata names no input {unknown}; its "
+            f"inputs: {sorted(inputs)}",
+            field="onnx",
+        )
+    return {name: tuple(dims) for name, dims in declared.items()}
+
+
 def _tensor_specs(
-    values: Any, skip: set[str], ranges: dict[str, tuple[int, int]] | None = None
+    values: Any,
+    skip: set[str],
+    ranges: dict[str, tuple[int, int]] | None = None,
+    max_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> tuple[TensorSpec, ...]:
     ranges = ranges or {}
+    max_shapes = max_shapes or {}
     specs = []
     for value in values:
         if value.name in skip:
@@ -119,9 +159,19 @@ def _tensor_specs(
                 f"tensor {value.name!r} has an unsupported element type {tensor.elem_type}",
                 field="onnx",
             )
-        spec = TensorSpec(
-            name=value.name, datatype=datatype, shape=shape, value_range=ranges.get(value.name)
-        )
+        try:
+            spec = TensorSpec(
+                name=value.name,
+                datatype=datatype,
+                shape=shape,
+                value_range=ranges.get(value.name),
+                max_shape=max_shapes.get(value.name),
+            )
+        except pydantic.ValidationError as exc:  # a declared bound that misfits the input
+            why = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+            raise BuildInputError(
+                f"the model's {MAX_SHAPE_METADATA_KEY!r} metadata: {why}", field="onnx"
+            ) from exc
         specs.append(spec)
     return tuple(specs)
 
@@ -304,7 +354,12 @@ def read_source(path: Path, *, max_constant_bytes: int = MAX_CONSTANT_BYTES) -> 
         path=path,
         opset=default_opset(model),
         ir_version=model.ir_version,
-        inputs=_tensor_specs(model.graph.input, initializers, index_ranges(model.graph)),
+        inputs=_tensor_specs(
+            model.graph.input,
+            initializers,
+            index_ranges(model.graph),
+            declared_max_shapes(model),
+        ),
         outputs=_tensor_specs(model.graph.output, set()),
         quantized=is_quantized(model),
         task=declared,  # type: ignore[arg-type]  # checked against TASKS above

@@ -123,6 +123,16 @@ def test_daemon_serves_minilm_int4_tokens_over_http_and_its_loop(
             }
             answer = httpx.post(f"http://127.0.0.1:{port}/v2/models/minilm/infer", json=body)
             refused[(name, value)] = (answer.status_code, answer.json().get("error", ""))
+        # a sequence longer than the model's 512 positions
+        long = {k: np.ones((1, 600), np.int64) for k in minilm.INPUT_NAMES}
+        body = {
+            "inputs": [
+                {"name": k, "datatype": "INT64", "shape": [1, 600], "data": v.ravel().tolist()}
+                for k, v in long.items()
+            ]
+        }
+        answer = httpx.post(f"http://127.0.0.1:{port}/v2/models/minilm/infer", json=body)
+        refused[("sequence", 600)] = (answer.status_code, answer.json().get("error", ""))
         again = client.infer("minilm", inputs).as_numpy(minilm.OUTPUT_NAME)  # nothing lost
         client.close()
         time.sleep(1.2)  # a loop window closes
@@ -151,6 +161,7 @@ def test_daemon_serves_minilm_int4_tokens_over_http_and_its_loop(
     np.testing.assert_array_equal(again, got)
     ranges = {s.name: s.value_range for s in variant.inputs}
     assert ranges == {"input_ids": (0, 30521), "attention_mask": None, "token_type_ids": (0, 1)}
+    assert {s.max_shape for s in variant.inputs} == {(-1, 512)}  # declared by the ONNX file
     assert refused == {
         ("input_ids", 30522): (
             400,
@@ -163,6 +174,10 @@ def test_daemon_serves_minilm_int4_tokens_over_http_and_its_loop(
         ("token_type_ids", 2): (
             400,
             "minilm: input 'token_type_ids': values must lie in [0, 1] (found 2)",
+        ),
+        ("sequence", 600): (
+            400,
+            "minilm: input 'input_ids': dimension 1 is 600 where the model takes at most 512",
         ),
     }
     ref = _in_process_fp32(samples_dir, feeds)

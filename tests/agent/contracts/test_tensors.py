@@ -1,11 +1,14 @@
-"""``TensorSpec.value_range``: the bound on an index input that the build finds in the graph
-and the local API checks, and how it travels in a manifest."""
+"""``TensorSpec.value_range`` and ``max_shape``: the bounds on an input that the build finds
+in the graph or reads from the model's metadata, that the local API checks, and how they
+travel in a manifest."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -13,7 +16,8 @@ from hypothesis.extra import numpy as hnp
 from onnx import TensorProto, helper, numpy_helper
 
 from agent.contracts.tensors import TensorSpec, check_feed
-from control_plane.builds._onnx import index_ranges
+from control_plane.builds._onnx import index_ranges, read_source
+from control_plane.builds.errors import BuildInputError
 
 _INT = st.sampled_from([np.int8, np.int32, np.int64, np.uint8, np.uint16])
 
@@ -71,3 +75,53 @@ def test_index_ranges_name_the_rows_of_the_smallest_table_an_input_indexes() -> 
     outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "abcdef"]
     graph = helper.make_graph(nodes, "g", [*ints, x], outs, initializer=tables)
     assert index_ranges(graph) == {"ids": (0, 49), "both": (0, 2), "cols": (0, 6)}
+
+
+def _declaring(tmp_path: Path, declared: str | None) -> Path:
+    """A two-input model (ids ``batch x sequence``, a fixed ``1 x 4`` scale) whose metadata
+    declares ``declared`` as its ``max_shape``."""
+    table = numpy_helper.from_array(np.zeros((10, 4), np.float32), "table")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["rows"]),
+            helper.make_node("Mul", ["rows", "scale"], ["out"]),
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "sequence"]),
+            helper.make_tensor_value_info("scale", TensorProto.FLOAT, [1, 4]),
+        ],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", "sequence", 4])],
+        initializer=[table],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    if declared is not None:
+        helper.set_model_props(model, {"max_shape": declared})
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_declared_max_shape_reaches_the_specs_and_a_misfit_is_refused_by_name(
+    tmp_path: Path,
+) -> None:
+    source = read_source(_declaring(tmp_path, '{"ids": [-1, 16], "scale": [1, -1]}'))
+    specs = {s.name: s for s in source.inputs}
+    assert specs["ids"].max_shape == (-1, 16)
+    assert specs["ids"].value_range == (0, 9)
+    assert specs["scale"].max_shape == (1, -1)
+    assert specs["scale"].value_range is None
+    assert read_source(_declaring(tmp_path, None)).inputs[0].max_shape is None
+    for declared, why in (
+        ("[-1, 16]", "not a JSON object"),
+        ('{"ids": [-1, "16"]}', "not a JSON object"),
+        ("{", "not a JSON object"),
+        ('{"tokens": [-1, 16]}', r"names no input \['tokens'\]"),
+        ('{"ids": [16]}', r"max_shape \[16\] does not fit shape \[-1, -1\]"),
+        ('{"scale": [2, 4]}', r"max_shape \[2, 4\] does not fit shape \[1, 4\]"),
+        ('{"ids": [-1, 0]}', "does not fit shape"),
+    ):
+        with pytest.raises(BuildInputError, match=why) as info:
+            read_source(_declaring(tmp_path, declared))
+        assert info.value.field == "onnx"
