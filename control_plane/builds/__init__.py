@@ -49,6 +49,7 @@ DEFAULT_TARGETS: tuple[str, ...] = (
     "openvino-fp16",
     "openvino-int8",
     "onnx-int4",  # planned only for models whose weights are mostly MatMul/Gemm/Gather tables
+    "onnx-int4-fp16",  # ... the same over the FP16 graph, for NVIDIA GPUs
     "openvino-int4",
 )
 

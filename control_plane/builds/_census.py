@@ -53,7 +53,17 @@ def onnx_census(path: Path) -> Census:
         size = 1
         for dim in init.dims:
             size *= dim
-        weight_bytes += size * _onnx_itemsize(init.data_type)
+        weight_bytes += _onnx_bytes(init.data_type, size)
+    # the element type of every tensor where ONNX's shape inference can say (an activation
+    # into a MatMul between two activations, attention's, is FP16 in an FP16 graph)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+        value_types = {
+            v.name: v.type.tensor_type.elem_type
+            for v in (*inferred.value_info, *inferred.input, *inferred.output)
+        }
+    except Exception:  # an op it cannot infer through: the initializers alone decide
+        value_types = {}
     producers = {out: node for node in graph.node for out in node.output}
     counts: Counter[str] = Counter()
     float_ops = []
@@ -75,8 +85,10 @@ def onnx_census(path: Path) -> Census:
             continue
         weight_type = next((init_types[i] for i in node.input[1:2] if i in init_types), None)
         fed_by_cast = any(s is not None and s.op_type == "Cast" for s in sources[1:2])
-        fp16 = weight_type == onnx.TensorProto.FLOAT16 or (
-            weight_type is None and fed_by_cast and _fp16_graph(graph)
+        half = onnx.TensorProto.FLOAT16
+        fp16 = weight_type == half or (
+            weight_type is None
+            and (value_types.get(node.input[0]) == half or (fed_by_cast and _fp16_graph(graph)))
         )
         counts["fp16" if fp16 else "fp32"] += 1
         float_ops.append(node.name or node.output[0])
@@ -89,13 +101,18 @@ def _fp16_graph(graph: Any) -> bool:
     return any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer)
 
 
-def _onnx_itemsize(data_type: int) -> int:
+def _onnx_bytes(data_type: int, count: int) -> int:
+    """What ``count`` elements of ``data_type`` take stored: 4-bit types pack two a byte
+    (an embedding table in ``GatherBlockQuantized``'s INT4), which NumPy holds one a byte."""
     import onnx
 
     if data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
         return 0
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(data_type)
-    return int(dtype.itemsize)
+    four_bit = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+    four_bit |= {getattr(onnx.TensorProto, "FLOAT4E2M1", onnx.TensorProto.INT4)}
+    if data_type in four_bit:
+        return (count + 1) // 2
+    return count * int(onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize)
 
 
 def _openvino_input_kind(output: Any, depth: int = 0) -> str:

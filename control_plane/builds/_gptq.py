@@ -207,10 +207,14 @@ def gptq_blocks(
 
 def apply_blocks(model: Any, blocks: Mapping[str, Blocks], *, accuracy_level: int) -> Any:
     """Replace each MatMul named in ``blocks`` by ``MatMulNBits`` on its blocks, and drop the
-    float weights no node reads any more. Nodes of other names are left as they are."""
-    from onnx import helper, numpy_helper
+    float weights no node reads any more. Nodes of other names are left as they are. The scales
+    take the replaced weight's float type: FP32, or FP16 in a graph converted to FP16 (the
+    blocks computed on its FP32 original), whose activations ``MatMulNBits`` then takes as
+    they are."""
+    from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
+    half = {i.name for i in graph.initializer if i.data_type == TensorProto.FLOAT16}
     nodes = []
     for node in graph.node:
         block = blocks.get(node.name) if node.op_type == "MatMul" else None
@@ -218,11 +222,10 @@ def apply_blocks(model: Any, blocks: Mapping[str, Blocks], *, accuracy_level: in
             nodes.append(node)
             continue
         names = [f"{node.name}_Q4", f"{node.name}_scales", f"{node.name}_zero_points"]
+        scales = block.scales.astype(np.float16 if node.input[1] in half else np.float32)
         graph.initializer.extend(
             numpy_helper.from_array(array, name)
-            for array, name in zip(
-                (block.packed, block.scales, block.zero_points), names, strict=True
-            )
+            for array, name in zip((block.packed, scales, block.zero_points), names, strict=True)
         )
         nodes.append(
             helper.make_node(

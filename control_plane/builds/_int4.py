@@ -210,6 +210,9 @@ def search_onnx_int4(
     search: Int4Search | None = None,
     calibration: SampleSet | None = None,
     clock: Callable[[], float] = time.monotonic,
+    base: Path | None = None,
+    target: str = "onnx-int4",
+    gptq_cache: dict[str, Any] | None = None,
 ) -> Int8Outcome:
     """Write the ONNX Runtime INT4 variant that holds the budget with the fewest 8-bit nodes,
     or, when none does within the bounds, the one that came closest.
@@ -221,8 +224,14 @@ def search_onnx_int4(
     the FP32 and the INT4 model side by side on a few samples and ranks the MatMul nodes by the
     relative error each adds to its input's (``rank_onnx_nodes``, as the INT8 search does),
     then gives the costliest 1, 2, 4, ... of them 8-bit blocks until the gate passes.
-    ``kept_float`` of the outcome names the nodes kept in 8 bits."""
+    ``kept_float`` of the outcome names the nodes kept in 8 bits.
+
+    ``base`` is the graph quantized, when it is not ``fp32_path`` itself: its FP16 conversion,
+    for the GPU variant (``onnx-int4-fp16``), whose blocks are the FP32 model's (GPTQ's
+    statistics and the sensitivity ranking are taken on ``fp32_path``). ``gptq_cache`` keeps
+    the blocks between the searches of one build."""
     limits = search or Int4Search()
+    quantized = base or fp32_path
     work.mkdir(parents=True, exist_ok=True)
     started = clock()
     deadline = started + limits.seconds
@@ -232,28 +241,35 @@ def search_onnx_int4(
     gptq_started = clock()
     rounding = "round-to-nearest"
     if calibration is not None and len(calibration) > 0:
-        try:
-            blocks = _gptq.gptq_blocks(
-                fp32_path, calibration, block_size=BLOCK_SIZE, max_samples=limits.gptq_samples
-            )
-        except Exception as exc:  # the calibration set does not feed the model, any class
-            raise VariantBuildError(
-                f"GPTQ statistics failed: {first_line(exc)}", target="onnx-int4"
-            ) from exc
+        key = f"{fp32_path}:{limits.gptq_samples}"
+        cached = gptq_cache.get(key) if gptq_cache is not None else None
+        if cached is not None:
+            blocks = cached
+        else:
+            try:
+                blocks = _gptq.gptq_blocks(
+                    fp32_path, calibration, block_size=BLOCK_SIZE, max_samples=limits.gptq_samples
+                )
+            except Exception as exc:  # the calibration set does not feed the model, any class
+                raise VariantBuildError(
+                    f"GPTQ statistics failed: {first_line(exc)}", target=target
+                ) from exc
+            log.info("int4_gptq", nodes=len(blocks), seconds=round(clock() - gptq_started, 2))
+            if gptq_cache is not None:
+                gptq_cache[key] = blocks
         rounding = f"GPTQ over {min(len(calibration), limits.gptq_samples)} calibration samples"
-        log.info("int4_gptq", nodes=len(blocks), seconds=round(clock() - gptq_started, 2))
     gptq_s = clock() - gptq_started
 
     def attempt(keep: tuple[str, ...]) -> bool:
         nonlocal best
         step_started = clock() - (gptq_s if not steps else 0.0)
         path = work / f"int4-{len(keep)}.onnx"
-        quantize_onnx_int4(fp32_path, path, keep_int8=keep, blocks=blocks)
+        quantize_onnx_int4(quantized, path, target=target, keep_int8=keep, blocks=blocks)
         try:
             score = gate.run(ort_runner(path, output_names))
         except Exception as exc:  # ORT refusing the file, any type
             raise VariantBuildError(
-                f"the quantized file does not run: {first_line(exc)}", target="onnx-int4"
+                f"the quantized file does not run: {first_line(exc)}", target=target
             ) from exc
         action = f"MatMulNBits 4-bit blocks ({rounding})" + (
             f", {len(keep)} costliest MatMul nodes in 8-bit blocks" if keep else ""
@@ -274,15 +290,13 @@ def search_onnx_int4(
         return passed
 
     if not attempt(()) and limits.max_steps > 0:
-        first = work / "int4-0.onnx"
+        ranked = work / "int4-0.onnx"
+        if base is not None:  # ranked in FP32: the FP16 graph's own rounding is not the nodes'
+            ranked = work / "int4-0-fp32.onnx"
+            quantize_onnx_int4(fp32_path, ranked, target=target, blocks=blocks)
         matmuls = set(matmul_nodes(fp32_path))
-        ranking = [
-            n
-            for n in rank_onnx_nodes(
-                fp32_path, first, gate.samples.head(limits.sensitivity_samples)
-            )
-            if n in matmuls
-        ]
+        samples = gate.samples.head(limits.sensitivity_samples)
+        ranking = [n for n in rank_onnx_nodes(fp32_path, ranked, samples) if n in matmuls]
         ranking = ranking[: max(1, int(limits.max_int8_share * len(matmuls)))]
         log.info("int4_sensitivity", costliest=ranking[:8], nodes=len(ranking))
         count = 1
@@ -301,6 +315,8 @@ def search_onnx_int4(
         f"MatMulNBits 4-bit asymmetric blocks of {BLOCK_SIZE} ({rounding}), "
         f"accuracy level {ACCURACY_LEVEL}"
     )
+    if base is not None:
+        recipe += ", over the FP16 graph (FP16 scales and activations)"
     if keep:
         recipe += f", {len(keep)} MatMul nodes in 8-bit blocks"
     return Int8Outcome(recipe=recipe, steps=tuple(steps), kept_float=keep)

@@ -67,11 +67,18 @@ class Target:
     runtime: Runtime
     format: ArtifactFormat
     precision: Precision
+    float16: bool = False  # float parts in FP16 (an INT4 variant's activations): for GPUs
+
+    @property
+    def for_gpu(self) -> bool:
+        """ONNX with FP16 arithmetic: ONNX Runtime's CPU provider has few FP16 kernels and
+        casts around the rest, so such a variant is for GPUs (CUDA/TensorRT providers)."""
+        return self.runtime == "onnxruntime" and (self.precision == "fp16" or self.float16)
 
     @property
     def accelerator_is_cpu(self) -> bool:
         """Whether the build host (a CPU) is a meaningful place to time this variant."""
-        return not (self.runtime == "onnxruntime" and self.precision == "fp16")
+        return not self.for_gpu
 
 
 TARGETS: dict[str, Target] = {
@@ -83,6 +90,7 @@ TARGETS: dict[str, Target] = {
         Target("openvino-fp16", "openvino", "openvino-ir", "fp16"),
         Target("openvino-int8", "openvino", "openvino-ir", "int8"),
         Target("onnx-int4", "onnxruntime", "onnx", "int4"),
+        Target("onnx-int4-fp16", "onnxruntime", "onnx", "int4", float16=True),
         Target("openvino-int4", "openvino", "openvino-ir", "int4"),
     )
 }
@@ -141,9 +149,9 @@ def _constraints(target: Target, artifact: Path) -> TargetConstraints:
         year = ov.__version__.split(".")[0]
         return TargetConstraints(arch=OPENVINO_ARCHES, runtime_min=f"{year}.0")
     runtime_min = _ort_runtime_min(artifact)
-    if target.precision == "fp16":
-        # ONNX Runtime's CPU provider has few FP16 kernels and casts around the rest: FP16
-        # ONNX is for GPUs (CUDA/TensorRT providers); CPUs get FP32, INT8 or OpenVINO IR.
+    if target.for_gpu:
+        # FP16 ONNX (an INT4 variant's FP16 activations too) is for GPUs; CPUs get FP32, INT8,
+        # INT4 with FP32 activations or OpenVINO IR.
         return TargetConstraints(accelerator="nvidia-gpu", runtime_min=runtime_min)
     return TargetConstraints(accelerator="cpu", runtime_min=runtime_min)
 
@@ -158,6 +166,8 @@ class _Build:
         self.batch = batchable(self.source.inputs)
         self.output_names = [o.name for o in self.source.outputs]
         self.log = log.bind(model=request.name, version=request.version)
+        # GPTQ's blocks, computed once for both INT4 targets of a build (25 s for MiniLM)
+        self._gptq_cache: dict[str, Any] = {}
 
     # -- steps ---------------------------------------------------------------------------
 
@@ -426,6 +436,27 @@ class _Build:
                 if (limits := self.request.search) is not None
                 else None,
                 calibration=calibration,
+                gptq_cache=self._gptq_cache,
+            )
+        elif target.id == "onnx-int4-fp16":
+            # the same search over the FP16 graph: GPTQ's blocks (from the FP32 model) and the
+            # 8-bit steps as for onnx-int4, FP16 scales and activations
+            base = self.work / "onnx-int4-fp16" / "fp16.onnx"
+            base.parent.mkdir(parents=True, exist_ok=True)
+            _onnx.convert_fp16(reference_path, base)
+            return _int4.search_onnx_int4(
+                reference_path,
+                entry,
+                gate=gate,
+                output_names=self.output_names,
+                work=self.work / "onnx-int4-fp16",
+                search=_int4.Int4Search(seconds=limits.seconds, max_steps=limits.max_steps)
+                if (limits := self.request.search) is not None
+                else None,
+                calibration=calibration,
+                base=base,
+                target=target.id,
+                gptq_cache=self._gptq_cache,
             )
         elif target.id == "openvino-int4":
             _int4.compress_ir_int4(reference_path, entry, target=target.id)

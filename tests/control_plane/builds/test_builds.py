@@ -97,7 +97,7 @@ def test_digits_every_variant_built_and_int8_within_a_point(
 ) -> None:
     _, manifest, _ = digits_build
     # a CNN holds no large matrix weights: no INT4 weight-only variant is planned for it
-    planned = [t for t in DEFAULT_TARGETS if not t.endswith("-int4")]
+    planned = [t for t in DEFAULT_TARGETS if "-int4" not in t]
     assert [v.id for v in manifest.variants] == planned
     assert all(v.status == "accepted" for v in manifest.variants)
     for variant in manifest.variants:
@@ -160,7 +160,7 @@ def test_digits_progress_reported_in_order(
     assert fractions == sorted(fractions)
     text = " ".join(m for _, m in calls)
     for target in DEFAULT_TARGETS:
-        assert (f"building {target}" in text) != target.endswith("-int4")
+        assert (f"building {target}" in text) != ("-int4" in target)
 
 
 def test_already_quantized_source_is_kept_as_it_is(

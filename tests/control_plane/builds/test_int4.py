@@ -115,14 +115,17 @@ def test_onnx_int4_by_gptq_holds_with_every_matmul_in_4_bits(
     activations the set puts into each MatMul): every MatMul in 4 bits then loses about 3 points
     of top-10 retrieval and under 1 of cosine (round-to-nearest: 4.3 and 2.5), so a budget of 3.5
     holds at the first step, with no MatMul in 8 bits."""
-    manifest = _build(
-        minilm_path,
-        corpus_npz,
-        tmp_path / "bundle",
-        3.5,
-        ("onnx-int4",),
-        calibration=calibration_npz,
-    )
+    with capture_logs() as logs:
+        manifest = _build(
+            minilm_path,
+            corpus_npz,
+            tmp_path / "bundle",
+            3.5,
+            ("onnx-int4", "onnx-int4-fp16"),
+            calibration=calibration_npz,
+        )
+    assert [e["event"] for e in logs].count("int4_gptq") == 1  # one GPTQ for both targets
+    _check_gpu_variant(manifest, tmp_path / "bundle")
     variant = manifest.variant("onnx-int4")
     assert variant.status == "accepted", variant.accuracy
     assert variant.accuracy is not None
@@ -134,6 +137,31 @@ def test_onnx_int4_by_gptq_holds_with_every_matmul_in_4_bits(
     assert variant.accuracy.metrics["cosine"] >= 98.8, variant.accuracy.metrics  # 99.13 here
     assert variant.build.precisions.get("int8", 0) == 0
     assert variant.build.precisions["int4"] >= 36  # every MatMul, and the embedding table
+
+
+def _check_gpu_variant(manifest: BundleManifest, bundle: Path) -> None:
+    """``onnx-int4-fp16``: the same GPTQ blocks over the FP16 graph, FP16 scales and
+    activations, gated like the rest and offered to NVIDIA GPUs only."""
+    import onnx
+    from onnx import TensorProto
+
+    variant = manifest.variant("onnx-int4-fp16")
+    assert variant.status == "accepted", variant.accuracy
+    assert variant.target.accelerator == "nvidia-gpu"
+    assert variant.accuracy is not None
+    assert variant.accuracy.metrics["cosine"] >= 98.8, variant.accuracy.metrics  # 99.22 here
+    assert variant.build is not None
+    assert "over the FP16 graph" in (variant.build.recipe or "")
+    assert variant.build.precisions["int4"] >= 36
+    assert variant.build.precisions.get("fp16", 0) > 0
+    fp32_bytes = Path(minilm.minilm_onnx()).stat().st_size
+    assert variant.build.weight_bytes < 0.2 * fp32_bytes  # 4-bit blocks, FP16 scales
+    graph = onnx.load(str(bundle / variant.entrypoint)).graph
+    types = {i.name: i.data_type for i in graph.initializer}
+    scales = [n.input[2] for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(scales) == 36
+    assert {types[s] for s in scales} == {TensorProto.FLOAT16}
+    assert graph.input[0].type.tensor_type.elem_type == TensorProto.INT64  # tokens, as before
 
 
 def test_int4_is_not_planned_for_a_convolutional_model(digits_path: Path, tmp_path: Path) -> None:
