@@ -425,31 +425,21 @@ class _Build:
             )
         elif target.id == "openvino-fp16":
             _openvino.convert_ir(reference_path, entry, target=target.id)
-        elif target.id == "onnx-int4":
+        elif target.id in ("onnx-int4", "onnx-int4-fp16"):
+            work = self.work / target.id
+            base = None
+            if target.float16:
+                # the same search over the FP16 graph: GPTQ's blocks (from the FP32 model) and
+                # the 8-bit steps as for onnx-int4, FP16 scales and activations
+                base = work / "fp16.onnx"
+                base.parent.mkdir(parents=True, exist_ok=True)
+                _onnx.convert_fp16(reference_path, base)
             return _int4.search_onnx_int4(
                 reference_path,
                 entry,
                 gate=gate,
                 output_names=self.output_names,
-                work=self.work / "onnx-int4",
-                search=_int4.Int4Search(seconds=limits.seconds, max_steps=limits.max_steps)
-                if (limits := self.request.search) is not None
-                else None,
-                calibration=calibration,
-                gptq_cache=self._gptq_cache,
-            )
-        elif target.id == "onnx-int4-fp16":
-            # the same search over the FP16 graph: GPTQ's blocks (from the FP32 model) and the
-            # 8-bit steps as for onnx-int4, FP16 scales and activations
-            base = self.work / "onnx-int4-fp16" / "fp16.onnx"
-            base.parent.mkdir(parents=True, exist_ok=True)
-            _onnx.convert_fp16(reference_path, base)
-            return _int4.search_onnx_int4(
-                reference_path,
-                entry,
-                gate=gate,
-                output_names=self.output_names,
-                work=self.work / "onnx-int4-fp16",
+                work=work,
                 search=_int4.Int4Search(seconds=limits.seconds, max_steps=limits.max_steps)
                 if (limits := self.request.search) is not None
                 else None,
