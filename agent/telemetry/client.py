@@ -180,6 +180,10 @@ class TelemetryClient:
         self._counts: dict[str, int] = dict.fromkeys(TelemetryCounters.__dataclass_fields__, 0)
         self._counts_lock = threading.Lock()
         self._connected = threading.Event()
+        # set once the broker has granted this connection's subscription to commands: a command
+        # published before that is not delivered (the session starts clean)
+        self._subscribed = threading.Event()
+        self._subscribe_mid: int | None = None
         self._connack_failed = False
         self._state_dirty = False
         self._telemetry_seq = 0
@@ -226,6 +230,11 @@ class TelemetryClient:
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
+
+    def wait_commands_ready(self, timeout: float) -> bool:
+        """Whether, within ``timeout``, the broker granted the subscription to this device's
+        command topic on the current connection (a command sent before then is lost)."""
+        return self._subscribed.wait(timeout) and self.connected
 
     def on_command(self, command: str, handler: CommandHandler) -> None:
         """Set the handler for ``check-update`` or ``rollback``; it runs on the net thread."""
@@ -475,6 +484,7 @@ class TelemetryClient:
                 raise ConfigError(f"mqtt TLS set-up failed: {exc}") from exc
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
         client.on_publish = self._on_publish
         client.on_message = self._on_message
         return client
@@ -500,7 +510,8 @@ class TelemetryClient:
         self._count("connects")
         self._connected.set()
         self._publish_birth(client)
-        client.subscribe(self.topics.cmd, qos=1)
+        self._subscribed.clear()
+        _, self._subscribe_mid = client.subscribe(self.topics.cmd, qos=1)
         log.info("mqtt_connected", host=self._host, port=self._config.port, spooled=len(self.spool))
 
     def _on_disconnect(
@@ -515,6 +526,22 @@ class TelemetryClient:
             self._count("disconnects")
             log.warning("mqtt_disconnected", reason=str(reason_code))
         self._connected.clear()
+        self._subscribed.clear()
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        if mid != self._subscribe_mid:
+            return
+        if any(code.is_failure for code in reason_codes):
+            log.error("mqtt_command_subscription_refused", reasons=[str(c) for c in reason_codes])
+            return
+        self._subscribed.set()
 
     def _publish_birth(self, client: mqtt.Client) -> None:
         client.publish(

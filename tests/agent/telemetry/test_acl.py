@@ -52,6 +52,7 @@ def test_device_cannot_publish_on_another_devices_topics(
     client.on_command("check-update", lambda c: (got.append(c), handled.set()))
     with client:
         assert client.wait_connected(10)
+        assert client.wait_commands_ready(10)
         client.publish_event(event("dev-a", 1))
         assert cp.wait_for(lambda s: [p["seq"] for p in s.payloads("dev-a/events")] == [1])
 

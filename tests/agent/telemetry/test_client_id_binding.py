@@ -307,6 +307,7 @@ def test_a_device_cannot_take_another_devices_client_id(
     )
     with victim:
         assert victim.wait_connected(10)
+        assert victim.wait_commands_ready(10)
         # dev-a, with its own valid certificate, connects under dev-b's client id.
         impostor = Peer(broker.device_port, broker.pki, "dev-b", cert="dev-a")
         impostor.client.subscribe("edgefleet/v1/dev-b/cmd", qos=1)
