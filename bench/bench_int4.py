@@ -235,7 +235,6 @@ def main() -> None:
             "openvino-fp32": "openvino-fp32",
             "openvino-int4": "openvino-fp32",
         }
-        weights: dict[str, int] = {}
         if args.cuda:  # the variants the build makes for NVIDIA GPUs
             float_of.update({"onnx-fp16": "onnx-fp32", "onnx-int4-fp16": "onnx-fp32"})
         if not get_backend("openvino").probe().usable:
@@ -251,6 +250,7 @@ def main() -> None:
             name: rss_after_load(name, paths[name], long, providers, gated.get(name, frozenset()))
             for name in float_of
         }
+        weights: dict[str, int] = {}
         for v in manifest.variants:
             if v.build is not None:
                 weights[v.id] = v.build.weight_bytes

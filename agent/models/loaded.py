@@ -77,15 +77,9 @@ class LoadedVersion:
         self.compute: str = str(getattr(session, "compute", ""))
         # The runtime's specs, with the bounds the manifest gives (token ids' range, the longest
         # sequence): the local API checks them before a runtime sees the values.
-        # (A bound of another rank than the runtime's input is dropped: bundle and file differ.)
-        bounds = {
-            s.name: {"value_range": s.value_range, "max_shape": s.max_shape}
-            for s in variant.inputs
-            if s.value_range is not None or s.max_shape is not None
-        }
+        declared = {s.name: s for s in variant.inputs}
         self.inputs: tuple[TensorSpec, ...] = tuple(
-            s.model_copy(update=_fitting(bounds[s.name], s)) if s.name in bounds else s
-            for s in session.inputs
+            _bounded(s, declared.get(s.name)) for s in session.inputs
         )
         self.outputs: tuple[TensorSpec, ...] = session.outputs
         self.max_batch_size = batch_limit(self.inputs)
@@ -214,9 +208,12 @@ def return_freed_memory() -> None:
         trim(0)
 
 
-def _fitting(bounds: dict[str, Any], spec: TensorSpec) -> dict[str, Any]:
-    """``bounds`` without a ``max_shape`` that does not fit ``spec``'s shape."""
-    most = bounds.get("max_shape")
+def _bounded(spec: TensorSpec, declared: TensorSpec | None) -> TensorSpec:
+    """The runtime's ``spec`` with the manifest's bounds for that input, a ``max_shape`` of
+    another rank than the runtime's input left out (bundle and file would differ)."""
+    if declared is None or (declared.value_range is None and declared.max_shape is None):
+        return spec
+    most = declared.max_shape
     if most is not None and len(most) != len(spec.shape):
-        return {**bounds, "max_shape": None}
-    return bounds
+        most = None
+    return spec.model_copy(update={"value_range": declared.value_range, "max_shape": most})

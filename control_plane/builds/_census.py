@@ -108,9 +108,7 @@ def _onnx_bytes(data_type: int, count: int) -> int:
 
     if data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
         return 0
-    four_bit = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
-    four_bit |= {getattr(onnx.TensorProto, "FLOAT4E2M1", onnx.TensorProto.INT4)}
-    if data_type in four_bit:
+    if onnx.TensorProto.DataType.Name(data_type) in ("INT4", "UINT4", "FLOAT4E2M1"):
         return (count + 1) // 2
     return count * int(onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize)
 

@@ -212,7 +212,7 @@ def search_onnx_int4(
     clock: Callable[[], float] = time.monotonic,
     base: Path | None = None,
     target: str = "onnx-int4",
-    gptq_cache: dict[str, Any] | None = None,
+    gptq_cache: dict[str, dict[str, _gptq.Blocks]] | None = None,
 ) -> Int8Outcome:
     """Write the ONNX Runtime INT4 variant that holds the budget with the fewest 8-bit nodes,
     or, when none does within the bounds, the one that came closest.

@@ -35,7 +35,7 @@ from agent.contracts.manifest import (
     Variant,
 )
 from agent.logs import get_logger
-from control_plane.builds import _census, _int4, _int8, _measure, _onnx, _openvino
+from control_plane.builds import _census, _gptq, _int4, _int8, _measure, _onnx, _openvino
 from control_plane.builds._bundle import file_entry, write_golden, write_manifest
 from control_plane.builds._samples import SampleSet, batchable
 from control_plane.builds.errors import (
@@ -167,7 +167,7 @@ class _Build:
         self.output_names = [o.name for o in self.source.outputs]
         self.log = log.bind(model=request.name, version=request.version)
         # GPTQ's blocks, computed once for both INT4 targets of a build (25 s for MiniLM)
-        self._gptq_cache: dict[str, Any] = {}
+        self._gptq_cache: dict[str, dict[str, _gptq.Blocks]] = {}
 
     # -- steps ---------------------------------------------------------------------------
 
