@@ -69,7 +69,7 @@ from agent.errors import (
 from agent.events import EventBus
 from agent.logs import get_logger
 from agent.models.bundle import GoldenSet, golden_sets, synthetic_feeds, validate_outputs
-from agent.models.loaded import LoadedVersion
+from agent.models.loaded import LoadedVersion, return_freed_memory
 from agent.models.probation import Health, p99
 from agent.models.serving import Computed
 from agent.models.store import ModelStore
@@ -561,44 +561,50 @@ class ModelSlot:
         """Make ``version`` serve. Raises ``ModelError`` (load, validation), ``BundleError``
         or ``StoreError``; on any failure the version serving before keeps serving."""
         with self._swap_lock:
-            from_version = self._current.version if self._current else None
             try:
-                manifest = self.store.verify(self.name, version, deep=False)
-                bundle_dir = self.store.path(self.name, version)
-                plan = self.plan(manifest, bundle_dir, beside=self._current is not None)
-                golden = golden_sets(bundle_dir, manifest) if validate else []
-                report = self._swap_first_that_serves(version, plan, bundle_dir, golden, policy)
-                report = dataclasses.replace(report, from_version=from_version)
-            except AgentError as exc:
-                log.warning("slot_swap_failed", model=self.name, version=version, reason=str(exc))
-                self._emit("failed", version=version, from_version=from_version, reason=str(exc))
-                raise
-            self._emit(
-                "swapped",
-                version=version,
-                from_version=from_version,
-                variant_id=report.variant_id,
-                choice=report.choice,
-                policy=report.policy,
-                backend=report.backend,
-                load_s=report.load_s,
-                warmup_s=report.warmup_s,
-                validation_s=report.validation_s,
-                promote_s=report.promote_s,
-                pause_s=report.pause_s,
-            )
-            log.info(
-                "slot_swapped",
-                model=self.name,
-                version=version,
-                from_version=from_version,
-                policy=report.policy,
-                variant_id=report.variant_id,
-                choice=report.choice,
-                disk_to_serving_s=round(report.disk_to_serving_s, 4),
-            )
-            self._record_serving()
-            return report
+                return self._swap_locked(version, validate=validate, policy=policy)
+            finally:
+                self._return_memory()
+
+    def _swap_locked(self, version: str, *, validate: bool, policy: Policy | None) -> SwapReport:
+        from_version = self._current.version if self._current else None
+        try:
+            manifest = self.store.verify(self.name, version, deep=False)
+            bundle_dir = self.store.path(self.name, version)
+            plan = self.plan(manifest, bundle_dir, beside=self._current is not None)
+            golden = golden_sets(bundle_dir, manifest) if validate else []
+            report = self._swap_first_that_serves(version, plan, bundle_dir, golden, policy)
+            report = dataclasses.replace(report, from_version=from_version)
+        except AgentError as exc:
+            log.warning("slot_swap_failed", model=self.name, version=version, reason=str(exc))
+            self._emit("failed", version=version, from_version=from_version, reason=str(exc))
+            raise
+        self._emit(
+            "swapped",
+            version=version,
+            from_version=from_version,
+            variant_id=report.variant_id,
+            choice=report.choice,
+            policy=report.policy,
+            backend=report.backend,
+            load_s=report.load_s,
+            warmup_s=report.warmup_s,
+            validation_s=report.validation_s,
+            promote_s=report.promote_s,
+            pause_s=report.pause_s,
+        )
+        log.info(
+            "slot_swapped",
+            model=self.name,
+            version=version,
+            from_version=from_version,
+            policy=report.policy,
+            variant_id=report.variant_id,
+            choice=report.choice,
+            disk_to_serving_s=round(report.disk_to_serving_s, 4),
+        )
+        self._record_serving()
+        return report
 
     def _swap_first_that_serves(
         self,
@@ -909,6 +915,15 @@ class ModelSlot:
         except RuntimeError:  # shut down: the caller closes inline
             return False
         return True
+
+    def _return_memory(self) -> None:
+        """After a swap, served or failed: hand back to the OS the heap that its loads freed
+        (the choice's measured candidates, a vetted session reloaded to serve, a variant that
+        failed). glibc keeps that memory in its arenas, so without this a device that measured
+        the FP32 variant and serves the INT4 one kept most of the FP32 model's pages. Between
+        frames, on the loader thread, like a retired version's close."""
+        if not self._close_off_path((return_freed_memory,)):
+            return_freed_memory()
 
     def _switch(self, new: LoadedVersion) -> float:
         start = self._clock()

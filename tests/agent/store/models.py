@@ -2,6 +2,10 @@
 
 - ``shifted``: the same network with ``delta`` added to every logit, so a result names its version;
 - ``slower``: the same outputs plus an input-dependent heavy branch multiplied by zero;
+- ``heavier``: the same outputs plus a chain of MatMuls over ``layers`` weights of 4 MB each
+  multiplied by zero: a slow variant with a hundred MB of weights in pieces the size of a
+  transformer's, which the C allocator keeps after their release unless it is told to give
+  them back;
 - ``erroring``: fails at run time (Gather out of range) when an input pixel reaches 0.8, which
   the digits images do, but not on golden inputs scaled below that;
 - ``noisy``: the same logits plus fresh uniform noise of amplitude ``scale`` on every run, so a
@@ -83,6 +87,30 @@ def slower(src: Path, dest: Path, *, tile: int = 32, channels: int = 48) -> Path
             helper.make_node("Reshape", ["slow_m", "slow_shape"], ["slow_r"]),
             helper.make_node("Mul", ["slow_r", "slow_zero"], ["slow_z"]),
             helper.make_node("Add", ["logits_raw", "slow_z"], ["logits"]),
+        ]
+    )
+    return _save(model, dest)
+
+
+def heavier(src: Path, dest: Path, *, layers: int = 24, width: int = 1024) -> Path:
+    model = _load(src)
+    _rename_output(model)
+    g = model.graph
+    rng = np.random.default_rng(2)
+    g.initializer.append(numpy_helper.from_array(np.array([-1, 64], np.int64), "heavy_flat"))
+    g.initializer.append(numpy_helper.from_array(np.array(0.0, np.float32), "heavy_zero"))
+    g.node.append(helper.make_node("Reshape", ["input", "heavy_flat"], ["heavy_0"]))
+    rows = 64  # the 8x8 digits image
+    for i in range(layers):
+        weight = rng.normal(0.0, 1.0 / np.sqrt(rows), (rows, width)).astype(np.float32)
+        g.initializer.append(numpy_helper.from_array(weight, f"heavy_w{i}"))
+        g.node.append(helper.make_node("MatMul", [f"heavy_{i}", f"heavy_w{i}"], [f"heavy_{i + 1}"]))
+        rows = width
+    g.node.extend(
+        [
+            helper.make_node("ReduceMean", [f"heavy_{layers}"], ["heavy_m"], keepdims=0),
+            helper.make_node("Mul", ["heavy_m", "heavy_zero"], ["heavy_z"]),
+            helper.make_node("Add", ["logits_raw", "heavy_z"], ["logits"]),
         ]
     )
     return _save(model, dest)
