@@ -76,7 +76,10 @@ def minilm_weights() -> dict[str, Array]:
     return dict(load_file(str(minilm_dir() / "model.safetensors")))
 
 
-def _graph(weights: dict[str, Array], config: dict[str, Any]) -> Any:
+def encoder_graph(weights: dict[str, Array], config: dict[str, Any]) -> Any:
+    """A BERT encoder with mean pooling and L2 normalization, as an ONNX ``ModelProto``: the
+    tensors by their Hugging Face names, the shape from a Hugging Face ``config.json``
+    (``hidden_size``, ``num_attention_heads``, ``num_hidden_layers``, ``layer_norm_eps``)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -234,7 +237,7 @@ def minilm_onnx(cache_dir: Path | None = None) -> Path:
     path = cache / f"all-minilm-l6-v2-v{MINILM_VERSION}.onnx"
     if path.is_file():
         return path
-    model = _graph(minilm_weights(), _config())
+    model = encoder_graph(minilm_weights(), _config())
     tmp = path.with_suffix(".tmp")
     onnx.save(model, str(tmp))
     shutil.move(str(tmp), path)

