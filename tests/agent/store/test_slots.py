@@ -564,6 +564,9 @@ def test_a_retired_version_closes_between_frames(
         slot.swap("2.0.0")
         new = slot.current
         assert new is not None
+        # the swap's own hand-back of the heap is queued on the loader thread: let it run
+        # first, or it would take the gap below and leave the close waiting for another
+        assert slot.settle(10)
         slot._gap_wait_s = 30.0  # from now on only a request's end lets the close run
         slot.infer(x)  # a frame just ended on 2.0.0 ...
         assert new._enter()  # ... and the next one is in flight
