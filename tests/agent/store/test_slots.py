@@ -418,6 +418,7 @@ def test_memory_of_the_measured_candidates_goes_back_after_the_choice(
     before = process.memory_info().rss
     try:
         report = slot.start("1.0.0")
+        assert slot.settle(10)  # the hand-back is queued on the loader thread
         after = process.memory_info().rss
         assert report.variant_id == "b-light"
         assert re.search(r"a-heavy [0-9.]+ ms", slot.choice), slot.choice  # it was measured
