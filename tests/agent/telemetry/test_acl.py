@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
+import os
 import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import structlog
 
 from agent.config import MqttConfig
 from agent.contracts.telemetry import Command
@@ -77,3 +82,63 @@ def test_device_cannot_publish_on_another_devices_topics(
     assert cp.payloads("dev-a/state")[-1]["reason"] == "shutdown"  # dev-a's own, not the forgery
     assert [m for m in spy.messages if m.topic.endswith("/cmd")] == []
     assert [c.id for c in got] == ["k1"]
+
+
+DYNSEC = Path("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so")
+
+
+def _dynsec_client(username: str, password: str) -> dict[str, object]:
+    """A client entry of Mosquitto's dynamic-security file (PBKDF2-SHA512, as it stores them)."""
+    salt = os.urandom(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, 101)
+    return {
+        "username": username,
+        "password": base64.b64encode(digest).decode(),
+        "salt": base64.b64encode(salt).decode(),
+        "iterations": 101,
+        "roles": [],
+    }
+
+
+@pytest.mark.skipif(not DYNSEC.is_file(), reason="the mosquitto package's dynamic-security plugin")
+def test_a_refused_command_subscription_is_reported(tmp_path: Path, state_dir: Path) -> None:
+    """A broker that checks subscriptions (Mosquitto's dynamic-security plugin here; its ACL
+    file grants every SUBSCRIBE and filters at delivery) and gives the device no right to its
+    command topic refuses it in the SUBACK: the client logs the refusal and never reports its
+    commands as ready, while its telemetry still goes out."""
+    security = tmp_path / "dynsec.json"
+    security.write_text(
+        json.dumps(
+            {
+                "defaultACLAccess": {
+                    "publishClientSend": True,
+                    "publishClientReceive": True,
+                    "subscribe": False,
+                    "unsubscribe": True,
+                },
+                "clients": [_dynsec_client("dev-a", "dev-a-pw")],
+                "groups": [],
+                "roles": [],
+            }
+        )
+    )
+    broker = Broker(
+        tmp_path,
+        extra_config=f"plugin {DYNSEC}\nplugin_opt_config_file {security}\n",
+    )
+    broker.start()
+    client = TelemetryClient(
+        MqttConfig(host="127.0.0.1", port=broker.port, username="dev-a", password="dev-a-pw"),
+        device_id="dev-a",
+        state_dir=state_dir,
+        reconnect_min_s=0.05,
+    )
+    try:
+        with structlog.testing.capture_logs() as logs, client:
+            assert client.wait_connected(10)
+            assert not client.wait_commands_ready(3)
+            assert client.connected  # only the commands are refused
+        refused = [e for e in logs if e["event"] == "mqtt_command_subscription_refused"]
+        assert refused, [e["event"] for e in logs]
+    finally:
+        broker.stop()
