@@ -570,7 +570,15 @@ class DemoRun:
                 f"{current['reporting']} reporting on {V2})"
             )
             if state["status"] == "aborted":
-                raise DemoError(f"rollout aborted: {state.get('reason')}")
+                self.refresh()
+                why = "; ".join(
+                    f"{r.name}: {r.last_error}"
+                    for r in self.rows()
+                    if r.phase in ("failed", "rolled_back") and r.last_error
+                )
+                raise DemoError(
+                    f"rollout aborted: {state.get('reason')}" + (f" ({why})" if why else "")
+                )
             return bool(state["status"] == "completed")
 
         self._wait(f"rollout {rollout_id}", done, timeout_s=120)

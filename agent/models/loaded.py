@@ -23,7 +23,7 @@ from agent.contracts.manifest import Variant
 from agent.contracts.tensors import TensorSpec
 from agent.errors import InferenceError, InputError
 from agent.logs import get_logger
-from agent.models.probation import Health, p99
+from agent.models.probation import Health, judged_p99
 from agent.models.serving import Computed
 
 __all__ = ["DYNAMIC_BATCH_LIMIT", "LoadedVersion", "batch_limit"]
@@ -185,7 +185,7 @@ class LoadedVersion:
     def health(self) -> Health:
         with self._lock:
             requests, errors = self._requests, self._errors
-        return Health(requests=requests, errors=errors, p99_s=p99(list(self._latencies)))
+        return Health(requests=requests, errors=errors, p99_s=judged_p99(list(self._latencies)))
 
     def latencies(self) -> list[float]:
         return list(self._latencies)

@@ -70,7 +70,7 @@ from agent.events import EventBus
 from agent.logs import get_logger
 from agent.models.bundle import GoldenSet, golden_sets, synthetic_feeds, validate_outputs
 from agent.models.loaded import LoadedVersion, return_freed_memory
-from agent.models.probation import Health, p99
+from agent.models.probation import Health, judged_p99, p99
 from agent.models.serving import Computed
 from agent.models.store import ModelStore
 
@@ -400,12 +400,13 @@ class ModelSlot:
         return current.health() if current else Health(0, 0, None)
 
     def baseline_p99(self, min_samples: int = 20) -> float | None:
-        """The serving version's live p99, or its measured p99 when traffic was light."""
+        """The serving version's live p99 as probation judges it (``judged_p99``), or its
+        measured p99 when traffic was light."""
         current = self._current
         if current is None:
             return None
         samples = current.latencies()
-        return p99(samples) if len(samples) >= min_samples else current.measured_p99_s
+        return judged_p99(samples) if len(samples) >= min_samples else current.measured_p99_s
 
     # --- variant choice ----------------------------------------------------------------------
 

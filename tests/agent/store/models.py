@@ -8,6 +8,9 @@
   them back;
 - ``erroring``: fails at run time (Gather out of range) when an input pixel reaches 0.8, which
   the digits images do, but not on golden inputs scaled below that;
+- ``stalling``: the same logits, and a frame with a pixel at ``flag`` or above first runs a
+  branch of ``rows`` x ``width`` x ``width`` multiply-adds (multiplied by zero): a version that
+  is slow on the frames a test chooses and on no other;
 - ``noisy``: the same logits plus fresh uniform noise of amplitude ``scale`` on every run, so a
   device's golden check never reproduces what the build recorded.
 """
@@ -134,6 +137,56 @@ def erroring(src: Path, dest: Path) -> Path:
             helper.make_node("Cast", ["err_floor"], ["err_idx"], to=TensorProto.INT64),
             helper.make_node("Gather", ["err_table", "err_idx"], ["err_pick"]),
             helper.make_node("Add", ["logits_raw", "err_pick"], ["logits"]),
+        ]
+    )
+    return _save(model, dest)
+
+
+def stalling(
+    src: Path, dest: Path, *, flag: float = 1000.0, rows: int = 16384, width: int = 512
+) -> Path:
+    model = _load(src)
+    _rename_output(model)
+    g = model.graph
+    rng = np.random.default_rng(5)
+    w1 = rng.normal(0.0, 0.1, (64, width)).astype(np.float32)
+    w2 = rng.normal(0.0, 0.05, (width, width)).astype(np.float32)
+    g.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(flag, np.float32), "stall_flag"),
+            numpy_helper.from_array(np.array(1.0, np.float32), "stall_one_f"),
+            numpy_helper.from_array(np.array(rows, np.int64), "stall_rows"),
+            numpy_helper.from_array(np.array(1, np.int64), "stall_one"),
+            numpy_helper.from_array(np.array([1], np.int64), "stall_col"),
+            numpy_helper.from_array(np.array([-1, 64], np.int64), "stall_flat"),
+            numpy_helper.from_array(np.array([1, 64], np.int64), "stall_64"),
+            numpy_helper.from_array(w1, "stall_w1"),
+            numpy_helper.from_array(w2, "stall_w2"),
+            numpy_helper.from_array(np.array(0.0, np.float32), "stall_zero"),
+        ]
+    )
+    g.node.extend(
+        [
+            # rows of the branch: 1 on an ordinary frame, 1 + rows on a flagged one, each row
+            # the batch's frames (nothing a runtime can fold away): [rows, batch, 64]
+            helper.make_node("ReduceMax", ["input"], ["stall_max"], keepdims=0),
+            helper.make_node("Div", ["stall_max", "stall_flag"], ["stall_ratio"]),
+            helper.make_node("Floor", ["stall_ratio"], ["stall_floor"]),
+            helper.make_node("Min", ["stall_floor", "stall_one_f"], ["stall_on"]),
+            helper.make_node("Cast", ["stall_on"], ["stall_on_i"], to=TensorProto.INT64),
+            helper.make_node("Mul", ["stall_on_i", "stall_rows"], ["stall_extra"]),
+            helper.make_node("Add", ["stall_extra", "stall_one"], ["stall_n"]),
+            helper.make_node("Reshape", ["stall_n", "stall_col"], ["stall_n1"]),
+            helper.make_node("Concat", ["stall_n1", "stall_64"], ["stall_shape"], axis=0),
+            helper.make_node("Div", ["input", "stall_flag"], ["stall_scaled"]),
+            helper.make_node("Reshape", ["stall_scaled", "stall_flat"], ["stall_row"]),
+            helper.make_node("Expand", ["stall_row", "stall_shape"], ["stall_x"]),
+            helper.make_node("MatMul", ["stall_x", "stall_w1"], ["stall_h"]),
+            helper.make_node("Relu", ["stall_h"], ["stall_r"]),
+            helper.make_node("MatMul", ["stall_r", "stall_w2"], ["stall_mm"]),
+            helper.make_node("ReduceMean", ["stall_mm"], ["stall_sum"], keepdims=0),
+            helper.make_node("Mul", ["stall_sum", "stall_zero"], ["stall_z"]),
+            helper.make_node("Add", ["logits_raw", "stall_z"], ["logits"]),
         ]
     )
     return _save(model, dest)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -21,6 +21,7 @@ from agent.models.probation import (
     failed,
     finish_rollback,
     judge,
+    judged_p99,
     mark_committed,
     on_boot,
     p99,
@@ -43,6 +44,58 @@ def test_p99_nearest_rank() -> None:
     assert p99([0.005]) == 0.005
     assert p99([float(i) for i in range(1, 101)]) == 99.0
     assert p99([float(i) for i in range(1, 201)]) == 198.0
+
+
+def test_p99_spares_the_slowest_samples_of_a_short_window() -> None:
+    normal = [0.0003 + i * 1e-6 for i in range(30)]
+    assert p99(normal) == max(normal)
+    # one or two stalled frames among a few dozen: the plain p99 is the stall, the judged is not
+    for stalls in (1, 2):
+        window = [*normal, *[0.05] * stalls]
+        assert p99(window) == 0.05
+        assert judged_p99(window) == sorted(normal)[stalls - 3]  # two slowest set aside
+    assert judged_p99([*normal, 0.05, 0.05, 0.05]) == 0.05  # a third is no longer a stall
+    assert judged_p99([0.005]) == 0.005
+    assert judged_p99([0.005, 0.5]) == 0.005
+    # a long window: the 99th percentile already sets aside more than two
+    long = [float(i) for i in range(1, 301)]
+    assert judged_p99(long) == p99(long) == 297.0
+
+
+@given(
+    st.lists(st.floats(1e-5, 1e-2), min_size=20, max_size=400),
+    st.lists(st.floats(1e-2, 10.0), min_size=0, max_size=2),
+)
+def test_two_stalled_frames_never_decide_the_judged_p99(
+    normal: list[float], stalls: list[float]
+) -> None:
+    judged = judged_p99([*normal, *stalls])
+    assert judged is not None
+    assert judged <= max(normal)
+    assert judged <= (p99([*normal, *stalls]) or 0.0)
+
+
+@given(st.lists(st.floats(1e-5, 1e-2), min_size=20, max_size=400), st.floats(1e-2, 10.0))
+def test_a_version_slow_on_more_than_two_frames_is_judged_slow(
+    normal: list[float], stall: float
+) -> None:
+    """A version slow on every frame past the spared ones still shows it: with
+    max(3, 2% + 1) of the window stalled, the judged p99 is a stall."""
+    count = max(3, len(normal) // 50 + 1)
+    assert judged_p99([*normal, *[stall] * count]) == stall
+
+
+def test_a_stalled_frame_on_probation_rolls_nothing_back() -> None:
+    """Through the judge: 30 sub-millisecond inferences and one held up 5 ms, against a
+    0.3 ms baseline, wait (then commit); three held up roll back."""
+    record = _on_probation(baseline=0.0003)
+    normal = [0.0003] * 30
+    one = Health(31, 0, judged_p99([*normal, 0.005]))
+    assert judge(record, one, now=10, limits=LIMITS).action == "wait"
+    assert judge(record, one, now=60, limits=LIMITS).action == "commit"
+    three = judge(record, Health(33, 0, judged_p99([*normal, *[0.005] * 3])), now=10, limits=LIMITS)
+    assert three.action == "rollback"
+    assert "p99 5.00 ms" in (three.reason or "")
 
 
 def test_limits_come_from_config() -> None:
