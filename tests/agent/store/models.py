@@ -9,8 +9,9 @@
 - ``erroring``: fails at run time (Gather out of range) when an input pixel reaches 0.8, which
   the digits images do, but not on golden inputs scaled below that;
 - ``stalling``: the same logits, and a frame with a pixel at ``flag`` or above first runs a
-  branch of ``rows`` x ``width`` x ``width`` multiply-adds (multiplied by zero): a version that
-  is slow on the frames a test chooses and on no other;
+  branch of two MatMuls over ``rows`` copies of the batch (about ``rows`` x ``width`` x
+  ``width`` multiply-adds per frame, multiplied by zero): a version that is slow on the frames a
+  test chooses and on no other;
 - ``noisy``: the same logits plus fresh uniform noise of amplitude ``scale`` on every run, so a
   device's golden check never reproduces what the build recorded.
 """
@@ -184,8 +185,8 @@ def stalling(
             helper.make_node("MatMul", ["stall_x", "stall_w1"], ["stall_h"]),
             helper.make_node("Relu", ["stall_h"], ["stall_r"]),
             helper.make_node("MatMul", ["stall_r", "stall_w2"], ["stall_mm"]),
-            helper.make_node("ReduceMean", ["stall_mm"], ["stall_sum"], keepdims=0),
-            helper.make_node("Mul", ["stall_sum", "stall_zero"], ["stall_z"]),
+            helper.make_node("ReduceMean", ["stall_mm"], ["stall_mean"], keepdims=0),
+            helper.make_node("Mul", ["stall_mean", "stall_zero"], ["stall_z"]),
             helper.make_node("Add", ["logits_raw", "stall_z"], ["logits"]),
         ]
     )
